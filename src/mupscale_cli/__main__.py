@@ -1,0 +1,3 @@
+from mupscale_cli.cli import main
+
+main()

@@ -1,0 +1,67 @@
+"""Python API: load a widened file back into a model state dict and an optimizer state dict.
+
+    from mupscale_cli.api import load, optimizer_groups
+    w = load("wide.safetensors")
+    model.load_state_dict(w.model)                       # strict: tied aliases are present
+    opt = torch.optim.AdamW(optimizer_groups(model, w.optimizer))
+    opt.load_state_dict(w.optimizer)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import json
+import torch
+from torch import nn
+
+from mupscale_cli.core.checkpoint import META_PROV, load_checkpoint
+from mupscale_cli.errors import MupscaleError
+
+
+@dataclass
+class Widened:
+    model: dict[str, torch.Tensor]
+    optimizer: dict | None  # torch state_dict: ids in group order, groups with param_names
+    kind: str | None  # sgd | adam | adamw
+    provenance: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # model_args, iter_num, ... of a nanoGPT input
+
+
+def load(path: str | Path) -> Widened:
+    """Read a `.safetensors` (or `.pt`) written by `mupscale widen`; tied aliases share storage."""
+    ck = load_checkpoint(path)
+    prov = json.loads(ck.metadata[META_PROV]) if META_PROV in ck.metadata else ck.extra.get("mupscale", {})
+    model = dict(ck.tensors)
+    for alias, canon in (prov.get("tied") or {}).items():
+        if alias in model and canon in model:
+            model[alias] = model[canon]
+    kind = prov.get("optimizer")
+    return Widened(model, ck.optimizer, kind, prov, {k: v for k, v in ck.extra.items() if k != "mupscale"})
+
+
+def optimizer_groups(model: nn.Module, optimizer_sd: dict) -> list[dict]:
+    """Param groups for a new optimizer that `load_state_dict(optimizer_sd)` accepts: the saved groups'
+    hyper-parameters, with the model's parameters looked up by the saved `param_names`."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    groups = []
+    for g in optimizer_sd["param_groups"]:
+        if "param_names" not in g:
+            raise MupscaleError("the optimizer state has no param_names; it was not written by mupscale "
+                                "from a named checkpoint: rebuild groups by hand")
+        missing = [n for n in g["param_names"] if n not in params]
+        if missing:
+            raise MupscaleError(f"the model has no parameter {missing[0]!r}; is it the widened architecture?")
+        groups.append({**{k: v for k, v in g.items() if k != "params"},
+                       "params": [params[n] for n in g["param_names"]]})
+    return groups
+
+
+def make_optimizer(kind: str, groups: list[dict]) -> torch.optim.Optimizer:
+    """A torch optimizer of `kind` (sgd, adam, adamw) over `groups` (hyper-parameters per group)."""
+    groups = [{k: v for k, v in g.items() if k != "decoupled_weight_decay"} for g in groups]
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"])
+    if kind in ("adam", "adamw"):
+        return torch.optim.Adam(groups, lr=groups[0]["lr"], decoupled_weight_decay=kind == "adamw")
+    raise MupscaleError(f"unknown optimizer kind {kind!r}")

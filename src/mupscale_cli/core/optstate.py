@@ -1,0 +1,200 @@
+"""Optimizer state and hyper-parameters: map ids to names, widen state, rescale and split groups."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from mupscale_cli.core.plan import Plan, TensorPlan
+from mupscale_cli.core.widen import widen
+from mupscale_cli.errors import MupscaleError
+
+KINDS = ("sgd", "adam", "adamw")
+LAYOUTS = ("named", "single", "nanogpt", "mup", "mup-corrected")
+STATE_POWER = {"momentum_buffer": 1, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}
+SCALED = ("lr", "initial_lr", "eps", "weight_decay")
+
+
+@dataclass
+class OptimizerMap:
+    kind: str  # sgd | adam | adamw
+    layout: str  # how ids were matched to names
+    names: list[list[str]]  # canonical tensor names, per group, in id order
+
+
+def detect_kind(sd: dict, given: str | None) -> str:
+    groups = sd["param_groups"]
+    keys = set().union(*(g.keys() for g in groups)) if groups else set()
+    if "betas" in keys:
+        found = None
+        flags = {g.get("decoupled_weight_decay") for g in groups}
+        if flags == {True}:
+            found = "adamw"
+        elif flags == {False}:
+            found = "adam"
+        elif all(float(g.get("weight_decay", 0)) == 0 for g in groups):
+            found = "adam"  # without weight decay, Adam and AdamW follow the same rules
+        if given and given not in ("adam", "adamw"):
+            raise MupscaleError(f"--optimizer {given} does not fit the checkpoint's optimizer state "
+                                f"(its groups have Adam's 'betas')")
+        if found and given and given != found:
+            raise MupscaleError(f"--optimizer {given} contradicts the checkpoint (decoupled_weight_decay="
+                                f"{found == 'adamw'})")
+        if not (found or given):
+            raise MupscaleError("cannot tell Adam from AdamW (no 'decoupled_weight_decay' in the param "
+                                "groups, weight decay > 0): pass --optimizer adam or --optimizer adamw")
+        return found or given  # type: ignore[return-value]
+    if {"momentum", "dampening", "nesterov"} <= keys:
+        if given and given != "sgd":
+            raise MupscaleError(f"--optimizer {given} does not fit the checkpoint's optimizer state "
+                                f"(its groups have SGD's 'momentum')")
+        return "sgd"
+    raise MupscaleError(f"unsupported optimizer (param group keys: {', '.join(sorted(keys - {'params'}))}); "
+                        f"mupscale widens SGD, Adam and AdamW state")
+
+
+def factors(kind: str, s: Fraction, g: Fraction) -> dict[str, Fraction]:
+    """Per-tensor hyper-parameter factors so the widened model follows the base trajectory."""
+    if kind == "sgd":
+        return {"lr": s / g, "initial_lr": s / g, "weight_decay": g / s}
+    wd = g / s if kind == "adam" else 1 / s
+    return {"lr": s, "initial_lr": s, "eps": g, "weight_decay": wd}
+
+
+def _layout_names(layout: str, sd: dict, plan: Plan, strip) -> list[list[str]] | str:
+    """Candidate names per group for one layout, or a reason why it does not apply."""
+    groups = sd["param_groups"]
+    params = plan.params
+    role = {n: plan.tensors[n].role for n in params}
+    if layout == "named":
+        if not all("param_names" in g for g in groups):
+            return "the groups carry no param_names"
+        out = []
+        for g in groups:
+            names = []
+            for raw in g["param_names"]:
+                n = strip(raw)
+                if n not in plan.tensors:
+                    return f"param_names has {raw!r}, which is not a tensor of the checkpoint"
+                names.append(plan.tensors[n].alias_of or n)
+            out.append(names)
+        return out
+    if layout == "single":
+        return [params]
+    if layout == "nanogpt":
+        return [[n for n in params if len(plan.tensors[n].shape) >= 2],
+                [n for n in params if len(plan.tensors[n].shape) < 2]]
+    if layout == "mup":  # mup 1.0.0 MuAdam/MuAdamW: matrix, then vector + scalar; MuSGD: matrix, vector, scalar
+        kinds = [["matrix"], ["vector", "scalar"]] if "betas" in groups[0] else [["matrix"], ["vector"], ["scalar"]]
+    else:  # the paper's corrected MuAdam/MuAdamW (App. C.4): matrix, vector, scalar
+        kinds = [["matrix"], ["vector"], ["scalar"]]
+    out = [[n for n in params if role[n] in ks] for ks in kinds]
+    if len(out) != len(groups):  # mup drops nothing but torch keeps empty groups only if given
+        out = [o for o in out if o]
+    return out
+
+
+def _check(cand: list[list[str]], sd: dict, plan: Plan) -> str | None:
+    groups = sd["param_groups"]
+    if len(cand) != len(groups):
+        return f"{len(cand)} groups expected, the checkpoint has {len(groups)}"
+    for i, (names, g) in enumerate(zip(cand, groups)):
+        if len(names) != len(g["params"]):
+            return f"group {i} has {len(g['params'])} tensors, the layout gives {len(names)}"
+        for pid, n in zip(g["params"], names):
+            for key, v in sd["state"].get(pid, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != plan.tensors[n].shape:
+                    return f"state {key!r} of id {pid} has shape {list(v.shape)}, tensor {n!r} has " \
+                           f"{list(plan.tensors[n].shape)}"
+    return None
+
+
+def map_optimizer(sd: dict, plan: Plan, kind: str | None = None, layout: str | None = None,
+                  strip=lambda n: n) -> OptimizerMap:
+    """Match optimizer ids to tensor names, validated with shapes; never guess between two fits."""
+    if not isinstance(sd, dict) or not isinstance(sd.get("param_groups"), list) or not isinstance(
+            sd.get("state"), dict):
+        raise MupscaleError("the optimizer entry is not a torch optimizer state_dict "
+                            "(needs 'state' and 'param_groups')")
+    kind = detect_kind(sd, kind)
+    if layout and layout not in LAYOUTS:
+        raise MupscaleError(f"--opt-layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    fits, why = {}, {}
+    for lay in [layout] if layout else LAYOUTS:
+        cand = _layout_names(lay, sd, plan, strip)
+        reason = cand if isinstance(cand, str) else _check(cand, sd, plan)
+        if reason:
+            why[lay] = reason
+        else:
+            fits[lay] = cand
+    if not fits:
+        detail = "; ".join(f"{k}: {v}" for k, v in why.items())
+        raise MupscaleError(f"cannot match optimizer ids to tensor names ({detail}); build the optimizer "
+                            f"from model.named_parameters() so it stores param_names")
+    if "named" in fits:
+        return OptimizerMap(kind, "named", fits["named"])
+    distinct = {str(v): k for k, v in fits.items()}
+    if len(distinct) > 1:
+        raise MupscaleError(f"optimizer ids fit several layouts ({', '.join(fits)}) that map them differently; "
+                            f"pass --opt-layout with the one your training script used")
+    lay = next(iter(fits))
+    return OptimizerMap(kind, lay, fits[lay])
+
+
+def widen_optimizer(sd: dict, plan: Plan, omap: OptimizerMap, names_out=None) -> dict:
+    """Widened optimizer state_dict: state like the gradient, `step` cloned, groups split where their
+    tensors need different hyper-parameter factors, ids renumbered in group order.
+    Groups always carry `param_names` (`names_out(name)`, default the canonical name), so the state is
+    self-describing even when the input's was not (torch's load_state_dict accepts them)."""
+    groups, state, nid = [], {}, 0
+    for g, names in zip(sd["param_groups"], omap.names):
+        parts: dict[tuple, list[tuple[int, str]]] = {}
+        for pid, n in zip(g["params"], names):
+            p = plan.tensors[n]
+            f = factors(omap.kind, p.s, p.g)
+            key = tuple((h, f[h]) for h in SCALED if h in f and h in g and _nonzero(g[h]) and f[h] != 1)
+            parts.setdefault(key, []).append((pid, n))
+        for key, members in parts.items():
+            ng = {h: v for h, v in g.items() if h not in ("params", "param_names")}
+            for h, f in key:
+                ng[h] = _mul(g[h], f)
+            ng["params"] = []
+            pnames = []
+            for pid, n in members:
+                if pid in sd["state"]:
+                    state[nid] = widen_state(sd["state"][pid], plan.tensors[n], n)
+                ng["params"].append(nid)
+                pnames.append(n)
+                nid += 1
+            ng["param_names"] = [names_out(n) if names_out else n for n in pnames]
+            groups.append(ng)
+    return {"state": state, "param_groups": groups}
+
+
+def group_changes(sd: dict, widened: dict) -> list[str]:
+    return [f"{len(sd['param_groups'])} param groups -> {len(widened['param_groups'])}"] if len(
+        sd["param_groups"]) != len(widened["param_groups"]) else []
+
+
+def widen_state(st: dict, p: TensorPlan, name: str) -> dict:
+    out = {}
+    for key, v in st.items():
+        if key == "step":
+            out[key] = v.clone() if isinstance(v, torch.Tensor) else v
+        elif key in STATE_POWER:
+            out[key] = None if v is None else widen(v, p, STATE_POWER[key])
+        else:
+            raise MupscaleError(f"unknown optimizer state {key!r} for tensor {name!r}; mupscale widens "
+                                f"SGD, Adam and AdamW state")
+    return out
+
+
+def _nonzero(v) -> bool:
+    return bool(v != 0) if not isinstance(v, (list, tuple)) else True
+
+
+def _mul(v, f: Fraction):
+    if isinstance(v, torch.Tensor):
+        return v * f.numerator / f.denominator
+    return float(v) * f.numerator / f.denominator

@@ -1,0 +1,230 @@
+"""Architecture specs: which axes of each tensor grow with width (docs/spec-format.md)."""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mupscale_cli.errors import MupscaleError
+
+BUNDLED_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[3] / "configs")
+SPEC_KEYS = {"name", "description", "detect", "readout", "sizes", "model_args", "tied", "tensors", "model"}
+RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional"}
+DIM_KEYS = {"axis", "block"}
+READOUTS = ("mup", "sum")
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One tensor dimension: fixed (axis None) or a width axis duplicated in blocks of `block`."""
+    axis: str | None
+    block: int | str = 1
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    regex: re.Pattern
+    dims: tuple[Dim, ...]
+    fan_in: int = 1
+    buffer: bool = False
+    noise: bool | float | None = None  # None: default by role
+    optional: bool = False
+
+
+@dataclass
+class Spec:
+    name: str
+    source: str
+    sha256: str
+    readout: str = "mup"
+    description: str = ""
+    detect: bool = True
+    sizes: dict[str, str] = field(default_factory=dict)
+    model_args: dict[str, str] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)
+    rules: list[Rule] = field(default_factory=list)
+    model: dict = field(default_factory=dict)
+    bsh: bool = False  # a mup base-shape file: tied aliases and BatchNorm buffers are inferred
+
+    @property
+    def axes(self) -> list[str]:
+        seen = {d.axis: None for r in self.rules for d in r.dims if d.axis}
+        return list(seen)
+
+    def matches(self, name: str) -> list[Rule]:
+        return [r for r in self.rules if r.regex.fullmatch(name)]
+
+
+def compile_pattern(pattern: str) -> re.Pattern:
+    """`{i}` (any `{word}`) matches a layer index, `*` a run without dots; the rest is literal."""
+    parts = re.split(r"(\{\w+\}|\*)", pattern)
+    out = [r"(\d+)" if p.startswith("{") else r"[^.]*" if p == "*" else re.escape(p) for p in parts]
+    return re.compile("".join(out))
+
+
+def _fail(where: str, msg: str) -> MupscaleError:
+    return MupscaleError(f"spec {where}: {msg}")
+
+
+def _check_keys(where: str, d: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(map(str, d)) - allowed)
+    if unknown:
+        raise _fail(where, f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _parse_dim(where: str, x) -> Dim:
+    if x is None:
+        return Dim(None)
+    if isinstance(x, str) and x.isidentifier():
+        return Dim(x)
+    if isinstance(x, dict):
+        _check_keys(where, x, DIM_KEYS)
+        axis, block = x.get("axis"), x.get("block", 1)
+        if not (isinstance(axis, str) and axis.isidentifier()):
+            raise _fail(where, f"'axis' must be an axis name, got {axis!r}")
+        ok = (isinstance(block, int) and not isinstance(block, bool) and block >= 1) or (
+            isinstance(block, str) and block.isidentifier())
+        if not ok:
+            raise _fail(where, f"'block' must be a positive int or a size name, got {block!r}")
+        return Dim(axis, block)
+    raise _fail(where, f"an axis entry must be null, an axis name or {{axis, block}}, got {x!r}")
+
+
+def _parse_rule(pattern: str, body) -> Rule:
+    where = f"tensor {pattern!r}"
+    if isinstance(body, list):
+        body = {"axes": body}
+    if not isinstance(body, dict):
+        raise _fail(where, "a rule is a list of axes or a mapping with 'axes'")
+    _check_keys(where, body, RULE_KEYS)
+    if not isinstance(body.get("axes"), list):
+        raise _fail(where, "'axes' (one entry per dimension) is required")
+    dims = tuple(_parse_dim(where, x) for x in body["axes"])
+    fan_in = body.get("fan_in", 1)
+    if not isinstance(fan_in, int) or isinstance(fan_in, bool) or fan_in < 0:
+        raise _fail(where, f"'fan_in' must be a dimension index, got {fan_in!r}")
+    noise = body.get("noise")
+    if noise is not None and not isinstance(noise, (bool, int, float)):
+        raise _fail(where, f"'noise' must be true, false or a multiplier, got {noise!r}")
+    if isinstance(noise, (int, float)) and not isinstance(noise, bool) and noise < 0:
+        raise _fail(where, f"'noise' multiplier must be >= 0, got {noise!r}")
+    for key in ("buffer", "optional"):
+        if not isinstance(body.get(key, False), bool):
+            raise _fail(where, f"'{key}' must be true or false")
+    return Rule(pattern, compile_pattern(pattern), dims, fan_in, body.get("buffer", False),
+                noise if isinstance(noise, bool) or noise is None else float(noise), body.get("optional", False))
+
+
+def parse_spec(text: str, source: str) -> Spec:
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise MupscaleError(f"spec {source}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(d, dict):
+        raise MupscaleError(f"spec {source}: expected a mapping at the top level")
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    if "tensors" not in d and all(isinstance(v, list) for v in d.values()):
+        return _from_bsh(d, source, sha)
+    _check_keys(source, d, SPEC_KEYS)
+    for key in ("name", "tensors"):
+        if key not in d:
+            raise _fail(source, f"missing required key {key!r}")
+    readout = d.get("readout", "mup")
+    if readout not in READOUTS:
+        raise _fail(source, f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
+    maps = {}
+    for key in ("sizes", "model_args", "tied", "tensors", "model"):
+        v = d.get(key) or {}
+        if not isinstance(v, dict):
+            raise _fail(source, f"{key!r} must be a mapping")
+        maps[key] = v
+    for key in ("sizes", "model_args", "tied"):
+        for a, b in maps[key].items():
+            if not isinstance(a, str) or not isinstance(b, (str, int)) or isinstance(b, bool):
+                raise _fail(source, f"{key}: bad entry {a!r}: {b!r}")
+    rules = [_parse_rule(str(p), body) for p, body in maps["tensors"].items()]
+    if not rules:
+        raise _fail(source, "'tensors' is empty")
+    spec = Spec(name=str(d["name"]), source=source, sha256=sha, readout=readout,
+                description=str(d.get("description", "")), detect=bool(d.get("detect", True)),
+                sizes={k: str(v) for k, v in maps["sizes"].items()},
+                model_args={k: str(v) for k, v in maps["model_args"].items()},
+                tied={k: str(v) for k, v in maps["tied"].items()}, rules=rules, model=maps["model"])
+    for arg, axis in spec.model_args.items():
+        if axis not in spec.axes:
+            raise _fail(source, f"model_args: {arg!r} refers to axis {axis!r}, which no tensor uses "
+                                f"(axes: {', '.join(spec.axes) or 'none'})")
+    return spec
+
+
+def _from_bsh(d: dict, source: str, sha: str) -> Spec:
+    """A mup base-shape file: `name: [base_dim or null, ...]`."""
+    rules = []
+    for name, dims in d.items():
+        if not all(x is None or (isinstance(x, int) and x > 0) for x in dims):
+            raise _fail(source, f"{name!r}: base-shape entries must be positive ints or null, got {dims}")
+        rules.append(Rule(str(name), re.compile(re.escape(str(name))),
+                          tuple(Dim(None if x is None else f"w{x}") for x in dims)))
+    stem = Path(source).stem
+    return Spec(name=stem, source=source, sha256=sha, readout="mup", rules=rules, bsh=True,
+                description="mup base-shape file")
+
+
+def bundled_paths() -> list[Path]:
+    for d in BUNDLED_DIRS:
+        if d.is_dir():
+            return sorted(d.glob("*.yaml"))
+    return []
+
+
+def bundled_specs() -> list[Spec]:
+    return [parse_spec(p.read_text(), f"bundled:{p.stem}") for p in bundled_paths()]
+
+
+def load_spec(arg: str) -> Spec:
+    """A spec from a file path (.yaml, .yml, .bsh) or the name of a bundled spec."""
+    path = Path(arg)
+    if path.is_file():
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise MupscaleError(f"spec {arg}: cannot read: {e}") from None
+        return parse_spec(text, str(path))
+    if path.exists():
+        raise MupscaleError(f"spec {arg}: is not a file")
+    by_name = {s.name: s for s in bundled_specs()}
+    if arg in by_name:
+        return by_name[arg]
+    raise MupscaleError(f"spec {arg!r}: no such file and no bundled spec of that name "
+                        f"(bundled: {', '.join(sorted(by_name))})")
+
+
+def eval_size(expr: str, env: dict[str, int]) -> int:
+    """`NAME|INT ((*|/) NAME|INT)*`, left to right; division must be exact."""
+    tokens = expr.replace("*", " * ").replace("/", " / ").split()
+
+    def value(tok: str) -> int:
+        if tok.isdigit():
+            return int(tok)
+        if tok not in env:
+            raise KeyError(tok)
+        return int(env[tok])
+
+    if not tokens or len(tokens) % 2 == 0:
+        raise ValueError(f"bad size expression {expr!r}")
+    acc = value(tokens[0])
+    for op, tok in zip(tokens[1::2], tokens[2::2]):
+        v = value(tok)
+        if op == "*":
+            acc *= v
+        elif op == "/" and v and acc % v == 0:
+            acc //= v
+        else:
+            raise ValueError(f"size expression {expr!r} is not an exact product/quotient")
+    return acc

@@ -1,0 +1,46 @@
+"""The paper's μP MLP: ReLU, biases, `MuReadout` (mean readout)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from mup import MuReadout, set_base_shapes
+from torch import nn
+
+DEFAULT_ARGS = {"d_in": 12, "d_out": 5, "width": 16, "depth": 3, "bias": True}
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int, d_out: int, width: int, depth: int, bias: bool = True):
+        super().__init__()
+        self.input = nn.Linear(d_in, width, bias=bias)
+        self.hidden = nn.ModuleList(nn.Linear(width, width, bias=bias) for _ in range(depth - 2))
+        self.readout = MuReadout(width, d_out, bias=bias)
+
+    def forward(self, x):  # (B, d_in) -> (B, d_out)
+        x = F.relu(self.input(x))
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return self.readout(x)
+
+
+def build(model_args: dict, base_args: dict | None = None) -> nn.Module:
+    args = {**DEFAULT_ARGS, **model_args}
+    base = {**args, **(base_args or model_args)}
+    model = MLP(**args)
+    set_base_shapes(model, MLP(**base) if base != args else None)
+    return model
+
+
+def batch(model_args: dict, batch_size: int, generator: torch.Generator, dtype=torch.float32):
+    args = {**DEFAULT_ARGS, **model_args}
+    x = torch.randn(batch_size, args["d_in"], generator=generator, dtype=dtype)
+    y = torch.randint(0, args["d_out"], (batch_size,), generator=generator)
+    return x, y
+
+
+def loss(model: nn.Module, inputs, targets) -> torch.Tensor:
+    return F.cross_entropy(model(inputs), targets)
+
+
+def output(model: nn.Module, inputs) -> torch.Tensor:
+    return model(inputs)
