@@ -76,11 +76,12 @@ SPEC_HELP = ("Architecture spec: a bundled name (see `mupscale specs`), a YAML f
 SIZE_HELP = "Base size used by a spec's block layout, NAME=INT (e.g. head_dim=64); repeatable."
 
 
-def _opts(checkpoint, output, k, sigma, seed, spec, optimizer, opt_layout, size, force, no_optimizer):
+def _opts(checkpoint, output, k, sigma, seed, spec, optimizer, opt_layout, size, force, no_optimizer,
+          strict=False):
     from mupscale_cli.commands.widen import WidenOptions, parse_sizes
     return WidenOptions(checkpoint=checkpoint, output=output, k=k, sigma=sigma, seed=seed, spec=spec,
                         optimizer=optimizer, opt_layout=opt_layout, sizes=parse_sizes(size or []),
-                        force=force, no_optimizer=no_optimizer)
+                        force=force, no_optimizer=no_optimizer, strict=strict)
 
 
 def _progress(quiet: bool) -> Callable[[str, int], None]:
@@ -109,6 +110,7 @@ def widen(
     no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Write weights only."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of the path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    strict: bool = typer.Option(False, "--strict", help="Treat NaN/Inf in the input as an error, not a warning."),
 ) -> None:
     """Widen a checkpoint k times: weights, buffers, optimizer state and hyper-parameters (paper Table 1),
     plus optional μP-scaled noise. Prints the output path (or --json summary) on stdout.
@@ -117,7 +119,8 @@ def widen(
     """
     with guard():
         from mupscale_cli.commands.widen import run_widen
-        opts = _opts(checkpoint, output, k, sigma, seed, spec, optimizer, opt_layout, size, force, no_optimizer)
+        opts = _opts(checkpoint, output, k, sigma, seed, spec, optimizer, opt_layout, size, force, no_optimizer,
+                     strict)
         res = run_widen(opts, _progress(quiet))
         for note in res["notes"]:
             if not quiet:

@@ -34,6 +34,7 @@ class WidenOptions:
     sizes: dict[str, int] = field(default_factory=dict)
     force: bool = False
     no_optimizer: bool = False
+    strict: bool = False  # NaN/Inf in the input: error instead of a warning
 
 
 @dataclass
