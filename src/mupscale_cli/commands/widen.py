@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +12,8 @@ import torch
 from mupscale_cli import __version__
 from mupscale_cli.core import noise as noise_mod
 from mupscale_cli.core.checkpoint import Checkpoint, load_checkpoint, sha256_file
-from mupscale_cli.core.optstate import OptimizerMap, map_optimizer, widen_optimizer
-from mupscale_cli.core.output import write_pt, write_safetensors
+from mupscale_cli.core.optstate import STATE_POWER, OptimizerMap, map_optimizer, widen_optimizer
+from mupscale_cli.core.output import clean_stale_temps, write_pt, write_safetensors
 from mupscale_cli.core.plan import Plan, make_plan, parse_k
 from mupscale_cli.core.spec import Spec, bundled_specs, load_spec
 from mupscale_cli.core.widen import widen_noised
@@ -95,7 +96,112 @@ def prepare(opts: WidenOptions) -> Prepared:
         omap = map_optimizer(ckpt.optimizer, plan, opts.optimizer, opts.opt_layout, ckpt.strip)
     elif ckpt.optimizer is None:
         notes.append("no optimizer state in the checkpoint: weights only")
-    return Prepared(ckpt, plan, omap, plan.model_args(ckpt.model_args), notes)
+    notes += _untracked_axes(plan, ckpt.model_args)
+    prep = Prepared(ckpt, plan, omap, plan.model_args(ckpt.model_args), notes)
+    check_values(prep, opts.strict)
+    return prep
+
+
+def state_items(prep: Prepared):
+    """(tensor name, state key, value) of every mapped optimizer state entry."""
+    if prep.omap is None:
+        return
+    sd = prep.ckpt.optimizer
+    for g, names in zip(sd["param_groups"], prep.omap.names):
+        for pid, n in zip(g["params"], names):
+            st = sd["state"].get(pid, {})
+            if not isinstance(st, dict):
+                raise MupscaleError(f"optimizer state of tensor {n!r} is a {type(st).__name__}, expected a dict "
+                                    f"of state tensors; re-save the optimizer with opt.state_dict()")
+            for key, v in st.items():
+                yield n, key, v
+
+
+def _nonfinite(t: torch.Tensor) -> int:
+    if not (t.is_floating_point() or t.is_complex()) or bool(torch.isfinite(t).all()):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+def check_values(prep: Prepared, strict: bool) -> None:
+    """Dtypes that the rescale needs, known optimizer state keys, and NaN/Inf in the input (a warning
+    in `prep.notes`, an error with --strict)."""
+    found: list[tuple[str, int]] = []
+    for n, p in prep.plan.tensors.items():
+        if p.alias_of:
+            continue
+        t = prep.ckpt.tensors[n]
+        if not p.buffer and p.s != 1 and not t.is_floating_point():
+            raise MupscaleError(f"tensor {n!r} has dtype {t.dtype} but its rule {p.rule!r} rescales it by {p.s}; "
+                                f"store it as a float tensor or mark the rule 'buffer: true'")
+        if bad := _nonfinite(t):
+            found.append((n, bad))
+    for n, key, v in state_items(prep):
+        if key == "step":
+            continue
+        if key not in STATE_POWER:
+            raise MupscaleError(f"unknown optimizer state {key!r} for tensor {n!r}; mupscale widens SGD, Adam "
+                                f"and AdamW state (momentum_buffer, exp_avg, exp_avg_sq, max_exp_avg_sq, step)")
+        if v is None:
+            continue
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is "
+                                f"{v.dtype if isinstance(v, torch.Tensor) else type(v).__name__}, expected a "
+                                f"float tensor; re-save the optimizer with opt.state_dict()")
+        if tuple(v.shape) != prep.plan.tensors[n].shape:
+            raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} has shape {list(v.shape)}, the tensor "
+                                f"has {list(prep.plan.tensors[n].shape)}; the optimizer belongs to another model")
+        if bad := _nonfinite(v):
+            found.append((f"{n}/{key}", bad))
+    if found and strict:
+        n, bad = found[0]
+        more = f" (and {len(found) - 1} more tensors)" if len(found) > 1 else ""
+        raise MupscaleError(f"tensor {n!r} holds {bad} NaN/Inf value(s){more}; --strict refuses them: "
+                            f"widen an earlier checkpoint, or drop --strict to widen them as they are")
+    for n, bad in found:
+        prep.notes.append(f"warning: tensor {n!r} holds {bad} NaN/Inf value(s), widened as they are "
+                          f"(--strict makes this an error)")
+
+
+def output_bytes(prep: Prepared, out: Path) -> int:
+    """Bytes of the widened tensors written to `out`: model (aliases again in safetensors) + optimizer state."""
+    plan = prep.plan
+    total = sum(p.out_bytes for p in plan.tensors.values() if out.suffix == ".safetensors" or not p.alias_of)
+    for n, _, v in state_items(prep):
+        if isinstance(v, torch.Tensor):
+            total += v.nbytes if v.dim() == 0 else math.prod(plan.tensors[n].out_shape) * v.element_size()
+    return total
+
+
+def check_disk(out: Path, prep: Prepared) -> None:
+    """Enough free space beside `out` for the whole output (plus 1 MiB for headers), before writing."""
+    need = output_bytes(prep, out) + 2**20
+    try:
+        free = shutil.disk_usage(out.parent).free
+    except OSError:
+        return
+    if need > free:
+        raise MupscaleError(f"-o {out}: the output needs {need / 2**20:.1f} MiB but {out.parent} has only "
+                            f"{free / 2**20:.1f} MiB free; free some space, write elsewhere or use a smaller --k")
+
+
+def clean_temps(out: Path) -> list[str]:
+    """Remove temporaries left beside `out` by killed runs; notes saying what was removed or kept."""
+    removed, kept = clean_stale_temps(out)
+    notes = [f"removed stale temporary {out.parent / n} (left by an interrupted run)" for n in removed]
+    notes += [f"kept temporary {out.parent / n}: another mupscale process may still be writing {out.name}"
+              for n in kept]
+    return notes
+
+
+def _untracked_axes(plan: Plan, model_args: dict | None) -> list[str]:
+    """Axes that grow differently from every axis the checkpoint's model_args record."""
+    if not model_args:
+        return []
+    tracked = {plan.k[a] for arg, a in plan.spec.model_args.items() if arg in model_args}
+    return [f"model_args has no {arg!r}: axis {a} grows by {plan.k[a]}, which model_args cannot record; "
+            f"the training script must build that width itself"
+            for arg, a in plan.spec.model_args.items() if arg not in model_args and plan.k[a] not in tracked]
 
 
 def check_output(opts: WidenOptions) -> Path:
@@ -158,6 +264,8 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     """Widen `opts.checkpoint` into `opts.output`; returns a summary."""
     out = check_output(opts)
     prep = prepare(opts)
+    prep.notes += clean_temps(out)
+    check_disk(out, prep)
     plan, ckpt = prep.plan, prep.ckpt
     prov = provenance(opts, prep)
     osd = None
@@ -176,7 +284,8 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
             p = plan.tensors[n]
             model[n] = model[p.alias_of] if p.alias_of in model else produce(n)
             progress(n, model[n].numel() * model[n].element_size())
-        extra["mupscale"] = prov | {"k": dict(plan.k)}
+        if ckpt.model_key is not None or osd is not None:  # a plain state dict stays plain
+            extra["mupscale"] = prov
         write_pt(out, ckpt, model, osd, extra)
     return summary(prep, out, opts, osd)
 

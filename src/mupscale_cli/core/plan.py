@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import torch
@@ -192,6 +192,9 @@ def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
     tied, bsh_buffers = dict(spec.tied), {}
     if spec.bsh:
         tied, bsh_buffers = _bsh_extra(spec, tensors or {}, names)
+        # model_args entries equal to a width axis's base size grow with it (e.g. n_embd: 256 -> w256)
+        spec = replace(spec, model_args={a: f"w{v}" for a, v in (model_args or {}).items()
+                                         if isinstance(v, int) and f"w{v}" in spec.axes})
     for alias, canon in tied.items():
         if alias in shapes and canon not in shapes:
             raise MupscaleError(f"tied tensor {alias!r} is in the checkpoint but its canonical "

@@ -98,7 +98,12 @@ def build(model_args: dict, base_args: dict | None = None, attn: str = "mup") ->
     args = {**DEFAULT_ARGS, **model_args}
     base = {**args, **(base_args or model_args)}
     model = GPT(args, attn)
-    set_base_shapes(model, GPT(base, attn) if base != args else None)
+    wider = {**base, "n_embd": 2 * base["n_embd"]}
+    if base.get("d_ff"):
+        wider["d_ff"] = 2 * base["d_ff"]
+    with torch.device("meta"):  # shapes only: the base, and a delta that marks the width axes
+        base_model, delta = GPT(base, attn), GPT(wider, attn)
+    set_base_shapes(model, base_model, delta=delta)
     return model
 
 

@@ -27,7 +27,9 @@ def build(model_args: dict, base_args: dict | None = None) -> nn.Module:
     args = {**DEFAULT_ARGS, **model_args}
     base = {**args, **(base_args or model_args)}
     model = MLP(**args)
-    set_base_shapes(model, MLP(**base) if base != args else None)
+    with torch.device("meta"):  # shapes only: the base, and a delta that marks the width axes
+        base_model, delta = MLP(**base), MLP(**{**base, "width": 2 * base["width"]})
+    set_base_shapes(model, base_model, delta=delta)
     return model
 
 
