@@ -4,8 +4,40 @@ from __future__ import annotations
 import json
 
 from mupscale_cli.commands.widen import WidenOptions, prepare, summary
-from mupscale_cli.core.checkpoint import META_PROV
+from mupscale_cli.core.checkpoint import META_DIGESTS, META_PROV, Checkpoint
 from mupscale_cli.core.optstate import factors
+from mupscale_cli.core.output import optimizer_tensors
+from mupscale_cli.core.safetensors_io import tensor_sha256
+from mupscale_cli.errors import MupscaleError
+
+
+def check_digests(ckpt: Checkpoint) -> dict | None:
+    """Recompute the sha256 of every tensor a widened file recorded (None if it records none);
+    a mismatch, a missing or an unrecorded tensor is an error naming the tensor."""
+    if META_DIGESTS in ckpt.metadata:
+        try:
+            recorded = json.loads(ckpt.metadata[META_DIGESTS])
+        except json.JSONDecodeError:
+            recorded = None
+    else:
+        prov = ckpt.extra.get("mupscale")
+        if not isinstance(prov, dict) or "sha256" not in prov:
+            return None
+        recorded = prov["sha256"]
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise MupscaleError(f"{ckpt.path}: the recorded tensor digests are not a JSON object of name -> sha256; "
+                            f"the file was modified: widen again from the source")
+    actual = {**ckpt.tensors, **optimizer_tensors(ckpt.optimizer)}
+    bad = [n for n, h in recorded.items() if n not in actual or tensor_sha256(actual[n]) != h]
+    bad += [n for n in actual if n not in recorded]
+    if bad:
+        n = bad[0]
+        what = ("is missing" if n not in actual else "was not recorded at widening" if n not in recorded
+                else "does not match the sha256 recorded at widening")
+        more = f" ({len(bad) - 1} more tensors differ)" if len(bad) > 1 else ""
+        raise MupscaleError(f"{ckpt.path}: tensor {n!r} {what}{more}: the file is corrupted or was modified; "
+                            f"widen again from the source")
+    return {"checked": len(recorded), "bad": bad}
 
 
 def run_inspect(opts: WidenOptions) -> dict:
@@ -29,6 +61,10 @@ def run_inspect(opts: WidenOptions) -> dict:
             groups.append({"group": i, "tensors": len(names), "factors": fs})
         optim = {"kind": prep.omap.kind, "layout": prep.omap.layout, "groups": groups}
     prov = prep.ckpt.metadata.get(META_PROV) or (prep.ckpt.extra.get("mupscale") and json.dumps(
-        prep.ckpt.extra["mupscale"]))
+        {k: v for k, v in prep.ckpt.extra["mupscale"].items() if k != "sha256"}))
+    digests = check_digests(prep.ckpt)
+    if digests is not None:
+        prep.notes.append(f"integrity: the sha256 of all {digests['checked']} tensors match the digests "
+                          f"recorded at widening")
     return {**summary(prep, None, opts, None), "rows": rows, "optimizer_map": optim,
-            "provenance": json.loads(prov) if prov else None}
+            "provenance": json.loads(prov) if prov else None, "digests": digests}

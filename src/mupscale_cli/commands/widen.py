@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -210,7 +211,7 @@ def check_output(opts: WidenOptions) -> Path:
         raise MupscaleError("missing -o/--output PATH (.safetensors or .pt)")
     if out.suffix not in OUT_SUFFIXES:
         raise MupscaleError(f"-o {out}: the output must end in .safetensors or .pt")
-    if out.exists() and out.resolve() == opts.checkpoint.resolve():
+    if out.exists() and opts.checkpoint.exists() and os.path.samefile(out, opts.checkpoint):  # links too
         raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint")
     if out.is_dir():
         raise MupscaleError(f"-o {out}: is a directory")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ OPTIM_NS = "__optim__/"  # optimizer state tensors in our safetensors files: __o
 META_OPTIM = "mupscale.optimizer"  # JSON: {"kind", "param_groups": [... "param_names" ...]}
 META_PROV = "mupscale"  # JSON provenance
 META_EXTRA = "mupscale.extra"  # JSON: other top-level entries of a .pt input (iter_num, config, ...)
+META_DIGESTS = "mupscale.sha256"  # JSON: tensor name -> sha256 of its bytes (.pt: provenance "sha256")
 
 
 @dataclass
@@ -95,14 +97,24 @@ def _torch_load(path: Path):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = str(e).split("Unsupported global: ")[-1].split(" was not")[0].split("\n")[0][:160]
+        text = str(e)
+        glob = re.search(r"GLOBAL ([\w.]+)", text)
+        if glob is None:  # not a pickle we could read at all (random bytes, garbage)
+            why = text.split("WeightsUnpickler error:")[1].strip().split("\n")[0][:160] if (
+                "WeightsUnpickler error:" in text) else ""
+            why = why or "not a pickle torch.load accepts"
+            raise MupscaleError(f"{path}: not a readable PyTorch checkpoint (unpickling stopped: {why}); "
+                                f"is it really a torch.save file?") from None
+        found = f"it needs {glob.group(1)}"
         raise MupscaleError(f"{path}: refusing to unpickle: the checkpoint holds objects other than tensors "
                             f"and plain containers ({found}); re-save it as tensors with "
                             f"torch.save({{'model': model.state_dict(), 'optimizer': opt.state_dict()}}) "
                             f"or as .safetensors") from None
     except Exception as e:  # noqa: BLE001 - any failure of a foreign file is an input error
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise MupscaleError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        first = f"{type(e).__name__}: {first}" if len(first) < 12 else first
+        raise MupscaleError(f"{path}: not a readable PyTorch checkpoint ({first}); is it really a torch.save "
+                            f"file?") from None
 
 
 def _is_state_dict(d) -> bool:

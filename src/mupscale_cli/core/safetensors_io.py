@@ -7,6 +7,7 @@ chunks, from several threads) and never need to be in memory together. Output ap
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import math
 import os
@@ -103,9 +104,10 @@ def _check_metadata(metadata: dict[str, str] | None, where: Path) -> dict[str, s
 
 
 def _build_header(
-    infos: list[TensorInfo], metadata: dict[str, str], where: Path
+    infos: list[TensorInfo], metadata: dict[str, str], where: Path, reserve: int = 0
 ) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """Header bytes (length prefix included, padded to 8) and each tensor's absolute byte range."""
+    """Header bytes (length prefix included, padded to 8, plus `reserve` spaces for later metadata)
+    and each tensor's absolute byte range."""
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     ranges: dict[str, tuple[int, int]] = {}
     offset = 0
@@ -124,7 +126,7 @@ def _build_header(
         ranges[info.name] = (offset, offset + info.nbytes)
         offset += info.nbytes
     text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
+    text += b" " * (reserve + (-(len(text) + reserve) % 8))
     if len(text) > MAX_HEADER_BYTES:
         raise MupscaleError(
             f"{where}: safetensors header would be {len(text)} bytes, over the {MAX_HEADER_BYTES} byte limit; "
@@ -138,6 +140,11 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A view of the tensor's bytes in C order (copies only if not CPU-contiguous)."""
     t = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 (hex) of the bytes safetensors stores for `tensor` (little-endian, C order)."""
+    return hashlib.sha256(_tensor_bytes(tensor)).hexdigest()
 
 
 class _Coverage:
@@ -165,9 +172,13 @@ class StreamWriter:
     The header is fixed by `infos` (offsets in that order). Data goes to `temp_path` next to the
     destination; `commit()` checks every tensor is complete, fsyncs and renames onto `path`.
     As a context manager: commit on clean exit, abort on exception.
+    `update_metadata()` rewrites the header in place before commit (e.g. digests computed while
+    writing): the new header must fit in the old one's length, so reserve room with
+    `reserve_metadata_bytes` or write same-length placeholders first.
     """
 
-    def __init__(self, path: str | os.PathLike[str], infos: list[TensorInfo], metadata: dict[str, str] | None = None):
+    def __init__(self, path: str | os.PathLike[str], infos: list[TensorInfo], metadata: dict[str, str] | None = None,
+                 reserve_metadata_bytes: int = 0):
         self.path = Path(path)
         if sys.byteorder != "little":
             raise MupscaleError("safetensors writing needs a little-endian machine")
@@ -175,7 +186,9 @@ class StreamWriter:
             raise MupscaleError(f"{self.path}: directory {self.path.parent} does not exist; create it first")
         if self.path.is_dir():
             raise MupscaleError(f"{self.path}: is a directory; give a file name for the output")
-        header, self._ranges = _build_header(infos, _check_metadata(metadata, self.path), self.path)
+        self._metadata = _check_metadata(metadata, self.path)
+        header, self._ranges = _build_header(infos, self._metadata, self.path, max(0, reserve_metadata_bytes))
+        self._header_len = len(header)
         self._infos = {info.name: info for info in infos}
         self._coverage: dict[str, _Coverage] = {}
         self._lock = threading.Condition()
@@ -199,6 +212,27 @@ class StreamWriter:
     def write_chunk(self, name: str, flat_element_offset: int, tensor_chunk: torch.Tensor) -> None:
         """Write `tensor_chunk` (flattened, C order) at element `flat_element_offset` of tensor `name`."""
         self._put(self._info(name), flat_element_offset, tensor_chunk)
+
+    def update_metadata(self, metadata: dict[str, str]) -> None:
+        """Merge `metadata` into the header's `__metadata__` and rewrite the header in place (before commit)."""
+        merged = {**self._metadata, **_check_metadata(metadata, self.path)}
+        header, _ = _build_header(list(self._infos.values()), merged, self.path)
+        if len(header) > self._header_len:
+            raise MupscaleError(f"{self.path}: new metadata needs {len(header) - self._header_len} more header bytes "
+                                "than were reserved; pass a larger reserve_metadata_bytes")
+        body = header[8:] + b" " * (self._header_len - len(header))
+        with self._lock:
+            fd = self._fd
+            if fd is None:
+                raise MupscaleError(f"{self.path}: metadata update after commit or abort")
+            self._active += 1
+        try:
+            self._pwrite(fd, struct.pack("<Q", len(body)) + body, 0)
+            self._metadata = merged
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._lock.notify_all()
 
     def commit(self) -> None:
         """Check completeness, fsync, rename onto the destination and fsync the directory; abort on failure."""

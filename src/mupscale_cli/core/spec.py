@@ -119,9 +119,28 @@ def _parse_rule(pattern: str, body) -> Rule:
                 noise if isinstance(noise, bool) or noise is None else float(noise), body.get("optional", False))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (a silently overridden rule is a typo)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:
+                continue
+            if dup:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def parse_spec(text: str, source: str) -> Spec:
     try:
-        d = yaml.safe_load(text)
+        d = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -167,7 +186,7 @@ def _from_bsh(d: dict, source: str, sha: str) -> Spec:
     """A mup base-shape file: `name: [base_dim or null, ...]`."""
     rules = []
     for name, dims in d.items():
-        if not all(x is None or (isinstance(x, int) and x > 0) for x in dims):
+        if not all(x is None or (isinstance(x, int) and not isinstance(x, bool) and x > 0) for x in dims):
             raise _fail(source, f"{name!r}: base-shape entries must be positive ints or null, got {dims}")
         rules.append(Rule(str(name), re.compile(re.escape(str(name))),
                           tuple(Dim(None if x is None else f"w{x}") for x in dims)))

@@ -1,0 +1,580 @@
+"""Hostile and broken inputs through the installed `mupscale` command (issue 5).
+
+Every case runs `mupscale widen ...` in a real subprocess and must give: the documented exit code (2),
+exactly one line on stderr starting with "mupscale: error:", no traceback, nothing at the output path,
+no temporary file beside it, an unchanged input, and no side effect of a pickle payload.
+The subprocesses run in parallel (each pays torch's import time) from one module-scoped fixture.
+"""
+from __future__ import annotations
+
+import argparse
+import builtins
+import copy
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import struct
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mupscale_cli.core.output import TMP_PT, clean_stale_temps
+from mupscale_cli.core.safetensors_io import LazySafetensors, StreamWriter, TensorInfo
+from mupscale_cli.errors import MupscaleError
+from mupscale_cli.zoo import gpt, mlp
+
+MUPSCALE = shutil.which("mupscale")
+pytestmark = pytest.mark.skipif(MUPSCALE is None, reason="the mupscale command is not installed")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pickle payloads: loading them unsafely runs code (a file appears); mupscale must never do that.
+
+
+class SystemPayload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
+class OpenPayload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.open, (self.marker, "w"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Valid base checkpoints (zoo models trained two steps)
+
+
+@dataclass
+class Base:
+    dir: Path
+    gpt: dict  # nanoGPT layout, in memory (deep-copy before changing)
+    mlp: dict[str, torch.Tensor]  # plain state dict
+    gpt_pt: Path
+    mlp_pt: Path
+    mlp_st: Path
+
+
+def _gpt_ckpt() -> dict:
+    torch.manual_seed(0)
+    args = dict(gpt.DEFAULT_ARGS)
+    model = gpt.build(args)
+    opt = torch.optim.AdamW(model.named_parameters(), lr=1e-3, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        x, y = gpt.batch(args, 4, g)
+        opt.zero_grad()
+        gpt.loss(model, x, y).backward()
+        opt.step()
+    return copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(), "model_args": args,
+                          "iter_num": 2, "best_val_loss": 3.0, "config": {"learning_rate": 1e-3}})
+
+
+def _mlp_sd() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return {n: t.detach().clone() for n, t in mlp.build(mlp.DEFAULT_ARGS).state_dict().items()}
+
+
+def _framed(header, data: bytes = b"", n: int | None = None) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if n is None else n) + raw + data
+
+
+F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+MLP_SPEC = """name: my-mlp
+tensors:
+  input.weight: [width, null]
+  input.bias: [width]
+  "hidden.{i}.weight": [width, width]
+  "hidden.{i}.bias": [width]
+  readout.weight: [null, width]
+  readout.bias: [null]
+"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The corpus: each builder writes its inputs into `d` and returns the argv after `mupscale`.
+
+
+@dataclass
+class Ctx:
+    base: Base
+    d: Path  # this case's directory; inputs here, output dir d/"out"
+    out: Path  # the output path the command is given (must not appear)
+    marker: Path  # a pickle payload would create this file
+
+    def write(self, name: str, data: bytes | str) -> Path:
+        p = self.d / name
+        p.write_bytes(data if isinstance(data, bytes) else data.encode())
+        return p
+
+    def save(self, name: str, obj, **kw) -> Path:
+        p = self.d / name
+        torch.save(obj, p, **kw)
+        return p
+
+    def pickle(self, name: str, obj) -> Path:
+        import pickle
+        p = self.d / name
+        with open(p, "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+        return p
+
+    def widen(self, inp: Path | str, *extra: str, out: Path | None = None) -> list[str]:
+        return ["widen", str(inp), "--k", "2", "-o", str(out or self.out), *extra]
+
+    def spec(self, text: str, name: str = "spec.yaml") -> list[str]:
+        return self.widen(self.base.mlp_pt, "--spec", str(self.write(name, text)))
+
+    def gpt_with(self, change: Callable[[dict], None], name: str = "ckpt.pt") -> Path:
+        ck = copy.deepcopy(self.base.gpt)
+        change(ck)
+        return self.save(name, ck)
+
+
+@dataclass
+class Case:
+    id: str
+    make: Callable[[Ctx], list[str]]
+    match: str  # a substring of the one-line message (names the tensor, field or option)
+    code: int = 2
+    proc: bool = True  # through the installed command; False: in-process (typer's runner), to keep the file fast
+
+
+def _first_exp_avg(ck: dict) -> dict:
+    return ck["optimizer"]["state"][0]
+
+
+def _mlp_optimizer() -> dict:
+    model = mlp.build(mlp.DEFAULT_ARGS)
+    opt = torch.optim.AdamW(model.named_parameters(), lr=1e-3)
+    x, y = mlp.batch(mlp.DEFAULT_ARGS, 4, torch.Generator().manual_seed(0))
+    mlp.loss(model, x, y).backward()
+    opt.step()
+    return opt.state_dict()
+
+
+def _nan(ck: dict) -> None:
+    ck["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+
+
+def _untie(ck: dict) -> None:
+    ck["model"]["lm_head.weight"] = ck["model"]["lm_head.weight"].clone() + 1
+
+
+def _int_matrix(c: Ctx) -> list[str]:
+    sd = dict(c.base.mlp)
+    sd["hidden.0.weight"] = torch.ones(16, 16, dtype=torch.int64)
+    return c.widen(c.save("int.pt", sd))
+
+
+def _exists(c: Ctx) -> list[str]:
+    c.out.write_bytes(b"precious")
+    return c.widen(c.base.mlp_pt)
+
+
+def _over_input(c: Ctx) -> list[str]:
+    inp = c.d / "out" / "wide.safetensors"
+    shutil.copy(c.base.mlp_st, inp)
+    return c.widen(inp, "--force")
+
+
+def _over_input_pt(c: Ctx) -> list[str]:
+    inp = c.d / "out" / "wide.pt"
+    shutil.copy(c.base.gpt_pt, inp)
+    return c.widen(inp, "--force", out=inp)
+
+
+def _over_input_link(c: Ctx) -> list[str]:
+    inp = c.d / "in.safetensors"
+    shutil.copy(c.base.mlp_st, inp)
+    os.link(inp, c.out)
+    return c.widen(inp, "--force")
+
+
+def _out_dir(c: Ctx) -> list[str]:
+    c.out.mkdir()
+    return c.widen(c.base.mlp_pt, "--force")
+
+
+def _opt_tensors_no_meta(c: Ctx) -> list[str]:
+    sd = {**c.base.mlp, "__optim__/input.weight/exp_avg": torch.zeros(16, 12)}
+    save_file(sd, c.d / "o.safetensors")
+    return c.widen(c.d / "o.safetensors")
+
+
+def _opt_meta_not_json(c: Ctx) -> list[str]:
+    save_file(dict(c.base.mlp), c.d / "o.safetensors", metadata={"mupscale.optimizer": "{"})
+    return c.widen(c.d / "o.safetensors")
+
+
+def _truncated_st(c: Ctx) -> list[str]:
+    data = c.base.mlp_st.read_bytes()
+    return c.widen(c.write("t.safetensors", data[: len(data) // 2]))
+
+
+def _truncated_pt(c: Ctx) -> list[str]:
+    data = c.base.gpt_pt.read_bytes()
+    return c.widen(c.write("t.pt", data[: len(data) // 2]))
+
+
+def _bitflip_header(c: Ctx) -> list[str]:
+    data = bytearray(c.base.mlp_st.read_bytes())
+    i = data.index(b'"shape":[16,12]')
+    data[i: i + 15] = b'"shape":[16,13]'
+    return c.widen(c.write("f.safetensors", bytes(data)))
+
+
+def _rand(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+CASES: list[Case] = [
+    # files that are not checkpoints
+    Case("missing-file", lambda c: c.widen(c.d / "nope.pt"), "no such file"),
+    Case("directory", lambda c: c.widen(c.d), "is a directory"),
+    Case("empty-pt", lambda c: c.widen(c.write("e.pt", b"")), "empty file"),
+    Case("empty-safetensors", lambda c: c.widen(c.write("e.safetensors", b"")), "empty file", proc=False),
+    Case("random-bytes-pt", lambda c: c.widen(c.write("r.pt", _rand(4096))), "not a readable PyTorch checkpoint"),
+    Case("random-bytes-safetensors", lambda c: c.widen(c.write("r.safetensors", _rand(4096, 1))),
+         "not a valid safetensors file", proc=False),
+    Case("random-bytes-no-suffix", lambda c: c.widen(c.write("ckpt", _rand(4096, 2))), "ckpt", proc=False),
+    Case("text-file", lambda c: c.widen(c.write("notes.pt", "hello, not a checkpoint\n")), "notes.pt", proc=False),
+    Case("truncated-safetensors", _truncated_st, "truncated"),
+    Case("truncated-pt", _truncated_pt, "not a readable PyTorch checkpoint", proc=False),
+    # hand-made safetensors framing and headers
+    Case("st-huge-header", lambda c: c.widen(c.write("h.safetensors", _framed(b"{}", n=2**40))), "exceeds"),
+    Case("st-header-past-eof", lambda c: c.widen(c.write("h.safetensors", _framed(b"{}", n=4096))),
+         "runs past the end", proc=False),
+    Case("st-header-not-json", lambda c: c.widen(c.write("h.safetensors", _framed(b"{nope", b"\0" * 8))),
+         "not valid JSON"),
+    Case("st-header-not-utf8", lambda c: c.widen(c.write("h.safetensors", _framed(b'{"\xff": 1}'))),
+         "not UTF-8", proc=False),
+    Case("st-header-json-list", lambda c: c.widen(c.write("h.safetensors", _framed([1, 2]))), "JSON list", proc=False),
+    Case("st-unknown-dtype", lambda c: c.widen(c.write(
+        "h.safetensors", _framed({"a": {**F32, "dtype": "F13"}}, b"\0" * 8))), "'F13'", proc=False),
+    Case("st-shape-mismatch", _bitflip_header, "'input.weight'", proc=False),
+    Case("st-overlap", lambda c: c.widen(c.write("h.safetensors", _framed(
+        {"a": F32, "b": {**F32, "data_offsets": [4, 12]}}, b"\0" * 12))), "overlaps"),
+    Case("st-trailing-bytes", lambda c: c.widen(c.write("h.safetensors", _framed({"a": F32}, b"\0" * 9))),
+         "trailing", proc=False),
+    Case("st-duplicate-key", lambda c: c.widen(c.write("h.safetensors", _framed(
+        b'{"a":' + json.dumps(F32).encode() + b',"a":' + json.dumps(F32).encode() + b"}", b"\0" * 8))),
+        "duplicate key 'a'", proc=False),
+    Case("st-no-tensors", lambda c: c.widen(c.write("h.safetensors", _framed(b"{}      "))), "no model tensors",
+         proc=False),
+    Case("st-optim-without-metadata", _opt_tensors_no_meta, "mupscale.optimizer", proc=False),
+    Case("st-optim-metadata-not-json", _opt_meta_not_json, "mupscale.optimizer", proc=False),
+    # pickles: payloads must never run
+    Case("pickle-system-plain", lambda c: c.widen(c.pickle("p.pt", SystemPayload(str(c.marker)))),
+         "refusing to unpickle"),
+    Case("pickle-open-plain", lambda c: c.widen(c.pickle("p.pt", OpenPayload(str(c.marker)))),
+         "refusing to unpickle"),
+    Case("pickle-system-torch-zip", lambda c: c.widen(c.save("p.pt", SystemPayload(str(c.marker)))),
+         "refusing to unpickle"),
+    Case("pickle-open-torch-zip", lambda c: c.widen(c.save("p.pt", OpenPayload(str(c.marker)))),
+         "refusing to unpickle"),
+    Case("pickle-nested-in-nanogpt", lambda c: c.widen(c.gpt_with(
+        lambda ck: ck.__setitem__("config", SystemPayload(str(c.marker))))), "refusing to unpickle"),
+    Case("pickle-torch-legacy-format", lambda c: c.widen(c.save(
+        "p.pt", {"model": c.base.mlp, "x": OpenPayload(str(c.marker))}, _use_new_zipfile_serialization=False)),
+        "refusing to unpickle"),
+    Case("pickle-namespace-config", lambda c: c.widen(c.gpt_with(
+        lambda ck: ck.__setitem__("config", argparse.Namespace(lr=1.0)))), "argparse", proc=False),
+    Case("pt-not-a-dict", lambda c: c.widen(c.save("l.pt", [torch.ones(2)])), "found list", proc=False),
+    Case("pt-no-state-dict", lambda c: c.widen(c.save("n.pt", {"iter_num": 3})), "no model state dict", proc=False),
+    # optimizer state
+    Case("optimizer-missing-param-groups", lambda c: c.widen(c.gpt_with(
+        lambda ck: ck.__setitem__("optimizer", {"state": {}}))), "param_groups"),
+    Case("optimizer-wrong-shape", lambda c: c.widen(c.gpt_with(
+        lambda ck: _first_exp_avg(ck).__setitem__("exp_avg", torch.zeros(3, 3)))), "[3, 3]"),
+    Case("optimizer-unknown-state-key", lambda c: c.widen(c.gpt_with(
+        lambda ck: _first_exp_avg(ck).__setitem__("foo_buffer", torch.zeros(1)))), "'foo_buffer'"),
+    Case("optimizer-of-another-model", lambda c: c.widen(c.gpt_with(
+        lambda ck: ck.__setitem__("optimizer", _mlp_optimizer()))), "cannot match optimizer ids", proc=False),
+    Case("optimizer-int-state", lambda c: c.widen(c.gpt_with(
+        lambda ck: _first_exp_avg(ck).__setitem__("exp_avg", _first_exp_avg(ck)["exp_avg"].long()))),
+        "'exp_avg'", proc=False),
+    # --k and --sigma
+    Case("k-zero", lambda c: c.widen(c.base.mlp_pt, "--k", "0"), "--k"),
+    Case("k-fraction", lambda c: c.widen(c.base.mlp_pt, "--k", "1.5"), "'1.5'"),
+    Case("k-axis-zero", lambda c: c.widen(c.base.gpt_pt, "--k", "d_model=0,d_ff=2"), "d_model"),
+    Case("k-unknown-axis", lambda c: c.widen(c.base.gpt_pt, "--k", "d_model=2,d_ff=2,d_modle=2"), "'d_modle'"),
+    Case("k-missing-axis", lambda c: c.widen(c.base.gpt_pt, "--k", "d_model=2"), "'d_ff'", proc=False),
+    Case("sigma-negative", lambda c: c.widen(c.base.mlp_pt, "--sigma=-1"), "--sigma"),
+    Case("sigma-nan", lambda c: c.widen(c.base.mlp_pt, "--sigma", "nan"), "--sigma"),
+    # output path
+    Case("output-exists", _exists, "--force"),
+    Case("output-is-input", _over_input, "input"),
+    Case("output-is-input-pt", _over_input_pt, "input", proc=False),
+    Case("output-is-hard-link-to-input", _over_input_link, "input", proc=False),
+    Case("output-suffix-txt", lambda c: c.widen(c.base.mlp_pt, out=c.d / "out" / "wide.txt"), ".safetensors"),
+    Case("output-dir-missing", lambda c: c.widen(c.base.mlp_pt, out=c.d / "nodir" / "w.safetensors"),
+         "does not exist"),
+    Case("output-is-directory", _out_dir, "directory", proc=False),
+    Case("output-missing", lambda c: ["widen", str(c.base.mlp_pt), "--k", "2"], "-o", proc=False),
+    Case("disk-too-small", lambda c: c.widen(c.base.gpt_pt, "--k", "100000"), "MiB free"),
+    # specs
+    Case("spec-missing", lambda c: c.widen(c.base.mlp_pt, "--spec", str(c.d / "nope.yaml")), "nope.yaml"),
+    Case("spec-yaml-syntax", lambda c: c.spec(MLP_SPEC + "  oops: [width, null\n"), "not valid YAML"),
+    Case("spec-unknown-key", lambda c: c.spec(MLP_SPEC.replace("tensors:", "tensor:")), "'tensor'"),
+    Case("spec-rule-key-typo", lambda c: c.spec(MLP_SPEC.replace(
+        "input.bias: [width]", "input.bias: {axes: [width], optinal: true}")), "'optinal'", proc=False),
+    Case("spec-duplicate-key", lambda c: c.spec(MLP_SPEC + "  input.bias: [null]\n"), "duplicate key", proc=False),
+    Case("spec-two-rules", lambda c: c.spec(MLP_SPEC + '  "hidden.*.weight": [width, width]\n'),
+         "matches two rules"),
+    Case("spec-rule-matches-nothing", lambda c: c.spec(MLP_SPEC + "  extra.weight: [width, width]\n"),
+         "'extra.weight'"),
+    Case("spec-no-rule-for-tensor", lambda c: c.spec(MLP_SPEC.replace("  readout.bias: [null]\n", "")),
+         "'readout.bias'", proc=False),
+    Case("spec-block-not-divisible", lambda c: c.spec(MLP_SPEC.replace(
+        '"hidden.{i}.weight": [width, width]', '"hidden.{i}.weight": [{axis: width, block: 3}, width]')),
+        "not a multiple"),
+    Case("spec-wrong-ndim", lambda c: c.spec(MLP_SPEC.replace("readout.bias: [null]", "readout.bias: [null, null]")),
+         "'readout.bias'", proc=False),
+    Case("bsh-bad-entry", lambda c: c.widen(c.base.mlp_pt, "--spec", str(c.write(
+        "mlp.bsh", "input.weight: [16, null]\nhidden.0.weight: [16, wide]\n"))), "'hidden.0.weight'"),
+    # values
+    Case("nan-strict", lambda c: c.widen(c.gpt_with(_nan), "--strict"), "'transformer.h.0.mlp.c_fc.weight'"),
+    Case("int-matrix", _int_matrix, "'hidden.0.weight'", proc=False),
+    Case("tied-differ", lambda c: c.widen(c.gpt_with(_untie)), "tied", proc=False),
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running the corpus
+
+
+@dataclass
+class Result:
+    ctx: Ctx
+    argv: list[str]
+    code: int
+    stdout: str
+    stderr: str
+    input_bytes: dict[str, bytes]  # files in d (inputs) before the run
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Base:
+    d = tmp_path_factory.mktemp("base")
+    ck = _gpt_ckpt()
+    sd = _mlp_sd()
+    torch.save(ck, d / "gpt.pt")
+    torch.save(sd, d / "mlp.pt")
+    save_file(sd, d / "mlp.safetensors")
+    return Base(d, ck, sd, d / "gpt.pt", d / "mlp.pt", d / "mlp.safetensors")
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def results(base: Base, tmp_path_factory) -> dict[str, Result]:
+    root = tmp_path_factory.mktemp("corpus")
+    prepared = []
+    for case in CASES:
+        d = root / case.id
+        (d / "out").mkdir(parents=True)
+        ctx = Ctx(base, d, d / "out" / "wide.safetensors", root / f"PWNED-{case.id}")
+        argv = case.make(ctx)
+        if case.id == "output-is-input-pt":
+            ctx.out = d / "out" / "wide.pt"
+        prepared.append((case, ctx, argv, _snapshot(d)))
+    env = {k: v for k, v in os.environ.items() if k != "MUPSCALE_DEBUG"}
+
+    def run(item) -> tuple[str, Result]:
+        case, ctx, argv, snap = item
+        p = subprocess.run([MUPSCALE, *argv], capture_output=True, text=True, cwd=ctx.d, env=env, timeout=120)
+        return case.id, Result(ctx, argv, p.returncode, p.stdout, p.stderr, snap)
+
+    with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as ex:
+        done = ex.map(run, [it for it in prepared if it[0].proc])
+        out = {}
+        from typer.testing import CliRunner
+
+        from mupscale_cli.cli import app
+        runner = CliRunner()
+        term = signal.getsignal(signal.SIGTERM)
+        try:
+            for case, ctx, argv, snap in prepared:
+                if not case.proc:
+                    r = runner.invoke(app, argv)
+                    out[case.id] = Result(ctx, argv, r.exit_code, r.stdout, r.stderr, snap)
+        finally:
+            signal.signal(signal.SIGTERM, term)  # the CLI's guard installs its own handler
+        out.update(done)
+    return out
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len({c.id for c in CASES}) == len(CASES)
+    assert sum(c.proc for c in CASES) >= 30
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_input(case: Case, results: dict[str, Result]) -> None:
+    r = results[case.id]
+    where = f"mupscale {' '.join(r.argv)}\nstderr: {r.stderr!r}"
+    assert r.code == case.code, where
+    assert "Traceback" not in r.stderr + r.stdout, where
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mupscale: error: "), where
+    assert lines[0].strip() != "mupscale: error:", where
+    assert case.match in lines[0], where
+    assert r.stdout == "", where
+    ctx = r.ctx
+    # nothing new at the output path, no temporaries, inputs (and a pre-existing output) untouched
+    after = _snapshot(ctx.d)
+    assert after == r.input_bytes, where
+    leftovers = [p.name for p in ctx.d.rglob("*") if TMP_PT in p.name]
+    assert leftovers == [], where
+    assert not ctx.marker.exists(), f"pickle payload ran: {where}"
+
+
+def test_payloads_are_live(tmp_path: Path) -> None:
+    """The payloads would create their marker when unpickled unsafely (so their absence above means something)."""
+    import pickle
+    for i, cls in enumerate((SystemPayload, OpenPayload)):
+        marker = tmp_path / f"m{i}"
+        obj = pickle.loads(pickle.dumps(cls(str(marker))))
+        if hasattr(obj, "close"):
+            obj.close()
+        assert marker.exists()
+        marker2 = tmp_path / f"t{i}"
+        torch.save(cls(str(marker2)), tmp_path / "p.pt")
+        obj = torch.load(tmp_path / "p.pt", weights_only=False)
+        if hasattr(obj, "close"):
+            obj.close()
+        assert marker2.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-process checks of the pieces behind the corpus
+
+
+def test_nan_is_a_warning_without_strict(base: Base, tmp_path: Path) -> None:
+    from mupscale_cli.commands.widen import WidenOptions, run_widen
+    ck = copy.deepcopy(base.gpt)
+    _nan(ck)
+    ck["optimizer"]["state"][0]["exp_avg_sq"][0, 0] = float("inf")
+    torch.save(ck, tmp_path / "n.pt")
+    res = run_widen(WidenOptions(tmp_path / "n.pt", tmp_path / "w.safetensors"))
+    warned = [n for n in res["notes"] if n.startswith("warning:")]
+    assert len(warned) == 2 and "'transformer.h.0.mlp.c_fc.weight'" in warned[0] and "exp_avg_sq" in warned[1]
+    with pytest.raises(MupscaleError, match="--strict"):
+        run_widen(WidenOptions(tmp_path / "n.pt", tmp_path / "w2.safetensors", strict=True))
+    assert not (tmp_path / "w2.safetensors").exists()
+
+
+def test_disk_check_counts_model_and_optimizer(base: Base, tmp_path: Path, monkeypatch) -> None:
+    from mupscale_cli.commands import widen as W
+    opts = W.WidenOptions(base.gpt_pt, tmp_path / "w.safetensors")
+    prep = W.prepare(opts)
+    need = W.output_bytes(prep, opts.output)
+    W.run_widen(opts)
+    size = opts.output.stat().st_size
+    assert need <= size <= need + 2**20  # tensors + header
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(W.shutil, "disk_usage", lambda p: usage._replace(free=need))
+    with pytest.raises(MupscaleError, match="MiB free"):
+        W.run_widen(W.WidenOptions(base.gpt_pt, tmp_path / "w2.safetensors"))
+    assert not (tmp_path / "w2.safetensors").exists()
+
+
+def test_stale_temporaries(tmp_path: Path) -> None:
+    dest = tmp_path / "wide.safetensors"
+    dead = tmp_path / f".wide.safetensors{TMP_PT}999999999-abcd1234"  # above any pid_max
+    live = tmp_path / f".wide.safetensors{TMP_PT}{os.getpid()}-abcd1234"
+    old = tmp_path / f".wide.safetensors{TMP_PT}{os.getppid()}-00000000"
+    nopid = tmp_path / f".wide.safetensors{TMP_PT}k3x9_qz1"
+    other = tmp_path / f".other.safetensors{TMP_PT}999999999-abcd1234"
+    for p in (dead, live, old, nopid, other):
+        p.write_bytes(b"x")
+    two_hours = time.time() - 7200
+    os.utime(old, (two_hours, two_hours))
+    removed, kept = clean_stale_temps(dest)
+    assert sorted(removed) == sorted([dead.name, old.name])
+    assert sorted(kept) == sorted([live.name, nopid.name])
+    assert other.exists() and live.exists() and nopid.exists() and not dead.exists() and not old.exists()
+    from mupscale_cli.core.output import atomic_path
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "w.pt") as tmp:
+            assert tmp.name.startswith(f".w.pt{TMP_PT}{os.getpid()}-")  # the pid tells later runs it is stale
+            tmp.write_bytes(b"partial")
+            raise KeyboardInterrupt
+    assert not tmp.exists() and not (tmp_path / "w.pt").exists()
+
+
+def test_update_metadata_rewrites_header_in_place(tmp_path: Path) -> None:
+    t = {"a": torch.arange(6.0), "b": torch.ones(2, 3, dtype=torch.float64)}
+    infos = [TensorInfo(n, v.dtype, tuple(v.shape)) for n, v in t.items()]
+    dest = tmp_path / "m.safetensors"
+    with StreamWriter(dest, infos, {"x": "1"}, reserve_metadata_bytes=100) as w:
+        for n, v in t.items():
+            w.write(n, v)
+        w.update_metadata({"y": "2" * 90})
+        with pytest.raises(MupscaleError, match="reserve"):
+            w.update_metadata({"z": "3" * 200})
+    r = LazySafetensors(dest)
+    assert r.metadata() == {"x": "1", "y": "2" * 90}
+    assert all(torch.equal(r.get(n), v) for n, v in t.items())
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(dest)["b"], t["b"])
+
+
+def test_widened_files_record_and_check_digests(base: Base, tmp_path: Path) -> None:
+    from mupscale_cli.commands.inspect import run_inspect
+    from mupscale_cli.commands.widen import WidenOptions, run_widen
+    for suffix in (".safetensors", ".pt"):
+        out = tmp_path / f"w{suffix}"
+        run_widen(WidenOptions(base.gpt_pt, out))
+        rep = run_inspect(WidenOptions(out))
+        assert rep["digests"]["checked"] == 113 and rep["digests"]["bad"] == []
+        assert rep["provenance"]["source"] == "gpt.pt"
+    assert run_inspect(WidenOptions(base.gpt_pt))["digests"] is None
+    data = bytearray((tmp_path / "w.safetensors").read_bytes())
+    data[-3] ^= 0x40  # last tensor: the last optimizer state entry
+    (tmp_path / "c.safetensors").write_bytes(bytes(data))
+    with pytest.raises(MupscaleError, match=r"tensor '__optim__/.*' does not match the sha256") as e:
+        run_inspect(WidenOptions(tmp_path / "c.safetensors"))
+    assert "\n" not in str(e.value)
+
+
+def test_inspect_cli_rejects_a_corrupted_file(base: Base, tmp_path: Path) -> None:
+    out = tmp_path / "w.safetensors"
+    from mupscale_cli.commands.widen import WidenOptions, run_widen
+    run_widen(WidenOptions(base.mlp_pt, out))
+    data = bytearray(out.read_bytes())
+    data[-1] ^= 0x01
+    out.write_bytes(bytes(data))
+    p = subprocess.run([MUPSCALE, "inspect", str(out)], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("mupscale: error: ") and "'readout.bias'" in p.stderr, p.stderr
+
+
+def test_help_documents_exit_codes() -> None:
+    from typer.testing import CliRunner
+
+    from mupscale_cli.cli import app
+    text = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    for words in ("0 success", "1 verification failed", "2 usage or input error", "130 interrupted"):
+        assert words in " ".join(text.split()), words
