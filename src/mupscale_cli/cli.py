@@ -28,7 +28,7 @@ app = typer.Typer(
          "`mupscale widen ckpt.pt --k 4 --sigma 0.75 -o wide.safetensors`.\n\n" + EXIT_CODES,
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]})
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
 def _version(value: bool) -> None:
@@ -124,7 +124,7 @@ def widen(
         res = run_widen(opts, _progress(quiet))
         for note in res["notes"]:
             if not quiet:
-                err.print(f"mupscale: note: {note}", markup=False)
+                err.print(f"mupscale: note: {note}", markup=False, soft_wrap=True)
         typer.echo(json.dumps(res, indent=2) if as_json else res["output"])
 
 
@@ -162,7 +162,7 @@ def inspect(
                 err.print(f"  group {g['group']}: {g['tensors']} tensors; factors: {' | '.join(g['factors'])}",
                           markup=False)
         for note in rep["notes"]:
-            err.print(f"note: {note}", markup=False)
+            err.print(f"note: {note}", markup=False, soft_wrap=True)
         if rep["provenance"]:
             err.print(f"provenance: {json.dumps(rep['provenance'], sort_keys=True)[:400]}", markup=False)
         mb = rep["model_bytes"]
