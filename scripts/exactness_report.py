@@ -13,7 +13,7 @@ from mupscale_cli.commands.widen import WidenOptions, run_widen
 from mupscale_cli.core.lockstep import run_lockstep
 from mupscale_cli.zoo import gpt, mlp
 
-HP = {"sgd": dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3),
+HP = {"sgd": dict(lr=0.01, momentum=0.9, dampening=0.1, weight_decay=1e-3),
       "adam": dict(lr=1e-3, eps=1e-4, amsgrad=True, weight_decay=1e-2),
       "adamw": dict(lr=1e-3, eps=1e-4, weight_decay=0.1)}
 MU = {"sgd": mup.MuSGD, "adam": mup.MuAdam, "adamw": mup.MuAdamW}

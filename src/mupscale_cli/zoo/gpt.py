@@ -118,7 +118,7 @@ def configure_optimizers(model: nn.Module, weight_decay: float, learning_rate: f
 def batch(model_args: dict, batch_size: int, generator: torch.Generator, dtype=torch.float32):
     a = {**DEFAULT_ARGS, **model_args}
     x = torch.randint(0, a["vocab_size"], (batch_size, a["block_size"]), generator=generator)
-    y = torch.randint(0, a["vocab_size"], (batch_size, a["block_size"]), generator=generator)
+    y = torch.roll(x, 1, dims=1)  # predict the previous token: learnable through attention
     return x, y
 
 

@@ -34,10 +34,14 @@ def build(model_args: dict, base_args: dict | None = None) -> nn.Module:
 
 
 def batch(model_args: dict, batch_size: int, generator: torch.Generator, dtype=torch.float32):
+    """Gaussian inputs labelled by a fixed random two-layer teacher (a learnable, width-free task)."""
     args = {**DEFAULT_ARGS, **model_args}
-    x = torch.randn(batch_size, args["d_in"], generator=generator, dtype=dtype)
-    y = torch.randint(0, args["d_out"], (batch_size,), generator=generator)
-    return x, y
+    t = torch.Generator().manual_seed(1234)
+    w1 = torch.randn(args["d_in"], 32, generator=t, dtype=torch.float64)
+    w2 = torch.randn(32, args["d_out"], generator=t, dtype=torch.float64)
+    x = torch.randn(batch_size, args["d_in"], generator=generator, dtype=torch.float64)
+    y = (torch.tanh(x @ w1) @ w2).argmax(dim=1)
+    return x.to(dtype), y
 
 
 def loss(model: nn.Module, inputs, targets) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""Hyper-parameter transfer figures for the README (issue: tune σ̄ and γ̄↑ on a small proxy).
+
+For the zoo MLP and GPT, two proxy widths each, upscaled by k = 4: train a proxy, sweep (σ̄, γ̄↑) on its
+upscaling, and compare the best settings across widths; measure the rank correlation of early scores
+(first 15% of steps) with full-run scores, and what successive halving saves and picks.
+Run: python scripts/transfer_experiment.py [--steps 150] [--plot docs/transfer.png]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import mup
+import torch
+
+from mupscale_cli.commands.plots import plot_sweep
+from mupscale_cli.commands.sweep import SweepOptions, run_sweep, spearman
+from mupscale_cli.zoo import gpt, mlp
+
+SIGMAS = [0.25, 0.5, 1.0, 2.0, 4.0]
+LR_MULTS = [0.25, 0.5, 1.0, 2.0, 4.0]
+MODELS = {  # zoo, proxy args per width, base learning rate γ̄ (MuAdamW), proxy training steps
+    "mlp": (mlp, [{"width": 16, "depth": 3}, {"width": 32, "depth": 3}], 1e-2, 150),
+    "gpt": (gpt, [{"n_embd": 16, "n_head": 2}, {"n_embd": 32, "n_head": 2}], 3e-3, 150),
+}
+
+
+def make_proxy(zoo, args: dict, lr: float, steps: int, path: Path, base: dict) -> None:
+    torch.manual_seed(0)
+    model = zoo.build(args, base)
+    opt = mup.MuAdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x, y = zoo.batch(args, 32, g)
+        opt.zero_grad()
+        zoo.loss(model, x, y).backward()
+        opt.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "model_args": args,
+                "config": {"learning_rate": lr}}, path)
+
+
+def grid_step(values: list[float], a: float, b: float) -> int:
+    return abs(values.index(a) - values.index(b))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--plot", type=Path, default=None)
+    a = ap.parse_args()
+    rows, results = [], []
+    with tempfile.TemporaryDirectory() as t:
+        for name, (zoo, widths, lr, psteps) in MODELS.items():
+            full_args = [{**zoo.DEFAULT_ARGS, **w} for w in widths]
+            res = []
+            for args in full_args:
+                p = Path(t) / f"{name}-{len(res)}.pt"
+                make_proxy(zoo, args, lr, psteps, p, full_args[0])
+                lrs = [lr * m for m in LR_MULTS]
+                full = run_sweep(SweepOptions(p, k="4", sigmas=SIGMAS, lrs=lrs, steps=a.steps, seeds=a.seeds,
+                                              early=0.15))
+                halv = run_sweep(SweepOptions(p, k="4", sigmas=SIGMAS, lrs=lrs, steps=a.steps, seeds=a.seeds,
+                                              halving=True))
+                res.append((args, full, halv, lrs))
+                results.append(full)
+            (a0, f0, h0, lrs0), (a1, f1, h1, lrs1) = res
+            ws = [x.get("width", x.get("n_embd")) for x in (a0, a1)]
+            rows.append(
+                f"| {name} | {ws[0]}→{4 * ws[0]} / {ws[1]}→{4 * ws[1]} "
+                f"| σ̄ {f0['sigma']:g}, γ̄↑ {f0['lr'] / f0['base_lr']:g}γ̄ / σ̄ {f1['sigma']:g}, "
+                f"γ̄↑ {f1['lr'] / f1['base_lr']:g}γ̄ "
+                f"| {grid_step(SIGMAS, f0['sigma'], f1['sigma'])}, "
+                f"{grid_step(LR_MULTS, f0['lr'] / f0['base_lr'], f1['lr'] / f1['base_lr'])} "
+                f"| {f0['rank_correlation_early_full']:.2f} / {f1['rank_correlation_early_full']:.2f} "
+                f"| {h0['total_train_steps'] / h0['full_grid_steps']:.2f} / {h1['total_train_steps'] / h1['full_grid_steps']:.2f} "
+                f"| σ̄ {h0['sigma']:g}, {h0['lr'] / h0['base_lr']:g}γ̄ / σ̄ {h1['sigma']:g}, {h1['lr'] / h1['base_lr']:g}γ̄ |")
+            for args, full, halv, lrs in res:
+                print(f"# {name} {args}: best {full['sigma']}, {full['lr']} ({full['confidence']}); "
+                      f"halving picks {halv['sigma']}, {halv['lr']}")
+    print("| model | proxies (k = 4) | best (narrow / wide proxy) | grid steps apart (σ̄, γ̄↑) "
+          "| Spearman early 15% vs full | halving steps / full | halving picks |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    if a.plot:
+        plot_sweep(results, a.plot, labels=[f"{n} proxy {i}" for n in MODELS for i in (1, 2)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""`mupscale sweep`: tune σ̄ and γ̄↑ on a small proxy upscaling n0 -> k·n0 (paper §3.2, App. F)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from mupscale_cli.api import make_optimizer
+from mupscale_cli.commands.widen import WidenOptions, prepare
+from mupscale_cli.core.checkpoint import sha256_file
+from mupscale_cli.core.modelspec import resolve
+from mupscale_cli.core.optstate import widen_optimizer
+from mupscale_cli.core.schemes import SCHEMES, effective_sigma, noised
+from mupscale_cli.core.widen import widen
+from mupscale_cli.errors import MupscaleError
+
+
+@dataclass
+class SweepOptions:
+    checkpoint: Path
+    k: str = "2"
+    sigmas: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
+    lrs: list[float] | None = None  # γ̄↑ values; default: γ̄ × {0.25, 0.5, 1, 2}
+    steps: int = 200
+    spec: str | None = None
+    base_lr: float | None = None  # γ̄ of the proxy (default: config.learning_rate of the checkpoint)
+    early: float | None = None  # score on the first fraction of steps only
+    halving: bool = False
+    seeds: int = 1
+    batch_size: int = 32
+    scheme: str = "mup"
+    data: Path | None = None
+    output: Path | None = None  # hparams.yaml
+    model: str | None = None  # factory override
+
+
+@dataclass
+class Run:
+    """One (σ̄, γ̄↑, seed) training run, resumable for successive halving."""
+    sigma: float
+    lr: float
+    seed: int
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    losses: list[float] = field(default_factory=list)
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MupscaleError(f"{what} {text!r}: expected comma-separated numbers, e.g. 0.25,0.5,1") from None
+    if not vals or any(not math.isfinite(v) or v < 0 for v in vals):
+        raise MupscaleError(f"{what} {text!r}: expected finite numbers >= 0")
+    return vals
+
+
+def score(losses: list[float], upto: int | None = None) -> float:
+    """Coarse-grained loss: the mean training loss over the first `upto` steps (paper 000: the loss
+    landscape settles early while weights keep drifting, so this ranks settings well)."""
+    xs = losses[:upto] if upto else losses
+    return sum(xs) / len(xs) if xs else math.inf
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    def ranks(x):
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        for rank, i in enumerate(order):
+            r[i] = rank
+        return r
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    if n < 2:
+        return 1.0
+    ma, mb = sum(ra) / n, sum(rb) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return cov / math.sqrt(va * vb) if va and vb else 1.0
+
+
+def base_lr_of(prep, given: float | None) -> float:
+    if given:
+        return given
+    cfg = prep.ckpt.extra.get("config")
+    if isinstance(cfg, dict) and isinstance(cfg.get("learning_rate"), (int, float)):
+        return float(cfg["learning_rate"])
+    raise MupscaleError("the proxy's base learning rate γ̄ is unknown (no config.learning_rate in the "
+                        "checkpoint): pass --base-lr")
+
+
+def run_sweep(o: SweepOptions, log: Callable[[str], None] = lambda s: None) -> dict:
+    if o.scheme not in SCHEMES:
+        raise MupscaleError(f"--noise-scheme {o.scheme!r}: choose one of {', '.join(SCHEMES)}")
+    if o.steps < 4 or o.seeds < 1 or o.batch_size < 1:
+        raise MupscaleError("--steps must be >= 4, --seeds and --batch-size >= 1")
+    if o.early is not None and not 0 < o.early <= 1:
+        raise MupscaleError(f"--early must be a fraction in (0, 1], got {o.early}")
+    prep = prepare(WidenOptions(checkpoint=o.checkpoint, k=o.k, spec=o.spec))
+    if prep.omap is None:
+        raise MupscaleError("the proxy checkpoint has no optimizer state: sweep trains with the proxy's "
+                            "optimizer and its widened state")
+    if o.scheme == "interpolate" and any(s > 1 for s in o.sigmas):
+        raise MupscaleError("--noise-scheme interpolate takes t in [0, 1] as --sigma values")
+    md = resolve(prep.plan.spec.model, prep.plan.spec.name, o.model)
+    gamma = base_lr_of(prep, o.base_lr)
+    lrs = o.lrs or [gamma * f for f in (0.25, 0.5, 1.0, 2.0)]
+    base_args, wide_args = prep.ckpt.model_args or {}, prep.model_args or {}
+    plan, ckpt = prep.plan, prep.ckpt
+    wide_osd = widen_optimizer(ckpt.optimizer, plan, prep.omap)
+    data = None
+    if o.data:
+        from mupscale_cli.commands.verify import load_data
+        data = load_data(o.data, o.batch_size)
+
+    def start(sigma: float, lr: float, seed: int) -> Run:
+        torch.manual_seed(seed)
+        model = md.build(wide_args, base_args)
+        sd = {}
+        for n, p in plan.tensors.items():
+            src = ckpt.tensors[p.alias_of or n]
+            sd[n] = noised(src, plan.tensors[p.alias_of or n], o.scheme, sigma, seed)
+        model.load_state_dict(sd)
+        osd = {"state": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                         for i, st in wide_osd["state"].items()},
+               "param_groups": [{**g, "lr": g["lr"] * lr / gamma} for g in wide_osd["param_groups"]]}
+        params = dict(model.named_parameters())
+        groups = [{**{h: v for h, v in g.items() if h != "params"}, "params": [params[n] for n in g["param_names"]]}
+                  for g in osd["param_groups"]]
+        opt = make_optimizer(prep.omap.kind, groups)
+        opt.load_state_dict(osd)
+        return Run(sigma, lr, seed, model, opt, torch.Generator().manual_seed(10_000 + seed))
+
+    def train(r: Run, until: int) -> None:
+        r.model.train()
+        while len(r.losses) < until:
+            x, y = data(len(r.losses)) if data else md.batch(base_args, o.batch_size, r.gen, torch.float32)
+            r.opt.zero_grad(set_to_none=True)
+            loss = md.loss(r.model, x, y)
+            loss.backward()
+            r.opt.step()
+            v = loss.item()
+            r.losses.append(v if math.isfinite(v) else 1e9)
+
+    grid = [(s, lr) for s in o.sigmas for lr in lrs]
+    runs = {(s, lr): [start(s, lr, seed) for seed in range(o.seeds)] for s, lr in grid}
+    alive, total_steps, rungs = list(grid), 0, []
+    if o.halving:  # successive halving: budgets T/2^R, ..., T/2, T; keep the better half at each rung
+        n_rungs = max(0, math.floor(math.log2(len(grid))))
+        for i in range(n_rungs + 1):
+            until = max(1, o.steps // 2 ** (n_rungs - i))
+            for key in alive:
+                for r in runs[key]:
+                    total_steps += until - len(r.losses)
+                    train(r, until)
+            ranked = sorted(alive, key=lambda key: sum(score(r.losses) for r in runs[key]))
+            rungs.append({"steps": until, "configs": len(alive)})
+            if i < n_rungs:
+                alive = ranked[:max(1, math.ceil(len(alive) / 2))]
+        log(f"halving: {len(grid)} settings, rungs {rungs}")
+    else:
+        for key in grid:
+            for r in runs[key]:
+                total_steps += o.steps - len(r.losses)
+                train(r, o.steps)
+            log(f"sigma={key[0]:g} lr={key[1]:g}: score {sum(score(r.losses) for r in runs[key]) / o.seeds:.4f}")
+    early_n = max(1, int(o.early * o.steps)) if o.early else None
+    table = []
+    for key in grid:
+        rs = runs[key]
+        full = [score(r.losses) for r in rs] if all(len(r.losses) == o.steps for r in rs) else None
+        early = [score(r.losses, early_n) for r in rs] if early_n and all(len(r.losses) >= early_n for r in rs) else None
+        row = {"sigma": key[0], "lr": key[1], "steps": len(rs[0].losses),
+               "score": _mean(full), "score_se": _se(full), "early": _mean(early),
+               "final_loss": _mean([sum(r.losses[-10:]) / len(r.losses[-10:]) for r in rs])}
+        table.append(row)
+    by = "early" if o.early and not o.halving else "score"
+    done = [r for r in table if r[by] is not None]
+    best = min(done, key=lambda r: r[by])
+    rest = sorted(done, key=lambda r: r[by])
+    note = _confidence(rest, by, o.seeds)
+    corr = None
+    if o.early and not o.halving:
+        corr = spearman([r["early"] for r in table], [r["score"] for r in table])
+    eff = {}
+    if o.scheme == "relative":
+        for n, p in plan.tensors.items():
+            if p.noise_unit and p.alias_of is None and len(p.shape) >= 2:
+                eff[n] = effective_sigma(widen(ckpt.tensors[n], p), p, best["sigma"], 0)
+    result = {
+        "sigma": best["sigma"], "lr": best["lr"], "base_lr": gamma, "noise_scheme": o.scheme,
+        "k": plan.k, "spec": plan.spec.name, "steps": o.steps, "seeds": o.seeds, "scored_by": by,
+        "proxy": {"checkpoint": ckpt.path.name, "sha256": sha256_file(ckpt.path), "model_args": base_args},
+        "confidence": note, "rank_correlation_early_full": corr, "total_train_steps": total_steps,
+        "full_grid_steps": len(grid) * o.steps * o.seeds, "rungs": rungs, "grid": table,
+    }
+    if eff:
+        result["effective_sigma"] = eff
+    if o.output:
+        o.output.write_text(yaml.safe_dump(result, sort_keys=False))
+    return result
+
+
+def _mean(xs):
+    return None if not xs else sum(xs) / len(xs)
+
+
+def _se(xs):
+    if not xs or len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
+def _confidence(ranked: list[dict], by: str, seeds: int) -> str:
+    if len(ranked) < 2:
+        return "only one setting was scored"
+    a, b = ranked[0], ranked[1]
+    gap = b[by] - a[by]
+    if seeds < 2 or by != "score" or a["score_se"] is None:
+        return f"best beats the runner-up (sigma={b['sigma']:g}, lr={b['lr']:g}) by {gap:.4g}; use --seeds >= 2 " \
+               f"for a confidence estimate"
+    z = gap / math.sqrt(a["score_se"] ** 2 + b["score_se"] ** 2 + 1e-30)
+    verdict = "clear" if z > 2 else "within seed noise"
+    return f"{verdict}: best beats the runner-up (sigma={b['sigma']:g}, lr={b['lr']:g}) by {gap:.4g} " \
+           f"= {z:.1f} standard errors over {seeds} seeds"
+
+
+def load_hparams(path: Path) -> dict:
+    """σ̄, γ̄↑ (and per-tensor σ̄ of the relative scheme) from a `sweep -o` file."""
+    try:
+        d = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise MupscaleError(f"--hparams {path}: cannot read: {e}") from None
+    if not isinstance(d, dict) or not {"sigma", "lr", "base_lr"} <= set(d):
+        raise MupscaleError(f"--hparams {path}: needs sigma, lr and base_lr (write it with mupscale sweep -o)")
+    if d.get("noise_scheme", "mup") not in ("mup", "relative"):
+        raise MupscaleError(f"--hparams {path}: noise scheme {d['noise_scheme']!r} does not transfer across "
+                            f"widths (paper App. F.5); sweep with --noise-scheme mup or relative")
+    if d.get("noise_scheme") == "relative" and not isinstance(d.get("effective_sigma"), dict):
+        raise MupscaleError(f"--hparams {path}: relative scheme without effective_sigma")
+    return d
