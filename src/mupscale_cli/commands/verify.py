@@ -1,0 +1,557 @@
+"""`mupscale verify`: train BASE and its widening side by side and check that they stay in lockstep.
+
+WIDE omitted: BASE is widened in memory (σ̄ = 0). WIDE with σ̄ = 0: its tensors, optimizer state and
+hyper-parameters are compared with the exact widening of BASE, then BASE and WIDE (as loaded) train in
+lockstep. WIDE with σ̄ > 0 (or stored in another dtype by `widen --dtype`): the recorded noise (and cast) is
+re-derived and WIDE must equal it bit for bit, then BASE trains in lockstep with the noise-free
+reconstruction (WIDE's optimizer state). See docs/verify.md.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mupscale_cli.api import load as load_widened
+from mupscale_cli.api import make_optimizer
+from mupscale_cli.commands.widen import Prepared, WidenOptions, prepare, widen_tensors
+from mupscale_cli.core import noise as noise_mod
+from mupscale_cli.core.checkpoint import sha256_file, strip_prefix
+from mupscale_cli.core.diagnose import (Issue, compare_tensor, finite, groups_by_name, hyper_issues,
+                                        shared_steps, state_by_name, state_issues)
+from mupscale_cli.core.lockstep import StepDiff, run_lockstep
+from mupscale_cli.core.modelspec import ModelDef, resolve
+from mupscale_cli.core.optstate import KINDS, OptimizerMap, detect_kind, widen_optimizer
+from mupscale_cli.core.widen import widen, widen_noised
+from mupscale_cli.errors import MupscaleError
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+# Relative loss/output difference allowed per dtype. Measured (scripts/bench_verify.py --part drift; docs/verify.md):
+# exact widenings (k 2) of every zoo model x SGD/Adam/AdamW, 200 steps on CPU, worst case float64 3.1e-13
+# (ResNet; the others <= 9.4e-15), float32 4.4e-6 and bfloat16 0.24 (GPT; MLP, Llama lower); the tiny
+# BatchNorm ResNet is chaotic and amplifies float32/bfloat16 round-off to O(1) within 200 steps.
+DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-3, "bfloat16": 0.5}
+# Normwise per-tensor distance from the widened base: a diagnostic (names the tensor that diverged first,
+# triggers an eval-mode check). Gradient-free directions (attention key biases) carry Adam-normalised
+# round-off: measured up to 1.8e-11 (float64), 6.1e-3 (float32), 0.48 (bfloat16).
+TENSOR_TOL = {"float64": 1e-8, "float32": 5e-2, "bfloat16": 1.0}
+
+
+@dataclass
+class VerifyOptions:
+    base: Path
+    wide: Path | None = None
+    spec: str | None = None
+    k: str | None = None  # default: WIDE's recorded k, else 2
+    steps: int = 200
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float64"
+    tol: float | None = None  # default DEFAULT_TOL[dtype]
+    batch_size: int = 8
+    data: Path | None = None
+    hidden: bool = False
+    seed: int = 0  # synthetic batches
+    optimizer: str | None = None  # sgd|adam|adamw: when the state cannot tell, or BASE has none (with lr)
+    lr: float | None = None
+    opt_layout: str | None = None
+    sizes: dict[str, int] = field(default_factory=dict)
+    model: str | None = None  # factory override
+    eval_every: int | None = None  # eval-mode output check every N steps (default 10; 1 with hidden)
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+def _check_opts(o: VerifyOptions) -> None:
+    if o.steps < 0:
+        raise MupscaleError(f"--steps must be >= 0, got {o.steps}")
+    if o.batch_size < 1:
+        raise MupscaleError(f"--batch-size must be >= 1, got {o.batch_size}")
+    if o.dtype not in DTYPES:
+        raise MupscaleError(f"--dtype {o.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if o.device not in ("auto", "cpu", "cuda"):
+        raise MupscaleError(f"--device {o.device!r}: choose auto, cpu or cuda")
+    if o.tol is not None and not (math.isfinite(o.tol) and o.tol > 0):
+        raise MupscaleError(f"--tol must be a positive number, got {o.tol}")
+    if o.optimizer is not None and o.optimizer not in KINDS:
+        raise MupscaleError(f"--optimizer {o.optimizer!r}: choose one of {', '.join(KINDS)}")
+    if o.lr is not None and not (math.isfinite(o.lr) and o.lr > 0):
+        raise MupscaleError(f"--lr must be a positive number, got {o.lr}")
+    if o.eval_every is not None and o.eval_every < 1:
+        raise MupscaleError(f"--eval-every must be >= 1, got {o.eval_every}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts: deterministic GEMMs
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if name == "cuda":
+        raise MupscaleError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    return torch.device("cpu")
+
+
+@contextmanager
+def deterministic(device: torch.device):
+    """On CUDA: TF32 off, deterministic algorithms on (restored afterwards)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic,
+         torch.backends.cudnn.benchmark) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+
+
+def load_data(path: Path, batch_size: int) -> Callable[[int], tuple]:
+    """Batches from a file with `inputs` and `targets` (first dimension: examples): the evaluation batch is
+    the first batch_size examples; step t trains on examples (t-1)*B .. t*B-1, wrapping around."""
+    if not path.is_file():
+        raise MupscaleError(f"--data {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            d = load_file(str(path))
+        else:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a foreign file
+        raise MupscaleError(f"--data {path}: cannot read ({type(e).__name__}: {str(e)[:160]})") from None
+    if not isinstance(d, dict) or not all(isinstance(d.get(k), torch.Tensor) for k in ("inputs", "targets")):
+        raise MupscaleError(f"--data {path}: expected tensors 'inputs' and 'targets' "
+                            f"(e.g. torch.save({{'inputs': x, 'targets': y}}, path))")
+    x, y = d["inputs"], d["targets"]
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise MupscaleError(f"--data {path}: 'inputs' {list(x.shape)} and 'targets' {list(y.shape)} must have "
+                            f"the same first dimension (examples)")
+    n = x.shape[0]
+    if n < batch_size:
+        raise MupscaleError(f"--data {path}: {n} examples, fewer than --batch-size {batch_size}")
+
+    def data(t: int):
+        start = 0 if t < 0 else (t - 1) * batch_size
+        idx = torch.arange(start, start + batch_size) % n
+        return x[idx], y[idx]
+    return data
+
+
+def _clone_tree(obj):
+    """Deep copy (tensors cloned, sharing between entries kept): never let two optimizers share state."""
+    return copy.deepcopy(obj)
+
+
+def _load_model(md: ModelDef, args: dict, base_args: dict | None, sd: dict[str, torch.Tensor], who: str,
+                device: torch.device, dtype: torch.dtype) -> nn.Module:
+    model = md.build(args) if base_args is None else md.build(args, base_args)
+    model = model.to(device=device, dtype=dtype)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = " ".join(str(e).split())[:300]
+        raise MupscaleError(f"{who} does not fit the model that {md.factory} builds from model_args {args}: "
+                            f"{first}") from None
+    return model
+
+
+def _groups(model: nn.Module, sd: dict, names: list[list[str]]) -> list[dict]:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = []
+    for g, ns in zip(sd["param_groups"], names):
+        missing = [n for n in ns if n not in params]
+        if missing:
+            raise MupscaleError(f"the model has no parameter {missing[0]!r} that the optimizer state names")
+        out.append({**{k: v for k, v in g.items() if k not in ("params", "param_names")},
+                    "params": [params[n] for n in ns]})
+    return out
+
+
+def _optimizer(kind: str, model: nn.Module, sd: dict, names: list[list[str]], who: str) -> torch.optim.Optimizer:
+    opt = make_optimizer(kind, _groups(model, sd, names))
+    try:
+        opt.load_state_dict(_clone_tree(sd))
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise MupscaleError(f"{who}'s optimizer state does not load: {e}") from None
+    return opt
+
+
+def _wide_names(sd: dict, prep: Prepared, who: str) -> list[list[str]]:
+    """Canonical tensor names per group of a widened optimizer state (from its param_names)."""
+    out = []
+    for g in sd["param_groups"]:
+        if "param_names" not in g:
+            raise MupscaleError(f"{who}'s optimizer state has no param_names (not written by mupscale): verify "
+                                f"cannot tell which state belongs to which tensor")
+        ns = []
+        for raw in g["param_names"]:
+            n = strip_prefix(raw)
+            p = prep.plan.tensors.get(n)
+            ns.append(p.alias_of or n if p else n)
+        out.append(ns)
+    return out
+
+
+def _fresh_optimizer(prep: Prepared, o: VerifyOptions, base: nn.Module) -> tuple[dict, OptimizerMap]:
+    """BASE without optimizer state: a fresh optimizer (--optimizer, --lr, torch defaults otherwise)."""
+    if o.optimizer is None or o.lr is None:
+        raise MupscaleError(f"{o.base} has no optimizer state: verify trains with the checkpoint's optimizer; "
+                            f"pass --optimizer sgd|adam|adamw and --lr X to verify with a fresh one")
+    params = dict(base.named_parameters())
+    names = prep.plan.params
+    opt = make_optimizer(o.optimizer, [{"params": [params[n] for n in names], "lr": o.lr}])
+    return opt.state_dict(), OptimizerMap(o.optimizer, "single", [names])
+
+
+# ------------------------------------------------------------------------------------------ the check
+
+def _k_text(k: dict) -> str:
+    return ",".join(f"{a}={v}" for a, v in k.items())
+
+
+def _prepare(o: VerifyOptions, prov: dict) -> tuple[Prepared, list[str]]:
+    notes = []
+    k = o.k
+    if k is None:
+        k = _k_text(prov["k"]) if isinstance(prov.get("k"), dict) and prov["k"] else "2"
+    spec = o.spec
+    if spec is None and prov.get("spec"):
+        from mupscale_cli.core.spec import bundled_specs
+        names = {s.name: s for s in bundled_specs()}
+        if prov["spec"] not in names:
+            raise MupscaleError(f"WIDE was widened with spec {prov['spec']!r}, which is not bundled: pass "
+                                f"--spec FILE")
+        spec = prov["spec"]
+        if prov.get("spec_sha256") and names[spec].sha256 != prov["spec_sha256"]:
+            notes.append(f"bundled spec {spec} differs from the one WIDE was widened with (sha256)")
+    sizes = o.sizes or {n: v for n, v in (prov.get("sizes") or {}).items() if isinstance(v, int)}
+    prep = prepare(WidenOptions(checkpoint=o.base, k=k, spec=spec, optimizer=o.optimizer, opt_layout=o.opt_layout,
+                                sizes=sizes))
+    return prep, notes + [n for n in prep.notes if not n.startswith("no optimizer state")]
+
+
+def run_verify(o: VerifyOptions, on_step: Callable[[dict, bool], None] | None = None) -> dict:
+    """Run the check; returns the report (docs/verify.md). result 'pass' or 'fail'; input errors raise
+    MupscaleError (exit 2)."""
+    t_start = time.perf_counter()
+    _check_opts(o)
+    device = pick_device(o.device)
+    dtype = DTYPES[o.dtype]
+    tol = o.tol if o.tol is not None else DEFAULT_TOL[o.dtype]
+    ttol = TENSOR_TOL[o.dtype]
+    data = load_data(o.data, o.batch_size) if o.data else None
+
+    w = load_widened(o.wide) if o.wide else None
+    prov = w.provenance if w else {}
+    prep, notes = _prepare(o, prov)
+    plan, ckpt = prep.plan, prep.ckpt
+    md = resolve(plan.spec.model, plan.spec.name, o.model)
+    base_args = dict(ckpt.model_args or {})
+    wide_args = dict(prep.model_args or {})
+    sigma = float(prov.get("sigma") or 0.0) if w else 0.0
+    stored = _stored_dtype(prov) if w else None  # widen --dtype: WIDE's floats were cast after widening
+    mode = "in-memory" if w is None else ("noised" if sigma > 0 else "cast" if stored else "file")
+    issues: list[Issue] = []
+    report = {
+        "result": None, "mode": mode, "base": str(o.base), "wide": str(o.wide) if o.wide else None,
+        "spec": plan.spec.name, "k": plan.k, "model": md.factory,
+        "model_args": {"base": base_args, "wide": wide_args},
+        "dtype": o.dtype, "device": str(device), "steps": o.steps, "batch_size": o.batch_size,
+        "data": str(o.data) if o.data else f"synthetic (seed {o.seed})",
+        "tolerance": {"loss_output": tol, "tensor": ttol}, "notes": notes,
+    }
+
+    # ---- WIDE's structure and model_args
+    if w is not None:
+        if prov.get("source_sha256") and prov["source_sha256"] != _source_digest(prep):
+            notes.append(f"WIDE records source {prov.get('source')!r} with another sha256 than {o.base.name}: "
+                         f"it was widened from a different file")
+            issues.append(Issue("source", "WIDE was widened from a different checkpoint than BASE "
+                                          "(its recorded source sha256 differs)"))
+        if (msg := _digest_note(o.wide)) is not None:
+            notes.append(msg)
+        issues += _structure(w.model, plan)
+        wa = w.extra.get("model_args")
+        if isinstance(wa, dict) and wa != wide_args:
+            diff = {a: (wa.get(a), wide_args.get(a)) for a in set(wa) | set(wide_args) if wa.get(a) != wide_args.get(a)}
+            issues.append(Issue("structure", f"WIDE's model_args differ from BASE's widened ones "
+                                             f"(WIDE, expected): {diff}"))
+        elif wa is None:
+            notes.append("WIDE records no model_args; the wide model is built from BASE's, widened by the spec")
+        if any(i.kind == "structure" for i in issues):
+            return _finish(report, issues, [], None, None, t_start, o, tol)
+
+    # ---- static comparison of the tensors with the exact (noised) widening
+    noise_report = None
+    if mode in ("noised", "cast"):
+        noise_report, nissues = _noise_check(w, prep, sigma, prov, stored)
+        issues += nissues
+        report["noise"] = noise_report
+    elif mode == "file":
+        for n, p in plan.tensors.items():
+            if p.alias_of:
+                continue
+            if (i := compare_tensor(n, p, widen(ckpt.tensors[n], p), w.model[n], ttol)) is not None:
+                issues.append(i)
+
+    # ---- models
+    base = _load_model(md, base_args, None, ckpt.tensors, "BASE", device, dtype)
+    if mode == "file":
+        wide_sd = w.model
+    else:
+        produce = widen_tensors(prep, 0.0, 0)
+        wide_sd = {n: produce(n).clone() for n in plan.tensors}
+    wide = _load_model(md, wide_args, base_args, wide_sd, "the widened model", device, dtype)
+    del wide_sd
+
+    # ---- optimizers
+    if prep.omap is not None:
+        base_osd, omap = ckpt.optimizer, prep.omap
+        opt_source = "checkpoint"
+    else:
+        base_osd, omap = _fresh_optimizer(prep, o, base)
+        opt_source = f"fresh {omap.kind} (lr {o.lr}; BASE has no optimizer state)"
+        notes.append(f"BASE has no optimizer state: both models train with a fresh {omap.kind}, lr {o.lr}, "
+                     f"widened by Table 1")
+    base_opt = _optimizer(omap.kind, base, base_osd, omap.names, "BASE")
+    if w is not None and w.optimizer is not None and prep.omap is not None:
+        wide_osd = w.optimizer
+        try:
+            wide_kind = detect_kind(wide_osd, None)
+        except MupscaleError:
+            wide_kind = w.kind or omap.kind
+        wide_names = _wide_names(wide_osd, prep, "WIDE")
+        issues += hyper_issues(omap.kind, wide_kind, groups_by_name(base_osd, omap.names),
+                               groups_by_name(wide_osd, wide_names), plan)
+        issues += state_issues(state_by_name(base_osd, omap.names), state_by_name(wide_osd, wide_names), plan, ttol)
+    else:
+        if w is not None and w.optimizer is None:
+            notes.append("WIDE has no optimizer state: its optimizer is the exact widening of BASE's")
+        elif w is not None:
+            notes.append("BASE has no optimizer state, so WIDE's is not checked: the wide model trains with "
+                         "the widening of the fresh base optimizer")
+        wide_osd, wide_kind = widen_optimizer(base_osd, plan, omap), omap.kind
+        wide_names = [list(g["param_names"]) for g in wide_osd["param_groups"]]
+    wide_opt = _optimizer(wide_kind, wide, wide_osd, wide_names, "WIDE" if w else "the widened")
+    pnames = {id(p): n for n, p in base.named_parameters()} | {id(p): n for n, p in wide.named_parameters()}
+    issues += shared_steps(base_opt, wide_opt, pnames)
+    report["optimizer"] = {"kind": omap.kind, "source": opt_source, "layout": omap.layout,
+                           "groups": {"base": len(base_osd["param_groups"]), "wide": len(wide_osd["param_groups"])}}
+
+    # ---- lockstep
+    rows, state = [], {"fail": None, "tensor": None}
+
+    def step_cb(d: StepDiff) -> bool:
+        row = _row(d)
+        rows.append(row)
+        if state["tensor"] is None and d.worst_tensor and not d.worst_rel <= ttol:
+            state["tensor"] = {"step": d.step, "tensor": d.worst_tensor, "rel": finite(d.worst_rel)}
+        failed = not (d.rel <= tol)
+        if failed:
+            what = ("loss" if not d.loss_rel <= tol else "output" if not d.out_rel <= tol or not d.evaluated
+                    else "training-pass output")
+            layer = next((n for n, v in d.hidden.items() if not v <= tol), None)
+            state["fail"] = {"step": d.step, "what": what, "value": finite(d.rel),
+                             "layer": layer, "tensor": d.worst_tensor, "tensor_rel": finite(d.worst_rel)}
+        if on_step:
+            on_step(row, failed)
+        return failed
+
+    with deterministic(device):
+        run_lockstep(md, base_args, base, base_opt, wide, wide_opt, o.steps, batch_size=o.batch_size,
+                     seed=o.seed, dtype=dtype, plan=plan, hidden=o.hidden, data=data, on_step=step_cb,
+                     eval_every=o.eval_every or (1 if o.hidden else 10), tensor_tol=ttol)
+    return _finish(report, issues, rows, state["fail"], state["tensor"], t_start, o, tol)
+
+
+def _source_digest(prep: Prepared) -> str:
+    """BASE's digest as `widen` records it (the file's sha256; sharded inputs: widen's own digest)."""
+    from mupscale_cli.commands import widen as widen_cmd
+    fn = getattr(widen_cmd, "source_sha256", None)
+    return fn(prep.ckpt) if fn is not None else sha256_file(prep.ckpt.path)
+
+
+def _digest_note(path: Path) -> str | None:
+    """A note when WIDE's recorded tensor digests say it was modified after widening."""
+    try:
+        from mupscale_cli.commands.inspect import check_digests
+        from mupscale_cli.core.checkpoint import load_checkpoint
+        check_digests(load_checkpoint(path))
+    except MupscaleError as e:
+        return f"WIDE was modified after widening: {str(e).split(': ', 1)[-1]}"
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return None
+    return None
+
+
+def _roundoff_growth(rows: list[dict], step: int, dtype: str) -> bool:
+    """The first steps agreed to round-off and the failure came later: amplified round-off."""
+    return step >= 5 and len(rows) > 4 and max(_rel(r) for r in rows[:4]) <= 1e3 * UNIT_ROUNDOFF[dtype]
+
+
+def _structure(model: dict[str, torch.Tensor], plan) -> list[Issue]:
+    issues = []
+    for n, p in plan.tensors.items():
+        t = model.get(n)
+        if t is None:
+            issues.append(Issue("structure", f"WIDE has no tensor {n!r}", n))
+        elif tuple(t.shape) != p.out_shape:
+            issues.append(Issue("structure", f"WIDE's {n!r} has shape {list(t.shape)}; widening BASE by k "
+                                             f"{plan.k} gives {list(p.out_shape)}: was it widened with another "
+                                             f"--k or --spec?", n))
+    extra = [n for n in model if n not in plan.tensors]
+    if extra:
+        issues.append(Issue("structure", f"WIDE has {len(extra)} tensor(s) BASE does not, e.g. {extra[0]!r}",
+                            extra[0]))
+    return issues
+
+
+def _stored_dtype(prov: dict) -> torch.dtype | None:
+    """The dtype `widen --dtype` cast WIDE's floating-point tensors to, if it records one."""
+    name = prov.get("dtype")
+    if name is None:
+        return None
+    dt = getattr(torch, str(name), None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise MupscaleError(f"WIDE records dtype {name!r}, which is not a floating-point torch dtype")
+    return dt
+
+
+def _noise_check(w, prep: Prepared, sigma: float, prov: dict,
+                 stored: torch.dtype | None = None) -> tuple[dict, list[Issue]]:
+    """WIDE = exact widening + the noise re-derived from (seed, convention, noise device), then cast to its
+    recorded dtype: tensor by tensor, bit for bit."""
+    seed = prov.get("seed", 0)
+    conv = prov.get("noise", noise_mod.CONVENTION)
+    device = prov.get("noise_device", "cpu")
+    kw = {}
+    if sigma > 0 and device != "cpu":
+        if device != "cuda" or not torch.cuda.is_available():
+            raise MupscaleError(f"WIDE's noise was drawn with the {device!r} generator (--noise-device); "
+                                f"verify it where that device is available")
+        kw["noise_device"] = device
+    if stored is not None:
+        kw["out_dtype"] = stored
+    if sigma > 0 and conv != noise_mod.CONVENTION:
+        raise MupscaleError(f"WIDE records noise convention {conv!r}; this mupscale re-derives "
+                            f"{noise_mod.CONVENTION!r} only")
+    if not isinstance(seed, int):
+        raise MupscaleError(f"WIDE records σ̄ = {sigma} but no integer seed; its noise cannot be re-derived")
+    recorded = prov.get("noise_std") or {}
+    tensors, issues = {}, []
+    for n, p in prep.plan.tensors.items():
+        if p.alias_of:
+            continue
+        std = sigma * p.noise_unit
+        if recorded and abs(float(recorded.get(n, 0.0)) - std) > 1e-12 * max(std, 1e-300):
+            issues.append(Issue("noise", f"WIDE records noise std {recorded.get(n, 0.0)} for {n!r}, the spec "
+                                         f"gives {std}: another spec or k?", n))
+        base_t = prep.ckpt.tensors[n]
+        exp = widen_noised(base_t, p, sigma, seed, **kw)
+        got = w.model[n]
+        status = "noised" if std and base_t.is_floating_point() else "exact"
+        what = "plus the recorded noise" if sigma > 0 else ""
+        what += (" and " if what else "") + f"cast to {stored}" if stored is not None else ""
+        if got.dtype != exp.dtype or not torch.equal(got, exp):
+            if got.dtype != exp.dtype:
+                status = f"dtype {got.dtype}, expected {exp.dtype}"
+            elif std and torch.equal(got, _cast(widen(base_t, p), stored)):
+                status = "noise missing"
+            else:
+                d = (got.double() - exp.double()).abs().max().item() if got.dtype.is_floating_point else float("nan")
+                status = f"differs (max |Δ| {d:.3g} from exact widening {what})"
+            issues.append(Issue("noise", f"{n!r} is not the exact widening of BASE {what} "
+                                         f"(σ̄ {sigma}, seed {seed}): {status}", n))
+        tensors[n] = status
+    ok = not issues
+    return {"sigma": sigma, "seed": seed, "convention": conv, "noise_device": device,
+            "dtype": str(stored).removeprefix("torch.") if stored else None, "ok": ok,
+            "checked": len(tensors), "tensors": tensors}, issues
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+
+
+def _row(d: StepDiff) -> dict:
+    return {"step": d.step, "loss": finite(d.loss), "loss_rel": finite(d.loss_rel), "out_abs": finite(d.out_abs),
+            "out_rel": finite(d.out_rel), "train_out_rel": finite(d.train_out_rel), "eval": d.evaluated,
+            "tensor": d.worst_tensor, "tensor_rel": finite(d.worst_rel),
+            **({"hidden": {n: finite(v) for n, v in d.hidden.items()}} if d.hidden else {})}
+
+
+def _finish(report: dict, issues: list[Issue], rows: list[dict], fail: dict | None, first_tensor: dict | None,
+            t_start: float, o: VerifyOptions, tol: float) -> dict:
+    static_fail = [i for i in issues if i.kind in ("structure", "noise")]
+    report["steps_run"] = max((r["step"] for r in rows), default=None)
+    report["max"] = {k: max((r[k] for r in rows if r[k] is not None), default=None)
+                     for k in ("loss_rel", "out_rel", "train_out_rel", "tensor_rel")}
+    report["first_failure"] = fail
+    report["first_tensor_over_tol"] = first_tensor
+    report["issues"] = [i.to_dict() for i in issues]
+    report["diagnosis"] = diagnose(report, issues, fail, o, tol, rows) if (fail or static_fail) else []
+    report["result"] = "fail" if (fail or static_fail) else "pass"
+    report["lockstep"] = None if not rows else ("fail" if fail else "pass")
+    report["time_s"] = round(time.perf_counter() - t_start, 3)
+    report["rows"] = rows
+    return report
+
+
+UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "bfloat16": 2.0 ** -8}
+
+
+def _rel(r: dict) -> float:
+    return max(v for v in (r["loss_rel"], r["out_rel"], r["train_out_rel"], 0.0) if v is not None)
+
+
+def diagnose(report: dict, issues: list[Issue], fail: dict | None, o: VerifyOptions, tol: float,
+             rows: list[dict]) -> list[str]:
+    """Likely causes, most specific first."""
+    out = [i.message for i in issues if i.kind in ("structure", "noise")][:5]
+    if fail is None:
+        return out
+    out += [i.message for i in issues if i.kind == "source"]
+    found = [i.message for i in issues if i.kind not in ("structure", "noise", "source")]
+    out += found
+    step = fail["step"]
+    if step == 0 and not found:
+        out.append("the outputs differ before any training although every tensor equals the exact widening of "
+                   "BASE: the model is not width-invariant under this spec, e.g. 1/sqrt(d) attention with a "
+                   "widened head_dim (use μP's 1/d scale, or widen whole heads: spec nanogpt-mup-heads), a "
+                   "readout convention mismatch (spec 'readout: mup' needs a readout that divides by width, "
+                   "mup's MuReadout; 'sum' a plain one), or model_args that build a different architecture")
+    elif step > 0 and not found and fail["value"] is not None and _roundoff_growth(rows, step, o.dtype):
+        early = max(_rel(r) for r in rows[:4])
+        growth = (fail["value"] / max(early, UNIT_ROUNDOFF[o.dtype])) ** (1 / step)
+        out.append(f"the difference grew gradually from round-off (steps 0-3: {early:.1e}, step {step}: "
+                   f"{fail['value']:.1e}, about x{growth:.3g} per step) with weights, optimizer state and "
+                   f"hyper-parameters all matching the exact widening: the training is chaotic enough to "
+                   f"amplify {o.dtype} round-off; this is not a widening defect: verify fewer --steps, use "
+                   f"--dtype float64 or a larger --tol")
+    elif step > 0 and not found and fail["value"] is None:
+        out.append(f"non-finite loss or outputs at step {step} (NaN/Inf) with everything static matching: "
+                   f"the training itself blew up; try a smaller --steps or --dtype float64")
+    elif step > 0 and not found:
+        why = ("weights, optimizer state and hyper-parameters all match the exact widening, so the training "
+               "step itself is not width-invariant: e.g. gradient clipping or a loss that depends on width, "
+               "dropout, a parameter the optimizer does not train, a non-μP layer")
+        if o.dtype != "float64":
+            why += f", or {o.dtype} round-off growing over training (try --dtype float64 or a larger --tol)"
+        out.append(f"diverged at step {step}: {why}")
+    if fail.get("layer"):
+        out.append(f"first diverging layer at step {step}: {fail['layer']!r}")
+    return out
