@@ -14,6 +14,8 @@ from mupscale_cli import optim as mu_optim
 from mupscale_cli.api import load, make_optimizer, optimizer_groups
 from mupscale_cli.zoo import gpt
 
+torch.set_num_threads(1)  # tiny models: OpenMP threads only oversubscribe the 2 CI cores
+
 # SGD lr 0.01: at 0.02 the GPT task is chaotic enough that the base model drifts 2.4e-12 from a copy of
 # itself perturbed by 1e-16 within 200 steps (as far as the widened model does); at 0.01 that is 1.2e-14.
 HP = {"sgd": dict(lr=0.01, momentum=0.9, dampening=0.1, weight_decay=1e-3),

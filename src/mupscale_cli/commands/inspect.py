@@ -1,13 +1,14 @@
 """`mupscale inspect`: what widen would do, validated, without writing anything."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 from mupscale_cli.commands.widen import WidenOptions, prepare, summary
-from mupscale_cli.core.checkpoint import META_DIGESTS, META_PROV, Checkpoint
+from mupscale_cli.core.checkpoint import META_DIGESTS, META_PROV, Checkpoint, iter_chunks
 from mupscale_cli.core.optstate import factors
-from mupscale_cli.core.output import optimizer_tensors
-from mupscale_cli.core.safetensors_io import tensor_sha256
+from mupscale_cli.core.output import optimizer_refs
+from mupscale_cli.core.safetensors_io import _tensor_bytes
 from mupscale_cli.errors import MupscaleError
 
 
@@ -27,8 +28,8 @@ def check_digests(ckpt: Checkpoint) -> dict | None:
     if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
         raise MupscaleError(f"{ckpt.path}: the recorded tensor digests are not a JSON object of name -> sha256; "
                             f"the file was modified: widen again from the source")
-    actual = {**ckpt.tensors, **optimizer_tensors(ckpt.optimizer)}
-    bad = [n for n, h in recorded.items() if n not in actual or tensor_sha256(actual[n]) != h]
+    actual = {**{n: (ckpt.tensors, n) for n in ckpt.tensors}, **optimizer_refs(ckpt.optimizer)}
+    bad = [n for n, h in recorded.items() if n not in actual or _sha256(*actual[n]) != h]
     bad += [n for n in actual if n not in recorded]
     if bad:
         n = bad[0]
@@ -40,8 +41,16 @@ def check_digests(ckpt: Checkpoint) -> dict | None:
     return {"checked": len(recorded), "bad": bad}
 
 
+def _sha256(m, name: str) -> str:
+    """sha256 of the stored bytes of m[name], read piece by piece (the same as tensor_sha256(m[name]))."""
+    h = hashlib.sha256()
+    for x in iter_chunks(m, name, 1 << 22):
+        h.update(_tensor_bytes(x))
+    return h.hexdigest()
+
+
 def run_inspect(opts: WidenOptions) -> dict:
-    prep = prepare(opts)
+    prep = prepare(opts, lazy=True)
     plan = prep.plan
     rows = []
     for n, p in plan.tensors.items():

@@ -12,12 +12,17 @@ import torch
 
 from mupscale_cli import __version__
 from mupscale_cli.core import noise as noise_mod
-from mupscale_cli.core.checkpoint import Checkpoint, load_checkpoint, sha256_file
-from mupscale_cli.core.optstate import STATE_POWER, OptimizerMap, map_optimizer, widen_optimizer
-from mupscale_cli.core.output import clean_stale_temps, write_pt, write_safetensors
-from mupscale_cli.core.plan import Plan, make_plan, parse_k
+from mupscale_cli.core.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, is_sharded, iter_chunks,
+                                         load_checkpoint, optimizer_prefix, read_rows, sharded_index, source_sha256,
+                                         strip_prefix, tensor_meta)
+from mupscale_cli.core.optstate import STATE_POWER, OptimizerMap, map_optimizer, optimizer_layout, widen_optimizer
+from mupscale_cli.core.output import (DEFAULT_CHUNK_BYTES, SHARD_NAME, Background, OutTensor, Target,
+                                      clean_stale_temps,
+                                      remove_replaced_shards, sharded_files, write_pt, write_streamed)
+from mupscale_cli.core.plan import Plan, make_plan, parse_k, same_values
+from mupscale_cli.core.safetensors_io import parse_size
 from mupscale_cli.core.spec import Spec, bundled_specs, load_spec
-from mupscale_cli.core.widen import widen_noised
+from mupscale_cli.core.widen import widen_noised, widen_range
 from mupscale_cli.errors import MupscaleError
 
 OUT_SUFFIXES = (".safetensors", ".pt")
@@ -37,6 +42,15 @@ class WidenOptions:
     force: bool = False
     no_optimizer: bool = False
     strict: bool = False  # NaN/Inf in the input: error instead of a warning
+    dtype: str | None = None  # --dtype: cast the model's floating-point tensors (float32, bfloat16, float16)
+    shard_size: int | str | None = None  # --shard-size: Hugging Face shards of at most this many bytes
+    threads: int = 2  # worker threads making tensor ranges (0: all in the writing thread)
+    noise_device: str = "cpu"  # cpu | cuda: the generator of the noise (recorded in the provenance)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # unit of work for large tensors
+    source_digest: Callable[[], str] | None = None  # the input file's sha256, if already being computed
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -79,19 +93,29 @@ def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> S
                         f"pass --spec NAME")
 
 
-def prepare(opts: WidenOptions) -> Prepared:
-    """Everything `widen` checks before heavy work: spec, shapes, k, optimizer mapping."""
+def out_dtype(opts: WidenOptions) -> torch.dtype | None:
+    if opts.dtype is None:
+        return None
+    if opts.dtype not in DTYPES:
+        raise MupscaleError(f"--dtype {opts.dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[opts.dtype]
+
+
+def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) -> Prepared:
+    """Everything `widen` checks before heavy work: spec, shapes, k, optimizer mapping, values.
+    lazy=True reads the input's tensors only for the value checks, one piece at a time.
+    defer_checks=True leaves the checks that read tensor values (tied tensors equal, dtypes, NaN/Inf) to
+    `value_checks(prep, opts)`, which `widen` runs while it writes and awaits before committing."""
     if not math.isfinite(opts.sigma) or opts.sigma < 0:
         raise MupscaleError(f"--sigma must be a finite number >= 0, got {opts.sigma}")
+    out_dtype(opts)
+    noise_mod.check_device(opts.noise_device)
+    if opts.threads < 0:
+        raise MupscaleError(f"--threads must be >= 0, got {opts.threads}")
     k = parse_k(opts.k)
-    ckpt = load_checkpoint(opts.checkpoint)
+    ckpt = load_checkpoint(opts.checkpoint, lazy=lazy)
     spec = load_spec(opts.spec) if opts.spec else detect_spec(ckpt, k, opts.sizes)
     plan = make_plan(spec, ckpt.shapes(), k, ckpt.model_args, opts.sizes, ckpt.tensors)
-    for n, p in plan.tensors.items():
-        c = ckpt.tensors[p.alias_of] if p.alias_of else None
-        t = ckpt.tensors[n]
-        if c is not None and c.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() and not torch.equal(c, t):
-            raise MupscaleError(f"tied tensors {n!r} and {p.alias_of!r} differ; they must hold the same values")
     omap, notes = None, []
     if ckpt.optimizer is not None and not opts.no_optimizer:
         omap = map_optimizer(ckpt.optimizer, plan, opts.optimizer, opts.opt_layout, ckpt.strip)
@@ -99,96 +123,186 @@ def prepare(opts: WidenOptions) -> Prepared:
         notes.append("no optimizer state in the checkpoint: weights only")
     notes += _untracked_axes(plan, ckpt.model_args)
     prep = Prepared(ckpt, plan, omap, plan.model_args(ckpt.model_args), notes)
-    check_values(prep, opts.strict)
+    check_state_layout(prep)
+    if not defer_checks:
+        prep.notes += value_checks(prep, opts)
     return prep
 
 
-def state_items(prep: Prepared):
-    """(tensor name, state key, value) of every mapped optimizer state entry."""
+def value_checks(prep: Prepared, opts: WidenOptions) -> list[str]:
+    """The checks that read the input's values, piece by piece: tied tensors equal, dtypes the rescale
+    needs, NaN/Inf (notes to add, or an error with --strict)."""
+    for n, p in prep.plan.tensors.items():
+        if p.alias_of and not same_values(prep.ckpt.tensors, n, p.alias_of, _check_elements(opts)):
+            raise MupscaleError(f"tied tensors {n!r} and {p.alias_of!r} differ; they must hold the same values")
+    return check_values(prep, opts.strict, _check_elements(opts))
+
+
+def _check_elements(opts: WidenOptions) -> int:
+    """Elements per piece when the value checks read the input."""
+    return max(1, min(opts.chunk_bytes, DEFAULT_CHUNK_BYTES) // 4)
+
+
+def state_refs(prep: Prepared):
+    """(tensor name, state key, state dict) of every mapped optimizer state entry; lazy entries unread."""
     if prep.omap is None:
         return
     sd = prep.ckpt.optimizer
     for g, names in zip(sd["param_groups"], prep.omap.names):
         for pid, n in zip(g["params"], names):
             st = sd["state"].get(pid, {})
-            if not isinstance(st, dict):
+            if not isinstance(st, (dict, LazyTensors)):
                 raise MupscaleError(f"optimizer state of tensor {n!r} is a {type(st).__name__}, expected a dict "
                                     f"of state tensors; re-save the optimizer with opt.state_dict()")
-            for key, v in st.items():
-                yield n, key, v
+            for key in st:
+                yield n, key, st
 
 
-def _nonfinite(t: torch.Tensor) -> int:
-    if not (t.is_floating_point() or t.is_complex()) or bool(torch.isfinite(t).all()):
+def state_items(prep: Prepared):
+    """(tensor name, state key, value) of every mapped optimizer state entry (lazy entries are read)."""
+    for n, key, st in state_refs(prep):
+        yield n, key, st[key]
+
+
+def _nonfinite(m, name: str, chunk: int) -> int:
+    """NaN/Inf count of m[name], read piece by piece."""
+    _, dtype = tensor_meta(m, name)
+    if not (dtype.is_floating_point or dtype.is_complex):
         return 0
-    return int((~torch.isfinite(t)).sum())
+    bad = 0
+    for x in iter_chunks(m, name, chunk):
+        if not bool(torch.isfinite(x.sum())):  # a finite sum has no NaN/Inf term (fast); else count them
+            bad += int((~torch.isfinite(x)).sum())
+    return bad
 
 
-def check_values(prep: Prepared, strict: bool) -> None:
-    """Dtypes that the rescale needs, known optimizer state keys, and NaN/Inf in the input (a warning
-    in `prep.notes`, an error with --strict)."""
-    found: list[tuple[str, int]] = []
+def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
+    """The input's sha256 and the value checks (tied tensors equal; NaN/Inf: notes, or an error with
+    --strict), for `widen` to run while it writes. A safetensors input is read once for both: the NaN
+    check looks at each tensor's bytes as the digest goes over them."""
+    labels: dict[tuple, str] = {}
+    if isinstance(prep.ckpt.tensors, LazyTensors):
+        for n, p in prep.plan.tensors.items():
+            if not p.alias_of:
+                labels[prep.ckpt.tensors.location(n)] = n
+        for n, key, st in state_refs(prep):
+            if key != "step" and isinstance(st, LazyTensors):
+                labels[st.location(key)] = f"{n}/{key}"
+    counts: dict[str, int] = {}
+
+    def on_piece(path: Path, name: str, x: torch.Tensor) -> None:
+        label = labels.get((path, name))
+        if label is not None and (x.dtype.is_floating_point or x.dtype.is_complex) and not bool(
+                torch.isfinite(x.sum())):
+            counts[label] = counts.get(label, 0) + int((~torch.isfinite(x)).sum())
+
+    given = opts.source_digest if prep.ckpt.kind != "sharded" else None
+    digest = source_sha256(prep.ckpt, on_piece, hashing=given is None) if labels else None
+    if digest is None:  # not a lazily read safetensors input: two passes
+        notes = value_checks(prep, opts)
+        return (given() if given else source_sha256(prep.ckpt)), notes
+    if given is not None:
+        digest = given()
     for n, p in prep.plan.tensors.items():
-        if p.alias_of:
-            continue
-        t = prep.ckpt.tensors[n]
-        if not p.buffer and p.s != 1 and not t.is_floating_point():
-            raise MupscaleError(f"tensor {n!r} has dtype {t.dtype} but its rule {p.rule!r} rescales it by {p.s}; "
+        if p.alias_of and not same_values(prep.ckpt.tensors, n, p.alias_of, _check_elements(opts)):
+            raise MupscaleError(f"tied tensors {n!r} and {p.alias_of!r} differ; they must hold the same values")
+    order = [n for n, p in prep.plan.tensors.items() if not p.alias_of]
+    order += [f"{n}/{key}" for n, key, _ in state_refs(prep) if key != "step"]
+    return digest, _nonfinite_notes([(n, counts[n]) for n in order if counts.get(n)], opts.strict)
+
+
+def check_state_layout(prep: Prepared) -> None:
+    """Dtypes the rescale needs; optimizer state keys, dtypes and shapes (no values read)."""
+    for n, p in prep.plan.tensors.items():
+        _, dtype = tensor_meta(prep.ckpt.tensors, n)
+        if not p.alias_of and not p.buffer and p.s != 1 and not dtype.is_floating_point:
+            raise MupscaleError(f"tensor {n!r} has dtype {dtype} but its rule {p.rule!r} rescales it by {p.s}; "
                                 f"store it as a float tensor or mark the rule 'buffer: true'")
-        if bad := _nonfinite(t):
-            found.append((n, bad))
-    for n, key, v in state_items(prep):
+    for n, key, st in state_refs(prep):
         if key == "step":
             continue
         if key not in STATE_POWER:
             raise MupscaleError(f"unknown optimizer state {key!r} for tensor {n!r}; mupscale widens SGD, Adam "
                                 f"and AdamW state (momentum_buffer, exp_avg, exp_avg_sq, max_exp_avg_sq, step)")
-        if v is None:
-            continue
-        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-            raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is "
-                                f"{v.dtype if isinstance(v, torch.Tensor) else type(v).__name__}, expected a "
-                                f"float tensor; re-save the optimizer with opt.state_dict()")
-        if tuple(v.shape) != prep.plan.tensors[n].shape:
-            raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} has shape {list(v.shape)}, the tensor "
+        if not isinstance(st, LazyTensors):
+            v = st[key]
+            if v is None:
+                continue
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is "
+                                    f"{v.dtype if isinstance(v, torch.Tensor) else type(v).__name__}, expected a "
+                                    f"float tensor; re-save the optimizer with opt.state_dict()")
+        shape, dtype = tensor_meta(st, key)
+        if not dtype.is_floating_point:
+            raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is {dtype}, expected a float tensor; "
+                                f"re-save the optimizer with opt.state_dict()")
+        if shape != prep.plan.tensors[n].shape:
+            raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} has shape {list(shape)}, the tensor "
                                 f"has {list(prep.plan.tensors[n].shape)}; the optimizer belongs to another model")
-        if bad := _nonfinite(v):
+
+
+def check_values(prep: Prepared, strict: bool, chunk: int = 1 << 22) -> list[str]:
+    """NaN/Inf in the input, read piece by piece: warnings (returned as notes), an error with --strict.
+    (Keys, dtypes and shapes: check_state_layout.)"""
+    found: list[tuple[str, int]] = []
+    for n, p in prep.plan.tensors.items():
+        if not p.alias_of and (bad := _nonfinite(prep.ckpt.tensors, n, chunk)):
+            found.append((n, bad))
+    for n, key, st in state_refs(prep):
+        if key == "step" or (not isinstance(st, LazyTensors) and st[key] is None):
+            continue
+        if bad := _nonfinite(st, key, chunk):
             found.append((f"{n}/{key}", bad))
+    return _nonfinite_notes(found, strict)
+
+
+def _nonfinite_notes(found: list[tuple[str, int]], strict: bool) -> list[str]:
     if found and strict:
         n, bad = found[0]
         more = f" (and {len(found) - 1} more tensors)" if len(found) > 1 else ""
         raise MupscaleError(f"tensor {n!r} holds {bad} NaN/Inf value(s){more}; --strict refuses them: "
                             f"widen an earlier checkpoint, or drop --strict to widen them as they are")
-    for n, bad in found:
-        prep.notes.append(f"warning: tensor {n!r} holds {bad} NaN/Inf value(s), widened as they are "
-                          f"(--strict makes this an error)")
+    return [f"warning: tensor {n!r} holds {bad} NaN/Inf value(s), widened as they are (--strict makes this "
+            f"an error)" for n, bad in found]
 
 
-def output_bytes(prep: Prepared, out: Path) -> int:
-    """Bytes of the widened tensors written to `out`: model (aliases again in safetensors) + optimizer state."""
+def output_bytes(prep: Prepared, out, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the widened tensors written to `out` (a path or a Target): model (aliases again in
+    safetensors) + optimizer state; model tensors in `dtype` (--dtype) if given."""
     plan = prep.plan
-    total = sum(p.out_bytes for p in plan.tensors.values() if out.suffix == ".safetensors" or not p.alias_of)
-    for n, _, v in state_items(prep):
-        if isinstance(v, torch.Tensor):
-            total += v.nbytes if v.dim() == 0 else math.prod(plan.tensors[n].out_shape) * v.element_size()
+    pt = (out.kind if isinstance(out, Target) else ("pt" if Path(out).suffix == ".pt" else "st")) == "pt"
+    total = 0
+    for p in plan.tensors.values():
+        if pt and p.alias_of:
+            continue
+        size = dtype.itemsize if dtype is not None and p.dtype.is_floating_point else p.dtype.itemsize
+        total += math.prod(p.out_shape) * size
+    for n, key, st in state_refs(prep):
+        if isinstance(st, LazyTensors) or isinstance(st[key], torch.Tensor):
+            shape, dt = tensor_meta(st, key)
+            total += dt.itemsize * (1 if len(shape) == 0 else math.prod(plan.tensors[n].out_shape))
     return total
 
 
-def check_disk(out: Path, prep: Prepared) -> None:
+def check_disk(out, prep: Prepared, dtype: torch.dtype | None = None) -> None:
     """Enough free space beside `out` for the whole output (plus 1 MiB for headers), before writing."""
-    need = output_bytes(prep, out) + 2**20
+    need = output_bytes(prep, out, dtype) + 2**20
+    where = out.directory if isinstance(out, Target) else Path(out).parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
     try:
-        free = shutil.disk_usage(out.parent).free
+        free = shutil.disk_usage(where).free
     except OSError:
         return
     if need > free:
-        raise MupscaleError(f"-o {out}: the output needs {need / 2**20:.1f} MiB but {out.parent} has only "
-                            f"{free / 2**20:.1f} MiB free; free some space, write elsewhere or use a smaller --k")
+        raise MupscaleError(f"-o {out.shown if isinstance(out, Target) else out}: the output needs "
+                            f"{need / 2**20:.1f} MiB but {where} has only {free / 2**20:.1f} MiB free; free some "
+                            f"space, write elsewhere or use a smaller --k")
 
 
-def clean_temps(out: Path) -> list[str]:
+def clean_temps(out: Path, also: Callable[[str], bool] | None = None) -> list[str]:
     """Remove temporaries left beside `out` by killed runs; notes saying what was removed or kept."""
-    removed, kept = clean_stale_temps(out)
+    removed, kept = clean_stale_temps(out, also=also)
     notes = [f"removed stale temporary {out.parent / n} (left by an interrupted run)" for n in removed]
     notes += [f"kept temporary {out.parent / n}: another mupscale process may still be writing {out.name}"
               for n in kept]
@@ -205,29 +319,79 @@ def _untracked_axes(plan: Plan, model_args: dict | None) -> list[str]:
             for arg, a in plan.spec.model_args.items() if arg not in model_args and plan.k[a] not in tracked]
 
 
-def check_output(opts: WidenOptions) -> Path:
+def check_output(opts: WidenOptions) -> Target:
+    """Where to write (-o, --shard-size), checked: never over the input, existing output only with --force."""
     out = opts.output
     if out is None:
-        raise MupscaleError("missing -o/--output PATH (.safetensors or .pt)")
+        raise MupscaleError("missing -o/--output PATH (.safetensors or .pt, or a directory with --shard-size)")
+    if opts.shard_size is not None:
+        return _check_sharded_output(opts, out)
     if out.suffix not in OUT_SUFFIXES:
-        raise MupscaleError(f"-o {out}: the output must end in .safetensors or .pt")
+        more = " (or a directory with --shard-size)" if not out.suffix else ""
+        raise MupscaleError(f"-o {out}: the output must end in .safetensors or .pt{more}")
     if out.exists() and opts.checkpoint.exists() and os.path.samefile(out, opts.checkpoint):  # links too
         raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint")
+    if out.exists() and is_sharded(opts.checkpoint) and any(
+            f.exists() and os.path.samefile(out, f) for f in _input_files(opts.checkpoint)):
+        raise MupscaleError(f"-o {out}: refusing to write over a file of the input checkpoint")
     if out.is_dir():
-        raise MupscaleError(f"-o {out}: is a directory")
+        raise MupscaleError(f"-o {out}: is a directory (pass --shard-size to write shards into it)")
     if out.exists() and not opts.force:
         raise MupscaleError(f"-o {out}: exists; pass --force to overwrite")
     if not out.parent.is_dir():
         raise MupscaleError(f"-o {out}: directory {out.parent} does not exist")
-    return out
+    return Target("pt" if out.suffix == ".pt" else "safetensors", out)
 
 
-def provenance(opts: WidenOptions, prep: Prepared) -> dict:
+def _input_files(path: Path) -> list[Path]:
+    if not is_sharded(path):
+        return [path]
+    try:
+        import json
+        index = sharded_index(path)
+        wm = json.loads(index.read_text()).get("weight_map", {})
+        return [index] + [index.parent / f for f in sorted(set(wm.values())) if isinstance(f, str)]
+    except (MupscaleError, OSError, ValueError, AttributeError):
+        return []
+
+
+def _check_sharded_output(opts: WidenOptions, out: Path) -> Target:
+    size = parse_size(opts.shard_size) if isinstance(opts.shard_size, str) else opts.shard_size
+    if not isinstance(size, int) or size <= 0:
+        raise MupscaleError(f"--shard-size {opts.shard_size!r}: must be a positive size, e.g. 5GB or 500MiB")
+    if out.suffix == ".pt":
+        raise MupscaleError(f"-o {out}: --shard-size writes safetensors shards: give a directory or "
+                            f"DIR/NAME.safetensors")
+    if out.suffix == ".safetensors":
+        directory, prefix = out.parent, out.name.removesuffix(".safetensors")
+    else:
+        directory, prefix = out, "model"
+    if SHARD_NAME.match(f"{prefix}.safetensors") or not prefix:
+        raise MupscaleError(f"-o {out}: {prefix!r} is not a usable shard prefix; name the output e.g. "
+                            f"DIR/model.safetensors")
+    t = Target("sharded", directory, prefix, size)
+    if directory.exists() and not directory.is_dir():
+        raise MupscaleError(f"-o {out}: {directory} exists and is not a directory")
+    if not directory.exists() and not directory.parent.is_dir():
+        raise MupscaleError(f"-o {out}: directory {directory.parent} does not exist")
+    written = {t.index_path.name, t.optimizer_index_path.name}
+    for f in _input_files(opts.checkpoint):
+        if f.exists() and directory.exists() and os.path.samefile(f.parent, directory) and (
+                f.name in written or ((m := SHARD_NAME.match(f.name)) and m["prefix"] in
+                                      (prefix, t.optimizer_index_path.name.removesuffix(".safetensors.index.json")))):
+            raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint ({f.name})")
+    if t.index_path.exists() and not opts.force:
+        raise MupscaleError(f"-o {out}: {t.index_path} exists; pass --force to overwrite")
+    return t
+
+
+def provenance(opts: WidenOptions, prep: Prepared, source_digest: str | None = None) -> dict:
     plan = prep.plan
     return {
         "tool": f"mupscale {__version__}",
-        "source": prep.ckpt.path.name,
-        "source_sha256": sha256_file(prep.ckpt.path),
+        "source": prep.ckpt.path.name if prep.ckpt.kind != "sharded" else
+        f"{prep.ckpt.path.parent.name}/{prep.ckpt.path.name}",
+        "source_sha256": source_digest if source_digest is not None else source_sha256(prep.ckpt),
         "spec": plan.spec.name,
         "spec_sha256": plan.spec.sha256,
         "readout": plan.spec.readout,
@@ -236,16 +400,19 @@ def provenance(opts: WidenOptions, prep: Prepared) -> dict:
         "sigma": opts.sigma,
         "seed": opts.seed,
         "noise": noise_mod.CONVENTION,
+        "noise_device": opts.noise_device,
         "noise_std": {n: opts.sigma * p.noise_unit for n, p in plan.tensors.items()
                       if p.noise_unit and p.alias_of is None and opts.sigma},
+        "dtype": opts.dtype,
         "optimizer": prep.omap.kind if prep.omap else None,
         "opt_layout": prep.omap.layout if prep.omap else None,
         "tied": {n: p.alias_of for n, p in plan.tensors.items() if p.alias_of},
     }
 
 
-def widen_tensors(prep: Prepared, sigma: float, seed: int) -> Callable[[str], torch.Tensor]:
-    """name -> widened (noised) tensor; tied aliases return their canonical tensor's result."""
+def widen_tensors(prep: Prepared, sigma: float, seed: int, noise_device: str = "cpu",
+                  dtype: torch.dtype | None = None) -> Callable[[str], torch.Tensor]:
+    """name -> widened (noised) tensor, in memory; tied aliases return their canonical tensor's result."""
     cache: dict[str, torch.Tensor] = {}
     aliased = {p.alias_of for p in prep.plan.tensors.values() if p.alias_of}
 
@@ -254,68 +421,139 @@ def widen_tensors(prep: Prepared, sigma: float, seed: int) -> Callable[[str], to
         c = p.alias_of or n
         if c in cache:
             return cache.pop(c) if p.alias_of else cache[c]
-        t = widen_noised(prep.ckpt.tensors[c], prep.plan.tensors[c], sigma, seed)
+        t = widen_noised(prep.ckpt.tensors[c], prep.plan.tensors[c], sigma, seed, noise_device, dtype)
         if c in aliased:
             cache[c] = t
         return t
     return produce
 
 
+def model_out(prep: Prepared, opts: WidenOptions) -> list[OutTensor]:
+    """The model's output tensors, made range by range from the input rows they need (aliases copied)."""
+    dtype = out_dtype(opts)
+    tensors = prep.ckpt.tensors
+    out = []
+    for n, p in prep.plan.tensors.items():
+        dt = dtype if dtype is not None and p.dtype.is_floating_point else p.dtype
+        if p.alias_of:
+            out.append(OutTensor(n, p.out_shape, dt, copy_of=p.alias_of))
+            continue
+
+        def make(a: int, b: int, n=n, p=p) -> torch.Tensor:
+            return widen_range(lambda i0, i1: read_rows(tensors, n, i0, i1), p, a, b, sigma=opts.sigma,
+                               seed=opts.seed, noise_device=opts.noise_device, out_dtype=dtype)
+        out.append(OutTensor(n, p.out_shape, dt, make))
+    return out
+
+
+def optimizer_out(prep: Prepared, names_out) -> tuple[list[dict] | None, list[OutTensor]]:
+    """The widened optimizer's param groups and its state tensors (`__optim__/<name>/<key>`), made range
+    by range like the model's; optimizer state keeps its dtype (--dtype casts the model only)."""
+    if prep.omap is None:
+        return None, []
+    lay = optimizer_layout(prep.ckpt.optimizer, prep.plan, prep.omap, names_out)
+    out = []
+    for e in lay.entries:
+        st = e.source
+        if not isinstance(st, LazyTensors) and not isinstance(st[e.key], torch.Tensor):
+            continue  # None / plain numbers: not stored, as torch would not need them
+        shape, dtype = tensor_meta(st, e.key)
+        p = prep.plan.tensors[e.name]
+        name = f"{OPTIM_NS}{strip_prefix(names_out(e.name))}/{e.key}"
+        if e.key == "step" or len(shape) == 0:
+            def make(a: int, b: int, st=st, key=e.key) -> torch.Tensor:
+                return st[key].detach().clone().reshape(-1)[a:b]
+            out.append(OutTensor(name, shape, dtype, make))
+            continue
+
+        def make(a: int, b: int, st=st, key=e.key, p=p) -> torch.Tensor:
+            return widen_range(lambda i0, i1: read_rows(st, key, i0, i1), p, a, b, power=STATE_POWER[key])
+        out.append(OutTensor(name, p.out_shape, dtype, make))
+    return lay.groups, out
+
+
 def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda n, b: None) -> dict:
-    """Widen `opts.checkpoint` into `opts.output`; returns a summary."""
-    out = check_output(opts)
-    prep = prepare(opts)
-    prep.notes += clean_temps(out)
-    check_disk(out, prep)
+    """Widen `opts.checkpoint` into `opts.output`; returns a summary.
+    `progress(name, nbytes)` is called as bytes are written; `progress.start(total_bytes)`, if it exists,
+    once before."""
+    target = check_output(opts)
+    streamed = target.kind != "pt"
+    prep = prepare(opts, lazy=True, defer_checks=streamed)
+    dtype = out_dtype(opts)
+    if target.kind != "sharded":
+        prep.notes += clean_temps(target.path)
+    elif target.path.is_dir():
+        mine = (target.prefix, optimizer_prefix(target.prefix))
+        prep.notes += clean_temps(target.index_path, also=lambda name: name == target.optimizer_index_path.name or bool(
+            (m := SHARD_NAME.match(name)) and m["prefix"] in mine))
+    check_disk(target, prep, dtype)
     plan, ckpt = prep.plan, prep.ckpt
-    prov = provenance(opts, prep)
-    osd = None
-    if prep.omap is not None:
-        osd = widen_optimizer(ckpt.optimizer, plan, prep.omap, names_out=_names_out(prep, out))
     extra = dict(ckpt.extra)
     if prep.model_args is not None:
         extra["model_args"] = prep.model_args
-    produce = widen_tensors(prep, opts.sigma, opts.seed)
-    if out.suffix == ".safetensors":
-        model = [(n, p.out_shape, p.dtype) for n, p in plan.tensors.items()]
-        write_safetensors(out, model, produce, osd, prep.omap.kind if prep.omap else None, prov, extra, progress)
-    else:
+    if hasattr(progress, "start"):
+        progress.start(output_bytes(prep, target, dtype))
+    names_out = _names_out(prep, target)
+    if target.kind == "pt":
+        osd = None
+        if prep.omap is not None:
+            osd = widen_optimizer(ckpt.optimizer, plan, prep.omap, names_out=names_out)
+        produce = widen_tensors(prep, opts.sigma, opts.seed, opts.noise_device, dtype)
         model = {}
         for n in plan.tensors:  # aliases share the canonical tensor, as in the input
             p = plan.tensors[n]
             model[n] = model[p.alias_of] if p.alias_of in model else produce(n)
             progress(n, model[n].numel() * model[n].element_size())
         if ckpt.model_key is not None or osd is not None:  # a plain state dict stays plain
-            extra["mupscale"] = prov
-        write_pt(out, ckpt, model, osd, extra)
-    return summary(prep, out, opts, osd)
+            given = opts.source_digest if ckpt.kind != "sharded" else None
+            extra["mupscale"] = provenance(opts, prep, given() if given else None)
+        write_pt(target.path, ckpt, model, osd, extra)
+        groups = None if osd is None else osd["param_groups"]
+    else:
+        before = sharded_files(target) if target.kind == "sharded" else set()
+        groups, optim = optimizer_out(prep, names_out)
+        scan = Background(lambda: scan_input(prep, opts), "mupscale-scan")  # digest + checks, while writing
+        write_streamed(target, model_out(prep, opts), optim, prep.omap.kind if prep.omap else None, groups,
+                       provenance(opts, prep, source_digest=""), extra, source_sha256=lambda: scan.result()[0],
+                       threads=opts.threads, chunk_bytes=opts.chunk_bytes, on_bytes=progress, poll=scan.poll)
+        prep.notes += scan.result()[1]
+        if target.kind == "sharded":
+            for name in remove_replaced_shards(target, before):
+                prep.notes.append(f"removed {name}, a shard of the output this one replaced")
+    return summary(prep, target.shown, opts, groups)
 
 
-def _names_out(prep: Prepared, out: Path):
+def _names_out(prep: Prepared, target: Target):
     """param_names for the output: canonical names in safetensors; in .pt the input's own form
     (its param_names, else its model keys, prefixes included)."""
-    if out.suffix == ".safetensors":
+    if target.kind != "pt":
         return lambda n: n
-    raw = {prep.ckpt.strip(r): r for g in prep.ckpt.optimizer["param_groups"] for r in g.get("param_names", [])}
+    groups = prep.ckpt.optimizer["param_groups"] if prep.ckpt.optimizer else []
+    raw = {prep.ckpt.strip(r): r for g in groups for r in g.get("param_names", [])}
     return lambda n: raw.get(n) or prep.ckpt.original.get(n, n)
 
 
-def summary(prep: Prepared, out: Path | None, opts: WidenOptions, osd: dict | None) -> dict:
+def summary(prep: Prepared, out: Path | None, opts: WidenOptions, groups: list[dict] | dict | None) -> dict:
     plan = prep.plan
+    if isinstance(groups, dict):  # an optimizer state dict (older callers)
+        groups = groups["param_groups"]
     base = sum(math.prod(p.shape) * p.dtype.itemsize for p in plan.tensors.values())
-    wide = sum(p.out_bytes for p in plan.tensors.values())
+    dtype = out_dtype(opts)
+    wide = sum(math.prod(p.out_shape) * (dtype.itemsize if dtype and p.dtype.is_floating_point else p.dtype.itemsize)
+               for p in plan.tensors.values())
     return {
         "output": str(out) if out else None,
         "spec": plan.spec.name,
         "k": plan.k,
         "sigma": opts.sigma,
         "seed": opts.seed,
+        "dtype": opts.dtype,
         "tensors": len(plan.tensors),
         "model_bytes": {"base": base, "widened": wide},
         "optimizer": None if prep.omap is None else {
             "kind": prep.omap.kind, "layout": prep.omap.layout,
             "groups": {"base": len(prep.ckpt.optimizer["param_groups"]),
-                       "widened": len(osd["param_groups"]) if osd else None}},
+                       "widened": len(groups) if groups is not None else None}},
         "model_args": prep.model_args,
         "notes": prep.notes,
     }

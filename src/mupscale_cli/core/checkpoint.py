@@ -1,11 +1,21 @@
-"""Reading checkpoints: nanoGPT `.pt`, plain state-dict `.pt`, `.safetensors` (ours included)."""
+"""Reading checkpoints: nanoGPT `.pt`, plain state-dict `.pt`, `.safetensors` (ours included), and Hugging
+Face sharded safetensors (a directory or its `*.safetensors.index.json`).
+
+`load_checkpoint(path, lazy=True)` reads no tensor data: safetensors tensors come from a `LazyTensors`
+mapping that reads each one (or a range of its rows) with pread when asked; `.pt` files are
+memory-mapped (`torch.load(mmap=True)`). `lazy=False` (the default, for the Python API and `verify`)
+gives plain dicts of tensors.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 import re
+import threading
 import zipfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,19 +31,104 @@ META_OPTIM = "mupscale.optimizer"  # JSON: {"kind", "param_groups": [... "param_
 META_PROV = "mupscale"  # JSON provenance
 META_EXTRA = "mupscale.extra"  # JSON: other top-level entries of a .pt input (iter_num, config, ...)
 META_DIGESTS = "mupscale.sha256"  # JSON: tensor name -> sha256 of its bytes (.pt: provenance "sha256")
+META_OPTIM_INDEX = "mupscale.optimizer_index"  # sharded output: file name of the optimizer shards' index
+
+
+class LazyTensors(Mapping):
+    """name -> tensor, read from a safetensors reader (file or shards) on each access, never cached.
+
+    `info(name)` gives dtype and shape without reading; `rows(name, r0, r1)` reads only rows [r0, r1).
+    `reads` counts tensor reads (whole or rows), for tests and diagnostics."""
+
+    def __init__(self, reader, keys: dict[str, str]):
+        self.reader = reader
+        self.keys_in_file = keys  # our name -> name in the file
+        self.reads = 0
+        self._lock = threading.Lock()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key = self.keys_in_file[name]
+        self._count()
+        return self.reader.read(key).reshape(self.reader.info(key).shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_in_file)
+
+    def __len__(self) -> int:
+        return len(self.keys_in_file)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.keys_in_file
+
+    def info(self, name: str):
+        return self.reader.info(self.keys_in_file[name])
+
+    def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        self._count()
+        return self.reader.read_rows(self.keys_in_file[name], r0, r1)
+
+    def location(self, name: str) -> tuple[Path, str]:
+        """(file, name in that file) of tensor `name`."""
+        return self.reader.location(self.keys_in_file[name])
+
+    def materialize(self) -> dict[str, torch.Tensor]:
+        return {n: self[n] for n in self}
+
+    def _count(self) -> None:
+        with self._lock:
+            self.reads += 1
+
+
+def tensor_meta(m: Mapping, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """(shape, dtype) of m[name] without reading a lazy tensor."""
+    if isinstance(m, LazyTensors):
+        info = m.info(name)
+        return tuple(info.shape), info.dtype
+    t = m[name]
+    return tuple(t.shape), t.dtype
+
+
+def read_rows(m: Mapping, name: str, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) (first dimension) of m[name]; the whole tensor if it is 0-d."""
+    if isinstance(m, LazyTensors):
+        return m.rows(name, r0, r1)
+    t = m[name]
+    return t if t.dim() == 0 else t[r0:r1]
+
+
+def iter_chunks(m: Mapping, name: str, max_elements: int) -> Iterator[torch.Tensor]:
+    """m[name] flattened, in pieces of whole rows of about `max_elements` elements (at least one row)."""
+    shape, _ = tensor_meta(m, name)
+    if len(shape) == 0:
+        yield read_rows(m, name, 0, 1).reshape(1)
+        return
+    row = max(1, math.prod(shape[1:]))
+    step = max(1, max_elements // row)
+    for r0 in range(0, shape[0], step):
+        yield read_rows(m, name, r0, min(shape[0], r0 + step)).reshape(-1)
+
+
+def materialize_optimizer(osd: dict | None) -> dict | None:
+    """An optimizer state dict with every lazy state entry read (torch's load_state_dict needs dicts)."""
+    if osd is None:
+        return None
+    state = {pid: (st.materialize() if isinstance(st, LazyTensors) else st) for pid, st in osd["state"].items()}
+    return {**osd, "state": state}
 
 
 @dataclass
 class Checkpoint:
     path: Path
-    kind: str  # nanogpt | wrapped | state_dict | safetensors
-    tensors: dict[str, torch.Tensor]  # canonical (prefix-free) name -> tensor
+    kind: str  # nanogpt | wrapped | state_dict | safetensors | sharded
+    tensors: Mapping[str, torch.Tensor]  # canonical (prefix-free) name -> tensor (LazyTensors when lazy)
     original: dict[str, str]  # canonical name -> key in the file
     optimizer: dict | None = None
     extra: dict = field(default_factory=dict)  # other top-level entries, kept for .pt output
     model_key: str | None = None
     optimizer_key: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    shard_files: list[str] = field(default_factory=list)  # sharded: the other files read, beside the index
+    readers: dict = field(default_factory=dict)  # safetensors inputs: file path -> LazySafetensors
 
     @property
     def model_args(self) -> dict | None:
@@ -44,7 +139,12 @@ class Checkpoint:
         return strip_prefix(name)
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return {n: (tuple(t.shape), t.dtype) for n, t in self.tensors.items()}
+        return {n: tensor_meta(self.tensors, n) for n in self.tensors}
+
+    @property
+    def files(self) -> list[Path]:
+        """The files this checkpoint was read from (a sharded one: its index and shards)."""
+        return [self.path] + [self.path.parent / n for n in self.shard_files]
 
 
 def strip_prefix(name: str) -> str:
@@ -68,24 +168,75 @@ def sha256_file(path: Path) -> str:
 def _check_path(path: Path) -> None:
     if not path.exists():
         raise MupscaleError(f"{path}: no such file")
-    if path.is_dir():
-        raise MupscaleError(f"{path}: is a directory, expected a checkpoint file")
     if path.stat().st_size == 0:
         raise MupscaleError(f"{path}: empty file")
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def is_sharded(path: Path) -> bool:
+    """A Hugging Face sharded checkpoint: a directory, or its `*.safetensors.index.json`."""
+    return path.is_dir() or path.name.endswith(".safetensors.index.json")
+
+
+def sharded_index(path: Path) -> Path:
+    """The model index of a sharded checkpoint given as a directory or an index file."""
+    from mupscale_cli.core.safetensors_io import INDEX_SUFFIX
+    if not path.is_dir():
+        return path
+    if (path / f"model{INDEX_SUFFIX}").is_file():
+        return path / f"model{INDEX_SUFFIX}"
+    found = [p for p in sorted(path.glob(f"*{INDEX_SUFFIX}")) if not p.name.endswith(f"optimizer{INDEX_SUFFIX}")]
+    if len(found) != 1:
+        raise MupscaleError(f"{path}: is a directory without a single *{INDEX_SUFFIX} (found "
+                            f"{len(found)}); pass the checkpoint file or the index file")
+    return found[0]
+
+
+def optimizer_prefix(prefix: str) -> str:
+    """Shard prefix of the optimizer state beside model shards named `prefix`."""
+    return "optimizer" if prefix == "model" else f"{prefix}-optimizer"
+
+
+def load_checkpoint(path: str | Path, lazy: bool = False) -> Checkpoint:
+    """Read a checkpoint. lazy=True: no tensor data is read (see the module docstring)."""
     path = Path(path)
+    if path.exists() and is_sharded(path):
+        return _load_sharded(path, lazy)
     _check_path(path)
     with open(path, "rb") as f:
         head = f.read(8)
     if path.suffix == ".safetensors":
-        return _load_safetensors(path)
+        return _load_safetensors(path, lazy)
     if zipfile.is_zipfile(path) or path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         return _load_pt(path)
     if len(head) == 8 and int.from_bytes(head, "little") < path.stat().st_size:
-        return _load_safetensors(path)
+        return _load_safetensors(path, lazy)
     return _load_pt(path)
+
+
+def source_sha256(ckpt: Checkpoint, on_piece: Callable[[Path, str, torch.Tensor], None] | None = None,
+                  hashing: bool = True) -> str:
+    """sha256 of the input file; for a sharded input, of the lines "<sha256>  <file>" (sha256sum's format)
+    for its index and then each shard in name order. With `on_piece`, safetensors files are read tensor
+    by tensor and `on_piece(file, name in file, values)` sees every piece of their data (one read of the
+    input serves both the digest and the value checks); returns None if it cannot (a .pt input), "" if
+    `hashing` is False (only the values are looked at)."""
+    if on_piece is not None and not ckpt.readers:
+        return None  # type: ignore[return-value]
+
+    def one(p: Path) -> str:
+        r = ckpt.readers.get(p)
+        if r is None or on_piece is None:
+            return sha256_file(p)
+        return r.scan(lambda name, values: on_piece(p, name, values), hashing=hashing)
+    if ckpt.kind != "sharded":
+        return one(ckpt.path)
+    if not hashing:
+        for p in ckpt.files:
+            if p in ckpt.readers:
+                one(p)
+        return ""
+    lines = "".join(f"{one(p)}  {p.name}\n" for p in ckpt.files)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def _torch_load(path: Path):
@@ -152,31 +303,105 @@ def _load_pt(path: Path) -> Checkpoint:
                       model_key, opt_key)
 
 
-def _load_safetensors(path: Path) -> Checkpoint:
+def _load_safetensors(path: Path, lazy: bool = False) -> Checkpoint:
     from mupscale_cli.core.safetensors_io import LazySafetensors
 
     src = LazySafetensors(path)
+    ckpt = _from_reader(src, path, "safetensors", lazy)
+    ckpt.readers = {path: src}
+    return ckpt
+
+
+def _load_sharded(path: Path, lazy: bool) -> Checkpoint:
+    from mupscale_cli.core.safetensors_io import INDEX_SUFFIX, open_sharded
+
+    index = sharded_index(path)
+    src = open_sharded(index)
     meta = src.metadata() or {}
-    model, optim = {}, {}
-    for name in src.names():
-        if name.startswith(OPTIM_NS):
-            pname, _, key = name.removeprefix(OPTIM_NS).rpartition("/")
-            optim.setdefault(pname, {})[key] = src.get(name)
+    files = list(src.shards)
+    opt_src = None
+    if META_OPTIM_INDEX in meta or META_OPTIM in meta:
+        name = meta.get(META_OPTIM_INDEX) or (
+            optimizer_prefix(index.name.removesuffix(INDEX_SUFFIX)) + INDEX_SUFFIX)
+        opt_index = index.parent / name
+        if Path(name).name != name or not opt_index.is_file():
+            if META_OPTIM_INDEX in meta:
+                raise MupscaleError(f"{index}: its optimizer state index {name} is missing from {index.parent}")
         else:
-            model[name] = src.get(name)
+            opt_src = open_sharded(opt_index)
+            files += [opt_index.name, *opt_src.shards]
+    digests: dict[str, str] = {}
+    for reader in [*src.shards.values(), *(opt_src.shards.values() if opt_src else [])]:
+        d = reader.metadata().get(META_DIGESTS)
+        if d is not None:
+            try:
+                digests.update(json.loads(d))
+            except (json.JSONDecodeError, TypeError, ValueError):
+                raise MupscaleError(f"{reader.path}: metadata {META_DIGESTS!r} is not a JSON object") from None
+    meta = {k: v for k, v in meta.items() if k != META_DIGESTS}
+    if digests:
+        meta[META_DIGESTS] = json.dumps(digests, sort_keys=True)
+    ckpt = _from_reader(src, index, "sharded", lazy, opt_src, meta)
+    ckpt.shard_files = files
+    ckpt.readers = {r.path: r for r in [*src.shards.values(), *(opt_src.shards.values() if opt_src else [])]}
+    return ckpt
+
+
+def _from_reader(src, path: Path, kind: str, lazy: bool, opt_src=None, meta: dict | None = None) -> Checkpoint:
+    meta = (src.metadata() or {}) if meta is None else meta
+    model, optim = {}, {}
+    for reader in [src] + ([opt_src] if opt_src is not None else []):
+        for name in reader.names():
+            if name.startswith(OPTIM_NS):
+                pname, _, key = name.removeprefix(OPTIM_NS).rpartition("/")
+                optim.setdefault(pname, {})[key] = (reader, name)
+            elif reader is src:
+                model[name] = name
+            else:
+                raise MupscaleError(f"{reader.path}: optimizer shards hold a tensor {name!r} outside "
+                                    f"'{OPTIM_NS}'")
     if not model:
         raise MupscaleError(f"{path}: holds no model tensors")
-    tensors, original = _canonical(model, path)
+    _, original = _canonical(model, path)
+    if lazy:
+        tensors = LazyTensors(src, {n: original[n] for n in original})
+        state = {p: LazyTensors(_Several(ks), {k: k for k in ks}) for p, ks in optim.items()}
+    else:
+        tensors = {n: src.get(original[n]) for n in original}
+        state = {p: {k: r.get(name) for k, (r, name) in ks.items()} for p, ks in optim.items()}
     extra = {}
     if META_EXTRA in meta:
         extra = _json(meta[META_EXTRA], META_EXTRA, path)
     optimizer = None
     if META_OPTIM in meta:
         info = _json(meta[META_OPTIM], META_OPTIM, path)
-        optimizer = _optimizer_from_names(info, optim, path)
+        optimizer = _optimizer_from_names(info, state, path)
     elif optim:
         raise MupscaleError(f"{path}: has optimizer tensors but no '{META_OPTIM}' metadata")
-    return Checkpoint(path, "safetensors", tensors, original, optimizer, extra, metadata=meta)
+    return Checkpoint(path, kind, tensors, original, optimizer, extra, metadata=meta)
+
+
+class _Several:
+    """A reader over named (reader, file name) pairs: one optimizer state dict's entries."""
+
+    def __init__(self, keys: dict[str, tuple]):
+        self._keys = keys
+
+    def info(self, key: str):
+        r, name = self._keys[key]
+        return r.info(name)
+
+    def read(self, key: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        r, name = self._keys[key]
+        return r.read(name, start, count)
+
+    def read_rows(self, key: str, r0: int, r1: int) -> torch.Tensor:
+        r, name = self._keys[key]
+        return r.read_rows(name, r0, r1)
+
+    def location(self, key: str) -> tuple[Path, str]:
+        r, name = self._keys[key]
+        return r.location(name)
 
 
 def _json(text: str, key: str, path: Path):

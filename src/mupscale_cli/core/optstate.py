@@ -1,11 +1,13 @@
 """Optimizer state and hyper-parameters: map ids to names, widen state, rescale and split groups."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 
+from mupscale_cli.core.checkpoint import LazyTensors, tensor_meta
 from mupscale_cli.core.plan import Plan, TensorPlan
 from mupscale_cli.core.widen import widen
 from mupscale_cli.errors import MupscaleError
@@ -103,11 +105,21 @@ def _check(cand: list[list[str]], sd: dict, plan: Plan) -> str | None:
         if len(names) != len(g["params"]):
             return f"group {i} has {len(g['params'])} tensors, the layout gives {len(names)}"
         for pid, n in zip(g["params"], names):
-            for key, v in sd["state"].get(pid, {}).items():
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != plan.tensors[n].shape:
-                    return f"state {key!r} of id {pid} has shape {list(v.shape)}, tensor {n!r} has " \
+            st = sd["state"].get(pid, {})
+            for key in st:
+                shape = state_shape(st, key)
+                if shape is not None and len(shape) > 0 and shape != plan.tensors[n].shape:
+                    return f"state {key!r} of id {pid} has shape {list(shape)}, tensor {n!r} has " \
                            f"{list(plan.tensors[n].shape)}"
     return None
+
+
+def state_shape(st, key: str) -> tuple[int, ...] | None:
+    """Shape of a state entry (None if it is not a tensor), without reading a lazy one."""
+    if isinstance(st, LazyTensors):
+        return tensor_meta(st, key)[0]
+    v = st[key]
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
 def map_optimizer(sd: dict, plan: Plan, kind: str | None = None, layout: str | None = None,
@@ -142,12 +154,27 @@ def map_optimizer(sd: dict, plan: Plan, kind: str | None = None, layout: str | N
     return OptimizerMap(kind, lay, fits[lay])
 
 
-def widen_optimizer(sd: dict, plan: Plan, omap: OptimizerMap, names_out=None) -> dict:
-    """Widened optimizer state_dict: state like the gradient, `step` cloned, groups split where their
-    tensors need different hyper-parameter factors, ids renumbered in group order.
-    Groups always carry `param_names` (`names_out(name)`, default the canonical name), so the state is
-    self-describing even when the input's was not (torch's load_state_dict accepts them)."""
-    groups, state, nid = [], {}, 0
+@dataclass
+class StateEntry:
+    """One widened optimizer state entry, not yet computed: state[pid][key] of tensor `name`."""
+    pid: int  # id in the widened state dict
+    name: str  # canonical tensor name
+    key: str  # momentum_buffer, exp_avg, exp_avg_sq, max_exp_avg_sq, step
+    source: Mapping  # the input's state dict of this tensor (maybe lazy): source[key] is the value
+
+
+@dataclass
+class OptimizerLayout:
+    groups: list[dict]  # widened param groups (ids in "params", names in "param_names")
+    entries: list[StateEntry]  # state entries in id order, then key order
+    state_ids: list[int]  # ids that have a state dict (possibly empty)
+
+
+def optimizer_layout(sd: dict, plan: Plan, omap: OptimizerMap, names_out=None) -> OptimizerLayout:
+    """The widened optimizer's param groups (hyper-parameters rescaled, groups split where their tensors
+    need different factors, ids renumbered in group order, `param_names` always present) and its state
+    entries in id order, to be computed one at a time (`widen_entry`)."""
+    groups, entries, ids, nid = [], [], [], 0
     for g, names in zip(sd["param_groups"], omap.names):
         parts: dict[tuple, list[tuple[int, str]]] = {}
         for pid, n in zip(g["params"], names):
@@ -163,13 +190,40 @@ def widen_optimizer(sd: dict, plan: Plan, omap: OptimizerMap, names_out=None) ->
             pnames = []
             for pid, n in members:
                 if pid in sd["state"]:
-                    state[nid] = widen_state(sd["state"][pid], plan.tensors[n], n)
+                    st = sd["state"][pid]
+                    ids.append(nid)
+                    for k in st:
+                        if k != "step" and k not in STATE_POWER:
+                            raise MupscaleError(f"unknown optimizer state {k!r} for tensor {n!r}; mupscale "
+                                                f"widens SGD, Adam and AdamW state")
+                        entries.append(StateEntry(nid, n, k, st))
                 ng["params"].append(nid)
                 pnames.append(n)
                 nid += 1
             ng["param_names"] = [names_out(n) if names_out else n for n in pnames]
             groups.append(ng)
-    return {"state": state, "param_groups": groups}
+    return OptimizerLayout(groups, entries, ids)
+
+
+def widen_entry(e: StateEntry, plan: Plan):
+    """The widened value of one state entry: like the gradient (g or g²), `step` cloned."""
+    v = e.source[e.key]
+    if e.key == "step":
+        return v.clone() if isinstance(v, torch.Tensor) else v
+    return None if v is None else widen(v, plan.tensors[e.name], STATE_POWER[e.key])
+
+
+def widen_optimizer(sd: dict, plan: Plan, omap: OptimizerMap, names_out=None) -> dict:
+    """Widened optimizer state_dict: state like the gradient, `step` cloned, groups split where their
+    tensors need different hyper-parameter factors, ids renumbered in group order.
+    Groups always carry `param_names` (`names_out(name)`, default the canonical name), so the state is
+    self-describing even when the input's was not (torch's load_state_dict accepts them).
+    Everything in memory; `optimizer_layout` + `widen_entry` compute it entry by entry."""
+    lay = optimizer_layout(sd, plan, omap, names_out)
+    state: dict[int, dict] = {pid: {} for pid in lay.state_ids}
+    for e in lay.entries:
+        state[e.pid][e.key] = widen_entry(e, plan)
+    return {"state": state, "param_groups": lay.groups}
 
 
 def group_changes(sd: dict, widened: dict) -> list[str]:

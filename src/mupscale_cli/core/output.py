@@ -1,20 +1,38 @@
-"""Writing widened checkpoints: `.safetensors` (streamed, atomic) and `.pt` (the input's layout)."""
+"""Writing widened checkpoints: `.safetensors` (streamed, atomic), Hugging Face shards (streamed) and `.pt`
+(the input's layout, in memory).
+
+Streaming: every output tensor is an `OutTensor` whose bytes a function makes for any flat element
+range. `stream_tensors` cuts large tensors into ranges of about `chunk_bytes`, makes them on a small
+thread pool and writes them from the calling thread in order, hashing as it goes; at most threads + 1
+ranges are in flight, so memory stays bounded whatever the size of the model, of a tensor, or of k.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mupscale_cli.core.checkpoint import (META_DIGESTS, META_EXTRA, META_OPTIM, META_PROV, OPTIM_NS, Checkpoint,
-                                         strip_prefix)
-from mupscale_cli.core.safetensors_io import StreamWriter, TensorInfo, tensor_sha256
+from mupscale_cli.core.checkpoint import (META_DIGESTS, META_EXTRA, META_OPTIM, META_OPTIM_INDEX, META_PROV, OPTIM_NS,
+                                         Checkpoint, optimizer_prefix, strip_prefix)
+from mupscale_cli.core.noise import CHUNK
+from mupscale_cli.core.safetensors_io import (INDEX_SUFFIX, ShardedWriter, StreamWriter, TensorInfo, _tensor_bytes,
+                                              tensor_sha256)
 from mupscale_cli.errors import MupscaleError
+
+DEFAULT_CHUNK_BYTES = 8 << 20  # one unit of work: a range of a tensor's output of about this size
+SHARD_NAME = re.compile(r"^(?P<prefix>.+)-\d{5}-of-\d{5}\.safetensors$")
 
 TMP_PT = ".mupscale-tmp-"  # temporaries: .<dest name>.mupscale-tmp-<pid>-<random> (as StreamWriter's)
 STALE_AGE_S = 3600
@@ -50,17 +68,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temps(dest: Path, max_age_s: float = STALE_AGE_S) -> tuple[list[str], list[str]]:
-    """Temporaries of earlier runs writing `dest` (`.<name>.mupscale-tmp-*`): remove those whose writer
-    (pid in the name) is gone or that were not written to for `max_age_s`; (removed, kept) file names."""
+def clean_stale_temps(dest: Path, max_age_s: float = STALE_AGE_S,
+                      also: Callable[[str], bool] | None = None) -> tuple[list[str], list[str]]:
+    """Temporaries of earlier runs writing `dest` (`.<name>.mupscale-tmp-*`, and those of other names
+    in its directory for which `also(name)` holds, e.g. shards): remove those whose writer (pid in the
+    name) is gone or that were not written to for `max_age_s`; (removed, kept) file names."""
     removed, kept = [], []
-    prefix = f".{dest.name}{TMP_PT}"
+
+    def ours(name: str) -> str | None:
+        """The text after the marker, if `name` is a temporary of `dest` (or of an `also` name)."""
+        if not name.startswith(".") or TMP_PT not in name:
+            return None
+        base, _, rest = name[1:].partition(TMP_PT)
+        return rest if base == dest.name or (also is not None and also(base)) else None
+
     try:
-        entries = [p for p in dest.parent.iterdir() if p.name.startswith(prefix)]
+        entries = [p for p in dest.parent.iterdir() if ours(p.name) is not None]
     except OSError:
         return removed, kept
     for p in sorted(entries):
-        pid_text = p.name[len(prefix):].split("-", 1)[0]
+        pid_text = (ours(p.name) or "").split("-", 1)[0]
         try:
             st = p.lstat()
         except FileNotFoundError:
@@ -78,18 +105,26 @@ def clean_stale_temps(dest: Path, max_age_s: float = STALE_AGE_S) -> tuple[list[
     return removed, kept
 
 
-def optimizer_tensors(osd: dict | None) -> dict[str, torch.Tensor]:
-    """An optimizer state_dict's tensors as `__optim__/<tensor name>/<state key>` (names from param_names,
-    prefixes stripped): the layout of our safetensors files and the keys of recorded digests."""
-    out: dict[str, torch.Tensor] = {}
+def optimizer_refs(osd: dict | None) -> dict[str, tuple]:
+    """An optimizer state_dict's tensor entries as `__optim__/<tensor name>/<state key>` -> (state dict,
+    key) (names from param_names, prefixes stripped), without reading lazy entries: the layout of our
+    safetensors files and the keys of recorded digests."""
+    from mupscale_cli.core.checkpoint import LazyTensors
+    out: dict[str, tuple] = {}
     if osd is None:
         return out
     for g in osd["param_groups"]:
         for pid, n in zip(g["params"], g.get("param_names", [])):
-            for key, v in osd["state"].get(pid, {}).items():
-                if isinstance(v, torch.Tensor):
-                    out[f"{OPTIM_NS}{strip_prefix(n)}/{key}"] = v
+            st = osd["state"].get(pid, {})
+            for key in st:
+                if isinstance(st, LazyTensors) or isinstance(st[key], torch.Tensor):
+                    out[f"{OPTIM_NS}{strip_prefix(n)}/{key}"] = (st, key)
     return out
+
+
+def optimizer_tensors(osd: dict | None) -> dict[str, torch.Tensor]:
+    """optimizer_refs with every tensor read."""
+    return {n: st[key] for n, (st, key) in optimizer_refs(osd).items()}
 
 
 def jsonable(d: dict) -> dict:
@@ -105,6 +140,7 @@ def jsonable(d: dict) -> dict:
 
 
 def optimizer_meta(kind: str, osd: dict) -> dict:
+    """`osd` needs only its "param_groups"."""
     groups = []
     for g in osd["param_groups"]:
         ng = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k != "params"}
@@ -112,35 +148,344 @@ def optimizer_meta(kind: str, osd: dict) -> dict:
     return {"kind": kind, "param_groups": groups}
 
 
-def write_safetensors(dest: Path, model: list[tuple[str, tuple, torch.dtype]],
-                      produce: Callable[[str], torch.Tensor], osd: dict | None, kind: str | None,
-                      provenance: dict, extra: dict, on_tensor: Callable[[str, int], None] = lambda n, b: None
-                      ) -> None:
-    """Stream model tensors (made one at a time by `produce(name)`) and optimizer state to `dest`.
-    Optimizer state goes under `__optim__/<tensor name>/<state key>`, its groups in the metadata.
-    The sha256 of every tensor's bytes is recorded under `mupscale.sha256`: the header is written with
-    same-length placeholders and rewritten in place once the last tensor is written."""
-    infos = [TensorInfo(n, dt, tuple(sh)) for n, sh, dt in model]
-    opt_tensors = optimizer_tensors(osd)
-    infos += [TensorInfo(n, v.dtype, tuple(v.shape)) for n, v in opt_tensors.items()]
-    meta = {"format": "pt", META_PROV: json.dumps(provenance, sort_keys=True)}
+@dataclass
+class OutTensor:
+    """One tensor of the output: `make(start, stop)` gives its flat elements [start, stop) as a 1-d tensor
+    of `dtype`; or `copy_of` names an earlier tensor of the same output whose bytes it repeats (a tied
+    alias: copied back from the file, never made twice)."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[int, int], torch.Tensor] | None = None
+    copy_of: str | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def info(self) -> TensorInfo:
+        return TensorInfo(self.name, self.dtype, tuple(self.shape))
+
+
+@dataclass
+class Target:
+    """Where `widen` writes: one file (.safetensors or .pt), or Hugging Face shards in `path` (a directory):
+    `{prefix}-0000i-of-0000N.safetensors` + `{prefix}.safetensors.index.json`, optimizer state in
+    `{optimizer prefix}-...` + its index."""
+    kind: str  # safetensors | pt | sharded
+    path: Path
+    prefix: str = "model"
+    shard_size: int | None = None
+
+    @property
+    def suffix(self) -> str:
+        return ".pt" if self.kind == "pt" else ".safetensors"
+
+    @property
+    def index_path(self) -> Path:
+        return self.path / f"{self.prefix}{INDEX_SUFFIX}"
+
+    @property
+    def optimizer_index_path(self) -> Path:
+        return self.path / f"{optimizer_prefix(self.prefix)}{INDEX_SUFFIX}"
+
+    @property
+    def shown(self) -> Path:
+        """The path to print and load: the file, or the model index."""
+        return self.index_path if self.kind == "sharded" else self.path
+
+    @property
+    def directory(self) -> Path:
+        return self.path if self.kind == "sharded" else self.path.parent
+
+
+def chunk_elements(t: OutTensor, chunk_bytes: int) -> int:
+    """Elements per range of `t`: about chunk_bytes of its float32/float64 working copy, a whole number of
+    noise generator chunks when that is at least one (so no generator chunk is drawn twice)."""
+    per = max(1, chunk_bytes // max(4, t.dtype.itemsize))
+    return per // CHUNK * CHUNK if per >= CHUNK else per
+
+
+def _tasks(tensors: list[OutTensor], chunk_bytes: int) -> Iterator[tuple[OutTensor, int, int]]:
+    for t in [x for x in tensors if x.copy_of is None] + [x for x in tensors if x.copy_of is not None]:
+        n = t.numel
+        if n == 0:
+            yield t, 0, 0
+            continue
+        step = chunk_elements(t, chunk_bytes)
+        for a in range(0, n, step):
+            yield t, a, min(n, a + step)
+
+
+def limit_heap_growth(threshold: int = 1 << 20) -> None:
+    """glibc only (a no-op elsewhere): serve allocations of `threshold` bytes or more with their own mmap,
+    returned to the system when freed. By default glibc raises that threshold up to 32 MiB as large
+    blocks are freed, and blocks below it stay in per-thread heaps once freed: with ranges, noise chunks
+    and read buffers of several sizes on several threads, peak memory then creeps up (measured: +500 MB
+    widening with noise). Costs the kernel's zeroing of fresh pages (about 0.15 s per GB written).
+    Process-wide: the CLI calls it, the library does not."""
+    try:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (fixing it also stops the dynamic adjustment)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """Our own threads do the parallel work: torch's intra-op pool would only oversubscribe the cores."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+class _Chain:
+    """One tensor's sha256, fed its ranges in order by whichever threads made them."""
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+        self.next = 0  # first element not hashed yet
+        self.size = 0  # elements of the tensor
+        self.failed = False
+        self.turn = threading.Condition()
+
+    def feed(self, a: int, b: int, data: torch.Tensor) -> None:
+        with self.turn:
+            self.turn.wait_for(lambda: self.next == a or self.failed)
+            if self.failed:
+                raise MupscaleError("internal: an earlier range of this tensor failed")
+        self.hash.update(_tensor_bytes(data))  # only the thread whose turn it is gets here
+        with self.turn:
+            self.next = b
+            self.turn.notify_all()
+
+    def fail(self) -> None:
+        with self.turn:
+            self.failed = True
+            self.turn.notify_all()
+
+
+
+def stream_tensors(writer, tensors: list[OutTensor], threads: int = 2, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                   on_bytes: Callable[[str, int], None] = lambda n, b: None,
+                   poll: Callable[[], None] | None = None) -> dict[str, str]:
+    """Make, hash and write every tensor range by range; returns the sha256 of each tensor's bytes.
+
+    `threads` worker threads (0: this thread alone) make the ranges and feed them to their tensor's hash in
+    order; this thread writes them in file order (one writer: concurrent writes to one file only contend
+    in the kernel), keeping at most `threads` + 1 ranges in flight. Tied aliases (`copy_of`) come last,
+    read back from the file once their canonical tensor is written. The same bytes whatever `threads` or
+    `chunk_bytes`."""
+    digests: dict[str, str] = {}
+    chains = {t.name: _Chain() for t in tensors if t.copy_of is None}
+    written = {t.name: 0 for t in tensors}
+    progress = threading.Condition()
+
+    def work(t: OutTensor, a: int, b: int) -> torch.Tensor:
+        if t.copy_of is not None:  # a tied alias: the bytes of its canonical tensor, once those are written
+            with progress:
+                progress.wait_for(lambda: written[t.copy_of] == chains[t.copy_of].size or chains[t.copy_of].failed)
+            if chains[t.copy_of].failed:
+                raise MupscaleError("internal: the tensor to copy was not written")
+            return writer.read_chunk(t.copy_of, a, b - a)
+        chain = chains[t.name]
+        try:
+            data = t.make(a, b) if t.make is not None else None
+            if data is None or data.dtype != t.dtype or data.numel() != b - a:
+                raise MupscaleError(f"internal: range [{a}, {b}) of {t.name!r} came out as "
+                                    f"{None if data is None else (data.dtype, data.numel())}")
+            chain.feed(a, b, data)
+        except BaseException:
+            chain.fail()
+            raise
+        if b == t.numel:
+            digests[t.name] = chain.hash.hexdigest()
+        return data
+
+    def put(t: OutTensor, a: int, b: int, data: torch.Tensor) -> None:
+        writer.write_chunk(t.name, a, data)
+        with progress:
+            written[t.name] += b - a
+            progress.notify_all()
+        on_bytes(t.name, (b - a) * t.dtype.itemsize)
+        if poll is not None:
+            poll()
+
+    for t in tensors:
+        if t.copy_of is None:
+            chains[t.name].size = t.numel
+    tasks = list(_tasks(tensors, chunk_bytes))  # made tensors first, then tied aliases
+    with _torch_threads(1):
+        if threads <= 0:
+            for t, a, b in tasks:
+                put(t, a, b, work(t, a, b))
+        else:
+            pending: deque[tuple[OutTensor, int, int, Future]] = deque()
+            with ThreadPoolExecutor(threads, thread_name_prefix="mupscale") as pool:
+                try:
+                    for t, a, b in tasks:  # FIFO: a range starts only after every earlier one has started
+                        pending.append((t, a, b, pool.submit(work, t, a, b)))
+                        while len(pending) > threads:
+                            t0, a0, b0, f0 = pending.popleft()
+                            put(t0, a0, b0, f0.result())
+                    while pending:
+                        t0, a0, b0, f0 = pending.popleft()
+                        put(t0, a0, b0, f0.result())
+                except BaseException:
+                    for *_, f in pending:
+                        f.cancel()
+                    for c in chains.values():
+                        c.fail()
+                    with progress:
+                        progress.notify_all()
+                    raise
+    for t in tensors:
+        if t.copy_of is not None:
+            digests[t.name] = digests[t.copy_of]
+    return digests
+
+
+class Background:
+    """`compute()` on a daemon thread: the input's sha256, or the value checks, while the output is written.
+    `poll()` raises its error as soon as there is one (to stop early); `result()` waits and returns or raises."""
+
+    def __init__(self, compute: Callable[[], object], name: str = "mupscale-background"):
+        self._value: object = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(compute,), daemon=True, name=name)
+        self._thread.start()
+
+    def _run(self, compute) -> None:
+        try:
+            self._value = compute()
+        except BaseException as e:  # noqa: BLE001 - re-raised in poll()/result()
+            self._error = e
+
+    def poll(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def result(self):
+        self._thread.join()
+        self.poll()
+        return self._value
+
+
+def write_streamed(target: Target, model: list[OutTensor], optim: list[OutTensor], kind: str | None,
+                   optim_groups: list[dict] | None, provenance: dict, extra: dict,
+                   source_sha256: Callable[[], str] | None = None, threads: int = 2,
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                   on_bytes: Callable[[str, int], None] = lambda n, b: None,
+                   poll: Callable[[], None] | None = None) -> None:
+    """Stream model tensors and optimizer state into `target` (.safetensors file or shards).
+
+    Optimizer state goes under `__optim__/<tensor name>/<state key>` (in the same file, or in its own
+    shards), its groups in the metadata. The sha256 of every tensor's bytes is recorded under
+    `mupscale.sha256` (per shard for shards), and the input's sha256 (computed meanwhile by
+    `source_sha256()`, which may raise: validation running meanwhile) in the provenance: the header is
+    written with same-length placeholders and rewritten in place once the last tensor is written; nothing
+    is committed before source_sha256() returns. `poll()`, called after each range, may raise to stop
+    early (temporaries are removed)."""
+    prov = dict(provenance)
+    if source_sha256 is not None:
+        prov["source_sha256"] = "0" * 64
+    meta = {"format": "pt", META_PROV: json.dumps(prov, sort_keys=True)}
     if extra:
         meta[META_EXTRA] = json.dumps(jsonable(extra), sort_keys=True)
-    if osd is not None:
-        meta[META_OPTIM] = json.dumps(optimizer_meta(kind or "", osd), sort_keys=True)
-    digests = {i.name: "0" * 64 for i in infos}
-    meta[META_DIGESTS] = json.dumps(digests, sort_keys=True)
-    with StreamWriter(dest, infos, meta) as w:
-        for n, _, _ in model:
-            t = produce(n)
-            w.write(n, t)
-            digests[n] = tensor_sha256(t)
-            on_tensor(n, t.numel() * t.element_size())
-        for n, v in opt_tensors.items():
-            w.write(n, v)
-            digests[n] = tensor_sha256(v)
-            on_tensor(n, v.numel() * v.element_size())
-        w.update_metadata({META_DIGESTS: json.dumps(digests, sort_keys=True)})
+    if optim_groups is not None:
+        meta[META_OPTIM] = json.dumps(optimizer_meta(kind or "", {"param_groups": optim_groups}), sort_keys=True)
+    def digests_of(infos: list[TensorInfo], digests: dict[str, str]) -> dict[str, str]:
+        return {META_DIGESTS: json.dumps({i.name: digests.get(i.name, "0" * 64) for i in infos}, sort_keys=True)}
+
+    def final_meta() -> dict[str, str]:
+        if source_sha256 is None:
+            return {}
+        return {META_PROV: json.dumps({**prov, "source_sha256": source_sha256()}, sort_keys=True)}
+
+    if target.kind == "safetensors":
+        infos = [t.info for t in model + optim]
+        with StreamWriter(target.path, infos, {**meta, **digests_of(infos, {})}, writeback=True) as w:
+            digests = stream_tensors(w, model + optim, threads, chunk_bytes, on_bytes, poll)
+            w.update_metadata({**final_meta(), **digests_of(infos, digests)})
+        return
+    if target.kind != "sharded" or not target.shard_size:
+        raise MupscaleError(f"internal: cannot stream into a {target.kind} target")
+    model_meta = dict(meta)
+    if optim:
+        model_meta[META_OPTIM_INDEX] = target.optimizer_index_path.name
+    writers: list[ShardedWriter] = []
+    try:
+        writers.append(ShardedWriter(target.path, [t.info for t in model], model_meta, target.shard_size,
+                                     target.prefix, shard_metadata=lambda infos: digests_of(infos, {}),
+                                     writeback=True))
+        if optim:
+            writers.append(ShardedWriter(target.path, [t.info for t in optim], meta, target.shard_size,
+                                         optimizer_prefix(target.prefix),
+                                         shard_metadata=lambda infos: digests_of(infos, {}), writeback=True))
+        digests = stream_tensors(_Both(writers), model + optim, threads, chunk_bytes, on_bytes, poll)
+        fm = final_meta()
+        for w in writers:
+            w.update_metadata(fm, lambda infos: digests_of(infos, digests))
+        for w in reversed(writers):  # the model index last: its presence means the output is complete
+            w.commit()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+
+
+class _Both:
+    """Model and optimizer shard writers behind one write_chunk/read_chunk interface."""
+
+    def __init__(self, writers: list[ShardedWriter]):
+        self._of: dict[str, ShardedWriter] = {}
+        for w in writers:
+            for name in w._by_name:
+                self._of[name] = w
+
+    def write_chunk(self, name: str, offset: int, data: torch.Tensor) -> None:
+        self._of[name].write_chunk(name, offset, data)
+
+    def read_chunk(self, name: str, offset: int, count: int) -> torch.Tensor:
+        return self._of[name].read_chunk(name, offset, count)
+
+
+def remove_replaced_shards(target: Target, before: set[str]) -> list[str]:
+    """After a sharded output replaced an earlier one (--force): remove the earlier shard files that the
+    new output does not use (other shard counts); returns their names."""
+    removed = []
+    for name in sorted(before - sharded_files(target)):
+        if SHARD_NAME.match(name) or name.endswith(INDEX_SUFFIX):
+            (target.path / name).unlink(missing_ok=True)
+            removed.append(name)
+    return removed
+
+
+def sharded_files(target: Target) -> set[str]:
+    """File names of an existing sharded output at `target` (its indexes and the shards they list)."""
+    out = set()
+    for index in (target.index_path, target.optimizer_index_path):
+        if index.is_file():
+            out.add(index.name)
+            try:
+                wm = json.loads(index.read_text()).get("weight_map", {})
+                out.update(v for v in wm.values() if isinstance(v, str) and Path(v).name == v)
+            except (OSError, ValueError, AttributeError):
+                pass
+    return out
 
 
 def write_pt(dest: Path, ckpt: Checkpoint, model: dict[str, torch.Tensor], osd: dict | None,

@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import torch
 
+from mupscale_cli.core.checkpoint import LazyTensors, iter_chunks, tensor_meta
 from mupscale_cli.core.spec import Dim, Rule, Spec, eval_size
 from mupscale_cli.errors import MupscaleError
 
@@ -161,14 +162,13 @@ def _match(spec: Spec, names: list[str]) -> dict[str, Rule]:
     return found
 
 
-def _bsh_extra(spec: Spec, tensors: dict[str, torch.Tensor], names: list[str]) -> tuple[dict[str, str], dict]:
+def _bsh_extra(spec: Spec, tensors, names: list[str]) -> tuple[dict[str, str], dict]:
     """For base-shape files: tied aliases (shared storage or equal values) and BatchNorm buffers."""
     listed = {r.pattern for r in spec.rules}
     tied, buffers = {}, {}
     for n in names:
         if n in listed:
             continue
-        t = tensors.get(n)
         mod, _, leaf = n.rpartition(".")
         if leaf in ("running_mean", "running_var") and f"{mod}.weight" in listed:
             buffers[n] = next(r.dims for r in spec.rules if r.pattern == f"{mod}.weight")
@@ -177,17 +177,27 @@ def _bsh_extra(spec: Spec, tensors: dict[str, torch.Tensor], names: list[str]) -
             buffers[n] = ()
             continue
         for m in listed:
-            u = tensors.get(m)
-            if t is not None and u is not None and t.shape == u.shape and (
-                    t.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() or torch.equal(t, u)):
+            if m not in tensors or n not in tensors or tensor_meta(tensors, m) != tensor_meta(tensors, n):
+                continue
+            if same_values(tensors, n, m):
                 tied[n] = m
                 break
     return tied, buffers
 
 
+def same_values(tensors, a: str, b: str, chunk: int = 1 << 22) -> bool:
+    """Whether tensors[a] and tensors[b] (same shape and dtype) hold equal values: shared storage, or
+    compared piece by piece (lazy inputs are never read whole)."""
+    if not isinstance(tensors, LazyTensors):
+        t, u = tensors[a], tensors[b]
+        if t.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() and t.data_ptr() == u.data_ptr():
+            return True
+    return all(torch.equal(x, y) for x, y in zip(iter_chunks(tensors, a, chunk), iter_chunks(tensors, b, chunk)))
+
+
 def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], k: dict[str, int],
               model_args: dict | None = None, size_overrides: dict[str, int] | None = None,
-              tensors: dict[str, torch.Tensor] | None = None) -> Plan:
+              tensors=None) -> Plan:
     names = list(shapes)
     tied, bsh_buffers = dict(spec.tied), {}
     if spec.bsh:

@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -142,6 +143,22 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+def _pread_tensor(fd: int, position: int, count: int, dtype: torch.dtype, where: Path) -> torch.Tensor:
+    """`count` elements of `dtype` read with pread from byte `position` into a new 1-d tensor (no mmap:
+    the bytes read stay page cache, never resident in this process beyond the returned tensor)."""
+    out = torch.empty(count, dtype=dtype)
+    if count == 0:
+        return out
+    view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+    while view:
+        n = os.preadv(fd, [view], position)
+        if n <= 0:
+            raise MupscaleError(f"{where}: file ended while reading tensor data (truncated or changed since "
+                                f"it was opened)")
+        view, position = view[n:], position + n
+    return out
+
+
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 (hex) of the bytes safetensors stores for `tensor` (little-endian, C order)."""
     return hashlib.sha256(_tensor_bytes(tensor)).hexdigest()
@@ -178,8 +195,9 @@ class StreamWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], infos: list[TensorInfo], metadata: dict[str, str] | None = None,
-                 reserve_metadata_bytes: int = 0):
+                 reserve_metadata_bytes: int = 0, writeback: bool = False):
         self.path = Path(path)
+        self._writeback = writeback and _sync_file_range is not None
         if sys.byteorder != "little":
             raise MupscaleError("safetensors writing needs a little-endian machine")
         if not self.path.parent.is_dir():
@@ -193,6 +211,7 @@ class StreamWriter:
         self._coverage: dict[str, _Coverage] = {}
         self._lock = threading.Condition()
         self._active = 0
+        self._read_fd: int | None = None
         self.temp_path = _temp_path(self.path)
         self._fd: int | None = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
@@ -212,6 +231,28 @@ class StreamWriter:
     def write_chunk(self, name: str, flat_element_offset: int, tensor_chunk: torch.Tensor) -> None:
         """Write `tensor_chunk` (flattened, C order) at element `flat_element_offset` of tensor `name`."""
         self._put(self._info(name), flat_element_offset, tensor_chunk)
+
+    def read_chunk(self, name: str, flat_element_offset: int, count: int) -> torch.Tensor:
+        """Read back `count` elements of tensor `name` from `flat_element_offset` (already written; before
+        commit), e.g. to copy a tied alias without producing it twice."""
+        info = self._info(name)
+        if flat_element_offset < 0 or flat_element_offset + count > info.numel:
+            raise MupscaleError(f"{self.path}: read [{flat_element_offset}, {flat_element_offset + count}) of "
+                                f"tensor {name!r} is outside its {info.numel} elements")
+        with self._lock:
+            if self._fd is None:
+                raise MupscaleError(f"{self.path}: read of tensor {name!r} after commit or abort")
+            if self._read_fd is None:
+                self._read_fd = os.open(self.temp_path, os.O_RDONLY)
+            fd = self._read_fd
+            self._active += 1
+        try:
+            return _pread_tensor(fd, self._ranges[name][0] + flat_element_offset * info.dtype.itemsize, count,
+                                 info.dtype, self.path)
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._lock.notify_all()
 
     def update_metadata(self, metadata: dict[str, str]) -> None:
         """Merge `metadata` into the header's `__metadata__` and rewrite the header in place (before commit)."""
@@ -289,7 +330,10 @@ class StreamWriter:
                 raise MupscaleError(f"{self.path}: elements [{offset}, {end}) of tensor {info.name!r} written twice")
             self._active += 1
         try:
-            self._pwrite(fd, data, self._ranges[info.name][0] + offset * info.dtype.itemsize)
+            position = self._ranges[info.name][0] + offset * info.dtype.itemsize
+            self._pwrite(fd, data, position)
+            if self._writeback and len(data) >= WRITEBACK_MIN_BYTES:
+                _sync_file_range(fd, position, len(data), 2)  # SYNC_FILE_RANGE_WRITE: start writing, no wait
         finally:
             with self._lock:
                 self._active -= 1
@@ -316,7 +360,34 @@ class StreamWriter:
         with self._lock:
             fd, self._fd = self._fd, None
             self._lock.wait_for(lambda: self._active == 0)
+            if self._read_fd is not None:
+                os.close(self._read_fd)
+                self._read_fd = None
         return fd
+
+
+WRITEBACK_MIN_BYTES = 1 << 20
+
+
+def _load_sync_file_range():
+    """Linux's sync_file_range(2) through ctypes, or None. With `writeback=True` a writer asks the kernel to
+    start writing each range to disk as soon as it is written, so the disk works while the next ranges are
+    computed and the final fsync has little left to do (as it would for a plain sequential writer)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        f = libc.sync_file_range
+        f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        f.restype = ctypes.c_int
+        return f
+    except (OSError, AttributeError):
+        return None
+
+
+_sync_file_range = _load_sync_file_range()
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -348,6 +419,8 @@ class ShardedWriter:
         metadata: dict[str, str] | None,
         shard_size: int,
         prefix: str = "model",
+        shard_metadata: Callable[[list[TensorInfo]], dict[str, str]] | None = None,
+        writeback: bool = False,
     ):
         self.directory = Path(directory)
         if shard_size <= 0:
@@ -372,10 +445,12 @@ class ShardedWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.shards: list[StreamWriter] = []
         self._by_name: dict[str, StreamWriter] = {}
+        self.groups = groups
         try:
             for i, group in enumerate(groups, 1):
                 file = f"{prefix}-{i:05d}-of-{len(groups):05d}.safetensors"
-                shard = StreamWriter(self.directory / file, group, metadata)
+                extra = _check_metadata(shard_metadata(group), self.directory) if shard_metadata else {}
+                shard = StreamWriter(self.directory / file, group, {**metadata, **extra}, writeback=writeback)
                 self.shards.append(shard)
                 for info in group:
                     if info.name in self._by_name:
@@ -393,6 +468,25 @@ class ShardedWriter:
     def write_chunk(self, name: str, flat_element_offset: int, tensor_chunk: torch.Tensor) -> None:
         """Write a flat chunk of a tensor into its shard."""
         self._shard(name).write_chunk(name, flat_element_offset, tensor_chunk)
+
+    def read_chunk(self, name: str, flat_element_offset: int, count: int) -> torch.Tensor:
+        """Read back written elements of a tensor from its shard (see StreamWriter.read_chunk)."""
+        return self._shard(name).read_chunk(name, flat_element_offset, count)
+
+    @property
+    def files(self) -> list[Path]:
+        """Final paths of the shards, then the index."""
+        return [s.path for s in self.shards] + [self.index_path]
+
+    def update_metadata(self, metadata: dict[str, str],
+                        shard_metadata: Callable[[list[TensorInfo]], dict[str, str]] | None = None) -> None:
+        """Merge `metadata` into every shard's header and the index's metadata, and `shard_metadata(infos)`
+        into each shard's header only (rewritten in place: the same rules as StreamWriter.update_metadata)."""
+        metadata = _check_metadata(metadata, self.directory)
+        for group, shard in zip(self.groups, self.shards):
+            extra = shard_metadata(group) if shard_metadata else {}
+            shard.update_metadata({**metadata, **extra})
+        self._index["metadata"].update(metadata)
 
     def commit(self) -> None:
         """Check every shard is complete, commit them all, then write the index; abort on failure."""
@@ -518,6 +612,15 @@ class LazySafetensors:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self._infos, self._metadata = _read_header(self.path)
+        with open(self.path, "rb") as f:
+            position = 8 + struct.unpack("<Q", f.read(8))[0]
+        self._offsets: dict[str, int] = {}
+        for name, info in self._infos.items():  # file order, contiguous (checked by _read_header)
+            self._offsets[name] = position
+            position += info.nbytes
+        self._fd: int | None = None
+        self._fd_lock = threading.Lock()
+        self._closed = False
         try:
             self._handle: Any = safe_open(str(self.path), framework="pt")
         except Exception as e:
@@ -540,11 +643,91 @@ class LazySafetensors:
         except Exception as e:
             raise MupscaleError(f"{self.path}: cannot read tensor {name!r}: {_one_line(e)}") from None
 
+    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """Flat elements [start, start + count) of tensor `name` (all by default) as a new 1-d tensor, read
+        with pread: nothing is memory-mapped, so only the returned tensor counts in this process's memory."""
+        info = self.info(name)
+        count = info.numel - start if count is None else count
+        if start < 0 or count < 0 or start + count > info.numel:
+            raise MupscaleError(f"{self.path}: read [{start}, {start + count}) of tensor {name!r} is outside its "
+                                f"{info.numel} elements")
+        with self._fd_lock:
+            if self._closed:
+                raise MupscaleError(f"{self.path}: reader used after close()")
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            fd = self._fd
+        return _pread_tensor(fd, self._offsets[name] + start * info.dtype.itemsize, count, info.dtype, self.path)
+
+    def location(self, name: str) -> tuple[Path, str]:
+        """(file, name in the file) of tensor `name`."""
+        self.info(name)
+        return self.path, name
+
+    def scan(self, on_piece: Callable[[str, torch.Tensor], None] | None = None,
+             piece_bytes: int = 8 << 20, hashing: bool = True) -> str:
+        """sha256 of the whole file, read once in file order; `on_piece(name, values)` sees every tensor's
+        data as it goes by, in pieces of at most `piece_bytes` (a view of a reused buffer: do not keep it).
+        hashing=False: only the pieces, returns ""."""
+        h = hashlib.sha256()
+        with self._fd_lock:
+            if self._closed:
+                raise MupscaleError(f"{self.path}: reader used after close()")
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            fd = self._fd
+        start = min(self._offsets.values(), default=None)
+        if start is None:
+            with open(self.path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+        buf = torch.empty(max(piece_bytes, 64), dtype=torch.uint8)
+        if hashing:
+            h.update(_pread_tensor(fd, 0, start, torch.uint8, self.path).numpy())
+        for name, info in self._infos.items():
+            size = info.dtype.itemsize
+            step = max(size, piece_bytes // size * size)
+            for a in range(0, info.nbytes, step):
+                n = min(step, info.nbytes - a)
+                view = memoryview(buf[:n].numpy()).cast("B")
+                done, position = 0, self._offsets[name] + a
+                while done < n:
+                    got = os.preadv(fd, [view[done:]], position + done)
+                    if got <= 0:
+                        raise MupscaleError(f"{self.path}: file ended while reading tensor data (truncated or "
+                                            f"changed since it was opened)")
+                    done += got
+                if hashing:
+                    h.update(view)
+                if on_piece is not None:
+                    on_piece(name, buf[:n].view(info.dtype))
+        return h.hexdigest() if hashing else ""
+
+    def read_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of tensor `name` (first dimension; C order makes them one contiguous byte range)."""
+        info = self.info(name)
+        if not info.shape:
+            return self.read(name).reshape(())
+        row = math.prod(info.shape[1:])
+        return self.read(name, r0 * row, (r1 - r0) * row).reshape(r1 - r0, *info.shape[1:])
+
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
 
     def close(self) -> None:
         self._handle = None
+        with self._fd_lock:
+            self._closed = True
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __enter__(self) -> LazySafetensors:
         return self
@@ -594,6 +777,15 @@ class ShardedSafetensors:
 
     def get(self, name: str) -> torch.Tensor:
         return self._shard(name).get(name)
+
+    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        return self._shard(name).read(name, start, count)
+
+    def read_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        return self._shard(name).read_rows(name, r0, r1)
+
+    def location(self, name: str) -> tuple[Path, str]:
+        return self._shard(name).location(name)
 
     def metadata(self) -> dict[str, str]:
         return next(iter(self.shards.values())).metadata() if self.shards else {}
