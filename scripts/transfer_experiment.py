@@ -18,8 +18,8 @@ from mupscale_cli.commands.plots import plot_sweep
 from mupscale_cli.commands.sweep import SweepOptions, run_sweep, spearman
 from mupscale_cli.zoo import gpt, mlp
 
-SIGMAS = [0.25, 0.5, 1.0, 2.0, 4.0]
-LR_MULTS = [0.25, 0.5, 1.0, 2.0, 4.0]
+SIGMAS = [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0]
+LR_MULTS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
 MODELS = {  # zoo, proxy args per width, base learning rate γ̄ (MuAdamW), proxy training steps
     "mlp": (mlp, [{"width": 16, "depth": 3}, {"width": 32, "depth": 3}], 1e-2, 150),
     "gpt": (gpt, [{"n_embd": 16, "n_head": 2}, {"n_embd": 32, "n_head": 2}], 3e-3, 150),

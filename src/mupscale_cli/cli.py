@@ -84,17 +84,81 @@ def _opts(checkpoint, output, k, sigma, seed, spec, optimizer, opt_layout, size,
                         force=force, no_optimizer=no_optimizer, strict=strict)
 
 
-def _progress(quiet: bool) -> Callable[[str, int], None]:
+class _Bar:
+    """widen's progress: a Rich bar (bytes written, rate, ETA) on stderr; `start(total)` then `(name, nbytes)`."""
+
+    def __init__(self) -> None:
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+        self.bar = Progress(TextColumn("widening"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True)
+        self.task = None
+
+    def start(self, total: int) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task("widen", total=total)
+
+    def __call__(self, name: str, nbytes: int) -> None:
+        if self.task is not None:
+            self.bar.advance(self.task, nbytes)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def _prehash(path: Path):
+    """Start the sha256 of a single-file input on a thread now, while torch loads (with one core busy
+    importing, the other is free); returns a function giving the hex digest (None for a directory)."""
+    if not path.is_file():
+        return None
+    import hashlib
+    import threading
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            h, buf = hashlib.sha256(), bytearray(1 << 22)
+            with open(path, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    h.update(memoryview(buf)[:n])
+            box["digest"] = h.hexdigest()
+        except OSError as e:
+            box["error"] = MupscaleError(f"{path}: cannot read: {e.strerror or e}")
+
+    thread = threading.Thread(target=run, daemon=True, name="mupscale-prehash")
+    thread.start()
+
+    def result() -> str:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["digest"]
+    return result
+
+
+def _widen_memory_settings() -> None:
+    """Before torch loads: glibc returns freed large blocks at once (limit_heap_growth: peak memory stays
+    flat), and large tensors sit on transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE) so that the
+    fresh buffers of range after range cost few page faults."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    from mupscale_cli.core.output import limit_heap_growth
+    limit_heap_growth()
+
+
+def _progress(quiet: bool):
+    """A progress bar when stderr is a terminal and not --quiet, else nothing."""
     if quiet or not sys.stderr.isatty():
         return lambda n, b: None
-    return lambda n, b: err.print(f"  wrote {n} ({b / 2**20:.1f} MiB)", markup=False)
+    return _Bar()
 
 
 @app.command()
 def widen(
-    checkpoint: Path = typer.Argument(..., help="Input: nanoGPT .pt, state-dict .pt or .safetensors."),
+    checkpoint: Path = typer.Argument(..., help="Input: nanoGPT .pt, state-dict .pt, .safetensors, or a sharded "
+                                                "safetensors directory / index."),
     output: Optional[Path] = typer.Option(None, "-o", "--output",
-                                          help="Output .safetensors (default layout) or .pt (input's layout)."),
+                                          help="Output .safetensors (default layout) or .pt (input's layout); "
+                                               "a directory with --shard-size."),
     k: str = typer.Option("2", "--k", "-k", help=K_HELP),
     sigma: float = typer.Option(0.0, "--sigma", help="Noise base constant σ̄ (0: exact widening). Noise std = "
                                                        "σ̄ × std of a fresh μP init of the widened tensor."),
@@ -111,17 +175,41 @@ def widen(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of the path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     strict: bool = typer.Option(False, "--strict", help="Treat NaN/Inf in the input as an error, not a warning."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast the model's floating-point tensors to "
+                                        "float32|bfloat16|float16 (after the noise). Optimizer state keeps its dtype."),
+    shard_size: Optional[str] = typer.Option(None, "--shard-size", help="Write Hugging Face shards of at most "
+                                             "this size (e.g. 5GB, 500MiB): -o is then a directory (or "
+                                             "DIR/NAME.safetensors for NAME-0000i-of-0000N shards)."),
+    threads: int = typer.Option(2, "--threads", help="Worker threads making tensors (0: one thread); the "
+                                "output is the same bytes for any number."),
+    noise_device: str = typer.Option("cpu", "--noise-device", help="cpu|cuda: where the noise is drawn. "
+                                     "CUDA draws other numbers than the CPU for the same seed; it is recorded "
+                                     "in the provenance."),
+    chunk_size: str = typer.Option("8MiB", "--chunk-size", hidden=True, help="Unit of work for large tensors."),
 ) -> None:
     """Widen a checkpoint k times: weights, buffers, optimizer state and hyper-parameters (paper Table 1),
-    plus optional μP-scaled noise. Prints the output path (or --json summary) on stdout.
+    plus optional μP-scaled noise. Prints the output path (or --json summary) on stdout. Inputs: .pt,
+    .safetensors, or a Hugging Face sharded checkpoint (directory or *.safetensors.index.json).
 
     Example: mupscale widen ckpt.pt --k 4 --sigma 0.75 -o wide.safetensors
     """
     with guard():
+        from dataclasses import replace
+
+        digest = _prehash(checkpoint)
+        _widen_memory_settings()
         from mupscale_cli.commands.widen import run_widen
+        from mupscale_cli.core.safetensors_io import parse_size
         opts = _opts(checkpoint, output, k, sigma, seed, spec, optimizer, opt_layout, size, force, no_optimizer,
                      strict)
-        res = run_widen(opts, _progress(quiet))
+        opts = replace(opts, dtype=dtype, shard_size=shard_size, threads=threads, noise_device=noise_device,
+                       chunk_bytes=parse_size(chunk_size), source_digest=digest)
+        bar = _progress(quiet)
+        try:
+            res = run_widen(opts, bar)
+        finally:
+            if isinstance(bar, _Bar):
+                bar.stop()
         for note in res["notes"]:
             if not quiet:
                 err.print(f"mupscale: note: {note}", markup=False, soft_wrap=True)
@@ -169,6 +257,140 @@ def inspect(
         typer.echo(f"ok: {rep['tensors']} tensors, {mb['base'] / 2**20:.1f} MiB -> {mb['widened'] / 2**20:.1f} MiB")
 
 
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _verify_table(rows: list[dict], steps: int, title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    for c in ("step", "loss", "Δloss rel", "max |Δout|", "Δout rel", "furthest tensor", "rel", ""):
+        t.add_column(c, justify="left" if c in ("furthest tensor", "") else "right")
+    for r, failed in rows:
+        t.add_row(str(r["step"]), _fmt(r["loss"]), _fmt(r["loss_rel"]), _fmt(r["out_abs"]), _fmt(r["out_rel"]),
+                  r["tensor"] or "-", _fmt(r["tensor_rel"]), "[red]FAIL[/red]" if failed else "ok")
+    return t
+
+
+@app.command()
+def verify(
+    base: Path = typer.Argument(..., help="The base checkpoint (with its optimizer state)."),
+    wide: Optional[Path] = typer.Argument(None, help="Its widening by `mupscale widen`; omitted: widen BASE in "
+                                                      "memory (σ̄ = 0)."),
+    spec: Optional[str] = typer.Option(None, "--spec", help=SPEC_HELP + " With WIDE: the spec it records."),
+    k: Optional[str] = typer.Option(None, "--k", "-k", help=K_HELP + " Default: WIDE's recorded k, else 2."),
+    steps: int = typer.Option(200, "--steps", help="Training steps in lockstep."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda (auto: the GPU when there is one)."),
+    dtype: str = typer.Option("float64", "--dtype", help="float64|float32|bfloat16: models, states and batches."),
+    tol: Optional[float] = typer.Option(None, "--tol", help="Largest relative loss/output difference allowed "
+                                                             "(default per dtype: float64 1e-10, float32 1e-3, "
+                                                             "bfloat16 0.5)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Examples per training batch (and evaluation batch)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="A .pt/.safetensors with 'inputs' and 'targets' "
+                                                              "tensors, used in order (default: synthetic "
+                                                              "batches the spec's model describes)."),
+    hidden: bool = typer.Option(False, "--hidden", help="Compare every layer's activations too (widened vs "
+                                                         "duplicated base) and name the first that diverges."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report to this file."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic batches."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd|adam|adamw: when the state cannot "
+                                                                       "tell, or (with --lr) BASE has none."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of a fresh optimizer (BASE without "
+                                                          "optimizer state)."),
+    opt_layout: Optional[str] = typer.Option(None, "--opt-layout", help="Optimizer id layout, when ambiguous."),
+    size: Optional[list[str]] = typer.Option(None, "--size", help=SIZE_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help="Model factory package.module[:function] (default: "
+                                                               "the spec's model section)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Eval-mode outputs on a fixed batch "
+                                                                         "every N steps (default 10, 1 with "
+                                                                         "--hidden); loss, training outputs and "
+                                                                         "tensors are compared every step."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stderr."),
+) -> None:
+    """Check that a widening is exact: train BASE and WIDE (or BASE widened in memory) on identical batches
+    and compare loss, outputs and every tensor before the first step and after each. A noised WIDE must
+    equal exact widening + its recorded noise bit for bit. Exit 0 pass, 1 diverged, 2 usage/input error.
+
+    Example: mupscale verify ckpt.pt wide.safetensors --steps 200 --json report.json
+    """
+    with guard():
+        from mupscale_cli.commands.verify import VerifyOptions, run_verify
+        from mupscale_cli.commands.widen import parse_sizes
+        opts = VerifyOptions(base=base, wide=wide, spec=spec, k=k, steps=steps, device=device, dtype=dtype,
+                             tol=tol, batch_size=batch_size, data=data, hidden=hidden, seed=seed,
+                             optimizer=optimizer, lr=lr, opt_layout=opt_layout, sizes=parse_sizes(size or []),
+                             model=model, eval_every=eval_every)
+        if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
+            raise MupscaleError(f"--json {json_path}: not a writable file path")
+        shown: list[tuple[dict, bool]] = []
+        tty = sys.stderr.isatty() and not quiet
+
+        def on_step(row: dict, failed: bool) -> None:
+            s = row["step"]
+            if failed or steps <= 20 or s % 10 == 0 or s == steps:
+                shown.append((row, failed))
+            if tty and s and s % max(1, steps // 10) == 0:
+                err.print(f"  step {s}/{steps}: Δout rel {_fmt(row['out_rel'])}", markup=False)
+
+        rep = run_verify(opts, on_step)
+        if not quiet and shown:
+            err.print(_verify_table(shown, steps, f"verify {base.name} -> {wide.name if wide else 'in-memory'}: "
+                                                  f"spec {rep['spec']}, k {rep['k']}, {rep['dtype']} on "
+                                                  f"{rep['device']}"))
+        if json_path is not None:
+            try:
+                json_path.write_text(json.dumps(rep, indent=2, default=str) + "\n")
+            except OSError as e:
+                raise MupscaleError(f"--json {json_path}: cannot write: {e.strerror}") from None
+        if not quiet:
+            for note in rep["notes"]:
+                err.print(f"mupscale: note: {note}", markup=False, soft_wrap=True)
+            if rep["noise"] if "noise" in rep else None:
+                n = rep["noise"]
+                bad = sum(v not in ("noised", "exact") for v in n["tensors"].values())
+                cast = f", cast to {n['dtype']}" if n.get("dtype") else ""
+                err.print(f"re-derivation check (σ̄ {n['sigma']}, seed {n['seed']}{cast}): {n['checked'] - bad}/"
+                          f"{n['checked']} tensors equal bit for bit", markup=False)
+            if rep["result"] == "pass":
+                for i in rep["issues"]:
+                    err.print(f"mupscale: warning: {i['message']}", markup=False, soft_wrap=True)
+            for line in rep["diagnosis"]:
+                err.print(f"mupscale: diagnosis: {line}", markup=False, soft_wrap=True)
+        typer.echo(_verify_line(rep))
+        if rep["result"] != "pass":
+            raise typer.Exit(1)
+
+
+def _verify_line(rep: dict) -> str:
+    m = rep["max"]
+    worst = max((v for v in (m["loss_rel"], m["out_rel"]) if v is not None), default=None)
+    tol = rep["tolerance"]["loss_output"]
+    where = f"{rep['dtype']} on {rep['device']}"
+    if rep["result"] == "pass":
+        noise = f"; noise/cast re-derived bit for bit ({rep['noise']['checked']} tensors)" if rep.get("noise") else ""
+        return f"PASS: {rep['steps_run']} steps in lockstep, max relative loss/output difference {_fmt(worst)} " \
+               f"<= {tol:g} ({where}){noise}"
+    f = rep["first_failure"]
+    parts = []
+    if f:
+        s = f"diverged at step {f['step']}: {f['what']} relative difference {_fmt(f['value'])} > {tol:g}"
+        if f.get("layer"):
+            s += f", first diverging layer {f['layer']!r}"
+        if f.get("tensor"):
+            s += f", tensor furthest from the widened base {f['tensor']!r} ({_fmt(f['tensor_rel'])})"
+        parts.append(s)
+    elif rep["lockstep"] == "pass":
+        parts.append(f"lockstep on the noise-free reconstruction passed ({rep['steps_run']} steps)")
+    noise = rep.get("noise")
+    if noise and not noise["ok"]:
+        bad = [n for n, v in noise["tensors"].items() if v not in ("noised", "exact")]
+        first = bad[0] if bad else next((i["tensor"] for i in rep["issues"] if i["kind"] == "noise"), None)
+        parts.insert(0, f"noise check failed for {len(bad)} tensor(s) (first {first!r})")
+    structure = [i for i in rep["issues"] if i["kind"] == "structure"]
+    if structure:
+        parts.insert(0, structure[0]["message"])
+    return f"FAIL: {'; '.join(parts)} ({where})"
+
+
 @app.command()
 def specs(as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
     """List the bundled architecture specs."""
@@ -182,6 +404,55 @@ def specs(as_json: bool = typer.Option(False, "--json", help="JSON on stdout."))
         for s in items:
             typer.echo(f"{s['name']:24} axes={','.join(s['axes'])} readout={s['readout']}"
                        f"{'' if s['detect'] else ' (not auto-detected)'}  {s['description']}")
+
+
+@app.command()
+def sweep(
+    checkpoint: Path = typer.Argument(..., help="The trained proxy (small) checkpoint, with optimizer state."),
+    k: str = typer.Option("2", "--k", "-k", help=K_HELP),
+    sigma: str = typer.Option("0.25,0.5,1,2,4", "--sigma", help="Grid of σ̄ (or t for relative schemes)."),
+    lr: Optional[str] = typer.Option(None, "--lr", help="Grid of γ̄↑ (default γ̄ × 0.25,0.5,1,2)."),
+    steps: int = typer.Option(200, "--steps", help="Training steps per setting."),
+    spec: Optional[str] = typer.Option(None, "--spec", help=SPEC_HELP),
+    base_lr: Optional[float] = typer.Option(None, "--base-lr", help="The proxy's γ̄ (default: config.learning_rate)."),
+    early: Optional[float] = typer.Option(None, "--early", help="Score on the first FRACTION of steps; reports "
+                                                                 "the rank correlation with full-run scores."),
+    halving: bool = typer.Option(False, "--halving", help="Successive halving: drop the worse half at T/2^r."),
+    seeds: int = typer.Option(1, "--seeds", help="Noise/data seeds per setting (confidence across seeds)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Batch size of the synthetic task or --data."),
+    noise_scheme: str = typer.Option("mup", "--noise-scheme", help="mup|relative|masked|interpolate (App. F.5)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="A .pt/.safetensors with `inputs` and `targets`."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the best setting to hparams.yaml."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of loss against σ̄ and γ̄↑ (needs matplotlib)."),
+) -> None:
+    """Tune σ̄ and γ̄↑ on a small upscaling (proxy n0 -> k·n0) to reuse for n -> k·n (paper §3.2):
+    widen the proxy for every setting, train, score by the mean training loss. Prints the best pair
+    (JSON) on stdout; the grid table on stderr. Then: mupscale widen BIG.pt --k K --hparams hparams.yaml"""
+    with guard():
+        from mupscale_cli.commands.sweep import SweepOptions, parse_floats, run_sweep
+        o = SweepOptions(checkpoint=checkpoint, k=k, sigmas=parse_floats(sigma, "--sigma"),
+                         lrs=parse_floats(lr, "--lr") if lr else None, steps=steps, spec=spec, base_lr=base_lr,
+                         early=early, halving=halving, seeds=seeds, batch_size=batch_size, scheme=noise_scheme,
+                         data=data, output=output)
+        res = run_sweep(o, lambda s: err.print(s, markup=False, soft_wrap=True))
+        t = Table(title=f"sweep {checkpoint.name}: k {res['k']}, {res['steps']} steps, scheme {res['noise_scheme']}",
+                  title_justify="left")
+        for c in ("σ̄", "γ̄↑", "steps", "score", "± se", "early", "final loss"):
+            t.add_column(c, justify="right")
+        for r in res["grid"]:
+            best = r["sigma"] == res["sigma"] and r["lr"] == res["lr"]
+            t.add_row(*(f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in
+                        (r["sigma"], r["lr"], r["steps"], r["score"], r["score_se"], r["early"], r["final_loss"])),
+                      style="bold green" if best else None)
+        err.print(t)
+        err.print(f"best: sigma={res['sigma']:g} lr={res['lr']:g} ({res['confidence']})", markup=False,
+                  soft_wrap=True)
+        if plot:
+            from mupscale_cli.commands.plots import plot_sweep
+            plot_sweep([res], plot)
+        typer.echo(json.dumps({k2: res[k2] for k2 in ("sigma", "lr", "base_lr", "noise_scheme", "k", "confidence",
+                                                        "rank_correlation_early_full", "total_train_steps",
+                                                        "full_grid_steps")}))
 
 
 def main() -> None:

@@ -23,8 +23,12 @@ def plot_sweep(results: list[dict], path: Path, labels: list[str] | None = None)
         ys = sorted({r["lr"] for r in rows})
         ax2.plot(ys, [next(r["score"] for r in rows if r["lr"] == y and r["sigma"] == res["sigma"]) for y in ys],
                  "o-", label=f"{label} (σ̄={res['sigma']:.3g})")
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+    ax1.set_yscale("log")
     for ax, x in ((ax1, "σ̄ (noise base constant)"), (ax2, "γ̄↑ (learning-rate base constant)")):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.set_xlabel(x)
         ax.set_ylabel("mean training loss")
         ax.legend(fontsize=8)

@@ -179,7 +179,7 @@ def run_sweep(o: SweepOptions, log: Callable[[str], None] = lambda s: None) -> d
                "score": _mean(full), "score_se": _se(full), "early": _mean(early),
                "final_loss": _mean([sum(r.losses[-10:]) / len(r.losses[-10:]) for r in rs])}
         table.append(row)
-    by = "early" if o.early and not o.halving else "score"
+    by = "score"  # the full-run score picks; early scores are reported with their rank correlation
     done = [r for r in table if r[by] is not None]
     best = min(done, key=lambda r: r[by])
     rest = sorted(done, key=lambda r: r[by])
