@@ -105,3 +105,12 @@ def test_version_help_and_specs():
     r = runner.invoke(app, ["specs", "--json"])
     names = {s["name"] for s in json.loads(r.stdout)}
     assert {"mup-mlp", "nanogpt-mup", "nanogpt-mup-heads", "resnet18-mup", "llama-mup"} <= names
+
+
+def test_click_usage_errors_are_one_line_too(tmp):
+    for args, needle in [(["widen", "x.pt", "--sigma", "abc"], "Invalid value for '--sigma'"),
+                         (["--bogus"], "No such option: --bogus"), (["widen"], "Missing argument")]:
+        r = mupscale(*args)
+        assert r.returncode == 2 and r.stdout == "", args
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mupscale: error:") and needle in lines[0], r.stderr

@@ -456,4 +456,20 @@ def sweep(
 
 
 def main() -> None:
-    app()
+    """Entry point: click's usage errors (bad option values) become one line too, exit 2."""
+    try:
+        rv = app(standalone_mode=False)
+    except Exception as e:  # typer vendors click: match its exceptions by what they offer
+        if type(e).__name__ == "Abort":
+            err.print("mupscale: interrupted", markup=False)
+            sys.exit(130)
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            err.print(ctx.get_help(), markup=False)
+        else:
+            where = f"mupscale {ctx.info_name} --help" if ctx is not None and ctx.parent else "mupscale --help"
+            err.print(f"mupscale: error: {e.format_message()} (see {where})", markup=False, soft_wrap=True)
+        sys.exit(2)
+    sys.exit(rv if isinstance(rv, int) else 0)
