@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -428,6 +429,10 @@ def widen_tensors(prep: Prepared, sigma: float, seed: int, noise_device: str = "
     return produce
 
 
+def _torch_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
 def model_out(prep: Prepared, opts: WidenOptions) -> list[OutTensor]:
     """The model's output tensors, made range by range from the input rows they need (aliases copied)."""
     dtype = out_dtype(opts)
@@ -439,9 +444,10 @@ def model_out(prep: Prepared, opts: WidenOptions) -> list[OutTensor]:
             out.append(OutTensor(n, p.out_shape, dt, copy_of=p.alias_of))
             continue
 
-        def make(a: int, b: int, n=n, p=p) -> torch.Tensor:
-            return widen_range(lambda i0, i1: read_rows(tensors, n, i0, i1), p, a, b, sigma=opts.sigma,
-                               seed=opts.seed, noise_device=opts.noise_device, out_dtype=dtype)
+        def make(a: int, b: int, alloc=None, n=n, p=p) -> torch.Tensor:
+            alloc = alloc or _torch_empty
+            return widen_range(lambda i0, i1: read_rows(tensors, n, i0, i1, alloc), p, a, b, sigma=opts.sigma,
+                               seed=opts.seed, noise_device=opts.noise_device, out_dtype=dtype, alloc=alloc)
         out.append(OutTensor(n, p.out_shape, dt, make))
     return out
 
@@ -461,13 +467,15 @@ def optimizer_out(prep: Prepared, names_out) -> tuple[list[dict] | None, list[Ou
         p = prep.plan.tensors[e.name]
         name = f"{OPTIM_NS}{strip_prefix(names_out(e.name))}/{e.key}"
         if e.key == "step" or len(shape) == 0:
-            def make(a: int, b: int, st=st, key=e.key) -> torch.Tensor:
+            def make(a: int, b: int, alloc=None, st=st, key=e.key) -> torch.Tensor:
                 return st[key].detach().clone().reshape(-1)[a:b]
             out.append(OutTensor(name, shape, dtype, make))
             continue
 
-        def make(a: int, b: int, st=st, key=e.key, p=p) -> torch.Tensor:
-            return widen_range(lambda i0, i1: read_rows(st, key, i0, i1), p, a, b, power=STATE_POWER[key])
+        def make(a: int, b: int, alloc=None, st=st, key=e.key, p=p) -> torch.Tensor:
+            alloc = alloc or _torch_empty
+            return widen_range(lambda i0, i1: read_rows(st, key, i0, i1, alloc), p, a, b, power=STATE_POWER[key],
+                               alloc=alloc)
         out.append(OutTensor(name, p.out_shape, dtype, make))
     return lay.groups, out
 
@@ -476,6 +484,7 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     """Widen `opts.checkpoint` into `opts.output`; returns a summary.
     `progress(name, nbytes)` is called as bytes are written; `progress.start(total_bytes)`, if it exists,
     once before."""
+    t_start = time.perf_counter()
     target = check_output(opts)
     streamed = target.kind != "pt"
     prep = prepare(opts, lazy=True, defer_checks=streamed)
@@ -520,7 +529,10 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
         if target.kind == "sharded":
             for name in remove_replaced_shards(target, before):
                 prep.notes.append(f"removed {name}, a shard of the output this one replaced")
-    return summary(prep, target.shown, opts, groups)
+    res = summary(prep, target.shown, opts, groups)
+    res["output_bytes"] = output_bytes(prep, target, dtype)
+    res["time_s"] = round(time.perf_counter() - t_start, 3)  # in this process: start-up not counted
+    return res
 
 
 def _names_out(prep: Prepared, target: Target):

@@ -63,9 +63,9 @@ class LazyTensors(Mapping):
     def info(self, name: str):
         return self.reader.info(self.keys_in_file[name])
 
-    def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+    def rows(self, name: str, r0: int, r1: int, alloc=None) -> torch.Tensor:
         self._count()
-        return self.reader.read_rows(self.keys_in_file[name], r0, r1)
+        return self.reader.read_rows(self.keys_in_file[name], r0, r1, alloc)
 
     def location(self, name: str) -> tuple[Path, str]:
         """(file, name in that file) of tensor `name`."""
@@ -88,10 +88,11 @@ def tensor_meta(m: Mapping, name: str) -> tuple[tuple[int, ...], torch.dtype]:
     return tuple(t.shape), t.dtype
 
 
-def read_rows(m: Mapping, name: str, r0: int, r1: int) -> torch.Tensor:
-    """Rows [r0, r1) (first dimension) of m[name]; the whole tensor if it is 0-d."""
+def read_rows(m: Mapping, name: str, r0: int, r1: int, alloc=None) -> torch.Tensor:
+    """Rows [r0, r1) (first dimension) of m[name]; the whole tensor if it is 0-d. A lazy tensor is read into
+    `alloc(shape, dtype)` if given."""
     if isinstance(m, LazyTensors):
-        return m.rows(name, r0, r1)
+        return m.rows(name, r0, r1, alloc)
     t = m[name]
     return t if t.dim() == 0 else t[r0:r1]
 
@@ -391,13 +392,13 @@ class _Several:
         r, name = self._keys[key]
         return r.info(name)
 
-    def read(self, key: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+    def read(self, key: str, start: int = 0, count: int | None = None, alloc=None) -> torch.Tensor:
         r, name = self._keys[key]
-        return r.read(name, start, count)
+        return r.read(name, start, count, alloc)
 
-    def read_rows(self, key: str, r0: int, r1: int) -> torch.Tensor:
+    def read_rows(self, key: str, r0: int, r1: int, alloc=None) -> torch.Tensor:
         r, name = self._keys[key]
-        return r.read_rows(name, r0, r1)
+        return r.read_rows(name, r0, r1, alloc)
 
     def location(self, key: str) -> tuple[Path, str]:
         r, name = self._keys[key]

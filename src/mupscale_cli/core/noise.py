@@ -27,17 +27,22 @@ def check_device(device: str) -> None:
                             f"({torch.__version__}); use --noise-device cpu")
 
 
-def noise_chunk(seed: int, name: str, shape: tuple[int, ...], chunk: int, device: str = "cpu") -> torch.Tensor:
+def noise_chunk(seed: int, name: str, shape: tuple[int, ...], chunk: int, device: str = "cpu",
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Standard normal float32 values for flat elements [chunk*CHUNK, (chunk+1)*CHUNK) (on the CPU).
 
     device "cpu": torch's CPU generator (mt19937), the default and what every machine reproduces.
     device "cuda": torch's CUDA generator (Philox), drawn in pieces of CUDA_PIECE elements so the values
     do not depend on the GPU's size; they differ from the CPU values and are reproduced only with
-    `--noise-device cuda` (and the same PyTorch CUDA generator)."""
+    `--noise-device cuda` (and the same PyTorch CUDA generator).
+    `out`: a float32 buffer of at least CHUNK elements at a 64-byte aligned address, filled and returned
+    (PyTorch's CPU normal sampler gives other values at other alignments)."""
     n = min(CHUNK, math.prod(shape) - chunk * CHUNK)
     s = chunk_seed(seed, name, shape, chunk)
     if device == "cpu":
         g = torch.Generator().manual_seed(s)
+        if out is not None and out.data_ptr() % 64 == 0:
+            return torch.randn(n, generator=g, dtype=torch.float32, out=out[:n])
         return torch.randn(n, generator=g, dtype=torch.float32)
     g = torch.Generator(device="cuda").manual_seed(s)
     out = torch.empty(n, dtype=torch.float32, device="cuda")
@@ -46,11 +51,13 @@ def noise_chunk(seed: int, name: str, shape: tuple[int, ...], chunk: int, device
     return out.cpu()
 
 
-def noise_pieces(name: str, shape: tuple[int, ...], seed: int, start: int, stop: int, device: str = "cpu"):
+def noise_pieces(name: str, shape: tuple[int, ...], seed: int, start: int, stop: int, device: str = "cpu",
+                 out: torch.Tensor | None = None):
     """(offset from `start`, float32 values) covering flat elements [start, stop) of the tensor's noise,
-    one generator chunk at a time: the same values as noise(...).reshape(-1)[start:stop]."""
+    one generator chunk at a time: the same values as noise(...).reshape(-1)[start:stop]. With `out`
+    (see noise_chunk) every chunk is drawn into it: use each piece before taking the next."""
     for c in range(start // CHUNK, -(-stop // CHUNK)):
-        z = noise_chunk(seed, name, shape, c, device)
+        z = noise_chunk(seed, name, shape, c, device, out)
         a, b = max(start, c * CHUNK), min(stop, (c + 1) * CHUNK)
         yield a - start, z[a - c * CHUNK:b - c * CHUNK]
 

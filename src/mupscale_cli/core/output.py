@@ -252,6 +252,58 @@ def _torch_threads(n: int):
         torch.set_num_threads(saved)
 
 
+class BufferPool:
+    """Reused buffers for the large tensors of the ranges in flight. Fresh memory costs the kernel a page
+    fault and the zeroing of every page, range after range: a fifth of all CPU time at k = 4 before.
+    `alloc` hands out 64-byte aligned views of pooled byte buffers and records them for the calling
+    thread's current range (`begin`/`end`); `release` gives them back once the range is written."""
+
+    MIN_BYTES = 1 << 20  # smaller tensors come from torch as usual
+
+    def __init__(self, keep: int):
+        self._free: list[torch.Tensor] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        if nbytes < self.MIN_BYTES:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel())) if fits else None
+        if buf is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        taken = getattr(self._local, "taken", None)
+        if taken is not None:
+            taken.append(buf)
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def begin(self) -> None:
+        self._local.taken = []
+
+    def end(self) -> list[torch.Tensor]:
+        taken, self._local.taken = getattr(self._local, "taken", None) or [], None
+        return taken
+
+    def release(self, bufs: list[torch.Tensor]) -> None:
+        with self._lock:
+            self._free.extend(bufs)
+            if len(self._free) > self._keep:  # keep the largest
+                self._free.sort(key=lambda b: b.numel())
+                del self._free[:len(self._free) - self._keep]
+
+
+def _split_taken(taken: list[torch.Tensor], data: torch.Tensor) -> tuple[list, list]:
+    """(buffers `data` lives in, the others)."""
+    ptr = data.untyped_storage().data_ptr()
+    mine = [b for b in taken if b.untyped_storage().data_ptr() == ptr]
+    return mine, [b for b in taken if b.untyped_storage().data_ptr() != ptr]
+
+
 class _Chain:
     """One tensor's sha256, fed its ranges in order by whichever threads made them."""
 
@@ -294,29 +346,37 @@ def stream_tensors(writer, tensors: list[OutTensor], threads: int = 2, chunk_byt
     written = {t.name: 0 for t in tensors}
     progress = threading.Condition()
 
-    def work(t: OutTensor, a: int, b: int) -> torch.Tensor:
+    def work(t: OutTensor, a: int, b: int) -> tuple[torch.Tensor, list]:
         if t.copy_of is not None:  # a tied alias: the bytes of its canonical tensor, once those are written
             with progress:
                 progress.wait_for(lambda: written[t.copy_of] == chains[t.copy_of].size or chains[t.copy_of].failed)
             if chains[t.copy_of].failed:
                 raise MupscaleError("internal: the tensor to copy was not written")
-            return writer.read_chunk(t.copy_of, a, b - a)
+            pool.begin()
+            data = writer.read_chunk(t.copy_of, a, b - a, pool.alloc)
+            return data, pool.end()
         chain = chains[t.name]
+        pool.begin()
         try:
-            data = t.make(a, b) if t.make is not None else None
+            data = t.make(a, b, pool.alloc) if t.make is not None else None
             if data is None or data.dtype != t.dtype or data.numel() != b - a:
                 raise MupscaleError(f"internal: range [{a}, {b}) of {t.name!r} came out as "
                                     f"{None if data is None else (data.dtype, data.numel())}")
             chain.feed(a, b, data)
         except BaseException:
+            pool.end()
             chain.fail()
             raise
         if b == t.numel:
             digests[t.name] = chain.hash.hexdigest()
-        return data
+        held, done = _split_taken(pool.end(), data)
+        pool.release(done)  # temporaries now; the range's own buffer once it is written
+        return data, held
 
-    def put(t: OutTensor, a: int, b: int, data: torch.Tensor) -> None:
+    def put(t: OutTensor, a: int, b: int, made: tuple[torch.Tensor, list]) -> None:
+        data, held = made
         writer.write_chunk(t.name, a, data)
+        pool.release(held)
         with progress:
             written[t.name] += b - a
             progress.notify_all()
@@ -328,16 +388,17 @@ def stream_tensors(writer, tensors: list[OutTensor], threads: int = 2, chunk_byt
         if t.copy_of is None:
             chains[t.name].size = t.numel
     tasks = list(_tasks(tensors, chunk_bytes))  # made tensors first, then tied aliases
+    pool = BufferPool(keep=4 * (max(threads, 1) + 1))
     with _torch_threads(1):
         if threads <= 0:
             for t, a, b in tasks:
                 put(t, a, b, work(t, a, b))
         else:
             pending: deque[tuple[OutTensor, int, int, Future]] = deque()
-            with ThreadPoolExecutor(threads, thread_name_prefix="mupscale") as pool:
+            with ThreadPoolExecutor(threads, thread_name_prefix="mupscale") as executor:
                 try:
                     for t, a, b in tasks:  # FIFO: a range starts only after every earlier one has started
-                        pending.append((t, a, b, pool.submit(work, t, a, b)))
+                        pending.append((t, a, b, executor.submit(work, t, a, b)))
                         while len(pending) > threads:
                             t0, a0, b0, f0 = pending.popleft()
                             put(t0, a0, b0, f0.result())
@@ -459,8 +520,8 @@ class _Both:
     def write_chunk(self, name: str, offset: int, data: torch.Tensor) -> None:
         self._of[name].write_chunk(name, offset, data)
 
-    def read_chunk(self, name: str, offset: int, count: int) -> torch.Tensor:
-        return self._of[name].read_chunk(name, offset, count)
+    def read_chunk(self, name: str, offset: int, count: int, alloc=None) -> torch.Tensor:
+        return self._of[name].read_chunk(name, offset, count, alloc)
 
 
 def remove_replaced_shards(target: Target, before: set[str]) -> list[str]:

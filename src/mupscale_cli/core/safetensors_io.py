@@ -143,10 +143,12 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _pread_tensor(fd: int, position: int, count: int, dtype: torch.dtype, where: Path) -> torch.Tensor:
-    """`count` elements of `dtype` read with pread from byte `position` into a new 1-d tensor (no mmap:
-    the bytes read stay page cache, never resident in this process beyond the returned tensor)."""
-    out = torch.empty(count, dtype=dtype)
+def _pread_tensor(fd: int, position: int, count: int, dtype: torch.dtype, where: Path,
+                  alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> torch.Tensor:
+    """`count` elements of `dtype` read with pread from byte `position` into a new 1-d tensor (from
+    `alloc(shape, dtype)` if given; no mmap: the bytes read stay page cache, never resident in this process
+    beyond the returned tensor)."""
+    out = alloc((count,), dtype) if alloc is not None else torch.empty(count, dtype=dtype)
     if count == 0:
         return out
     view = memoryview(out.view(torch.uint8).numpy()).cast("B")
@@ -232,7 +234,7 @@ class StreamWriter:
         """Write `tensor_chunk` (flattened, C order) at element `flat_element_offset` of tensor `name`."""
         self._put(self._info(name), flat_element_offset, tensor_chunk)
 
-    def read_chunk(self, name: str, flat_element_offset: int, count: int) -> torch.Tensor:
+    def read_chunk(self, name: str, flat_element_offset: int, count: int, alloc=None) -> torch.Tensor:
         """Read back `count` elements of tensor `name` from `flat_element_offset` (already written; before
         commit), e.g. to copy a tied alias without producing it twice."""
         info = self._info(name)
@@ -248,7 +250,7 @@ class StreamWriter:
             self._active += 1
         try:
             return _pread_tensor(fd, self._ranges[name][0] + flat_element_offset * info.dtype.itemsize, count,
-                                 info.dtype, self.path)
+                                 info.dtype, self.path, alloc)
         finally:
             with self._lock:
                 self._active -= 1
@@ -469,9 +471,9 @@ class ShardedWriter:
         """Write a flat chunk of a tensor into its shard."""
         self._shard(name).write_chunk(name, flat_element_offset, tensor_chunk)
 
-    def read_chunk(self, name: str, flat_element_offset: int, count: int) -> torch.Tensor:
+    def read_chunk(self, name: str, flat_element_offset: int, count: int, alloc=None) -> torch.Tensor:
         """Read back written elements of a tensor from its shard (see StreamWriter.read_chunk)."""
-        return self._shard(name).read_chunk(name, flat_element_offset, count)
+        return self._shard(name).read_chunk(name, flat_element_offset, count, alloc)
 
     @property
     def files(self) -> list[Path]:
@@ -643,9 +645,10 @@ class LazySafetensors:
         except Exception as e:
             raise MupscaleError(f"{self.path}: cannot read tensor {name!r}: {_one_line(e)}") from None
 
-    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
-        """Flat elements [start, start + count) of tensor `name` (all by default) as a new 1-d tensor, read
-        with pread: nothing is memory-mapped, so only the returned tensor counts in this process's memory."""
+    def read(self, name: str, start: int = 0, count: int | None = None, alloc=None) -> torch.Tensor:
+        """Flat elements [start, start + count) of tensor `name` (all by default) as a new 1-d tensor (from
+        `alloc(shape, dtype)` if given), read with pread: nothing is memory-mapped, so only the returned
+        tensor counts in this process's memory."""
         info = self.info(name)
         count = info.numel - start if count is None else count
         if start < 0 or count < 0 or start + count > info.numel:
@@ -657,7 +660,8 @@ class LazySafetensors:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDONLY)
             fd = self._fd
-        return _pread_tensor(fd, self._offsets[name] + start * info.dtype.itemsize, count, info.dtype, self.path)
+        return _pread_tensor(fd, self._offsets[name] + start * info.dtype.itemsize, count, info.dtype, self.path,
+                             alloc)
 
     def location(self, name: str) -> tuple[Path, str]:
         """(file, name in the file) of tensor `name`."""
@@ -702,13 +706,13 @@ class LazySafetensors:
                     on_piece(name, buf[:n].view(info.dtype))
         return h.hexdigest() if hashing else ""
 
-    def read_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+    def read_rows(self, name: str, r0: int, r1: int, alloc=None) -> torch.Tensor:
         """Rows [r0, r1) of tensor `name` (first dimension; C order makes them one contiguous byte range)."""
         info = self.info(name)
         if not info.shape:
             return self.read(name).reshape(())
         row = math.prod(info.shape[1:])
-        return self.read(name, r0 * row, (r1 - r0) * row).reshape(r1 - r0, *info.shape[1:])
+        return self.read(name, r0 * row, (r1 - r0) * row, alloc).reshape(r1 - r0, *info.shape[1:])
 
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
@@ -778,11 +782,11 @@ class ShardedSafetensors:
     def get(self, name: str) -> torch.Tensor:
         return self._shard(name).get(name)
 
-    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
-        return self._shard(name).read(name, start, count)
+    def read(self, name: str, start: int = 0, count: int | None = None, alloc=None) -> torch.Tensor:
+        return self._shard(name).read(name, start, count, alloc)
 
-    def read_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
-        return self._shard(name).read_rows(name, r0, r1)
+    def read_rows(self, name: str, r0: int, r1: int, alloc=None) -> torch.Tensor:
+        return self._shard(name).read_rows(name, r0, r1, alloc)
 
     def location(self, name: str) -> tuple[Path, str]:
         return self._shard(name).location(name)

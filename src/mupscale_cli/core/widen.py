@@ -13,7 +13,7 @@ from fractions import Fraction
 
 import torch
 
-from mupscale_cli.core.noise import noise, noise_pieces
+from mupscale_cli.core.noise import CHUNK, noise, noise_pieces
 from mupscale_cli.core.plan import TensorPlan
 
 
@@ -48,8 +48,16 @@ def _factor(p: TensorPlan, power: int) -> Fraction:
     return Fraction(1) if p.buffer else (p.s if power == 0 else p.g ** power)
 
 
-def _widen_view(x: torch.Tensor, dups: list[tuple[int, int]], f: Fraction) -> torch.Tensor:
-    """Duplicate axis i of x by dups[i] = (k, block) and scale by f, writing the result once."""
+Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def _widen_view(x: torch.Tensor, dups: list[tuple[int, int]], f: Fraction, alloc: Alloc = _empty) -> torch.Tensor:
+    """Duplicate axis i of x by dups[i] = (k, block) and scale by f, writing the result once (into
+    `alloc(shape, dtype)`)."""
     view, expand, out_shape = [], [], []
     for n, (k, b) in zip(x.shape, dups):
         if k == 1:
@@ -62,9 +70,9 @@ def _widen_view(x: torch.Tensor, dups: list[tuple[int, int]], f: Fraction) -> to
     if view == expand:  # nothing duplicated
         return scale(x, f)
     v = x.reshape(view).expand(expand)
+    out = alloc(tuple(expand), x.dtype)
     if f == 1:
-        return v.contiguous().reshape(out_shape)
-    out = torch.empty(expand, dtype=x.dtype)
+        return out.copy_(v).reshape(out_shape)
     if f.numerator != 1:  # the same roundings as scale(): t * numerator, then / denominator
         torch.mul(v, f.numerator, out=out)
         if f.denominator != 1:
@@ -125,30 +133,33 @@ def source_rows(p: TensorPlan, r0: int, r1: int) -> tuple[int, int]:
     return first, last
 
 
-def widen_rows(x: torch.Tensor, p: TensorPlan, r0: int, r1: int, power: int = 0) -> torch.Tensor:
+def widen_rows(x: torch.Tensor, p: TensorPlan, r0: int, r1: int, power: int = 0,
+               alloc: Alloc = _empty) -> torch.Tensor:
     """Output rows [r0, r1) of widen(t, p, power), from x = t[i0:i1] with (i0, i1) = source_rows(p, r0, r1).
     Bitwise equal to widen(t, p, power)[r0:r1]: only copies and the same elementwise scaling."""
     d = p.dims[0]
     dups = [(dd.k, dd.block) for dd in p.dims]
     f = _factor(p, power)
     if d.k == 1:
-        return _widen_view(x, dups, f)
+        return _widen_view(x, dups, f, alloc)
     i0 = source_rows(p, r0, r1)[0]
     per = d.k * d.block
     if _by_blocks(p, r0, r1):  # whole blocks: duplicate them, keep the rows asked for
         first = (i0 // d.block) * per
-        return _widen_view(x, dups, f)[r0 - first:r1 - first]
+        return _widen_view(x, dups, f, alloc)[r0 - first:r1 - first]
     r = torch.arange(r0, r1)  # row R copies input row src(R)
-    return _widen_view(x[(r // per) * d.block + r % d.block - i0], [(1, 1)] + dups[1:], f)
+    return _widen_view(x[(r // per) * d.block + r % d.block - i0], [(1, 1)] + dups[1:], f, alloc)
 
 
 def widen_range(rows: Callable[[int, int], torch.Tensor], p: TensorPlan, start: int, stop: int, *,
                 power: int = 0, sigma: float = 0.0, seed: int = 0, noise_device: str = "cpu",
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, alloc: Alloc = _empty) -> torch.Tensor:
     """Flat elements [start, stop) of widen_noised(t, p, sigma, seed, noise_device, out_dtype) (power 0) or
     of widen(t, p, power) (optimizer state: no noise, no cast), as a 1-d tensor, bit for bit.
     `rows(i0, i1)` returns input rows [i0, i1) of t (the whole 0-d tensor for a scalar). Only the
-    input rows the range needs are read; the noise comes from the fixed generator chunks covering it."""
+    input rows the range needs are read; the noise comes from the fixed generator chunks covering it.
+    Large results and temporaries come from `alloc(shape, dtype)` (a buffer pool, to spare the kernel
+    from zeroing fresh pages range after range); its buffers must be 64-byte aligned."""
     out_shape = p.out_shape
     n = stop - start
     if not out_shape:
@@ -161,15 +172,18 @@ def widen_range(rows: Callable[[int, int], torch.Tensor], p: TensorPlan, start: 
         r0, r1 = start // row, -(-stop // row)
         x = rows(*source_rows(p, r0, r1))
         dtype = x.dtype
-        w = widen_rows(x, p, r0, r1, power).reshape(-1)[start - r0 * row:stop - r0 * row]
+        w = widen_rows(x, p, r0, r1, power, alloc).reshape(-1)[start - r0 * row:stop - r0 * row]
     if power:
         return w
     std = sigma * p.noise_unit
     if std != 0 and w.is_floating_point():
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        res = torch.empty(n, dtype=acc)
-        for off, z in noise_pieces(p.alias_of or p.name, out_shape, seed, start, stop, noise_device):
+        res = alloc((n,), acc)
+        scratch = alloc((CHUNK,), torch.float32) if noise_device == "cpu" else None
+        for off, z in noise_pieces(p.alias_of or p.name, out_shape, seed, start, stop, noise_device, scratch):
             z = z.to(acc).mul_(std)
             torch.add(w[off:off + z.numel()].to(acc), z, out=res[off:off + z.numel()])
-        w = res.to(dtype)
-    return cast(w, out_dtype)
+        w = res if acc == dtype else alloc((n,), dtype).copy_(res)
+    if out_dtype is None or not w.is_floating_point() or w.dtype == out_dtype:
+        return w
+    return alloc((n,), out_dtype).copy_(w)  # --dtype: the same rounding as .to()
