@@ -18,11 +18,13 @@ from mupscale_cli.commands.plots import plot_sweep
 from mupscale_cli.commands.sweep import SweepOptions, run_sweep, spearman
 from mupscale_cli.zoo import gpt, mlp
 
-SIGMAS = [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0]
 LR_MULTS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
-MODELS = {  # zoo, proxy args per width, base learning rate γ̄ (MuAdamW), proxy training steps
-    "mlp": (mlp, [{"width": 16, "depth": 3}, {"width": 32, "depth": 3}], 1e-2, 150),
-    "gpt": (gpt, [{"n_embd": 16, "n_head": 2}, {"n_embd": 32, "n_head": 2}], 3e-3, 150),
+MODELS = {  # zoo, proxy args per width, base learning rate γ̄ (MuAdamW), proxy training steps, σ̄ grid
+    # (the σ̄ grids bracket each task's optimum: the MLP teacher task wants far less noise than the GPT)
+    "mlp": (mlp, [{"width": 16, "depth": 3}, {"width": 32, "depth": 3}], 1e-2, 150,
+            [1 / 256, 1 / 128, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4]),
+    "gpt": (gpt, [{"n_embd": 16, "n_head": 2}, {"n_embd": 32, "n_head": 2}], 3e-3, 150,
+            [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4]),
 }
 
 
@@ -44,6 +46,12 @@ def grid_step(values: list[float], a: float, b: float) -> int:
     return abs(values.index(a) - values.index(b))
 
 
+def apart(sigmas: list[float], full: dict, halv: dict) -> str:
+    """Grid steps (σ̄, γ̄↑) between the halving pick and the full sweep's best."""
+    return f"{grid_step(sigmas, full['sigma'], halv['sigma'])}, " \
+           f"{grid_step(LR_MULTS, full['lr'] / full['base_lr'], halv['lr'] / halv['base_lr'])}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=150)
@@ -52,17 +60,17 @@ def main() -> None:
     a = ap.parse_args()
     rows, results = [], []
     with tempfile.TemporaryDirectory() as t:
-        for name, (zoo, widths, lr, psteps) in MODELS.items():
+        for name, (zoo, widths, lr, psteps, sigmas) in MODELS.items():
             full_args = [{**zoo.DEFAULT_ARGS, **w} for w in widths]
             res = []
             for args in full_args:
                 p = Path(t) / f"{name}-{len(res)}.pt"
                 make_proxy(zoo, args, lr, psteps, p, full_args[0])
                 lrs = [lr * m for m in LR_MULTS]
-                full = run_sweep(SweepOptions(p, k="4", sigmas=SIGMAS, lrs=lrs, steps=a.steps, seeds=a.seeds,
+                full = run_sweep(SweepOptions(p, k="4", sigmas=sigmas, lrs=lrs, steps=a.steps, seeds=a.seeds,
                                               early=0.15))
-                halv = run_sweep(SweepOptions(p, k="4", sigmas=SIGMAS, lrs=lrs, steps=a.steps, seeds=a.seeds,
-                                              halving=True))
+                halv = run_sweep(SweepOptions(p, k="4", sigmas=sigmas, lrs=lrs, steps=a.steps, seeds=a.seeds,
+                                              halving=True))  # first rung T/8
                 res.append((args, full, halv, lrs))
                 results.append(full)
             (a0, f0, h0, lrs0), (a1, f1, h1, lrs1) = res
@@ -71,17 +79,18 @@ def main() -> None:
                 f"| {name} | {ws[0]}→{4 * ws[0]} / {ws[1]}→{4 * ws[1]} "
                 f"| σ̄ {f0['sigma']:g}, γ̄↑ {f0['lr'] / f0['base_lr']:g}γ̄ / σ̄ {f1['sigma']:g}, "
                 f"γ̄↑ {f1['lr'] / f1['base_lr']:g}γ̄ "
-                f"| {grid_step(SIGMAS, f0['sigma'], f1['sigma'])}, "
+                f"| {grid_step(sigmas, f0['sigma'], f1['sigma'])}, "
                 f"{grid_step(LR_MULTS, f0['lr'] / f0['base_lr'], f1['lr'] / f1['base_lr'])} "
                 f"| {f0['rank_correlation_early_full']:.2f} / {f1['rank_correlation_early_full']:.2f} "
                 f"| {h0['total_train_steps'] / h0['full_grid_steps']:.2f} / {h1['total_train_steps'] / h1['full_grid_steps']:.2f} "
-                f"| σ̄ {h0['sigma']:g}, {h0['lr'] / h0['base_lr']:g}γ̄ / σ̄ {h1['sigma']:g}, {h1['lr'] / h1['base_lr']:g}γ̄ |")
+                f"| σ̄ {h0['sigma']:g}, {h0['lr'] / h0['base_lr']:g}γ̄ / σ̄ {h1['sigma']:g}, {h1['lr'] / h1['base_lr']:g}γ̄ "
+                f"| {apart(sigmas, f0, h0)} / {apart(sigmas, f1, h1)} |")
             for args, full, halv, lrs in res:
                 print(f"# {name} {args}: best {full['sigma']}, {full['lr']} ({full['confidence']}); "
                       f"halving picks {halv['sigma']}, {halv['lr']}")
     print("| model | proxies (k = 4) | best (narrow / wide proxy) | grid steps apart (σ̄, γ̄↑) "
-          "| Spearman early 15% vs full | halving steps / full | halving picks |")
-    print("|---|---|---|---|---|---|---|")
+          "| Spearman early 15% vs full | halving steps / full | halving picks | halving vs full (grid steps) |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if a.plot:
         plot_sweep(results, a.plot, labels=[f"{n} proxy {i}" for n in MODELS for i in (1, 2)])

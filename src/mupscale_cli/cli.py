@@ -196,6 +196,12 @@ def widen(
     noise_device: str = typer.Option("cpu", "--noise-device", help="cpu|cuda: where the noise is drawn. "
                                      "CUDA draws other numbers than the CPU for the same seed; it is recorded "
                                      "in the provenance."),
+    hparams: Optional[Path] = typer.Option(None, "--hparams", help="σ̄ and γ̄↑ tuned on a small proxy "
+                                           "(`mupscale sweep -o hparams.yaml`): the noise as --sigma would, and "
+                                           "every group's lr × γ̄↑/γ̄. Replaces --sigma."),
+    base_lr: Optional[float] = typer.Option(None, "--base-lr", help="With --hparams: the checkpoint's base "
+                                            "learning rate γ̄ (default: its config.learning_rate, else the "
+                                            "proxy's)."),
     chunk_size: str = typer.Option("8MiB", "--chunk-size", hidden=True, help="Unit of work for large tensors."),
 ) -> None:
     """Widen a checkpoint k times: weights, buffers, optimizer state and hyper-parameters (paper Table 1),
@@ -214,7 +220,8 @@ def widen(
         opts = _opts(checkpoint, output, k, sigma, seed, spec, optimizer, opt_layout, size, force, no_optimizer,
                      strict)
         opts = replace(opts, dtype=dtype, shard_size=shard_size, threads=threads, noise_device=noise_device,
-                       chunk_bytes=parse_size(chunk_size), source_digest=digest)
+                       chunk_bytes=parse_size(chunk_size), source_digest=digest, hparams=hparams,
+                       base_lr=base_lr)
         bar = _progress(quiet)
         try:
             res = run_widen(opts, bar)
@@ -360,7 +367,8 @@ def verify(
                 n = rep["noise"]
                 bad = sum(v not in ("noised", "exact") for v in n["tensors"].values())
                 cast = f", cast to {n['dtype']}" if n.get("dtype") else ""
-                err.print(f"re-derivation check (σ̄ {n['sigma']}, seed {n['seed']}{cast}): {n['checked'] - bad}/"
+                sig = "σ̄ per tensor" if n.get("sigma_per_tensor") is not None else f"σ̄ {n['sigma']}"
+                err.print(f"re-derivation check ({sig}, seed {n['seed']}{cast}): {n['checked'] - bad}/"
                           f"{n['checked']} tensors equal bit for bit", markup=False)
             if rep["result"] == "pass":
                 for i in rep["issues"]:
@@ -429,7 +437,8 @@ def sweep(
     base_lr: Optional[float] = typer.Option(None, "--base-lr", help="The proxy's γ̄ (default: config.learning_rate)."),
     early: Optional[float] = typer.Option(None, "--early", help="Score on the first FRACTION of steps; reports "
                                                                  "the rank correlation with full-run scores."),
-    halving: bool = typer.Option(False, "--halving", help="Successive halving: drop the worse half at T/2^r."),
+    halving: bool = typer.Option(False, "--halving", help="Successive halving: keep the better half at budgets "
+                                 "T/2^r, ..., T/2, T (the first at least --early × T, else T/8)."),
     seeds: int = typer.Option(1, "--seeds", help="Noise/data seeds per setting (confidence across seeds)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Batch size of the synthetic task or --data."),
     noise_scheme: str = typer.Option("mup", "--noise-scheme", help="mup|relative|masked|interpolate (App. F.5)."),

@@ -10,13 +10,17 @@ import torch
 import yaml
 
 from mupscale_cli.api import make_optimizer
+from mupscale_cli.commands.hparams import base_lr_of
 from mupscale_cli.commands.widen import WidenOptions, prepare
 from mupscale_cli.core.checkpoint import sha256_file
 from mupscale_cli.core.modelspec import resolve
-from mupscale_cli.core.optstate import widen_optimizer
+from mupscale_cli.core.optstate import scale_lr, widen_optimizer
 from mupscale_cli.core.schemes import SCHEMES, effective_sigma, noised
 from mupscale_cli.core.widen import widen
 from mupscale_cli.errors import MupscaleError
+
+
+MIN_RUNG = 1 / 8  # successive halving's first budget, as a fraction of --steps, without --early
 
 
 @dataclass
@@ -84,16 +88,6 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / math.sqrt(va * vb) if va and vb else 1.0
 
 
-def base_lr_of(prep, given: float | None) -> float:
-    if given:
-        return given
-    cfg = prep.ckpt.extra.get("config")
-    if isinstance(cfg, dict) and isinstance(cfg.get("learning_rate"), (int, float)):
-        return float(cfg["learning_rate"])
-    raise MupscaleError("the proxy's base learning rate γ̄ is unknown (no config.learning_rate in the "
-                        "checkpoint): pass --base-lr")
-
-
 def run_sweep(o: SweepOptions, log: Callable[[str], None] = lambda s: None) -> dict:
     if o.scheme not in SCHEMES:
         raise MupscaleError(f"--noise-scheme {o.scheme!r}: choose one of {', '.join(SCHEMES)}")
@@ -108,7 +102,10 @@ def run_sweep(o: SweepOptions, log: Callable[[str], None] = lambda s: None) -> d
     if o.scheme == "interpolate" and any(s > 1 for s in o.sigmas):
         raise MupscaleError("--noise-scheme interpolate takes t in [0, 1] as --sigma values")
     md = resolve(prep.plan.spec.model, prep.plan.spec.name, o.model)
-    gamma = base_lr_of(prep, o.base_lr)
+    gamma = base_lr_of(prep.ckpt, o.base_lr)
+    if gamma is None:
+        raise MupscaleError("the proxy's base learning rate γ̄ is unknown (no config.learning_rate in the "
+                            "checkpoint): pass --base-lr")
     lrs = o.lrs or [gamma * f for f in (0.25, 0.5, 1.0, 2.0)]
     base_args, wide_args = prep.ckpt.model_args or {}, prep.model_args or {}
     plan, ckpt = prep.plan, prep.ckpt
@@ -128,7 +125,7 @@ def run_sweep(o: SweepOptions, log: Callable[[str], None] = lambda s: None) -> d
         model.load_state_dict(sd)
         osd = {"state": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
                          for i, st in wide_osd["state"].items()},
-               "param_groups": [{**g, "lr": g["lr"] * lr / gamma} for g in wide_osd["param_groups"]]}
+               "param_groups": scale_lr(wide_osd["param_groups"], lr / gamma)}
         params = dict(model.named_parameters())
         groups = [{**{h: v for h, v in g.items() if h != "params"}, "params": [params[n] for n in g["param_names"]]}
                   for g in osd["param_groups"]]
@@ -151,7 +148,9 @@ def run_sweep(o: SweepOptions, log: Callable[[str], None] = lambda s: None) -> d
     runs = {(s, lr): [start(s, lr, seed) for seed in range(o.seeds)] for s, lr in grid}
     alive, total_steps, rungs = list(grid), 0, []
     if o.halving:  # successive halving: budgets T/2^R, ..., T/2, T; keep the better half at each rung
-        n_rungs = max(0, math.floor(math.log2(len(grid))))
+        # the first rung trains at least the --early fraction (else T/8): fewer steps rank settings poorly
+        first = max(1, math.ceil(o.steps * (o.early or MIN_RUNG)))
+        n_rungs = max(0, min(math.floor(math.log2(len(grid))), math.floor(math.log2(o.steps / first))))
         for i in range(n_rungs + 1):
             until = max(1, o.steps // 2 ** (n_rungs - i))
             for key in alive:
@@ -229,19 +228,3 @@ def _confidence(ranked: list[dict], by: str, seeds: int) -> str:
     verdict = "clear" if z > 2 else "within seed noise"
     return f"{verdict}: best beats the runner-up (sigma={b['sigma']:g}, lr={b['lr']:g}) by {gap:.4g} " \
            f"= {z:.1f} standard errors over {seeds} seeds"
-
-
-def load_hparams(path: Path) -> dict:
-    """σ̄, γ̄↑ (and per-tensor σ̄ of the relative scheme) from a `sweep -o` file."""
-    try:
-        d = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise MupscaleError(f"--hparams {path}: cannot read: {e}") from None
-    if not isinstance(d, dict) or not {"sigma", "lr", "base_lr"} <= set(d):
-        raise MupscaleError(f"--hparams {path}: needs sigma, lr and base_lr (write it with mupscale sweep -o)")
-    if d.get("noise_scheme", "mup") not in ("mup", "relative"):
-        raise MupscaleError(f"--hparams {path}: noise scheme {d['noise_scheme']!r} does not transfer across "
-                            f"widths (paper App. F.5); sweep with --noise-scheme mup or relative")
-    if d.get("noise_scheme") == "relative" and not isinstance(d.get("effective_sigma"), dict):
-        raise MupscaleError(f"--hparams {path}: relative scheme without effective_sigma")
-    return d

@@ -29,7 +29,7 @@ from mupscale_cli.core.diagnose import (Issue, compare_tensor, finite, groups_by
                                         shared_steps, state_by_name, state_issues)
 from mupscale_cli.core.lockstep import StepDiff, run_lockstep
 from mupscale_cli.core.modelspec import ModelDef, resolve
-from mupscale_cli.core.optstate import KINDS, OptimizerMap, detect_kind, widen_optimizer
+from mupscale_cli.core.optstate import KINDS, OptimizerMap, detect_kind, scale_lr, widen_optimizer
 from mupscale_cli.core.widen import widen, widen_noised
 from mupscale_cli.errors import MupscaleError
 
@@ -263,8 +263,11 @@ def run_verify(o: VerifyOptions, on_step: Callable[[dict, bool], None] | None = 
     base_args = dict(ckpt.model_args or {})
     wide_args = dict(prep.model_args or {})
     sigma = float(prov.get("sigma") or 0.0) if w else 0.0
+    sigma_map = _sigma_map(prov) if w else None  # widen --hparams with the relative scheme: σ̄ per tensor
+    noised = sigma > 0 or any(v > 0 for v in (sigma_map or {}).values())
+    lr_scale = _lr_scale(prov) if w else 1.0  # widen --hparams: WIDE's learning rates × γ̄↑/γ̄
     stored = _stored_dtype(prov) if w else None  # widen --dtype: WIDE's floats were cast after widening
-    mode = "in-memory" if w is None else ("noised" if sigma > 0 else "cast" if stored else "file")
+    mode = "in-memory" if w is None else ("noised" if noised else "cast" if stored else "file")
     issues: list[Issue] = []
     report = {
         "result": None, "mode": mode, "base": str(o.base), "wide": str(o.wide) if o.wide else None,
@@ -298,7 +301,7 @@ def run_verify(o: VerifyOptions, on_step: Callable[[dict, bool], None] | None = 
     # ---- static comparison of the tensors with the exact (noised) widening
     noise_report = None
     if mode in ("noised", "cast"):
-        noise_report, nissues = _noise_check(w, prep, sigma, prov, stored)
+        noise_report, nissues = _noise_check(w, prep, sigma, prov, stored, sigma_map)
         issues += nissues
         report["noise"] = noise_report
     elif mode == "file":
@@ -322,6 +325,11 @@ def run_verify(o: VerifyOptions, on_step: Callable[[dict, bool], None] | None = 
     if prep.omap is not None:
         base_osd, omap = ckpt.optimizer, prep.omap
         opt_source = "checkpoint"
+        if lr_scale != 1 and w is not None and w.optimizer is not None:
+            base_osd = {**base_osd, "param_groups": scale_lr(base_osd["param_groups"], lr_scale)}
+            opt_source += f", learning rates × {lr_scale:g}"
+            notes.append(f"WIDE's learning rates carry γ̄↑/γ̄ = {lr_scale:g} (widen --hparams): BASE trains with "
+                         f"its learning rates × {lr_scale:g}, so both follow the same trajectory")
     else:
         base_osd, omap = _fresh_optimizer(prep, o, base)
         opt_source = f"fresh {omap.kind} (lr {o.lr}; BASE has no optimizer state)"
@@ -431,22 +439,40 @@ def _stored_dtype(prov: dict) -> torch.dtype | None:
     return dt
 
 
-def _noise_check(w, prep: Prepared, sigma: float, prov: dict,
-                 stored: torch.dtype | None = None) -> tuple[dict, list[Issue]]:
-    """WIDE = exact widening + the noise re-derived from (seed, convention, noise device), then cast to its
-    recorded dtype: tensor by tensor, bit for bit."""
+def _sigma_map(prov: dict) -> dict[str, float] | None:
+    m = prov.get("sigma_per_tensor")
+    if m is None:
+        return None
+    if not isinstance(m, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+                                          for v in m.values()):
+        raise MupscaleError("WIDE records sigma_per_tensor that is not a map of tensor names to numbers >= 0")
+    return {str(n): float(v) for n, v in m.items()}
+
+
+def _lr_scale(prov: dict) -> float:
+    v = prov.get("lr_scale", 1.0)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v > 0):
+        raise MupscaleError(f"WIDE records lr_scale {v!r}; expected a positive number")
+    return float(v)
+
+
+def _noise_check(w, prep: Prepared, sigma: float, prov: dict, stored: torch.dtype | None = None,
+                 sigma_map: dict[str, float] | None = None) -> tuple[dict, list[Issue]]:
+    """WIDE = exact widening + the noise re-derived from (seed, convention, noise device, σ̄ or σ̄ per
+    tensor), then cast to its recorded dtype: tensor by tensor, bit for bit."""
+    noised = sigma > 0 or any(v > 0 for v in (sigma_map or {}).values())
     seed = prov.get("seed", 0)
     conv = prov.get("noise", noise_mod.CONVENTION)
     device = prov.get("noise_device", "cpu")
     kw = {}
-    if sigma > 0 and device != "cpu":
+    if noised and device != "cpu":
         if device != "cuda" or not torch.cuda.is_available():
             raise MupscaleError(f"WIDE's noise was drawn with the {device!r} generator (--noise-device); "
                                 f"verify it where that device is available")
         kw["noise_device"] = device
     if stored is not None:
         kw["out_dtype"] = stored
-    if sigma > 0 and conv != noise_mod.CONVENTION:
+    if noised and conv != noise_mod.CONVENTION:
         raise MupscaleError(f"WIDE records noise convention {conv!r}; this mupscale re-derives "
                             f"{noise_mod.CONVENTION!r} only")
     if not isinstance(seed, int):
@@ -456,15 +482,16 @@ def _noise_check(w, prep: Prepared, sigma: float, prov: dict,
     for n, p in prep.plan.tensors.items():
         if p.alias_of:
             continue
-        std = sigma * p.noise_unit
+        s_n = sigma if sigma_map is None else sigma_map.get(n, sigma)
+        std = s_n * p.noise_unit
         if recorded and abs(float(recorded.get(n, 0.0)) - std) > 1e-12 * max(std, 1e-300):
             issues.append(Issue("noise", f"WIDE records noise std {recorded.get(n, 0.0)} for {n!r}, the spec "
                                          f"gives {std}: another spec or k?", n))
         base_t = prep.ckpt.tensors[n]
-        exp = widen_noised(base_t, p, sigma, seed, **kw)
+        exp = widen_noised(base_t, p, s_n, seed, **kw)
         got = w.model[n]
         status = "noised" if std and base_t.is_floating_point() else "exact"
-        what = "plus the recorded noise" if sigma > 0 else ""
+        what = "plus the recorded noise" if noised else ""
         what += (" and " if what else "") + f"cast to {stored}" if stored is not None else ""
         if got.dtype != exp.dtype or not torch.equal(got, exp):
             if got.dtype != exp.dtype:
@@ -475,10 +502,11 @@ def _noise_check(w, prep: Prepared, sigma: float, prov: dict,
                 d = (got.double() - exp.double()).abs().max().item() if got.dtype.is_floating_point else float("nan")
                 status = f"differs (max |Δ| {d:.3g} from exact widening {what})"
             issues.append(Issue("noise", f"{n!r} is not the exact widening of BASE {what} "
-                                         f"(σ̄ {sigma}, seed {seed}): {status}", n))
+                                         f"(σ̄ {s_n}, seed {seed}): {status}", n))
         tensors[n] = status
     ok = not issues
-    return {"sigma": sigma, "seed": seed, "convention": conv, "noise_device": device,
+    return {"sigma": sigma, **({"sigma_per_tensor": sigma_map} if sigma_map is not None else {}),
+            "seed": seed, "convention": conv, "noise_device": device,
             "dtype": str(stored).removeprefix("torch.") if stored else None, "ok": ok,
             "checked": len(tensors), "tensors": tensors}, issues
 

@@ -6,17 +6,19 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from mupscale_cli import __version__
+from mupscale_cli.commands.hparams import resolve_hparams
 from mupscale_cli.core import noise as noise_mod
 from mupscale_cli.core.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, is_sharded, iter_chunks,
                                          load_checkpoint, optimizer_prefix, read_rows, sharded_index, source_sha256,
                                          strip_prefix, tensor_meta)
-from mupscale_cli.core.optstate import STATE_POWER, OptimizerMap, map_optimizer, optimizer_layout, widen_optimizer
+from mupscale_cli.core.optstate import (STATE_POWER, OptimizerMap, map_optimizer, optimizer_layout, scale_lr,
+                                       widen_optimizer)
 from mupscale_cli.core.output import (DEFAULT_CHUNK_BYTES, SHARD_NAME, Background, OutTensor, Target,
                                       clean_stale_temps,
                                       remove_replaced_shards, sharded_files, write_pt, write_streamed)
@@ -49,6 +51,16 @@ class WidenOptions:
     noise_device: str = "cpu"  # cpu | cuda: the generator of the noise (recorded in the provenance)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # unit of work for large tensors
     source_digest: Callable[[], str] | None = None  # the input file's sha256, if already being computed
+    hparams: Path | None = None  # --hparams: σ̄ and γ̄↑ from `mupscale sweep -o` (instead of --sigma)
+    base_lr: float | None = None  # --base-lr: the checkpoint's base learning rate γ̄ (for --hparams)
+    sigma_map: dict[str, float] | None = None  # per-tensor σ̄ (relative scheme), else `sigma` for all
+    lr_scale: float = 1.0  # multiplies every widened group's lr and initial_lr (γ̄↑ / γ̄)
+    hparams_record: dict | None = None  # provenance of --hparams
+
+
+def sigma_of(opts: WidenOptions, name: str) -> float:
+    """σ̄ of canonical tensor `name`."""
+    return opts.sigma if opts.sigma_map is None else opts.sigma_map.get(name, opts.sigma)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -399,11 +411,14 @@ def provenance(opts: WidenOptions, prep: Prepared, source_digest: str | None = N
         "k": plan.k,
         "sizes": {n: plan.sizes[n] for n in plan.spec.sizes},
         "sigma": opts.sigma,
+        **({"sigma_per_tensor": opts.sigma_map} if opts.sigma_map is not None else {}),
         "seed": opts.seed,
         "noise": noise_mod.CONVENTION,
         "noise_device": opts.noise_device,
-        "noise_std": {n: opts.sigma * p.noise_unit for n, p in plan.tensors.items()
-                      if p.noise_unit and p.alias_of is None and opts.sigma},
+        "noise_std": {n: sigma_of(opts, n) * p.noise_unit for n, p in plan.tensors.items()
+                      if p.noise_unit and p.alias_of is None and sigma_of(opts, n)},
+        "lr_scale": opts.lr_scale,
+        **({"hparams": opts.hparams_record} if opts.hparams_record else {}),
         "dtype": opts.dtype,
         "optimizer": prep.omap.kind if prep.omap else None,
         "opt_layout": prep.omap.layout if prep.omap else None,
@@ -412,8 +427,10 @@ def provenance(opts: WidenOptions, prep: Prepared, source_digest: str | None = N
 
 
 def widen_tensors(prep: Prepared, sigma: float, seed: int, noise_device: str = "cpu",
-                  dtype: torch.dtype | None = None) -> Callable[[str], torch.Tensor]:
-    """name -> widened (noised) tensor, in memory; tied aliases return their canonical tensor's result."""
+                  dtype: torch.dtype | None = None,
+                  sigma_map: dict[str, float] | None = None) -> Callable[[str], torch.Tensor]:
+    """name -> widened (noised) tensor, in memory; tied aliases return their canonical tensor's result.
+    `sigma_map`: per-tensor σ̄ (canonical names), `sigma` for the others."""
     cache: dict[str, torch.Tensor] = {}
     aliased = {p.alias_of for p in prep.plan.tensors.values() if p.alias_of}
 
@@ -422,7 +439,8 @@ def widen_tensors(prep: Prepared, sigma: float, seed: int, noise_device: str = "
         c = p.alias_of or n
         if c in cache:
             return cache.pop(c) if p.alias_of else cache[c]
-        t = widen_noised(prep.ckpt.tensors[c], prep.plan.tensors[c], sigma, seed, noise_device, dtype)
+        s = sigma if sigma_map is None else sigma_map.get(c, sigma)
+        t = widen_noised(prep.ckpt.tensors[c], prep.plan.tensors[c], s, seed, noise_device, dtype)
         if c in aliased:
             cache[c] = t
         return t
@@ -446,18 +464,20 @@ def model_out(prep: Prepared, opts: WidenOptions) -> list[OutTensor]:
 
         def make(a: int, b: int, alloc=None, n=n, p=p) -> torch.Tensor:
             alloc = alloc or _torch_empty
-            return widen_range(lambda i0, i1: read_rows(tensors, n, i0, i1, alloc), p, a, b, sigma=opts.sigma,
+            return widen_range(lambda i0, i1: read_rows(tensors, n, i0, i1, alloc), p, a, b, sigma=sigma_of(opts, n),
                                seed=opts.seed, noise_device=opts.noise_device, out_dtype=dtype, alloc=alloc)
         out.append(OutTensor(n, p.out_shape, dt, make))
     return out
 
 
-def optimizer_out(prep: Prepared, names_out) -> tuple[list[dict] | None, list[OutTensor]]:
-    """The widened optimizer's param groups and its state tensors (`__optim__/<name>/<key>`), made range
-    by range like the model's; optimizer state keeps its dtype (--dtype casts the model only)."""
+def optimizer_out(prep: Prepared, names_out, lr_scale: float = 1.0) -> tuple[list[dict] | None, list[OutTensor]]:
+    """The widened optimizer's param groups (learning rates × lr_scale) and its state tensors
+    (`__optim__/<name>/<key>`), made range by range like the model's; optimizer state keeps its dtype
+    (--dtype casts the model only)."""
     if prep.omap is None:
         return None, []
     lay = optimizer_layout(prep.ckpt.optimizer, prep.plan, prep.omap, names_out)
+    lay.groups = scale_lr(lay.groups, lr_scale)
     out = []
     for e in lay.entries:
         st = e.source
@@ -488,6 +508,8 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     target = check_output(opts)
     streamed = target.kind != "pt"
     prep = prepare(opts, lazy=True, defer_checks=streamed)
+    if opts.hparams is not None or opts.base_lr is not None:
+        opts = with_hparams(opts, prep)
     dtype = out_dtype(opts)
     if target.kind != "sharded":
         prep.notes += clean_temps(target.path)
@@ -500,6 +522,8 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     extra = dict(ckpt.extra)
     if prep.model_args is not None:
         extra["model_args"] = prep.model_args
+    if opts.hparams_record and isinstance(extra.get("config"), dict) and "learning_rate" in extra["config"]:
+        extra["config"] = {**extra["config"], "learning_rate": opts.hparams_record["lr"]}  # nanoGPT's schedule
     if hasattr(progress, "start"):
         progress.start(output_bytes(prep, target, dtype))
     names_out = _names_out(prep, target)
@@ -507,7 +531,8 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
         osd = None
         if prep.omap is not None:
             osd = widen_optimizer(ckpt.optimizer, plan, prep.omap, names_out=names_out)
-        produce = widen_tensors(prep, opts.sigma, opts.seed, opts.noise_device, dtype)
+            osd["param_groups"] = scale_lr(osd["param_groups"], opts.lr_scale)
+        produce = widen_tensors(prep, opts.sigma, opts.seed, opts.noise_device, dtype, opts.sigma_map)
         model = {}
         for n in plan.tensors:  # aliases share the canonical tensor, as in the input
             p = plan.tensors[n]
@@ -520,7 +545,7 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
         groups = None if osd is None else osd["param_groups"]
     else:
         before = sharded_files(target) if target.kind == "sharded" else set()
-        groups, optim = optimizer_out(prep, names_out)
+        groups, optim = optimizer_out(prep, names_out, opts.lr_scale)
         scan = Background(lambda: scan_input(prep, opts), "mupscale-scan")  # digest + checks, while writing
         write_streamed(target, model_out(prep, opts), optim, prep.omap.kind if prep.omap else None, groups,
                        provenance(opts, prep, source_digest=""), extra, source_sha256=lambda: scan.result()[0],
@@ -533,6 +558,22 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     res["output_bytes"] = output_bytes(prep, target, dtype)
     res["time_s"] = round(time.perf_counter() - t_start, 3)  # in this process: start-up not counted
     return res
+
+
+def with_hparams(opts: WidenOptions, prep: Prepared) -> WidenOptions:
+    """opts with σ̄ (or per-tensor σ̄), lr_scale and their provenance from --hparams."""
+    if opts.hparams is None:
+        raise MupscaleError("--base-lr is the checkpoint's γ̄ for --hparams; it does nothing alone")
+    if opts.base_lr is not None and not (math.isfinite(opts.base_lr) and opts.base_lr > 0):
+        raise MupscaleError(f"--base-lr must be a positive number, got {opts.base_lr}")
+    if opts.sigma:
+        raise MupscaleError("--sigma and --hparams both set σ̄: give one of them")
+    hp = resolve_hparams(opts.hparams, prep.ckpt, prep.plan, opts.base_lr)
+    prep.notes += hp.notes
+    if prep.omap is None:
+        prep.notes.append(f"no optimizer state is written: use γ̄↑ = {hp.lr:g} from --hparams as the base "
+                          f"learning rate (it is recorded in the provenance)")
+    return replace(opts, sigma=hp.sigma, sigma_map=hp.sigma_map, lr_scale=hp.lr_scale, hparams_record=hp.record)
 
 
 def _names_out(prep: Prepared, target: Target):
@@ -558,6 +599,8 @@ def summary(prep: Prepared, out: Path | None, opts: WidenOptions, groups: list[d
         "spec": plan.spec.name,
         "k": plan.k,
         "sigma": opts.sigma,
+        **({"sigma_per_tensor": opts.sigma_map} if opts.sigma_map is not None else {}),
+        "lr_scale": opts.lr_scale,
         "seed": opts.seed,
         "dtype": opts.dtype,
         "tensors": len(plan.tensors),

@@ -252,3 +252,16 @@ def _mul(v, f: Fraction):
     if isinstance(v, torch.Tensor):
         return v * f.numerator / f.denominator
     return float(v) * f.numerator / f.denominator
+
+
+LR_KEYS = ("lr", "initial_lr")  # initial_lr: what LR schedulers restart from
+
+
+def scale_lr(groups: list[dict], factor: float) -> list[dict]:
+    """Groups with lr and initial_lr multiplied by `factor` (a new base learning rate, widen --hparams);
+    the per-tensor μP factors they carry stay. Unchanged groups for factor 1."""
+    if factor == 1:
+        return groups
+    return [{**g, **{h: g[h] * factor for h in LR_KEYS
+                     if isinstance(g.get(h), (int, float, torch.Tensor)) and not isinstance(g.get(h), bool)}}
+            for g in groups]
