@@ -1,11 +1,11 @@
 """`mupscale inspect`: what widen would do, validated, without writing anything."""
 from __future__ import annotations
 
-import hashlib
 import json
 
 from mupscale_cli.commands.widen import WidenOptions, prepare, summary
-from mupscale_cli.core.checkpoint import META_DIGESTS, META_PROV, Checkpoint, iter_chunks
+from mupscale_cli.core import digest
+from mupscale_cli.core.checkpoint import META_DIGESTS, META_PROV, PROV_DIGESTS, Checkpoint, iter_chunks
 from mupscale_cli.core.optstate import factors
 from mupscale_cli.core.output import optimizer_refs
 from mupscale_cli.core.safetensors_io import _tensor_bytes
@@ -13,7 +13,7 @@ from mupscale_cli.errors import MupscaleError
 
 
 def check_digests(ckpt: Checkpoint) -> dict | None:
-    """Recompute the sha256 of every tensor a widened file recorded (None if it records none);
+    """Recompute the checksum (core/digest.py) of every tensor a widened file recorded (None if it records none);
     a mismatch, a missing or an unrecorded tensor is an error naming the tensor."""
     if META_DIGESTS in ckpt.metadata:
         try:
@@ -22,28 +22,28 @@ def check_digests(ckpt: Checkpoint) -> dict | None:
             recorded = None
     else:
         prov = ckpt.extra.get("mupscale")
-        if not isinstance(prov, dict) or "sha256" not in prov:
+        if not isinstance(prov, dict) or PROV_DIGESTS not in prov:
             return None
-        recorded = prov["sha256"]
+        recorded = prov[PROV_DIGESTS]
     if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
-        raise MupscaleError(f"{ckpt.path}: the recorded tensor digests are not a JSON object of name -> sha256; "
+        raise MupscaleError(f"{ckpt.path}: the recorded tensor digests are not a JSON object of name -> digest; "
                             f"the file was modified: widen again from the source")
     actual = {**{n: (ckpt.tensors, n) for n in ckpt.tensors}, **optimizer_refs(ckpt.optimizer)}
-    bad = [n for n, h in recorded.items() if n not in actual or _sha256(*actual[n]) != h]
+    bad = [n for n, h in recorded.items() if n not in actual or _digest(*actual[n]) != h]
     bad += [n for n in actual if n not in recorded]
     if bad:
         n = bad[0]
         what = ("is missing" if n not in actual else "was not recorded at widening" if n not in recorded
-                else "does not match the sha256 recorded at widening")
+                else "does not match the checksum recorded at widening")
         more = f" ({len(bad) - 1} more tensors differ)" if len(bad) > 1 else ""
         raise MupscaleError(f"{ckpt.path}: tensor {n!r} {what}{more}: the file is corrupted or was modified; "
                             f"widen again from the source")
     return {"checked": len(recorded), "bad": bad}
 
 
-def _sha256(m, name: str) -> str:
-    """sha256 of the stored bytes of m[name], read piece by piece (the same as tensor_sha256(m[name]))."""
-    h = hashlib.sha256()
+def _digest(m, name: str) -> str:
+    """Checksum of the stored bytes of m[name], read piece by piece (the same as tensor_digest(m[name]))."""
+    h = digest.new()
     for x in iter_chunks(m, name, 1 << 22):
         h.update(_tensor_bytes(x))
     return h.hexdigest()
@@ -70,10 +70,10 @@ def run_inspect(opts: WidenOptions) -> dict:
             groups.append({"group": i, "tensors": len(names), "factors": fs})
         optim = {"kind": prep.omap.kind, "layout": prep.omap.layout, "groups": groups}
     prov = prep.ckpt.metadata.get(META_PROV) or (prep.ckpt.extra.get("mupscale") and json.dumps(
-        {k: v for k, v in prep.ckpt.extra["mupscale"].items() if k != "sha256"}))
+        {k: v for k, v in prep.ckpt.extra["mupscale"].items() if k != PROV_DIGESTS}))
     digests = check_digests(prep.ckpt)
     if digests is not None:
-        prep.notes.append(f"integrity: the sha256 of all {digests['checked']} tensors match the digests "
+        prep.notes.append(f"integrity: the checksums of all {digests['checked']} tensors match the digests "
                           f"recorded at widening")
     return {**summary(prep, None, opts, None), "rows": rows, "optimizer_map": optim,
             "provenance": json.loads(prov) if prov else None, "digests": digests}

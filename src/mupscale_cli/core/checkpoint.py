@@ -30,7 +30,8 @@ OPTIM_NS = "__optim__/"  # optimizer state tensors in our safetensors files: __o
 META_OPTIM = "mupscale.optimizer"  # JSON: {"kind", "param_groups": [... "param_names" ...]}
 META_PROV = "mupscale"  # JSON provenance
 META_EXTRA = "mupscale.extra"  # JSON: other top-level entries of a .pt input (iter_num, config, ...)
-META_DIGESTS = "mupscale.sha256"  # JSON: tensor name -> sha256 of its bytes (.pt: provenance "sha256")
+META_DIGESTS = "mupscale.xxh3_128"  # JSON: tensor name -> xxh3-128 of its bytes (.pt: provenance "xxh3_128")
+PROV_DIGESTS = "xxh3_128"  # the same in a .pt provenance
 META_OPTIM_INDEX = "mupscale.optimizer_index"  # sharded output: file name of the optimizer shards' index
 
 

@@ -8,7 +8,6 @@ ranges are in flight, so memory stays bounded whatever the size of the model, of
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,11 +23,12 @@ from pathlib import Path
 
 import torch
 
+from mupscale_cli.core import digest
 from mupscale_cli.core.checkpoint import (META_DIGESTS, META_EXTRA, META_OPTIM, META_OPTIM_INDEX, META_PROV, OPTIM_NS,
-                                         Checkpoint, optimizer_prefix, strip_prefix)
+                                         PROV_DIGESTS, Checkpoint, optimizer_prefix, strip_prefix)
 from mupscale_cli.core.noise import CHUNK
 from mupscale_cli.core.safetensors_io import (INDEX_SUFFIX, ShardedWriter, StreamWriter, TensorInfo, _tensor_bytes,
-                                              tensor_sha256)
+                                              tensor_digest)
 from mupscale_cli.errors import MupscaleError
 
 DEFAULT_CHUNK_BYTES = 8 << 20  # one unit of work: a range of a tensor's output of about this size
@@ -305,10 +305,10 @@ def _split_taken(taken: list[torch.Tensor], data: torch.Tensor) -> tuple[list, l
 
 
 class _Chain:
-    """One tensor's sha256, fed its ranges in order by whichever threads made them."""
+    """One tensor's checksum (core/digest.py), fed its ranges in order by whichever threads made them."""
 
     def __init__(self) -> None:
-        self.hash = hashlib.sha256()
+        self.hash = digest.new()
         self.next = 0  # first element not hashed yet
         self.size = 0  # elements of the tensor
         self.failed = False
@@ -334,7 +334,7 @@ class _Chain:
 def stream_tensors(writer, tensors: list[OutTensor], threads: int = 2, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                    on_bytes: Callable[[str, int], None] = lambda n, b: None,
                    poll: Callable[[], None] | None = None) -> dict[str, str]:
-    """Make, hash and write every tensor range by range; returns the sha256 of each tensor's bytes.
+    """Make, hash and write every tensor range by range; returns the checksum of each tensor's bytes.
 
     `threads` worker threads (0: this thread alone) make the ranges and feed them to their tensor's hash in
     order; this thread writes them in file order (one writer: concurrent writes to one file only contend
@@ -454,8 +454,8 @@ def write_streamed(target: Target, model: list[OutTensor], optim: list[OutTensor
     """Stream model tensors and optimizer state into `target` (.safetensors file or shards).
 
     Optimizer state goes under `__optim__/<tensor name>/<state key>` (in the same file, or in its own
-    shards), its groups in the metadata. The sha256 of every tensor's bytes is recorded under
-    `mupscale.sha256` (per shard for shards), and the input's sha256 (computed meanwhile by
+    shards), its groups in the metadata. The checksum (xxh3-128) of every tensor's bytes is recorded under
+    `mupscale.xxh3_128` (per shard for shards), and the input's sha256 (computed meanwhile by
     `source_sha256()`, which may raise: validation running meanwhile) in the provenance: the header is
     written with same-length placeholders and rewritten in place once the last tensor is written; nothing
     is committed before source_sha256() returns. `poll()`, called after each range, may raise to stop
@@ -469,7 +469,7 @@ def write_streamed(target: Target, model: list[OutTensor], optim: list[OutTensor
     if optim_groups is not None:
         meta[META_OPTIM] = json.dumps(optimizer_meta(kind or "", {"param_groups": optim_groups}), sort_keys=True)
     def digests_of(infos: list[TensorInfo], digests: dict[str, str]) -> dict[str, str]:
-        return {META_DIGESTS: json.dumps({i.name: digests.get(i.name, "0" * 64) for i in infos}, sort_keys=True)}
+        return {META_DIGESTS: json.dumps({i.name: digests.get(i.name, "0" * digest.HEX_LEN) for i in infos}, sort_keys=True)}
 
     def final_meta() -> dict[str, str]:
         if source_sha256 is None:
@@ -552,11 +552,11 @@ def sharded_files(target: Target) -> set[str]:
 def write_pt(dest: Path, ckpt: Checkpoint, model: dict[str, torch.Tensor], osd: dict | None,
              extra: dict) -> None:
     """The input's layout: same keys (prefixes kept), other entries carried over, model_args updated.
-    Tensor digests go into the provenance (`extra["mupscale"]["sha256"]`), keyed as in safetensors."""
+    Tensor digests go into the provenance (`extra["mupscale"]["xxh3_128"]`), keyed as in safetensors."""
     sd = {ckpt.original.get(n, n): t for n, t in model.items()}
     if isinstance(extra.get("mupscale"), dict):
-        digests = {n: tensor_sha256(t) for n, t in {**model, **optimizer_tensors(osd)}.items()}
-        extra = {**extra, "mupscale": {**extra["mupscale"], "sha256": digests}}
+        digests = {n: tensor_digest(t) for n, t in {**model, **optimizer_tensors(osd)}.items()}
+        extra = {**extra, "mupscale": {**extra["mupscale"], PROV_DIGESTS: digests}}
     if ckpt.model_key is None and osd is None and not extra:
         obj = sd
     else:
