@@ -18,6 +18,7 @@ import yaml
 
 from mupscale_cli.core.checkpoint import Checkpoint, sha256_file
 from mupscale_cli.core.plan import Plan
+from mupscale_cli.core.schemes import relative_tensors
 from mupscale_cli.errors import MupscaleError
 
 TRANSFERABLE = ("mup", "relative")  # App. F.5: the other schemes' strengths do not transfer across widths
@@ -89,7 +90,7 @@ def resolve_hparams(path: Path, ckpt: Checkpoint, plan: Plan, base_lr: float | N
     sigma, sigma_map = float(d["sigma"]), None
     if d.get("noise_scheme", "mup") == "relative":
         eff = {str(n): float(v) for n, v in d["effective_sigma"].items()}
-        noised = [n for n, p in plan.tensors.items() if p.noise_unit and p.alias_of is None and len(p.shape) >= 2]
+        noised = relative_tensors(plan)
         unknown = sorted(set(eff) - set(noised))
         if unknown:
             raise MupscaleError(f"--hparams {path}: effective_sigma names {unknown[0]!r}, which this checkpoint "

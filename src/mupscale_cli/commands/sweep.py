@@ -15,7 +15,7 @@ from mupscale_cli.commands.widen import WidenOptions, prepare
 from mupscale_cli.core.checkpoint import sha256_file
 from mupscale_cli.core.modelspec import resolve
 from mupscale_cli.core.optstate import scale_lr, widen_optimizer
-from mupscale_cli.core.schemes import SCHEMES, effective_sigma, noised
+from mupscale_cli.core.schemes import SCHEMES, effective_sigma, noised, relative_tensors
 from mupscale_cli.core.widen import widen
 from mupscale_cli.errors import MupscaleError
 
@@ -188,9 +188,9 @@ def run_sweep(o: SweepOptions, log: Callable[[str], None] = lambda s: None) -> d
         corr = spearman([r["early"] for r in table], [r["score"] for r in table])
     eff = {}
     if o.scheme == "relative":
-        for n, p in plan.tensors.items():
-            if p.noise_unit and p.alias_of is None and len(p.shape) >= 2:
-                eff[n] = effective_sigma(widen(ckpt.tensors[n], p), p, best["sigma"], 0)
+        for n in relative_tensors(plan):
+            p = plan.tensors[n]
+            eff[n] = effective_sigma(widen(ckpt.tensors[n], p), p, best["sigma"], 0)
     result = {
         "sigma": best["sigma"], "lr": best["lr"], "base_lr": gamma, "noise_scheme": o.scheme,
         "k": plan.k, "spec": plan.spec.name, "steps": o.steps, "seeds": o.seeds, "scored_by": by,

@@ -26,6 +26,11 @@ def spectral_norm(w: torch.Tensor) -> float:
     return torch.linalg.matrix_norm(m, ord=2).item()
 
 
+def relative_tensors(plan) -> list[str]:
+    """Tensors the relative scheme noises, and exports an effective σ̄ for: noised matrices (not aliases)."""
+    return [n for n, p in plan.tensors.items() if p.noise_unit and p.alias_of is None and len(p.shape) >= 2]
+
+
 def effective_sigma(w: torch.Tensor, p: TensorPlan, t: float, seed: int) -> float:
     """σ̄ such that μP noise σ̄·Δ has norm t·‖W‖ (relative scheme)."""
     d = noise(p.alias_of or p.name, p.out_shape, seed).double() * p.noise_unit
