@@ -47,7 +47,8 @@ def base_lr_of(ckpt: Checkpoint, given: float | None) -> float | None:
 
 def _number(d: dict, key: str, path: Path, positive: bool = False) -> float:
     v = d.get(key)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 if positive else v >= 0)
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+          and (v > 0 if positive else v >= 0))
     if not ok:
         raise MupscaleError(f"--hparams {path}: {key} must be a finite number {'> 0' if positive else '>= 0'}, "
                             f"got {v!r}")

@@ -149,7 +149,7 @@ def run_sweep(o: SweepOptions, log: Callable[[str], None] = lambda s: None) -> d
     alive, total_steps, rungs = list(grid), 0, []
     if o.halving:  # successive halving: budgets T/2^R, ..., T/2, T; keep the better half at each rung
         # the first rung trains at least the --early fraction (else T/8): fewer steps rank settings poorly
-        first = max(1, math.ceil(o.steps * (o.early or MIN_RUNG)))
+        first = max(1, math.floor(o.steps * (o.early or MIN_RUNG)))
         n_rungs = max(0, min(math.floor(math.log2(len(grid))), math.floor(math.log2(o.steps / first))))
         for i in range(n_rungs + 1):
             until = max(1, o.steps // 2 ** (n_rungs - i))

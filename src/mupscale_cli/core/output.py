@@ -468,8 +468,10 @@ def write_streamed(target: Target, model: list[OutTensor], optim: list[OutTensor
         meta[META_EXTRA] = json.dumps(jsonable(extra), sort_keys=True)
     if optim_groups is not None:
         meta[META_OPTIM] = json.dumps(optimizer_meta(kind or "", {"param_groups": optim_groups}), sort_keys=True)
+
     def digests_of(infos: list[TensorInfo], digests: dict[str, str]) -> dict[str, str]:
-        return {META_DIGESTS: json.dumps({i.name: digests.get(i.name, "0" * digest.HEX_LEN) for i in infos}, sort_keys=True)}
+        placeholder = "0" * digest.HEX_LEN  # same length: the header is rewritten in place
+        return {META_DIGESTS: json.dumps({i.name: digests.get(i.name, placeholder) for i in infos}, sort_keys=True)}
 
     def final_meta() -> dict[str, str]:
         if source_sha256 is None:
