@@ -264,7 +264,7 @@ def run_verify(o: VerifyOptions, on_step: Callable[[dict, bool], None] | None = 
     wide_args = dict(prep.model_args or {})
     sigma = float(prov.get("sigma") or 0.0) if w else 0.0
     sigma_map = _sigma_map(prov) if w else None  # widen --hparams with the relative scheme: σ̄ per tensor
-    noised = sigma > 0 or any(v > 0 for v in (sigma_map or {}).values())
+    noised = _noised(sigma, sigma_map)
     lr_scale = _lr_scale(prov) if w else 1.0  # widen --hparams: WIDE's learning rates × γ̄↑/γ̄
     stored = _stored_dtype(prov) if w else None  # widen --dtype: WIDE's floats were cast after widening
     mode = "in-memory" if w is None else ("noised" if noised else "cast" if stored else "file")
@@ -449,6 +449,10 @@ def _sigma_map(prov: dict) -> dict[str, float] | None:
     return {str(n): float(v) for n, v in m.items()}
 
 
+def _noised(sigma: float, sigma_map: dict[str, float] | None) -> bool:
+    return sigma > 0 or any(v > 0 for v in (sigma_map or {}).values())
+
+
 def _lr_scale(prov: dict) -> float:
     v = prov.get("lr_scale", 1.0)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v > 0):
@@ -460,7 +464,7 @@ def _noise_check(w, prep: Prepared, sigma: float, prov: dict, stored: torch.dtyp
                  sigma_map: dict[str, float] | None = None) -> tuple[dict, list[Issue]]:
     """WIDE = exact widening + the noise re-derived from (seed, convention, noise device, σ̄ or σ̄ per
     tensor), then cast to its recorded dtype: tensor by tensor, bit for bit."""
-    noised = sigma > 0 or any(v > 0 for v in (sigma_map or {}).values())
+    noised = _noised(sigma, sigma_map)
     seed = prov.get("seed", 0)
     conv = prov.get("noise", noise_mod.CONVENTION)
     device = prov.get("noise_device", "cpu")
