@@ -655,12 +655,7 @@ class LazySafetensors:
         if start < 0 or count < 0 or start + count > info.numel:
             raise MupscaleError(f"{self.path}: read [{start}, {start + count}) of tensor {name!r} is outside its "
                                 f"{info.numel} elements")
-        with self._fd_lock:
-            if self._closed:
-                raise MupscaleError(f"{self.path}: reader used after close()")
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            fd = self._fd
+        fd = self._open_fd()
         return _pread_tensor(fd, self._offsets[name] + start * info.dtype.itemsize, count, info.dtype, self.path,
                              alloc)
 
@@ -669,18 +664,22 @@ class LazySafetensors:
         self.info(name)
         return self.path, name
 
+    def _open_fd(self) -> int:
+        """The reader's file descriptor for pread, opened on first use (shared by all threads)."""
+        with self._fd_lock:
+            if self._closed:
+                raise MupscaleError(f"{self.path}: reader used after close()")
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            return self._fd
+
     def scan(self, on_piece: Callable[[str, torch.Tensor], None] | None = None,
              piece_bytes: int = 8 << 20, hashing: bool = True) -> str:
         """sha256 of the whole file, read once in file order; `on_piece(name, values)` sees every tensor's
         data as it goes by, in pieces of at most `piece_bytes` (a view of a reused buffer: do not keep it).
         hashing=False: only the pieces, returns ""."""
         h = hashlib.sha256()
-        with self._fd_lock:
-            if self._closed:
-                raise MupscaleError(f"{self.path}: reader used after close()")
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            fd = self._fd
+        fd = self._open_fd()
         start = min(self._offsets.values(), default=None)
         if start is None:
             with open(self.path, "rb") as f:
