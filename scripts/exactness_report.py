@@ -10,7 +10,7 @@ import torch
 
 from mupscale_cli.api import load, make_optimizer, optimizer_groups
 from mupscale_cli.commands.widen import WidenOptions, run_widen
-from mupscale_cli.core.lockstep import run_lockstep
+from mupscale_cli.verify.lockstep import run_lockstep
 from mupscale_cli.zoo import gpt, mlp
 
 HP = {"sgd": dict(lr=0.01, momentum=0.9, dampening=0.1, weight_decay=1e-3),

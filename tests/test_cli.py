@@ -11,7 +11,7 @@ from conftest import make_base, mupscale, train
 from mupscale_cli import __version__
 from mupscale_cli.api import load, make_optimizer, optimizer_groups
 from mupscale_cli.cli import app
-from mupscale_cli.core.lockstep import run_lockstep
+from mupscale_cli.verify.lockstep import run_lockstep
 from mupscale_cli.zoo import gpt
 
 ARGS = dict(gpt.DEFAULT_ARGS)

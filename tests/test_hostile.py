@@ -28,8 +28,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mupscale_cli.core.output import TMP_PT, clean_stale_temps
-from mupscale_cli.core.safetensors_io import LazySafetensors, StreamWriter, TensorInfo
+from mupscale_cli.formats.write import TMP_PT, clean_stale_temps
+from mupscale_cli.formats.safetensors import LazySafetensors, StreamWriter, TensorInfo
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.zoo import gpt, mlp
 
@@ -515,7 +515,7 @@ def test_stale_temporaries(tmp_path: Path) -> None:
     assert sorted(removed) == sorted([dead.name, old.name])
     assert sorted(kept) == sorted([live.name, nopid.name])
     assert other.exists() and live.exists() and nopid.exists() and not dead.exists() and not old.exists()
-    from mupscale_cli.core.output import atomic_path
+    from mupscale_cli.formats.write import atomic_path
     with pytest.raises(KeyboardInterrupt):
         with atomic_path(tmp_path / "w.pt") as tmp:
             assert tmp.name.startswith(f".w.pt{TMP_PT}{os.getpid()}-")  # the pid tells later runs it is stale

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mupscale_cli.core.output import TMP_PT
+from mupscale_cli.formats.write import TMP_PT
 
 MUPSCALE = shutil.which("mupscale")
 pytestmark = pytest.mark.skipif(MUPSCALE is None, reason="the mupscale command is not installed")

@@ -11,7 +11,7 @@ from torch import nn
 
 from mupscale_cli.api import load, make_optimizer, optimizer_groups
 from mupscale_cli.commands.widen import WidenOptions, run_widen
-from mupscale_cli.core.lockstep import run_lockstep
+from mupscale_cli.verify.lockstep import run_lockstep
 
 SPEC = """
 name: sp-mlp

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mupscale_cli.core.safetensors_io import (
+from mupscale_cli.formats.safetensors import (
     TMP_MARKER,
     LazySafetensors,
     ShardedWriter,

@@ -18,11 +18,11 @@ from conftest import make_base, mupscale
 from mupscale_cli.api import load
 from mupscale_cli.commands.inspect import run_inspect
 from mupscale_cli.commands.widen import WidenOptions, prepare, run_widen
-from mupscale_cli.core import safetensors_io
-from mupscale_cli.core.checkpoint import LazyTensors, load_checkpoint
+from mupscale_cli.formats import safetensors as safetensors_io
+from mupscale_cli.formats.checkpoint import LazyTensors, load_checkpoint
 from mupscale_cli.core.noise import CHUNK
-from mupscale_cli.core.output import DEFAULT_CHUNK_BYTES
-from mupscale_cli.core.safetensors_io import ShardedWriter, TensorInfo
+from mupscale_cli.formats.write import DEFAULT_CHUNK_BYTES
+from mupscale_cli.formats.safetensors import ShardedWriter, TensorInfo
 from mupscale_cli.core.widen import widen_noised
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.zoo import gpt

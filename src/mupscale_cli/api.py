@@ -15,7 +15,7 @@ import json
 import torch
 from torch import nn
 
-from mupscale_cli.core.checkpoint import META_PROV, load_checkpoint
+from mupscale_cli.formats.checkpoint import META_PROV, load_checkpoint
 from mupscale_cli.errors import MupscaleError
 
 

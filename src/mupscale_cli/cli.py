@@ -152,7 +152,7 @@ def _widen_memory_settings() -> None:
     flat), and large tensors sit on transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE) so that the
     fresh buffers of range after range cost few page faults."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    from mupscale_cli.core.output import limit_heap_growth
+    from mupscale_cli.formats.write import limit_heap_growth
     limit_heap_growth()
 
 
@@ -216,7 +216,7 @@ def widen(
         digest = _prehash(checkpoint)
         _widen_memory_settings()
         from mupscale_cli.commands.widen import run_widen
-        from mupscale_cli.core.safetensors_io import parse_size
+        from mupscale_cli.formats.safetensors import parse_size
         opts = _opts(checkpoint, output, k, sigma, seed, spec, optimizer, opt_layout, size, force, no_optimizer,
                      strict)
         opts = replace(opts, dtype=dtype, shard_size=shard_size, threads=threads, noise_device=noise_device,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from mupscale_cli.core.checkpoint import Checkpoint, sha256_file
+from mupscale_cli.formats.checkpoint import Checkpoint, sha256_file
 from mupscale_cli.core.plan import Plan
 from mupscale_cli.core.schemes import relative_tensors
 from mupscale_cli.errors import MupscaleError

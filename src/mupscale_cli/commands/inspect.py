@@ -4,16 +4,16 @@ from __future__ import annotations
 import json
 
 from mupscale_cli.commands.widen import WidenOptions, prepare, summary
-from mupscale_cli.core import digest
-from mupscale_cli.core.checkpoint import META_DIGESTS, META_PROV, PROV_DIGESTS, Checkpoint, iter_chunks
+from mupscale_cli.formats import digest
+from mupscale_cli.formats.checkpoint import META_DIGESTS, META_PROV, PROV_DIGESTS, Checkpoint, iter_chunks
 from mupscale_cli.core.optstate import factors
-from mupscale_cli.core.output import optimizer_refs
-from mupscale_cli.core.safetensors_io import _tensor_bytes
+from mupscale_cli.formats.write import optimizer_refs
+from mupscale_cli.formats.safetensors import _tensor_bytes
 from mupscale_cli.errors import MupscaleError
 
 
 def check_digests(ckpt: Checkpoint) -> dict | None:
-    """Recompute the checksum (core/digest.py) of every tensor a widened file recorded (None if it records none);
+    """Recompute the checksum (formats/digest.py) of every tensor a widened file recorded (None if it records none);
     a mismatch, a missing or an unrecorded tensor is an error naming the tensor."""
     if META_DIGESTS in ckpt.metadata:
         try:

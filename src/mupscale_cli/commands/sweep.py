@@ -12,8 +12,8 @@ import yaml
 from mupscale_cli.api import make_optimizer
 from mupscale_cli.commands.hparams import base_lr_of
 from mupscale_cli.commands.widen import WidenOptions, prepare
-from mupscale_cli.core.checkpoint import sha256_file
-from mupscale_cli.core.modelspec import resolve
+from mupscale_cli.formats.checkpoint import sha256_file
+from mupscale_cli.verify.modelspec import resolve
 from mupscale_cli.core.optstate import scale_lr, widen_optimizer
 from mupscale_cli.core.schemes import SCHEMES, effective_sigma, noised, relative_tensors
 from mupscale_cli.core.widen import widen

@@ -24,11 +24,11 @@ from mupscale_cli.api import load as load_widened
 from mupscale_cli.api import make_optimizer
 from mupscale_cli.commands.widen import Prepared, WidenOptions, prepare, widen_tensors
 from mupscale_cli.core import noise as noise_mod
-from mupscale_cli.core.checkpoint import sha256_file, strip_prefix
-from mupscale_cli.core.diagnose import (Issue, compare_tensor, finite, groups_by_name, hyper_issues,
+from mupscale_cli.formats.checkpoint import sha256_file, strip_prefix
+from mupscale_cli.verify.diagnose import (Issue, compare_tensor, finite, groups_by_name, hyper_issues,
                                         shared_steps, state_by_name, state_issues)
-from mupscale_cli.core.lockstep import StepDiff, run_lockstep
-from mupscale_cli.core.modelspec import ModelDef, resolve
+from mupscale_cli.verify.lockstep import StepDiff, run_lockstep
+from mupscale_cli.verify.modelspec import ModelDef, resolve
 from mupscale_cli.core.optstate import KINDS, OptimizerMap, detect_kind, scale_lr, widen_optimizer
 from mupscale_cli.core.widen import widen, widen_noised
 from mupscale_cli.errors import MupscaleError
@@ -397,7 +397,7 @@ def _digest_note(path: Path) -> str | None:
     """A note when WIDE's recorded tensor digests say it was modified after widening."""
     try:
         from mupscale_cli.commands.inspect import check_digests
-        from mupscale_cli.core.checkpoint import load_checkpoint
+        from mupscale_cli.formats.checkpoint import load_checkpoint
         check_digests(load_checkpoint(path))
     except MupscaleError as e:
         return f"WIDE was modified after widening: {str(e).split(': ', 1)[-1]}"

@@ -14,16 +14,16 @@ import torch
 from mupscale_cli import __version__
 from mupscale_cli.commands.hparams import resolve_hparams
 from mupscale_cli.core import noise as noise_mod
-from mupscale_cli.core.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, is_sharded, iter_chunks,
+from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, is_sharded, iter_chunks,
                                          load_checkpoint, optimizer_prefix, read_rows, sharded_index, source_sha256,
                                          strip_prefix, tensor_meta)
 from mupscale_cli.core.optstate import (STATE_POWER, OptimizerMap, map_optimizer, optimizer_layout, scale_lr,
                                        widen_optimizer)
-from mupscale_cli.core.output import (DEFAULT_CHUNK_BYTES, SHARD_NAME, Background, OutTensor, Target,
+from mupscale_cli.formats.write import (DEFAULT_CHUNK_BYTES, SHARD_NAME, Background, OutTensor, Target,
                                       clean_stale_temps,
                                       remove_replaced_shards, sharded_files, write_pt, write_streamed)
 from mupscale_cli.core.plan import Plan, make_plan, parse_k, same_values
-from mupscale_cli.core.safetensors_io import parse_size
+from mupscale_cli.formats.safetensors import parse_size
 from mupscale_cli.core.spec import Spec, bundled_specs, load_spec
 from mupscale_cli.core.widen import widen_noised, widen_range
 from mupscale_cli.errors import MupscaleError

@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import torch
 
-from mupscale_cli.core.checkpoint import LazyTensors, tensor_meta
+from mupscale_cli.core.source import LazyTensors, tensor_meta
 from mupscale_cli.core.plan import Plan, TensorPlan
 from mupscale_cli.core.widen import widen
 from mupscale_cli.errors import MupscaleError

@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import torch
 
-from mupscale_cli.core.checkpoint import LazyTensors, iter_chunks, tensor_meta
+from mupscale_cli.core.source import LazyTensors, iter_chunks, tensor_meta
 from mupscale_cli.core.spec import Dim, Rule, Spec, eval_size
 from mupscale_cli.errors import MupscaleError
 

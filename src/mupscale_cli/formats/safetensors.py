@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from mupscale_cli.core import digest
+from mupscale_cli.formats import digest
 from mupscale_cli.errors import MupscaleError
 
 MAX_HEADER_BYTES = 100_000_000
@@ -163,7 +163,7 @@ def _pread_tensor(fd: int, position: int, count: int, dtype: torch.dtype, where:
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
-    """Checksum (core/digest.py) of the bytes safetensors stores for `tensor` (little-endian, C order)."""
+    """Checksum (formats/digest.py) of the bytes safetensors stores for `tensor` (little-endian, C order)."""
     return digest.of_bytes(_tensor_bytes(tensor))
 
 

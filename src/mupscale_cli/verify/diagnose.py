@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import torch
 
-from mupscale_cli.core.lockstep import norm_rel
+from mupscale_cli.verify.lockstep import norm_rel
 from mupscale_cli.core.optstate import SCALED, STATE_POWER, factors
 from mupscale_cli.core.plan import Plan, TensorPlan
 from mupscale_cli.core.widen import widen

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from mupscale_cli.core import digest
-from mupscale_cli.core.checkpoint import (META_DIGESTS, META_EXTRA, META_OPTIM, META_OPTIM_INDEX, META_PROV, OPTIM_NS,
+from mupscale_cli.formats import digest
+from mupscale_cli.formats.checkpoint import (META_DIGESTS, META_EXTRA, META_OPTIM, META_OPTIM_INDEX, META_PROV, OPTIM_NS,
                                          PROV_DIGESTS, Checkpoint, optimizer_prefix, strip_prefix)
 from mupscale_cli.core.noise import CHUNK
-from mupscale_cli.core.safetensors_io import (INDEX_SUFFIX, ShardedWriter, StreamWriter, TensorInfo, _tensor_bytes,
+from mupscale_cli.formats.safetensors import (INDEX_SUFFIX, ShardedWriter, StreamWriter, TensorInfo, _tensor_bytes,
                                               tensor_digest)
 from mupscale_cli.errors import MupscaleError
 
@@ -109,7 +109,7 @@ def optimizer_refs(osd: dict | None) -> dict[str, tuple]:
     """An optimizer state_dict's tensor entries as `__optim__/<tensor name>/<state key>` -> (state dict,
     key) (names from param_names, prefixes stripped), without reading lazy entries: the layout of our
     safetensors files and the keys of recorded digests."""
-    from mupscale_cli.core.checkpoint import LazyTensors
+    from mupscale_cli.formats.checkpoint import LazyTensors
     out: dict[str, tuple] = {}
     if osd is None:
         return out
@@ -305,7 +305,7 @@ def _split_taken(taken: list[torch.Tensor], data: torch.Tensor) -> tuple[list, l
 
 
 class _Chain:
-    """One tensor's checksum (core/digest.py), fed its ranges in order by whichever threads made them."""
+    """One tensor's checksum (formats/digest.py), fed its ranges in order by whichever threads made them."""
 
     def __init__(self) -> None:
         self.hash = digest.new()
