@@ -183,7 +183,7 @@ def claim(dest: Path) -> Iterator[None]:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
-            raise env_error(e, dest) or e
+            raise env_error(OSError(e.errno, e.strerror), f"-o {dest}") or e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
