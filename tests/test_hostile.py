@@ -242,6 +242,24 @@ def _bitflip_header(c: Ctx) -> list[str]:
     return c.widen(c.write("f.safetensors", bytes(data)))
 
 
+def _short_record(c: Ctx) -> list[str]:
+    """A .pt whose first storage record is shorter than its tensor (torch.load(mmap=True) would read the
+    next entries' bytes as values)."""
+    import zipfile
+    ok = c.save("ok.pt", c.base.mlp)
+    with zipfile.ZipFile(ok) as zin, zipfile.ZipFile(c.d / "short.pt", "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zout.writestr(info, data[:100] if info.filename.endswith("/data/0") else data)
+    ok.unlink()
+    return c.widen(c.d / "short.pt")
+
+
+def _shards_over_other_files(c: Ctx) -> list[str]:
+    c.write("out/notes.txt", "mine")
+    return c.widen(c.base.mlp_pt, "--shard-size", "1GB", "--force", out=c.d / "out")
+
+
 def _rand(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
 
@@ -259,6 +277,7 @@ CASES: list[Case] = [
     Case("text-file", lambda c: c.widen(c.write("notes.pt", "hello, not a checkpoint\n")), "notes.pt", proc=False),
     Case("truncated-safetensors", _truncated_st, "truncated"),
     Case("truncated-pt", _truncated_pt, "not a readable PyTorch checkpoint", proc=False),
+    Case("pt-short-storage-record", _short_record, "storage record 'ok/data/0' holds 100 bytes"),
     # hand-made safetensors framing and headers
     Case("st-huge-header", lambda c: c.widen(c.write("h.safetensors", _framed(b"{}", n=2**40))), "exceeds"),
     Case("st-header-past-eof", lambda c: c.widen(c.write("h.safetensors", _framed(b"{}", n=4096))),
@@ -329,6 +348,7 @@ CASES: list[Case] = [
     Case("output-dir-missing", lambda c: c.widen(c.base.mlp_pt, out=c.d / "nodir" / "w.safetensors"),
          "does not exist"),
     Case("output-is-directory", _out_dir, "directory", proc=False),
+    Case("shards-into-a-directory-of-other-files", _shards_over_other_files, "(notes.txt)", proc=False),
     Case("output-missing", lambda c: ["widen", str(c.base.mlp_pt), "--k", "2"], "-o", proc=False),
     Case("disk-too-small", lambda c: c.widen(c.base.gpt_pt, "--k", "100000"), "MiB free"),
     # specs

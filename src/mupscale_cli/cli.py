@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mupscale_cli import __version__
-from mupscale_cli.errors import MupscaleError
+from mupscale_cli.errors import OPTIONAL, MupscaleError, missing_package  # noqa: F401 (OPTIONAL: tests)
 
 EXIT_CODES = """Exit codes: 0 success; 1 verification failed; 2 usage or input error (one line on stderr);
 3 internal error (a bug: please report it); 130 interrupted (SIGINT), 143 terminated (SIGTERM).
@@ -51,11 +51,6 @@ def _signalled(signum, frame):
         raise SystemExit(143)
     raise KeyboardInterrupt
 
-
-# Packages the package imports only for some commands, and how to get them.
-OPTIONAL = {"mup": "pip install --no-deps mup==1.0.0 (its declared dependencies would pull a CUDA torch)",
-            "matplotlib": "pip install 'mupscale-cli[plot]'",
-            "transformers": "pip install 'mupscale-cli[hf]'", "accelerate": "pip install 'mupscale-cli[hf]'"}
 
 _threads: list = []  # (stop event, thread) of threads the command started: stopped and joined on exit
 
@@ -97,12 +92,11 @@ def guard():
             raise
         err.print(f"mupscale: error: {me}", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    except ModuleNotFoundError as e:
-        top = (e.name or "").split(".")[0]
-        if top not in OPTIONAL:
+    except ImportError as e:
+        me = missing_package(e)
+        if me is None:
             raise
-        err.print(f"mupscale: error: this needs the {top} package, which is not installed: {OPTIONAL[top]}",
-                  markup=False, soft_wrap=True)
+        err.print(f"mupscale: error: {me}", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except Exception as e:  # noqa: BLE001
         if os.environ.get("MUPSCALE_DEBUG"):

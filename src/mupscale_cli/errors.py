@@ -10,6 +10,20 @@ class MupscaleError(Exception):
         self.exit_code = exit_code
 
 
+# Packages imported only by some commands (not declared dependencies, or in an extra), and how to get them.
+OPTIONAL = {"mup": "pip install --no-deps mup==1.0.0 (its declared dependencies would pull a CUDA torch)",
+            "matplotlib": "pip install 'mupscale-cli[plot]'",
+            "transformers": "pip install 'mupscale-cli[hf]'", "accelerate": "pip install 'mupscale-cli[hf]'"}
+
+
+def missing_package(e: BaseException) -> MupscaleError | None:
+    """A one-line error for an optional package that is not installed, naming how to install it."""
+    top = (getattr(e, "name", None) or "").split(".")[0]
+    if not isinstance(e, ImportError) or top not in OPTIONAL:
+        return None
+    return MupscaleError(f"this needs the {top} package, which is not installed: {OPTIONAL[top]}")
+
+
 class Cancelled(BaseException):
     """Raised inside a background thread whose owner asked it to stop (see `formats.write.Background`)."""
 
