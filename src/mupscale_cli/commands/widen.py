@@ -171,12 +171,6 @@ def state_refs(prep: Prepared):
                 yield n, key, st
 
 
-def state_items(prep: Prepared):
-    """(tensor name, state key, value) of every mapped optimizer state entry (lazy entries are read)."""
-    for n, key, st in state_refs(prep):
-        yield n, key, st[key]
-
-
 def _nonfinite(m, name: str, chunk: int) -> int:
     """NaN/Inf count of m[name], read piece by piece."""
     _, dtype = tensor_meta(m, name)
@@ -586,10 +580,8 @@ def _names_out(prep: Prepared, target: Target):
     return lambda n: raw.get(n) or prep.ckpt.original.get(n, n)
 
 
-def summary(prep: Prepared, out: Path | None, opts: WidenOptions, groups: list[dict] | dict | None) -> dict:
+def summary(prep: Prepared, out: Path | None, opts: WidenOptions, groups: list[dict] | None) -> dict:
     plan = prep.plan
-    if isinstance(groups, dict):  # an optimizer state dict (older callers)
-        groups = groups["param_groups"]
     base = sum(math.prod(p.shape) * p.dtype.itemsize for p in plan.tensors.values())
     dtype = out_dtype(opts)
     wide = sum(math.prod(p.out_shape) * (dtype.itemsize if dtype and p.dtype.is_floating_point else p.dtype.itemsize)
