@@ -24,7 +24,7 @@ from mupscale_cli.api import load as load_widened
 from mupscale_cli.api import make_optimizer
 from mupscale_cli.commands.widen import Prepared, WidenOptions, prepare, widen_tensors
 from mupscale_cli.core import noise as noise_mod
-from mupscale_cli.formats.checkpoint import sha256_file, strip_prefix
+from mupscale_cli.formats.checkpoint import source_sha256, strip_prefix
 from mupscale_cli.verify.diagnose import (Issue, compare_tensor, finite, groups_by_name, hyper_issues,
                                         shared_steps, state_by_name, state_issues)
 from mupscale_cli.verify.lockstep import StepDiff, run_lockstep
@@ -388,9 +388,7 @@ def run_verify(o: VerifyOptions, on_step: Callable[[dict, bool], None] | None = 
 
 def _source_digest(prep: Prepared) -> str:
     """BASE's digest as `widen` records it (the file's sha256; sharded inputs: widen's own digest)."""
-    from mupscale_cli.commands import widen as widen_cmd
-    fn = getattr(widen_cmd, "source_sha256", None)
-    return fn(prep.ckpt) if fn is not None else sha256_file(prep.ckpt.path)
+    return source_sha256(prep.ckpt)
 
 
 def _digest_note(path: Path) -> str | None:
@@ -572,11 +570,12 @@ def diagnose(report: dict, issues: list[Issue], fail: dict | None, o: VerifyOpti
         out.append(f"the difference grew gradually from round-off (steps 0-3: {early:.1e}, step {step}: "
                    f"{fail['value']:.1e}, about x{growth:.3g} per step) with weights, optimizer state and "
                    f"hyper-parameters all matching the exact widening: the training is chaotic enough to "
-                   f"amplify {o.dtype} round-off; this is not a widening defect: verify fewer --steps, use "
-                   f"--dtype float64 or a larger --tol")
+                   f"amplify {o.dtype} round-off; this is not a widening defect: verify fewer --steps"
+                   f"{', use --dtype float64' if o.dtype != 'float64' else ''} or a larger --tol")
     elif step > 0 and not found and fail["value"] is None:
         out.append(f"non-finite loss or outputs at step {step} (NaN/Inf) with everything static matching: "
-                   f"the training itself blew up; try a smaller --steps or --dtype float64")
+                   f"the training itself blew up; try a smaller --steps"
+                   f"{' or --dtype float64' if o.dtype != 'float64' else ''}")
     elif step > 0 and not found:
         why = ("weights, optimizer state and hyper-parameters all match the exact widening, so the training "
                "step itself is not width-invariant: e.g. gradient clipping or a loss that depends on width, "
