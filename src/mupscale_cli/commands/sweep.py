@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mupscale_cli.api import make_optimizer
+from mupscale_cli.api import make_optimizer, optimizer_groups
 from mupscale_cli.commands.hparams import base_lr_of
 from mupscale_cli.commands.widen import Prepared, WidenOptions, prepare
 from mupscale_cli.formats.checkpoint import sha256_file
@@ -136,10 +136,7 @@ class Proxy:
         osd = {"state": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
                          for i, st in self.wide_osd["state"].items()},
                "param_groups": scale_lr(self.wide_osd["param_groups"], lr / self.gamma)}
-        params = dict(model.named_parameters())
-        groups = [{**{h: v for h, v in g.items() if h != "params"}, "params": [params[n] for n in g["param_names"]]}
-                  for g in osd["param_groups"]]
-        opt = make_optimizer(self.prep.omap.kind, groups)
+        opt = make_optimizer(self.prep.omap.kind, optimizer_groups(model, osd))
         opt.load_state_dict(osd)
         return Run(sigma, lr, seed, model, opt, torch.Generator().manual_seed(10_000 + seed))
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mupscale_cli.api import load as load_widened
-from mupscale_cli.api import make_optimizer
+from mupscale_cli.api import make_optimizer, optimizer_groups
 from mupscale_cli.commands.widen import Prepared, WidenOptions, prepare, widen_tensors
 from mupscale_cli.core import noise as noise_mod
 from mupscale_cli.formats.checkpoint import source_sha256, strip_prefix
@@ -169,20 +169,8 @@ def _load_model(md: ModelDef, args: dict, base_args: dict | None, sd: dict[str, 
     return model
 
 
-def _groups(model: nn.Module, sd: dict, names: list[list[str]]) -> list[dict]:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    out = []
-    for g, ns in zip(sd["param_groups"], names):
-        missing = [n for n in ns if n not in params]
-        if missing:
-            raise MupscaleError(f"the model has no parameter {missing[0]!r} that the optimizer state names")
-        out.append({**{k: v for k, v in g.items() if k not in ("params", "param_names")},
-                    "params": [params[n] for n in ns]})
-    return out
-
-
 def _optimizer(kind: str, model: nn.Module, sd: dict, names: list[list[str]], who: str) -> torch.optim.Optimizer:
-    opt = make_optimizer(kind, _groups(model, sd, names))
+    opt = make_optimizer(kind, optimizer_groups(model, sd, names))
     try:
         opt.load_state_dict(_clone_tree(sd))
     except (ValueError, RuntimeError, KeyError) as e:

@@ -198,6 +198,12 @@ def map_optimizer(sd: dict, plan: Plan, kind: str | None = None, layout: str | N
     return OptimizerMap(kind, lay, fits[lay])
 
 
+def check_state_key(key: str, name: str) -> None:
+    if key != "step" and key not in STATE_POWER:
+        raise MupscaleError(f"unknown optimizer state {key!r} for tensor {name!r}; mupscale widens SGD, Adam "
+                            f"and AdamW state (momentum_buffer, exp_avg, exp_avg_sq, max_exp_avg_sq, step)")
+
+
 @dataclass
 class StateEntry:
     """One widened optimizer state entry, not yet computed: state[pid][key] of tensor `name`."""
@@ -237,9 +243,7 @@ def optimizer_layout(sd: dict, plan: Plan, omap: OptimizerMap, names_out=None) -
                     st = sd["state"][pid]
                     ids.append(nid)
                     for k in st:
-                        if k != "step" and k not in STATE_POWER:
-                            raise MupscaleError(f"unknown optimizer state {k!r} for tensor {n!r}; mupscale "
-                                                f"widens SGD, Adam and AdamW state")
+                        check_state_key(k, n)
                         entries.append(StateEntry(nid, n, k, st))
                 ng["params"].append(nid)
                 pnames.append(n)
