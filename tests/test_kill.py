@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import MUPSCALE
 from mupscale_cli.formats.write import TMP_PT
 
-MUPSCALE = shutil.which("mupscale")
-pytestmark = pytest.mark.skipif(MUPSCALE is None, reason="the mupscale command is not installed")
 WIDTH, DEPTH, K = 2048, 4, 4
 
 
@@ -45,7 +44,7 @@ def temps(directory: Path) -> list[Path]:
 
 def start_and_signal(ckpt: Path, out: Path, sig: signal.Signals) -> subprocess.CompletedProcess:
     """Start a widening, wait until its temporary file exists and holds data, then send `sig`."""
-    argv = [MUPSCALE, "widen", str(ckpt), "--k", str(K), "--spec", "mup-mlp", "-o", str(out)]
+    argv = [*MUPSCALE, "widen", str(ckpt), "--k", str(K), "--spec", "mup-mlp", "-o", str(out)]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -82,7 +81,7 @@ def test_sigkill_leaves_nothing_at_the_output_and_next_run_cleans(big: Path, tmp
     assert not out.exists()
     left = temps(tmp_path)
     assert len(left) == 1  # the killed writer's temporary (its pid is in the name)
-    r2 = subprocess.run([MUPSCALE, "widen", str(big), "--k", str(K), "--spec", "mup-mlp", "-o", str(out)],
+    r2 = subprocess.run([*MUPSCALE, "widen", str(big), "--k", str(K), "--spec", "mup-mlp", "-o", str(out)],
                         capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr
     assert f"removed stale temporary {left[0]}" in r2.stderr

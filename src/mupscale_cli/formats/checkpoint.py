@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from mupscale_cli.core.optstate import canonical_ids
 from mupscale_cli.errors import MupscaleError, check_cancelled
 
 PREFIXES = ("_orig_mod.", "module.")
@@ -36,14 +37,6 @@ META_OPTIM_INDEX = "mupscale.optimizer_index"  # sharded output: file name of th
 
 
 from mupscale_cli.core.source import LazyTensors, iter_chunks, read_rows, tensor_meta  # noqa: F401
-
-
-def materialize_optimizer(osd: dict | None) -> dict | None:
-    """An optimizer state dict with every lazy state entry read (torch's load_state_dict needs dicts)."""
-    if osd is None:
-        return None
-    state = {pid: (st.materialize() if isinstance(st, LazyTensors) else st) for pid, st in osd["state"].items()}
-    return {**osd, "state": state}
 
 
 @dataclass
@@ -330,8 +323,8 @@ def _load_pt(path: Path) -> Checkpoint:
     tensors, original = _canonical(obj[model_key], path)
     extra = {k: v for k, v in obj.items() if k not in (model_key, opt_key)}
     kind = "nanogpt" if "model_args" in obj and model_key == "model" else "wrapped"
-    return Checkpoint(path, kind, tensors, original, obj.get(opt_key) if opt_key else None, extra,
-                      model_key, opt_key)
+    optimizer = canonical_ids(obj.get(opt_key)) if opt_key else None
+    return Checkpoint(path, kind, tensors, original, optimizer, extra, model_key, opt_key)
 
 
 def _load_safetensors(path: Path, lazy: bool = False) -> Checkpoint:
@@ -458,6 +451,10 @@ def _optimizer_from_names(info: dict, state_by_name: dict, path: Path) -> dict:
             groups.append(ng)
     except (KeyError, TypeError):
         raise MupscaleError(f"{path}: metadata '{META_OPTIM}' lacks param_groups/param_names") from None
+    listed = {n for g in groups for n in g["param_names"]}
+    if extra := [n for n in state_by_name if n not in listed]:
+        raise MupscaleError(f"{path}: optimizer state of {extra[0]!r} belongs to no parameter of "
+                            f"'{META_OPTIM}' ({len(extra)} such tensor(s)); the file was edited or mixed")
     if "betas" in groups[0] if groups else False:
         for g in groups:
             g["betas"] = tuple(g["betas"])

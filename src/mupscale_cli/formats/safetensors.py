@@ -863,3 +863,14 @@ def parse_size(text: str) -> int:
     if value.denominator != 1:
         raise MupscaleError(f"invalid size {text!r}: not a whole number of bytes")
     return int(value)
+
+
+def fmt_bytes(n: int) -> str:
+    """A byte count for people: 512 B, 1.5 MiB, 3.0 TiB, ... (EiB at most; beyond that in powers of ten)."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    x, i = float(n), 0
+    while x >= 1024 and i < len(units) - 1:
+        x, i = x / 1024, i + 1
+    if x >= 1024:
+        return f"{x:.1e} EiB"
+    return f"{n} B" if i == 0 else f"{x:.1f} {units[i]}"
