@@ -597,3 +597,38 @@ def test_help_documents_exit_codes() -> None:
     text = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
     for words in ("0 success", "1 verification failed", "2 usage or input error", "130 interrupted"):
         assert words in " ".join(text.split()), words
+
+
+def test_directory_swap_without_rename_exchange(tmp_path: Path, monkeypatch) -> None:
+    """Where renameat2 is missing, the swap takes two renames; a run killed between them leaves the old
+    directory moved aside, which the next run puts back before anything else."""
+    from mupscale_cli.formats import target as T
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "a").write_text("old")
+    monkeypatch.setattr(T, "_renameat2", None)
+    with T.atomic_dir(dest, replace=True) as tmp:
+        (tmp / "b").write_text("new")
+    assert [p.name for p in dest.iterdir()] == ["b"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(MupscaleError, match="appeared"):  # no clobbering without replace
+        with T.atomic_dir(dest) as tmp:
+            pass
+    # killed between the renames: dest is missing, the old output sits aside under a dead pid
+    aside = tmp_path / f".out{T.OLD_MARKER}999999999-abcd1234"
+    dest.rename(aside)
+    removed, kept = clean_stale_temps(dest)
+    assert removed == [f"{aside.name} (put back as out)"] and kept == []
+    assert (dest / "b").read_text() == "new" and not aside.exists()
+
+
+def test_claim_is_exclusive_and_leaves_no_lock(tmp_path: Path) -> None:
+    from mupscale_cli.formats.target import claim, lock_path
+    dest = tmp_path / "w.safetensors"
+    with claim(dest):
+        assert lock_path(dest).read_text().strip() == str(os.getpid())
+        with pytest.raises(MupscaleError, match=f"being written by pid {os.getpid()}"):
+            with claim(dest):  # a second open file description: flock refuses it, in-process too
+                pass
+    assert not lock_path(dest).exists()
+    with claim(dest):  # free again
+        pass

@@ -152,8 +152,8 @@ def test_sharded_output_is_replaced_cleanly_and_needs_force(base, tmp):
                                                       "optimizer.safetensors.index.json"]
     assert len(many) > 4
     # DIR/NAME.safetensors names the shards NAME-0000i-of-0000N
-    (tmp / "t").mkdir()
-    res = widen_to(base, tmp / "t" / "wide.safetensors", shard_size="10GB")
+    (tmp / "t").mkdir()  # an existing empty directory needs no --force
+    res = run_widen(WidenOptions(base, tmp / "t" / "wide.safetensors", k="2", shard_size="10GB"))
     assert res["output"] == str(tmp / "t" / "wide.safetensors.index.json")
     assert (tmp / "t" / "wide-00001-of-00001.safetensors").is_file()
     assert (tmp / "t" / "wide-optimizer.safetensors.index.json").is_file()

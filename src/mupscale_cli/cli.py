@@ -17,9 +17,10 @@ from rich.table import Table
 from mupscale_cli import __version__
 from mupscale_cli.errors import OPTIONAL, MupscaleError, missing_package  # noqa: F401 (OPTIONAL: tests)
 
-EXIT_CODES = """Exit codes: 0 success; 1 verification failed; 2 usage or input error (one line on stderr);
-3 internal error (a bug: please report it); 130 interrupted (SIGINT), 143 terminated (SIGTERM).
-No partial output file is ever left at the output path."""
+EXIT_CODES = """Exit codes: 0 success; 1 verification failed; 2 usage, input or environment error (disk full,
+read-only, ...: one line on stderr); 3 internal error (a bug: please report it); 130 interrupted (SIGINT),
+143 terminated (SIGTERM). No partial output is ever left at the output path: files and shard directories
+appear at once, one writer per output."""
 
 app = typer.Typer(
     name="mupscale",
@@ -243,7 +244,8 @@ def widen(
                                         "float32|bfloat16|float16 (after the noise). Optimizer state keeps its dtype."),
     shard_size: Optional[str] = typer.Option(None, "--shard-size", help="Write Hugging Face shards of at most "
                                              "this size (e.g. 5GB, 500MiB): -o is then a directory (or "
-                                             "DIR/NAME.safetensors for NAME-0000i-of-0000N shards)."),
+                                             "DIR/NAME.safetensors for NAME-0000i-of-0000N shards), new, empty "
+                                             "or an earlier sharded output, replaced as a whole at once."),
     threads: int = typer.Option(2, "--threads", help="Worker threads making tensors (0: one thread); the "
                                 "output is the same bytes for any number."),
     noise_device: str = typer.Option("cpu", "--noise-device", help="cpu|cuda: where the noise is drawn. "

@@ -408,16 +408,26 @@ def _check_sharded_output(opts: WidenOptions, out: Path) -> Target:
         if f.exists() and os.path.samefile(f.parent, directory):
             raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint ({f.name} is in "
                                 f"{directory}, which the sharded output replaces as a whole)")
-    ours = sharded_files(t)
-    others = sorted(p.name for p in directory.iterdir() if p.name not in ours and TMP_MARKER not in p.name)
-    if others:
-        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
-        raise MupscaleError(f"-o {out}: {directory} holds files that are not part of a sharded output "
-                            f"({', '.join(others[:3])}{more}); a sharded output replaces its whole directory: "
-                            f"give a new or empty directory")
+    ours = _only_sharded_output(t, out)
     if ours and not opts.force:
         raise MupscaleError(f"-o {out}: {t.index_path} exists; pass --force to overwrite")
     return t
+
+
+def _only_sharded_output(t: Target, out: Path) -> set[str]:
+    """The files of an earlier sharded output in directory `t.path`; an error if it holds anything else
+    (the sharded output replaces the whole directory)."""
+    ours = sharded_files(t)
+    try:
+        others = sorted(p.name for p in t.path.iterdir() if p.name not in ours and TMP_MARKER not in p.name)
+    except FileNotFoundError:
+        return set()
+    if others:
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        raise MupscaleError(f"-o {out}: {t.path} holds files that are not part of a sharded output "
+                            f"({', '.join(others[:3])}{more}); a sharded output replaces its whole directory: "
+                            f"give a new or empty directory")
+    return ours
 
 
 def provenance(opts: WidenOptions, prep: Prepared, source_digest: str | None = None) -> dict:
@@ -540,6 +550,17 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
         raise MupscaleError(f"-o {target.shown}: exists (written meanwhile by another run?); pass --force to "
                             f"overwrite")
     watch = InputWatch(_input_files(opts.checkpoint))  # size, mtime, inode: compared before the commit
+    replace = opts.force  # an existing empty directory is replaced too, if it still holds nothing then
+    if target.kind == "sharded" and target.path.is_dir() and not opts.force:
+        replace = not any(target.path.iterdir())
+
+    def before_commit() -> None:
+        watch.check()
+        if target.kind == "sharded" and target.path.is_dir():
+            if _only_sharded_output(target, opts.output) and not opts.force:
+                raise MupscaleError(f"-o {target.shown}: appeared while this output was written; pass --force "
+                                    f"to overwrite")
+
     sigbus_names(str(opts.checkpoint))
     streamed = target.kind != "pt"
     prep = prepare(opts, lazy=True, defer_checks=streamed)
@@ -572,7 +593,7 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
         if ckpt.model_key is not None or osd is not None:  # a plain state dict stays plain
             given = opts.source_digest if ckpt.kind != "sharded" else None
             extra["mupscale"] = provenance(opts, prep, given() if given else None)
-        write_pt(target.path, ckpt, model, osd, extra, replace=opts.force, before_commit=watch.check)
+        write_pt(target.path, ckpt, model, osd, extra, replace=replace, before_commit=before_commit)
         groups = None if osd is None else osd["param_groups"]
     else:
         groups, optim = optimizer_out(prep, names_out, opts.lr_scale)
@@ -581,8 +602,8 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
             write_streamed(target, model_out(prep, opts), optim, prep.omap.kind if prep.omap else None, groups,
                            provenance(opts, prep, source_digest=""), extra,
                            source_sha256=lambda: scan.result()[0], threads=opts.threads,
-                           chunk_bytes=opts.chunk_bytes, on_bytes=progress, poll=scan.poll, replace=opts.force,
-                           before_commit=watch.check)
+                           chunk_bytes=opts.chunk_bytes, on_bytes=progress, poll=scan.poll, replace=replace,
+                           before_commit=before_commit)
         finally:
             scan.stop()  # joined on every path: no thread may be left inside torch at exit
         prep.notes += scan.result()[1]
