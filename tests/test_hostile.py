@@ -632,3 +632,15 @@ def test_claim_is_exclusive_and_leaves_no_lock(tmp_path: Path) -> None:
     assert not lock_path(dest).exists()
     with claim(dest):  # free again
         pass
+
+
+def test_environment_errors_are_one_line_naming_the_output() -> None:
+    """Every environment errno becomes one line naming the output (not the temporary) and the errno."""
+    import errno as E
+    from mupscale_cli.formats.target import ENV_ERRORS, env_error
+    for code in ENV_ERRORS:
+        e = env_error(OSError(code, os.strerror(code), f"/d/.w.safetensors{TMP_PT}1-ab"), "-o /d/w.safetensors")
+        assert str(e).startswith("-o /d/w.safetensors: ") and E.errorcode[code] in str(e) and "\n" not in str(e)
+    e = env_error(OSError(E.EMFILE, "Too many open files", "/d/in.pt"), "-o /d/w.safetensors")
+    assert str(e).startswith("/d/in.pt: too many open files")  # the file it could not open
+    assert env_error(OSError(E.ENOENT, "No such file"), "x") is None  # not the environment's: not mapped

@@ -589,17 +589,37 @@ def write_pt(dest: Path, ckpt: Checkpoint, model: dict[str, torch.Tensor], osd: 
         if osd is not None:
             obj[ckpt.optimizer_key or "optimizer"] = osd
     with atomic_path(dest, replace) as tmp:
+        f = None
         try:
-            torch.save(obj, tmp)
+            with open(tmp, "wb") as raw:
+                f = _Recording(raw)
+                torch.save(obj, f)
         except OSError as e:
             raise env_error(e, dest) or MupscaleError(f"{dest}: cannot write: {e.strerror or e}") from None
-        except RuntimeError as e:  # torch's zip writer reports a failed write (disk full, ...) this way
-            if "write" not in str(e).lower():
+        except RuntimeError as e:  # torch's zip writer turns a failed write into "unexpected pos ..."
+            if f is None or f.error is None:
                 raise
-            raise MupscaleError(f"{dest}: cannot write: {_first_line(e)}; is the disk full?") from None
+            raise env_error(f.error, dest) or MupscaleError(f"{dest}: cannot write: {f.error.strerror}") from None
         if before_commit is not None:
             before_commit()
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+class _Recording:
+    """A file for torch.save that keeps the OSError of a failed write (torch reports only a position)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = e
+            raise
