@@ -359,8 +359,8 @@ def verify(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda (auto: the GPU when there is one)."),
     dtype: str = typer.Option("float64", "--dtype", help="float64|float32|bfloat16: models, states and batches."),
     tol: Optional[float] = typer.Option(None, "--tol", help="Largest relative loss/output difference allowed "
-                                                             "(default per dtype: float64 1e-10, float32 1e-3, "
-                                                             "bfloat16 0.5)."),
+                                                             "(default per dtype: float64 1e-10, with BatchNorm "
+                                                             "1e-5; float32 1e-3; bfloat16 0.5)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples per training batch (and evaluation batch)."),
     data: Optional[Path] = typer.Option(None, "--data", help="A .pt/.safetensors with 'inputs' and 'targets' "
                                                               "tensors, used in order (default: synthetic "

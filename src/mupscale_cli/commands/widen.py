@@ -136,6 +136,9 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
     elif ckpt.optimizer is None:
         notes.append("no optimizer state in the checkpoint: weights only")
     notes += _untracked_axes(plan, ckpt.model_args)
+    notes += [f"warning: {k!r} looks like an LR scheduler's state: it is copied as it is, its base_lrs not "
+              f"rescaled; rebuild the scheduler on the widened optimizer (base_lrs come from each group's "
+              f"initial_lr, which is rescaled)" for k, v in ckpt.extra.items() if isinstance(v, dict) and "base_lrs" in v]
     prep = Prepared(ckpt, plan, omap, plan.model_args(ckpt.model_args), notes)
     check_size(prep, opts)
     check_state_layout(prep)
