@@ -441,6 +441,27 @@ def _verify_data_oob(c: Ctx) -> list[str]:
     return ["verify", str(c.base.gpt_pt), "--k", "2", "--steps", "1", "--data", str(c.d / "data.pt")]
 
 
+def _verify_edited_provenance(c: Ctx) -> list[str]:
+    from safetensors import safe_open
+
+    from mupscale_cli.commands.widen import WidenOptions, run_widen
+    wide = c.d / "w.safetensors"
+    run_widen(WidenOptions(c.base.gpt_pt, wide))
+    with safe_open(str(wide), "pt") as f:
+        meta, tensors = f.metadata(), {n: f.get_tensor(n) for n in f.keys()}
+    meta["mupscale"] = json.dumps({**json.loads(meta["mupscale"]), "sizes": [1], "xxh3_128": None})
+    wide.unlink()
+    save_file(tensors, c.d / "edited.safetensors", metadata=meta)
+    return ["verify", str(c.base.gpt_pt), str(c.d / "edited.safetensors"), "--steps", "1"]
+
+
+def _nested(n: int) -> list:
+    x: list = []
+    for _ in range(n):
+        x = [x]
+    return x
+
+
 CASES += [
     # 6. hyper-parameters and optimizer state: types, ranges, finiteness, ids
     Case("hp-lr-nan-strict", lambda c: _gpt_hp(c, True, lr=float("nan")), "'lr'", proc=False),
@@ -490,6 +511,11 @@ CASES += [
     Case("hf-index-deep-json", _deep_index, "nested", proc=False),
     Case("st-metadata-huge-int", lambda c: _st_meta(c, {"mupscale.extra": f'{{"iter_num": {BIG_INT}}}'}),
          "digits", proc=False),
+    Case("pt-huge-int-model-args", lambda c: c.widen(c.gpt_with(
+        lambda ck: ck["model_args"].__setitem__("n_layer", 10 ** 5000))), "not a readable", proc=False),
+    Case("pt-deep-config", lambda c: c.widen(c.gpt_with(lambda ck: ck.__setitem__("config", _nested(200)))),
+         "nested", proc=False),
+    Case("verify-provenance-edited", _verify_edited_provenance, "'sizes'", proc=False),
     Case("k-huge-int", lambda c: c.widen(c.base.mlp_pt, "--k", BIG_INT), "digits"),
     Case("size-huge-int", lambda c: c.widen(c.base.mlp_pt, "--size", f"head_dim={BIG_INT}"), "digits",
          proc=False),

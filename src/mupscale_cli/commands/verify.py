@@ -29,6 +29,7 @@ from mupscale_cli.verify.diagnose import (Issue, compare_tensor, finite, groups_
                                         shared_steps, state_by_name, state_issues)
 from mupscale_cli.verify.lockstep import StepDiff, run_lockstep
 from mupscale_cli.verify.modelspec import ModelDef, check_args_scale, param_budget, resolve
+from mupscale_cli.core.checks import check_optimizer
 from mupscale_cli.core.optstate import KINDS, OptimizerMap, detect_kind, scale_lr, widen_optimizer
 from mupscale_cli.core.widen import widen, widen_noised
 from mupscale_cli.errors import MupscaleError
@@ -261,6 +262,9 @@ def run_verify(o: VerifyOptions, on_step: Callable[[dict, bool], None] | None = 
 
     w = load_widened(o.wide) if o.wide else None
     prov = w.provenance if w else {}
+    _check_provenance(prov, o.wide)
+    if w is not None and w.optimizer is not None:
+        check_optimizer(w.optimizer)  # types, ranges, ids of WIDE's hyper-parameters (NaN/Inf: the lockstep shows)
     prep, notes = _prepare(o, prov)
     plan, ckpt = prep.plan, prep.ckpt
     md = resolve(plan.spec.model, plan.spec.name, o.model, o.trust_code)
@@ -402,6 +406,27 @@ def _data_errors(path: Path | None):
         first = " ".join(str(e).split())[:200]
         raise MupscaleError(f"--data {path}: the model fails on its batches ({type(e).__name__}: {first}); check "
                             f"that token ids are below vocab_size and shapes fit the model") from None
+
+
+PROV_TYPES = {"k": dict, "spec": str, "spec_sha256": str, "sizes": dict, "seed": int, "noise": str,
+              "noise_device": str, "noise_std": dict, "source": str, "source_sha256": str}
+
+
+def _check_provenance(prov: dict, path: Path | None) -> None:
+    """The provenance entries verify reads have the types widen writes (a hand-edited file: exit 2)."""
+    for key, kind in PROV_TYPES.items():
+        v = prov.get(key)
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+            raise MupscaleError(f"{path}: its provenance entry {key!r} is {type(v).__name__}, expected "
+                                f"{kind.__name__}; the file was edited: widen again")
+    for key in ("sigma",):
+        v = prov.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                  and v >= 0):
+            raise MupscaleError(f"{path}: its provenance entry {key!r} is {v!r}, expected a number >= 0")
+    if isinstance(prov.get("noise_std"), dict) and not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in prov["noise_std"].values()):
+        raise MupscaleError(f"{path}: its provenance entry 'noise_std' must map tensor names to numbers")
 
 
 def _source_digest(prep: Prepared) -> str:
