@@ -1,7 +1,7 @@
 """Validation of an optimizer state dict's hyper-parameters and ids, before anything is widened.
 
 Types and ranges are errors (a string lr, betas that are not a pair in [0, 1), a negative eps, `params`
-that are not a list of ids, a state id in no group, a `step` that is not a number). Non-finite values
+that are not a list of ids, an id in two groups, a `step` that is not a number). Non-finite values
 (NaN/Inf lr, eps, ...) are reported like NaN/Inf tensors: a warning, an error with --strict. A value that
 the widening itself makes non-finite (lr × factor overflowing) is always an error (`check_widened`).
 """
@@ -89,10 +89,7 @@ def check_optimizer(sd: dict) -> list[tuple[str, str, float]]:
             xs = [_value(v) for v in b] if isinstance(b, (list, tuple)) and len(b) == 2 else None
             if xs is None or any(x is None or not (0 <= x < 1) for x in xs):
                 raise MupscaleError(f"{where}: 'betas' is {_kind(b)}, expected a pair of numbers in [0, 1)")
-    for pid, st in state.items():
-        if _id_key(pid) not in seen:
-            raise MupscaleError(f"optimizer state id {pid!r} is in no param group: the state dict is "
-                                f"inconsistent (was it edited, or merged from two optimizers?)")
+    for pid, st in state.items():  # (an id in no group: optstate.check_state_ids)
         if isinstance(st, Mapping) and "step" in st:
             if isinstance(st, LazyTensors):  # read later; only its size now (reads stay counted per tensor)
                 shape, _ = tensor_meta(st, "step")
