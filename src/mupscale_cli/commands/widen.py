@@ -19,9 +19,9 @@ from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, 
                                          strip_prefix, tensor_meta)
 from mupscale_cli.core.optstate import (STATE_POWER, OptimizerMap, check_state_key, map_optimizer, optimizer_layout, scale_lr,
                                        widen_optimizer)
+from mupscale_cli.formats.target import TMP_MARKER, InputWatch, claim, env_error, sigbus_names
 from mupscale_cli.formats.write import (DEFAULT_CHUNK_BYTES, SHARD_NAME, Background, OutTensor, Target,
-                                      clean_stale_temps,
-                                      remove_replaced_shards, sharded_files, write_pt, write_streamed)
+                                      clean_stale_temps, sharded_files, write_pt, write_streamed)
 from mupscale_cli.core.plan import Plan, make_plan, parse_k, same_values
 from mupscale_cli.formats.safetensors import fmt_bytes, parse_size
 from mupscale_cli.core.spec import Spec, bundled_specs, load_spec
@@ -400,19 +400,37 @@ def _check_sharded_output(opts: WidenOptions, out: Path) -> Target:
         raise MupscaleError(f"-o {out}: {prefix!r} is not a usable shard prefix; name the output e.g. "
                             f"DIR/model.safetensors")
     t = Target("sharded", directory, prefix, size)
-    if directory.exists() and not directory.is_dir():
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
         raise MupscaleError(f"-o {out}: {directory} exists and is not a directory")
     if not directory.exists() and not directory.parent.is_dir():
         raise MupscaleError(f"-o {out}: directory {directory.parent} does not exist")
-    written = {t.index_path.name, t.optimizer_index_path.name}
+    if not directory.exists():
+        return t
+    # The directory is the output: it is built beside and swapped in whole, so it may hold nothing else.
     for f in _input_files(opts.checkpoint):
-        if f.exists() and directory.exists() and os.path.samefile(f.parent, directory) and (
-                f.name in written or ((m := SHARD_NAME.match(f.name)) and m["prefix"] in
-                                      (prefix, t.optimizer_index_path.name.removesuffix(".safetensors.index.json")))):
-            raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint ({f.name})")
-    if t.index_path.exists() and not opts.force:
+        if f.exists() and os.path.samefile(f.parent, directory):
+            raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint ({f.name} is in "
+                                f"{directory}, which the sharded output replaces as a whole)")
+    ours = _only_sharded_output(t, out)
+    if ours and not opts.force:
         raise MupscaleError(f"-o {out}: {t.index_path} exists; pass --force to overwrite")
     return t
+
+
+def _only_sharded_output(t: Target, out: Path) -> set[str]:
+    """The files of an earlier sharded output in directory `t.path`; an error if it holds anything else
+    (the sharded output replaces the whole directory)."""
+    ours = sharded_files(t)
+    try:
+        others = sorted(p.name for p in t.path.iterdir() if p.name not in ours and TMP_MARKER not in p.name)
+    except FileNotFoundError:
+        return set()
+    if others:
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        raise MupscaleError(f"-o {out}: {t.path} holds files that are not part of a sharded output "
+                            f"({', '.join(others[:3])}{more}); a sharded output replaces its whole directory: "
+                            f"give a new or empty directory")
+    return ours
 
 
 def provenance(opts: WidenOptions, prep: Prepared, source_digest: str | None = None) -> dict:
@@ -523,17 +541,37 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     once before."""
     t_start = time.perf_counter()
     target = check_output(opts)
+    try:
+        with claim(target.path):  # one writer per output
+            return _run_widen(opts, target, progress, t_start)
+    except OSError as e:
+        raise env_error(e, f"-o {target.shown}") or e from None
+
+
+def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> dict:
+    if not opts.force and os.path.lexists(target.path) and (target.kind != "sharded" or sharded_files(target)):
+        raise MupscaleError(f"-o {target.shown}: exists (written meanwhile by another run?); pass --force to "
+                            f"overwrite")
+    watch = InputWatch(_input_files(opts.checkpoint))  # size, mtime, inode: compared before the commit
+    replace = opts.force  # an existing empty directory is replaced too, if it still holds nothing then
+    if target.kind == "sharded" and target.path.is_dir() and not opts.force:
+        replace = not any(target.path.iterdir())
+
+    def before_commit() -> None:
+        watch.check()
+        if target.kind == "sharded" and target.path.is_dir():
+            if _only_sharded_output(target, opts.output) and not opts.force:
+                raise MupscaleError(f"-o {target.shown}: appeared while this output was written; pass --force "
+                                    f"to overwrite")
+
+    sigbus_names(str(opts.checkpoint))
     streamed = target.kind != "pt"
     prep = prepare(opts, lazy=True, defer_checks=streamed)
+    watch.add(prep.ckpt.files)
     if opts.hparams is not None or opts.base_lr is not None:
         opts = with_hparams(opts, prep)
     dtype = out_dtype(opts)
-    if target.kind != "sharded":
-        prep.notes += clean_temps(target.path)
-    elif target.path.is_dir():
-        mine = (target.prefix, optimizer_prefix(target.prefix))
-        prep.notes += clean_temps(target.index_path, also=lambda name: name == target.optimizer_index_path.name or bool(
-            (m := SHARD_NAME.match(name)) and m["prefix"] in mine))
+    prep.notes += clean_temps(target.path)
     check_disk(target, prep, dtype)
     plan, ckpt = prep.plan, prep.ckpt
     extra = dict(ckpt.extra)
@@ -558,19 +596,20 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
         if ckpt.model_key is not None or osd is not None:  # a plain state dict stays plain
             given = opts.source_digest if ckpt.kind != "sharded" else None
             extra["mupscale"] = provenance(opts, prep, given() if given else None)
-        write_pt(target.path, ckpt, model, osd, extra)
+        write_pt(target.path, ckpt, model, osd, extra, replace=replace, before_commit=before_commit)
         groups = None if osd is None else osd["param_groups"]
     else:
-        before = sharded_files(target) if target.kind == "sharded" else set()
         groups, optim = optimizer_out(prep, names_out, opts.lr_scale)
         scan = Background(lambda: scan_input(prep, opts), "mupscale-scan")  # digest + checks, while writing
-        write_streamed(target, model_out(prep, opts), optim, prep.omap.kind if prep.omap else None, groups,
-                       provenance(opts, prep, source_digest=""), extra, source_sha256=lambda: scan.result()[0],
-                       threads=opts.threads, chunk_bytes=opts.chunk_bytes, on_bytes=progress, poll=scan.poll)
+        try:
+            write_streamed(target, model_out(prep, opts), optim, prep.omap.kind if prep.omap else None, groups,
+                           provenance(opts, prep, source_digest=""), extra,
+                           source_sha256=lambda: scan.result()[0], threads=opts.threads,
+                           chunk_bytes=opts.chunk_bytes, on_bytes=progress, poll=scan.poll, replace=replace,
+                           before_commit=before_commit)
+        finally:
+            scan.stop()  # joined on every path: no thread may be left inside torch at exit
         prep.notes += scan.result()[1]
-        if target.kind == "sharded":
-            for name in remove_replaced_shards(target, before):
-                prep.notes.append(f"removed {name}, a shard of the output this one replaced")
     res = summary(prep, target.shown, opts, groups)
     res["output_bytes"] = output_bytes(prep, target, dtype)
     res["time_s"] = round(time.perf_counter() - t_start, 3)  # in this process: start-up not counted
