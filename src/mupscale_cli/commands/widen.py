@@ -614,7 +614,7 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
     watch = InputWatch(_input_files(opts.checkpoint))  # size, mtime, inode: compared before the commit
     replace = opts.force  # an existing empty directory is replaced too, if it still holds nothing then
     if target.kind == "sharded" and target.path.is_dir() and not opts.force:
-        replace = not any(target.path.iterdir())
+        replace = all(TMP_MARKER in p.name for p in target.path.iterdir())  # empty, or old temporaries
 
     def before_commit() -> None:
         watch.check()
