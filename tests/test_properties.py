@@ -4,7 +4,6 @@ a widening (then undoing the rescale) recovers the base tensor, for weights and 
 from __future__ import annotations
 
 import math
-import re
 from fractions import Fraction
 
 import pytest
