@@ -67,7 +67,7 @@ def parse_floats(text: str, what: str) -> list[float]:
 
 
 def score(losses: list[float], upto: int | None = None) -> float:
-    """Coarse-grained loss: the mean training loss over the first `upto` steps (paper 000: the loss
+    """Coarse-grained loss: the mean training loss over the first `upto` steps (Hong & Wang, *On the Provable Separation of Scales in μP*: the loss
     landscape settles early while weights keep drifting, so this ranks settings well)."""
     xs = losses[:upto] if upto else losses
     return sum(xs) / len(xs) if xs else math.inf
