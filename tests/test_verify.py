@@ -269,7 +269,7 @@ def test_user_factory_sqrt_attention(tmp, monkeypatch, base_spec, passes):
     spec = _user_spec(tmp, base_spec, "sqrtgpt_user:build",
                       "{kind: tokens, vocab_size: vocab_size, seq_len: block_size}")
     src = make_ck(tmp, "gpt", "adamw")
-    rep = verify(src, spec=str(spec), steps=10)
+    rep = verify(src, spec=str(spec), steps=10, trust_code=True)
     assert rep["model"] == "sqrtgpt_user:build"
     if passes:
         assert rep["result"] == "pass"
@@ -282,14 +282,45 @@ def test_user_factory_errors_are_input_errors(tmp):
     src = make_ck(tmp, "mlp", "adam")
     spec = _user_spec(tmp, "mup-mlp", "no_such_module_xyz:build", "{kind: vectors, dim: d_in, classes: d_out}")
     with pytest.raises(MupscaleError, match="cannot import 'no_such_module_xyz'") as e:
-        verify(src, spec=str(spec), steps=1)
+        verify(src, spec=str(spec), steps=1, trust_code=True)
     assert e.value.exit_code == 2
     spec = _user_spec(tmp, "mup-mlp", "mupscale_cli.zoo.mlp:MLP", "{kind: pictures}")
     with pytest.raises(MupscaleError, match="inputs.kind must be one of tokens, vectors, images"):
         verify(src, spec=str(spec), steps=1)
-    # a zoo module given as module:function keeps its own batch/loss/output
+    # a zoo module given as module:function keeps its own batch/loss/output (no opt-in: it is mupscale's code)
     spec = _user_spec(tmp, "mup-mlp", "mupscale_cli.zoo.mlp:build", None)
     assert verify(src, spec=str(spec), steps=3)["result"] == "pass"
+
+
+MARKED = '''
+import pathlib
+pathlib.Path(__file__).with_suffix(".imported").write_text("ran")
+from mupscale_cli.zoo.mlp import build, batch, loss, output
+'''
+
+
+def test_spec_code_runs_only_with_trust_spec_code(tmp):
+    """A spec naming a factory outside mupscale_cli: verify and sweep refuse (exit 2, one line naming
+    --trust-spec-code) without importing it; with the flag (or the factory given as --model) it runs."""
+    (tmp / "marked_user.py").write_text(MARKED)
+    marker = tmp / "marked_user.imported"
+    src = make_ck(tmp, "mlp", "adam")
+    spec = _user_spec(tmp, "mup-mlp", "marked_user", None)
+    env_cwd = os.getcwd()
+    os.chdir(tmp)  # the factory is looked up from the current directory, as an attacker would arrange
+    try:
+        for cmd in (["verify", str(src), "--steps", "1"], ["sweep", str(src), "--steps", "4", "--sigma", "0",
+                                                            "--lr", "0.001", "--base-lr", "0.001"]):
+            r = cli(*cmd, "--spec", str(spec))
+            assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+            assert "--trust-spec-code" in r.stderr and "'marked_user'" in r.stderr, r.stderr
+            assert not marker.exists()
+        rep = verify(src, spec=str(spec), steps=1, trust_code=True)
+        assert rep["result"] == "pass" and marker.exists()
+        marker.unlink()
+        assert verify(src, spec=str(spec), steps=1, model="marked_user")["result"] == "pass" and marker.exists()
+    finally:
+        os.chdir(env_cwd)
 
 
 # ------------------------------------------------------------------------------------------------- noise

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mupscale_cli import __version__
-from mupscale_cli.errors import OPTIONAL, MupscaleError, missing_package  # noqa: F401 (OPTIONAL: tests)
+from mupscale_cli.errors import OPTIONAL, MupscaleError, missing_package, one_line  # noqa: F401 (OPTIONAL: tests)
 
 EXIT_CODES = """Exit codes: 0 success; 1 verification failed; 2 usage, input or environment error (disk full,
 read-only, ...: one line on stderr); 3 internal error (a bug: please report it); 130 interrupted (SIGINT),
@@ -30,6 +30,12 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]})
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+
+
+def say(line: str) -> None:
+    """One message line on stderr: control characters in paths and names escaped (errors.one_line), so it
+    stays one line whatever a file name holds."""
+    err.print(one_line(line), markup=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -75,7 +81,7 @@ def guard():
     try:
         yield
     except MupscaleError as e:
-        err.print(f"mupscale: error: {e}", markup=False, soft_wrap=True)
+        say(f"mupscale: error: {e}")
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err.print("mupscale: interrupted", markup=False)
@@ -103,8 +109,7 @@ def guard():
         if os.environ.get("MUPSCALE_DEBUG"):
             raise
         msg = str(e).splitlines()[0] if str(e) else ""
-        err.print(f"mupscale: internal error: {type(e).__name__}: {msg} (rerun with MUPSCALE_DEBUG=1 and "
-                  f"report it)", markup=False, soft_wrap=True)
+        say(f"mupscale: internal error: {type(e).__name__}: {msg} (rerun with MUPSCALE_DEBUG=1 and report it)")
         raise typer.Exit(3) from None
     finally:
         _stop_threads()
@@ -116,6 +121,8 @@ def guard():
 K_HELP = "Width multiplier: one integer for every width axis (--k 4) or per axis (--k d_model=2,d_ff=4)."
 SPEC_HELP = ("Architecture spec: a bundled name (see `mupscale specs`), a YAML file or a mup .bsh file. "
              "Default: the bundled spec that covers every tensor.")
+TRUST_HELP = ("Import and run the model factory a spec file names outside mupscale (its model.factory): "
+              "code named by a file runs only with this opt-in. --model on the command line needs none.")
 SIZE_HELP = "Base size used by a spec's block layout, NAME=INT (e.g. head_dim=64); repeatable."
 
 
@@ -288,7 +295,7 @@ def widen(
                 bar.stop()
         for note in res["notes"]:
             if not quiet:
-                err.print(f"mupscale: note: {note}", markup=False, soft_wrap=True)
+                say(f"mupscale: note: {note}")
         typer.echo(json.dumps(res, indent=2) if as_json else res["output"])
     _exit_now_if_program()
 
@@ -327,7 +334,7 @@ def inspect(
                 err.print(f"  group {g['group']}: {g['tensors']} tensors; factors: {' | '.join(g['factors'])}",
                           markup=False)
         for note in rep["notes"]:
-            err.print(f"note: {note}", markup=False, soft_wrap=True)
+            say(f"note: {note}")
         if rep["provenance"]:
             err.print(f"provenance: {json.dumps(rep['provenance'], sort_keys=True)[:400]}", markup=False)
         mb = rep["model_bytes"]
@@ -383,6 +390,7 @@ def verify(
                                                                          "--hidden); loss, training outputs and "
                                                                          "tensors are compared every step."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stderr."),
+    trust_spec_code: bool = typer.Option(False, "--trust-spec-code", help=TRUST_HELP),
 ) -> None:
     """Check that a widening is exact: train BASE and WIDE (or BASE widened in memory) on identical batches
     and compare loss, outputs and every tensor before the first step and after each. A noised WIDE must
@@ -396,7 +404,7 @@ def verify(
         opts = VerifyOptions(base=base, wide=wide, spec=spec, k=k, steps=steps, device=device, dtype=dtype,
                              tol=tol, batch_size=batch_size, data=data, hidden=hidden, seed=seed,
                              optimizer=optimizer, lr=lr, opt_layout=opt_layout, sizes=parse_sizes(size or []),
-                             model=model, eval_every=eval_every)
+                             model=model, eval_every=eval_every, trust_code=trust_spec_code)
         if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
             raise MupscaleError(f"--json {json_path}: not a writable file path")
         shown: list[tuple[dict, bool]] = []
@@ -421,7 +429,7 @@ def verify(
                 raise MupscaleError(f"--json {json_path}: cannot write: {e.strerror}") from None
         if not quiet:
             for note in rep["notes"]:
-                err.print(f"mupscale: note: {note}", markup=False, soft_wrap=True)
+                say(f"mupscale: note: {note}")
             if rep["noise"] if "noise" in rep else None:
                 n = rep["noise"]
                 bad = sum(v not in ("noised", "exact") for v in n["tensors"].values())
@@ -431,9 +439,9 @@ def verify(
                           f"{n['checked']} tensors equal bit for bit", markup=False)
             if rep["result"] == "pass":
                 for i in rep["issues"]:
-                    err.print(f"mupscale: warning: {i['message']}", markup=False, soft_wrap=True)
+                    say(f"mupscale: warning: {i['message']}")
             for line in rep["diagnosis"]:
-                err.print(f"mupscale: diagnosis: {line}", markup=False, soft_wrap=True)
+                say(f"mupscale: diagnosis: {line}")
         typer.echo(_verify_line(rep))
         if rep["result"] != "pass":
             raise typer.Exit(1)
@@ -504,17 +512,20 @@ def sweep(
     data: Optional[Path] = typer.Option(None, "--data", help="A .pt/.safetensors with `inputs` and `targets`."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the best setting to hparams.yaml."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of loss against σ̄ and γ̄↑ (needs matplotlib)."),
+    trust_spec_code: bool = typer.Option(False, "--trust-spec-code", help=TRUST_HELP),
 ) -> None:
     """Tune σ̄ and γ̄↑ on a small upscaling (proxy n0 -> k·n0) to reuse for n -> k·n (paper §3.2):
     widen the proxy for every setting, train, score by the mean training loss. Prints the best pair
     (JSON) on stdout; the grid table on stderr. Then: mupscale widen BIG.pt --k K --hparams hparams.yaml"""
     with guard():
-        from mupscale_cli.commands.sweep import SweepOptions, parse_floats, run_sweep
+        from mupscale_cli.commands.sweep import SweepOptions, check_output_file, parse_floats, run_sweep
+        if plot is not None:
+            check_output_file(plot, "--plot")
         o = SweepOptions(checkpoint=checkpoint, k=k, sigmas=parse_floats(sigma, "--sigma"),
                          lrs=parse_floats(lr, "--lr") if lr else None, steps=steps, spec=spec, base_lr=base_lr,
                          early=early, halving=halving, seeds=seeds, batch_size=batch_size, scheme=noise_scheme,
-                         data=data, output=output)
-        res = run_sweep(o, lambda s: err.print(s, markup=False, soft_wrap=True))
+                         data=data, output=output, trust_code=trust_spec_code)
+        res = run_sweep(o, say)
         t = Table(title=f"sweep {checkpoint.name}: k {res['k']}, {res['steps']} steps, scheme {res['noise_scheme']}",
                   title_justify="left")
         for c in ("σ̄", "γ̄↑", "steps", "score", "± se", "early", "final loss"):
@@ -550,6 +561,6 @@ def main() -> None:
             err.print(ctx.get_help(), markup=False)
         else:
             where = f"mupscale {ctx.info_name} --help" if ctx is not None and ctx.parent else "mupscale --help"
-            err.print(f"mupscale: error: {e.format_message()} (see {where})", markup=False, soft_wrap=True)
+            say(f"mupscale: error: {e.format_message()} (see {where})")
         sys.exit(2)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -28,7 +28,8 @@ from mupscale_cli.formats.checkpoint import source_sha256, strip_prefix
 from mupscale_cli.verify.diagnose import (Issue, compare_tensor, finite, groups_by_name, hyper_issues,
                                         shared_steps, state_by_name, state_issues)
 from mupscale_cli.verify.lockstep import StepDiff, run_lockstep
-from mupscale_cli.verify.modelspec import ModelDef, resolve
+from mupscale_cli.verify.modelspec import ModelDef, check_args_scale, param_budget, resolve
+from mupscale_cli.core.checks import check_optimizer
 from mupscale_cli.core.optstate import KINDS, OptimizerMap, detect_kind, scale_lr, widen_optimizer
 from mupscale_cli.core.widen import widen, widen_noised
 from mupscale_cli.errors import MupscaleError
@@ -69,6 +70,7 @@ class VerifyOptions:
     opt_layout: str | None = None
     sizes: dict[str, int] = field(default_factory=dict)
     model: str | None = None  # factory override
+    trust_code: bool = False  # --trust-spec-code: import a factory that the spec names outside mupscale_cli
     eval_every: int | None = None  # eval-mode output check every N steps (default 10; 1 with hidden)
 
 
@@ -163,7 +165,10 @@ def _clone_tree(obj):
 
 def _load_model(md: ModelDef, args: dict, base_args: dict | None, sd: dict[str, torch.Tensor], who: str,
                 device: torch.device, dtype: torch.dtype) -> nn.Module:
-    model = md.build(args) if base_args is None else md.build(args, base_args)
+    check_args_scale(args, [tuple(t.shape) for t in sd.values()], f"{who}")
+    budget = 2 * sum(t.numel() for t in sd.values()) + (1 << 16)  # the checkpoint's elements, with room
+    with param_budget(budget, who):
+        model = md.build(args) if base_args is None else md.build(args, base_args)
     model = model.to(device=device, dtype=dtype)
     try:
         model.load_state_dict(sd, strict=True)
@@ -249,11 +254,14 @@ def run_verify(o: VerifyOptions, on_step: Callable[[dict, bool], None] | None = 
 
     w = load_widened(o.wide) if o.wide else None
     prov = w.provenance if w else {}
+    _check_provenance(prov, o.wide)
+    if w is not None and w.optimizer is not None:
+        check_optimizer(w.optimizer)  # types, ranges, ids of WIDE's hyper-parameters (NaN/Inf: the lockstep shows)
     prep, notes = _prepare(o, prov)
     plan, ckpt = prep.plan, prep.ckpt
     tol_at = (lambda t: o.tol) if o.tol is not None else default_tol(o.dtype, plan)
     tol = tol_at(o.steps)
-    md = resolve(plan.spec.model, plan.spec.name, o.model)
+    md = resolve(plan.spec.model, plan.spec.name, o.model, o.trust_code)
     base_args = dict(ckpt.model_args or {})
     wide_args = dict(prep.model_args or {})
     sigma = float(prov.get("sigma") or 0.0) if w else 0.0
@@ -375,11 +383,46 @@ def run_verify(o: VerifyOptions, on_step: Callable[[dict, bool], None] | None = 
             on_step(row, failed)
         return failed
 
-    with deterministic(device):
+    with deterministic(device), _data_errors(o.data):
         run_lockstep(md, base_args, base, base_opt, wide, wide_opt, o.steps, batch_size=o.batch_size,
                      seed=o.seed, dtype=dtype, plan=plan, hidden=o.hidden, data=data, on_step=step_cb,
                      eval_every=o.eval_every or (1 if o.hidden else 10), tensor_tol=ttol)
     return _finish(report, issues, rows, state["fail"], state["tensor"], t_start, o, tol)
+
+
+@contextmanager
+def _data_errors(path: Path | None):
+    """With --data, the model failing on a batch (a token id past the vocabulary, a wrong shape) is an input
+    error, not a bug."""
+    try:
+        yield
+    except (IndexError, RuntimeError, ValueError) as e:
+        if path is None:
+            raise
+        first = " ".join(str(e).split())[:200]
+        raise MupscaleError(f"--data {path}: the model fails on its batches ({type(e).__name__}: {first}); check "
+                            f"that token ids are below vocab_size and shapes fit the model") from None
+
+
+PROV_TYPES = {"k": dict, "spec": str, "spec_sha256": str, "sizes": dict, "seed": int, "noise": str,
+              "noise_device": str, "noise_std": dict, "source": str, "source_sha256": str}
+
+
+def _check_provenance(prov: dict, path: Path | None) -> None:
+    """The provenance entries verify reads have the types widen writes (a hand-edited file: exit 2)."""
+    for key, kind in PROV_TYPES.items():
+        v = prov.get(key)
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+            raise MupscaleError(f"{path}: its provenance entry {key!r} is {type(v).__name__}, expected "
+                                f"{kind.__name__}; the file was edited: widen again")
+    for key in ("sigma",):
+        v = prov.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                  and v >= 0):
+            raise MupscaleError(f"{path}: its provenance entry {key!r} is {v!r}, expected a number >= 0")
+    if isinstance(prov.get("noise_std"), dict) and not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in prov["noise_std"].values()):
+        raise MupscaleError(f"{path}: its provenance entry 'noise_std' must map tensor names to numbers")
 
 
 def default_tol(dtype: str, plan) -> Callable[[int], float]:
