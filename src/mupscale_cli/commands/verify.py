@@ -41,9 +41,9 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.
 DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-3, "bfloat16": 0.5}
 # Models that normalise by batch statistics (BatchNorm) amplify round-off: the tiny zoo ResNet's float64 gap
 # grows about 10x every 25-40 steps at batch 8 (SGD, 5 batch seeds: at most 3e-9 by step 50, 1e-7 by 120,
-# 3e-6 by 200). So float64 allows DEFAULT_TOL x 10^(step/20), at most 1e-4: 30x above the worst measured
-# at every step, still 1.1e-10 at step 1, where injected defects show (1e-6 or more). In float32/bfloat16
-# the ResNet is chaotic (O(1) by step 200): no tolerance separates that from a defect.
+# 3e-6 by 200). So float64 allows DEFAULT_TOL x 10^(step/20), at most 1e-4: 22x or more above the worst
+# measured at every step (3 seeds), still 1.1e-10 at step 1, where injected defects show (1e-6 or more).
+# In float32/bfloat16 the ResNet is chaotic (O(1) by step 200): no tolerance separates that from a defect.
 BATCHNORM_TOL = {"float64": (20, 1e-4)}  # dtype: (steps per decade of growth, cap)
 # Normwise per-tensor distance from the widened base: a diagnostic (names the tensor that diverged first,
 # triggers an eval-mode check). Gradient-free directions (attention key biases) carry Adam-normalised
