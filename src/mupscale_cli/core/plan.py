@@ -260,6 +260,9 @@ def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
     tied, bsh_buffers = dict(spec.tied), {}
     if spec.bsh:
         tied, bsh_buffers = _bsh_extra(spec, tensors or {}, names, shapes)
+        # model_args entries equal to a width axis's base size grow with it (e.g. n_embd: 256 -> w256)
+        spec = replace(spec, model_args={a: f"w{v}" for a, v in (model_args or {}).items()
+                                         if isinstance(v, int) and f"w{v}" in spec.axes})
     untied = None
     if untie:
         if not spec.untie:
@@ -273,9 +276,6 @@ def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
             raise MupscaleError(f"--untie: the checkpoint has no tensor {spec.untie['from']!r}")
         shapes = {**shapes, untied: shapes[spec.untie["from"]]}
         names = list(shapes)
-        # model_args entries equal to a width axis's base size grow with it (e.g. n_embd: 256 -> w256)
-        spec = replace(spec, model_args={a: f"w{v}" for a, v in (model_args or {}).items()
-                                         if isinstance(v, int) and f"w{v}" in spec.axes})
     for alias, canon in tied.items():
         if alias in shapes and canon not in shapes:
             raise MupscaleError(f"tied tensor {alias!r} is in the checkpoint but its canonical "
