@@ -138,6 +138,8 @@ def test_init_std_noise_is_relative_to_the_stacks_own_init(tmp):
         assert prov[n] == pytest.approx(sigma * std, rel=1e-12)
     for n in ("transformer.h.0.ln_1.weight", "transformer.h.0.attn.c_attn.bias"):
         assert torch.equal(no["model"][n], ex["model"][n])  # vectors the stack initialises to constants
+    r = mupscale("verify", str(tmp / "ckpt.pt"), str(tmp / "noised.pt"), "--steps", "4")  # re-derives the std
+    assert r.returncode == 0 and "re-derived bit for bit" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def _stock_nanogpt(tmp):
