@@ -98,3 +98,29 @@ def test_tied_summing_readout_is_refused_and_untie_writes_a_separate_readout(tmp
     tied.load_state_dict({k: v for k, v in ck["model"].items() if k != "head.weight"}, strict=False)
     with torch.no_grad():
         assert ((tied(x) - 2 * a).abs().max() / a.abs().max()).item() <= 1e-12
+
+
+def test_declared_group_key_follows_a_split_and_unknown_keys_get_a_note(tmp):
+    """A spec's group key that scales like lr (nanoGPT-mup's lr_scale) is rescaled in every part of a
+    group Table 1 splits (nanoGPT's decay group holds embeddings, lr × 1, and matrices, lr × 1/k); a key no
+    one declared is copied with a note."""
+    from mupscale_cli.commands.widen import WidenOptions, prepare
+    from mupscale_cli.core.spec import load_spec
+    from mupscale_cli.zoo import gpt
+    src, _, _ = make_base(tmp, gpt, dict(gpt.DEFAULT_ARGS), "adamw", "nanogpt", steps=2)
+    ck = torch.load(src)
+    for g in ck["optimizer"]["param_groups"]:
+        g["lr_scale"], g["my_key"] = 0.5, 7
+    torch.save(ck, src)
+    spec = tmp / "s.yaml"
+    spec.write_text(load_spec("nanogpt-mup").text + "optimizer:\n  group_keys:\n    lr_scale: lr\n")
+    prep = prepare(WidenOptions(checkpoint=src, spec=str(spec), k="2"))
+    assert any("'my_key'" in n and "copied unchanged" in n for n in prep.notes), prep.notes
+    assert not any("'lr_scale'" in n for n in prep.notes)
+    r = mupscale("widen", str(src), "--spec", str(spec), "-o", str(tmp / "w.pt"))
+    assert r.returncode == 0, r.stderr
+    groups = torch.load(tmp / "w.pt")["optimizer"]["param_groups"]
+    lr0 = ck["optimizer"]["param_groups"][0]["lr"]
+    assert len(groups) == 3 and sorted(g["lr"] / lr0 for g in groups) == [0.5, 1, 1]
+    for g in groups:
+        assert g["lr_scale"] == 0.5 * g["lr"] / lr0 and g["my_key"] == 7
