@@ -82,7 +82,8 @@ def _gpt_ckpt() -> dict:
         gpt.loss(model, x, y).backward()
         opt.step()
     return copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(), "model_args": args,
-                          "iter_num": 2, "best_val_loss": 3.0, "config": {"learning_rate": 1e-3, "parametrization": "mup"}})
+                          "iter_num": 2, "best_val_loss": 3.0,
+                          "config": {"learning_rate": 1e-3, "parametrization": "mup"}})
 
 
 def _mlp_sd() -> dict[str, torch.Tensor]:

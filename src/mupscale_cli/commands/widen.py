@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -158,7 +159,8 @@ def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> S
         raise MupscaleError(
             f"{ckpt.path.name}: names and shapes fit {cands}, but it shows no evidence of its parametrization, and "
             f"names and shapes alone cannot tell (standard nanoGPT and the μP GPT-2 look the same on disk): if it "
-            f"is μP, pass --spec {fits[0].name} (or your own spec); a tied readout under standard parametrization (stock nanoGPT, Hugging Face "
+            f"is μP, pass --spec {fits[0].name} (or your own spec); a tied readout under standard "
+            f"parametrization (stock nanoGPT, Hugging Face "
             f"GPT-2) has no exact widening (see {NO_EVIDENCE_DOC})")
     detail = "; ".join(f"{n}: {w}" for n, w in why.items())
     raise MupscaleError(f"no bundled spec covers {ckpt.path.name} ({detail}); pass --spec FILE")
@@ -224,8 +226,6 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
 
 def _fill(text: str, args: dict | None, cfg: dict | None) -> str:
     """A spec's note with {model_args.KEY} / {config.KEY} filled from the widened values."""
-    import re
-
     def sub(m):
         place, key = m[1], m[2]
         d = args if place == "model_args" else cfg

@@ -1,7 +1,9 @@
 """Architecture specs: which axes of each tensor grow with width (docs/spec-format.md)."""
 from __future__ import annotations
 
+import ast
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -425,9 +427,6 @@ def _parse_extras(spec: Spec, d: dict, model_args: dict) -> None:
 
 
 # ---- init-std expressions: numbers, names, + - * / **, sqrt(), parentheses -----------------------------
-import ast  # noqa: E402
-import math  # noqa: E402
-
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
         ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b}
 
@@ -475,15 +474,15 @@ def eval_expr(expr: str, env: dict) -> float:
 
 def shows_evidence(spec: Spec, places: dict[str, dict | None]) -> bool:
     """Whether a checkpoint's model_args / config / config.json hold one alternative of the spec's evidence."""
-    for alt in spec.evidence:
-        if all(isinstance(places.get(k.partition(".")[0]), dict) and
-               k.partition(".")[2] in places[k.partition(".")[0]] and
-               _same(places[k.partition(".")[0]][k.partition(".")[2]], v) for k, v in alt.items()):
-            return True
-    return False
+    def holds(key: str, want) -> bool:
+        place, _, k = key.partition(".")
+        d = places.get(place)
+        return isinstance(d, dict) and k in d and _same(d[k], want)
+    return any(all(holds(k, v) for k, v in alt.items()) for alt in spec.evidence)
 
 
 def _same(a, b) -> bool:
+    """Equal, with booleans never equal to numbers (True is not 1 here)."""
     if isinstance(a, bool) or isinstance(b, bool):
-        return a is b or (isinstance(a, bool) and isinstance(b, bool) and a == b)
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
     return a == b
