@@ -1,6 +1,7 @@
 """`mupscale widen` and the validation it shares with `inspect`."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -14,17 +15,17 @@ import torch
 from mupscale_cli import __version__
 from mupscale_cli.commands.hparams import resolve_hparams
 from mupscale_cli.core import noise as noise_mod
-from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, is_sharded, iter_chunks,
+from mupscale_cli.formats.checkpoint import (META_PROV, OPTIM_NS, Checkpoint, LazyTensors, is_sharded, iter_chunks,
                                          load_checkpoint, optimizer_prefix, read_rows, sharded_index, source_sha256,
                                          strip_prefix, tensor_meta)
-from mupscale_cli.core.optstate import (STATE_POWER, OptimizerMap, map_optimizer, optimizer_layout, scale_lr,
-                                       widen_optimizer)
+from mupscale_cli.core.optstate import (STATE_POWER, OptimizerMap, map_optimizer, optimizer_layout, optimizer_notes,
+                                       scale_lr, widen_optimizer)
 from mupscale_cli.formats.write import (DEFAULT_CHUNK_BYTES, SHARD_NAME, Background, OutTensor, Target,
                                       clean_stale_temps,
                                       remove_replaced_shards, sharded_files, write_pt, write_streamed)
 from mupscale_cli.core.plan import Plan, make_plan, parse_k, same_values
 from mupscale_cli.formats.safetensors import parse_size
-from mupscale_cli.core.spec import Spec, bundled_specs, load_spec
+from mupscale_cli.core.spec import Spec, bundled_specs, load_spec, parse_spec, shows_evidence
 from mupscale_cli.core.widen import widen_noised, widen_range
 from mupscale_cli.errors import MupscaleError
 
@@ -38,7 +39,8 @@ class WidenOptions:
     k: str = "2"
     sigma: float = 0.0
     seed: int = 0
-    spec: str | None = None
+    spec: str | Spec | None = None  # a path or bundled name, or a parsed Spec (e.g. recorded in an output)
+    untie: bool = False  # --untie: write the spec's tied readout as a separate tensor (docs/stacks.md)
     optimizer: str | None = None  # sgd | adam | adamw, when the state cannot tell
     opt_layout: str | None = None
     sizes: dict[str, int] = field(default_factory=dict)
@@ -73,6 +75,7 @@ class Prepared:
     omap: OptimizerMap | None
     model_args: dict | None
     notes: list[str] = field(default_factory=list)
+    config: dict | None = None  # the checkpoint's `config`, rewritten by the spec
 
 
 def parse_sizes(items: list[str]) -> dict[str, int]:
@@ -85,8 +88,47 @@ def parse_sizes(items: list[str]) -> dict[str, int]:
     return out
 
 
+NO_EVIDENCE_DOC = "docs/stacks.md"
+
+
+def provenance_of(ckpt: Checkpoint) -> dict:
+    """The provenance our outputs carry ({} for other files)."""
+    if META_PROV in ckpt.metadata:
+        try:
+            prov = json.loads(ckpt.metadata[META_PROV])
+        except ValueError:
+            return {}
+        return prov if isinstance(prov, dict) else {}
+    prov = ckpt.extra.get("mupscale")
+    return prov if isinstance(prov, dict) else {}
+
+
+def recorded_spec(ckpt: Checkpoint) -> Spec | None:
+    """The spec an output of ours was widened with: its recorded text, else the bundled spec of its name."""
+    prov = provenance_of(ckpt)
+    text, name = prov.get("spec_text"), prov.get("spec")
+    if isinstance(text, str) and text:
+        return parse_spec(text, f"recorded:{name}", name=str(name) if name else None)
+    if isinstance(name, str):
+        by_name = {s.name: s for s in bundled_specs()}
+        if name in by_name:
+            return by_name[name]
+    return None
+
+
+def evidence_places(ckpt: Checkpoint) -> dict[str, dict | None]:
+    cfg = ckpt.extra.get("config")
+    return {"model_args": ckpt.model_args, "config": cfg if isinstance(cfg, dict) else None,
+            "config_json": getattr(ckpt, "config_json", None)}
+
+
 def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> Spec:
-    """The bundled spec that covers every tensor of the checkpoint; exactly one must fit."""
+    """The spec of a checkpoint given no --spec: the one its provenance records (our outputs), else the one
+    bundled spec that covers every tensor AND whose evidence the checkpoint shows (model_args / config
+    markers). Names and shapes alone never choose a parametrization."""
+    rec = recorded_spec(ckpt)
+    if rec is not None:
+        return rec
     fits, why = [], {}
     for spec in bundled_specs():
         if not spec.detect:
@@ -97,13 +139,29 @@ def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> S
             why[spec.name] = str(e)
             continue
         fits.append(spec)
-    if len(fits) == 1:
-        return fits[0]
-    if not fits:
-        detail = "; ".join(f"{n}: {w}" for n, w in why.items())
-        raise MupscaleError(f"no bundled spec covers {ckpt.path.name} ({detail}); pass --spec FILE")
-    raise MupscaleError(f"several bundled specs cover {ckpt.path.name} ({', '.join(s.name for s in fits)}); "
-                        f"pass --spec NAME")
+    places = evidence_places(ckpt)
+    shown = [s for s in fits if shows_evidence(s, places)]
+    if len(shown) == 1:
+        if shown[0].refuse:
+            raise MupscaleError(f"{ckpt.path.name} is {shown[0].name}: {shown[0].refuse['reason']} "
+                                f"(see {shown[0].refuse.get('doc', NO_EVIDENCE_DOC)})")
+        return shown[0]
+    if len(shown) > 1:
+        raise MupscaleError(f"several bundled specs cover {ckpt.path.name} and its markers "
+                            f"({', '.join(s.name for s in shown)}); pass --spec NAME")
+    if fits:
+        cands = ", ".join(s.name + (f" (marker {_marker(s)})" if s.evidence else "") for s in fits)
+        raise MupscaleError(
+            f"{ckpt.path.name}: names and shapes fit {cands}, but it shows no evidence of its parametrization, and "
+            f"names and shapes alone cannot tell (standard nanoGPT and the μP GPT-2 look the same on disk): if it "
+            f"is μP, pass --spec {fits[0].name} (or your own spec); a tied readout under standard parametrization (stock nanoGPT, Hugging Face "
+            f"GPT-2) has no exact widening (see {NO_EVIDENCE_DOC})")
+    detail = "; ".join(f"{n}: {w}" for n, w in why.items())
+    raise MupscaleError(f"no bundled spec covers {ckpt.path.name} ({detail}); pass --spec FILE")
+
+
+def _marker(spec: Spec) -> str:
+    return " and ".join(f"{k}={v!r}" for k, v in spec.evidence[0].items())
 
 
 def out_dtype(opts: WidenOptions) -> torch.dtype | None:
@@ -127,19 +185,43 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
         raise MupscaleError(f"--threads must be >= 0, got {opts.threads}")
     k = parse_k(opts.k)
     ckpt = load_checkpoint(opts.checkpoint, lazy=lazy)
-    spec = load_spec(opts.spec) if opts.spec else detect_spec(ckpt, k, opts.sizes)
-    plan = make_plan(spec, ckpt.shapes(), k, ckpt.model_args, opts.sizes, ckpt.tensors)
-    omap, notes = None, []
-    if ckpt.optimizer is not None and not opts.no_optimizer:
+    if isinstance(opts.spec, Spec):
+        spec = opts.spec
+    else:
+        spec = load_spec(opts.spec) if opts.spec else detect_spec(ckpt, k, opts.sizes)
+    cfg = ckpt.extra.get("config") if isinstance(ckpt.extra.get("config"), dict) else None
+    plan = make_plan(spec, ckpt.shapes(), k, ckpt.model_args, opts.sizes, ckpt.tensors, config=cfg,
+                     untie=opts.untie)
+    omap, notes = None, list(plan.notes)
+    if ckpt.optimizer is not None and opts.untie:
+        notes.append("--untie: the optimizer state of the tied tensor does not describe two untied ones (their "
+                     "training differs from the tied base's): weights only")
+    elif ckpt.optimizer is not None and not opts.no_optimizer:
         omap = map_optimizer(ckpt.optimizer, plan, opts.optimizer, opts.opt_layout, ckpt.strip)
+        notes += optimizer_notes(ckpt.optimizer, plan, omap)
     elif ckpt.optimizer is None:
         notes.append("no optimizer state in the checkpoint: weights only")
     notes += _untracked_axes(plan, ckpt.model_args)
-    prep = Prepared(ckpt, plan, omap, plan.model_args(ckpt.model_args), notes)
+    wide_args = plan.model_args(ckpt.model_args)
+    notes += [n for n in spec.notes]
+    if spec.resume_note:
+        notes.append(_fill(spec.resume_note, wide_args, plan.config(cfg)))
+    prep = Prepared(ckpt, plan, omap, wide_args, notes, plan.config(cfg))
     check_state_layout(prep)
     if not defer_checks:
         prep.notes += value_checks(prep, opts)
     return prep
+
+
+def _fill(text: str, args: dict | None, cfg: dict | None) -> str:
+    """A spec's note with {model_args.KEY} / {config.KEY} filled from the widened values."""
+    import re
+
+    def sub(m):
+        place, key = m[1], m[2]
+        d = args if place == "model_args" else cfg
+        return str(d[key]) if isinstance(d, dict) and key in d else m[0]
+    return re.sub(r"\{(model_args|config)\.(\w+)\}", sub, text)
 
 
 def value_checks(prep: Prepared, opts: WidenOptions) -> list[str]:
@@ -196,7 +278,7 @@ def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
     labels: dict[tuple, str] = {}
     if isinstance(prep.ckpt.tensors, LazyTensors):
         for n, p in prep.plan.tensors.items():
-            if not p.alias_of:
+            if not p.alias_of and not p.source:
                 labels[prep.ckpt.tensors.location(n)] = n
         for n, key, st in state_refs(prep):
             if key != "step" and isinstance(st, LazyTensors):
@@ -219,7 +301,7 @@ def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
     for n, p in prep.plan.tensors.items():
         if p.alias_of and not same_values(prep.ckpt.tensors, n, p.alias_of, _check_elements(opts)):
             raise MupscaleError(f"tied tensors {n!r} and {p.alias_of!r} differ; they must hold the same values")
-    order = [n for n, p in prep.plan.tensors.items() if not p.alias_of]
+    order = [n for n, p in prep.plan.tensors.items() if not p.alias_of and not p.source]
     order += [f"{n}/{key}" for n, key, _ in state_refs(prep) if key != "step"]
     return digest, _nonfinite_notes([(n, counts[n]) for n in order if counts.get(n)], opts.strict)
 
@@ -227,7 +309,7 @@ def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
 def check_state_layout(prep: Prepared) -> None:
     """Dtypes the rescale needs; optimizer state keys, dtypes and shapes (no values read)."""
     for n, p in prep.plan.tensors.items():
-        _, dtype = tensor_meta(prep.ckpt.tensors, n)
+        _, dtype = tensor_meta(prep.ckpt.tensors, p.source or n)
         if not p.alias_of and not p.buffer and p.s != 1 and not dtype.is_floating_point:
             raise MupscaleError(f"tensor {n!r} has dtype {dtype} but its rule {p.rule!r} rescales it by {p.s}; "
                                 f"store it as a float tensor or mark the rule 'buffer: true'")
@@ -259,7 +341,7 @@ def check_values(prep: Prepared, strict: bool, chunk: int = 1 << 22) -> list[str
     (Keys, dtypes and shapes: check_state_layout.)"""
     found: list[tuple[str, int]] = []
     for n, p in prep.plan.tensors.items():
-        if not p.alias_of and (bad := _nonfinite(prep.ckpt.tensors, n, chunk)):
+        if not p.alias_of and not p.source and (bad := _nonfinite(prep.ckpt.tensors, n, chunk)):
             found.append((n, bad))
     for n, key, st in state_refs(prep):
         if key == "step" or (not isinstance(st, LazyTensors) and st[key] is None):
@@ -351,9 +433,22 @@ def check_output(opts: WidenOptions) -> Target:
         raise MupscaleError(f"-o {out}: is a directory (pass --shard-size to write shards into it)")
     if out.exists() and not opts.force:
         raise MupscaleError(f"-o {out}: exists; pass --force to overwrite")
-    if not out.parent.is_dir():
-        raise MupscaleError(f"-o {out}: directory {out.parent} does not exist")
+    missing_dirs(out.parent, f"-o {out}")
     return Target("pt" if out.suffix == ".pt" else "safetensors", out)
+
+
+def missing_dirs(d: Path, what: str) -> list[Path]:
+    """The directories of `d` that do not exist yet, outermost first (widen creates them, and removes them
+    again if the write fails); an ancestor that is a file is an error."""
+    missing = []
+    while not d.exists():
+        missing.append(d)
+        if d == d.parent:
+            break
+        d = d.parent
+    if not d.is_dir():
+        raise MupscaleError(f"{what}: {d} is not a directory")
+    return missing[::-1]
 
 
 def _input_files(path: Path) -> list[Path]:
@@ -385,8 +480,7 @@ def _check_sharded_output(opts: WidenOptions, out: Path) -> Target:
     t = Target("sharded", directory, prefix, size)
     if directory.exists() and not directory.is_dir():
         raise MupscaleError(f"-o {out}: {directory} exists and is not a directory")
-    if not directory.exists() and not directory.parent.is_dir():
-        raise MupscaleError(f"-o {out}: directory {directory.parent} does not exist")
+    missing_dirs(directory, f"-o {out}")
     written = {t.index_path.name, t.optimizer_index_path.name}
     for f in _input_files(opts.checkpoint):
         if f.exists() and directory.exists() and os.path.samefile(f.parent, directory) and (
@@ -407,6 +501,8 @@ def provenance(opts: WidenOptions, prep: Prepared, source_digest: str | None = N
         "source_sha256": source_digest if source_digest is not None else source_sha256(prep.ckpt),
         "spec": plan.spec.name,
         "spec_sha256": plan.spec.sha256,
+        "spec_text": plan.spec.text,  # the output describes itself: inspect/verify/widen need no --spec
+        **({"untie": plan.spec.untie} if plan.untied else {}),
         "readout": plan.spec.readout,
         "k": plan.k,
         "sizes": {n: plan.sizes[n] for n in plan.spec.sizes},
@@ -440,7 +536,8 @@ def widen_tensors(prep: Prepared, sigma: float, seed: int, noise_device: str = "
         if c in cache:
             return cache.pop(c) if p.alias_of else cache[c]
         s = sigma if sigma_map is None else sigma_map.get(c, sigma)
-        t = widen_noised(prep.ckpt.tensors[c], prep.plan.tensors[c], s, seed, noise_device, dtype)
+        t = widen_noised(prep.ckpt.tensors[prep.plan.tensors[c].source or c], prep.plan.tensors[c], s, seed,
+                         noise_device, dtype)
         if c in aliased:
             cache[c] = t
         return t
@@ -464,7 +561,8 @@ def model_out(prep: Prepared, opts: WidenOptions) -> list[OutTensor]:
 
         def make(a: int, b: int, alloc=None, n=n, p=p) -> torch.Tensor:
             alloc = alloc or _torch_empty
-            return widen_range(lambda i0, i1: read_rows(tensors, n, i0, i1, alloc), p, a, b, sigma=sigma_of(opts, n),
+            return widen_range(lambda i0, i1: read_rows(tensors, p.source or n, i0, i1, alloc), p, a, b,
+                               sigma=sigma_of(opts, n),
                                seed=opts.seed, noise_device=opts.noise_device, out_dtype=dtype, alloc=alloc)
         out.append(OutTensor(n, p.out_shape, dt, make))
     return out
@@ -506,11 +604,24 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     once before."""
     t_start = time.perf_counter()
     target = check_output(opts)
+    made = missing_dirs(target.path if target.kind == "sharded" else target.path.parent, f"-o {target.path}")
+    try:
+        return _run_widen(opts, target, made, progress, t_start)
+    except BaseException:
+        if made:  # -o into new directories: leave none behind when the write fails
+            shutil.rmtree(made[0], ignore_errors=True)
+        raise
+
+
+def _run_widen(opts: WidenOptions, target: Target, made: list[Path], progress, t_start: float) -> dict:
     streamed = target.kind != "pt"
     prep = prepare(opts, lazy=True, defer_checks=streamed)
     if opts.hparams is not None or opts.base_lr is not None:
         opts = with_hparams(opts, prep)
     dtype = out_dtype(opts)
+    if made:
+        made[-1].mkdir(parents=True)
+        prep.notes.append(f"created directory {made[0]}")
     if target.kind != "sharded":
         prep.notes += clean_temps(target.path)
     elif target.path.is_dir():
@@ -522,6 +633,8 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     extra = dict(ckpt.extra)
     if prep.model_args is not None:
         extra["model_args"] = prep.model_args
+    if prep.config is not None and "config" in extra:
+        extra["config"] = prep.config
     if opts.hparams_record and isinstance(extra.get("config"), dict) and "learning_rate" in extra["config"]:
         extra["config"] = {**extra["config"], "learning_rate": opts.hparams_record["lr"]}  # nanoGPT's schedule
     if hasattr(progress, "start"):
