@@ -137,7 +137,7 @@ def test_standard_parametrization_tied_readout_fails_at_step_0_naming_the_readou
 def test_without_model_the_line_names_the_bundled_model(tmp):
     from test_verify import make_ck
     src = make_ck(tmp, "gpt", "adamw")
-    r = cli("verify", str(src), "--steps", "3", "-q")
+    r = cli("verify", str(src), "--spec", "nanogpt-mup", "--steps", "3", "-q")
     assert r.returncode == 0, r.stderr
     assert "model: bundled mupscale_cli.zoo.gpt, not your training code" in r.stdout
 
@@ -264,3 +264,68 @@ def test_optimizer_builder_that_cannot_load_the_widened_state_fails(tmp):
     other.write_text("import torch\n\ndef sgd(model):\n    return torch.optim.SGD(model.parameters(), lr=0.1)\n")
     with pytest.raises(MupscaleError, match="BASE's optimizer state is adamw, the optimizer .* builds is sgd"):
         verify(src, wide, optimizer=f"{other}:sgd", steps=1)
+
+
+# ------------------------------------------------------------- nanoGPT-mup's own fields, widened with no flags
+
+EL_ARGS = {**ARGS, "mup_enabled": True, "mup_width_multiplier": 1.0, "mup_input_alpha": 1.0, "mup_output_alpha": 2.0,
+           "mup_disable_attention_scaling": False, "mup_disable_hidden_lr_scaling": False}
+
+
+def make_eleuther_ck(tmp: Path, steps: int = 3) -> Path:
+    """As nanoGPT-mup's train.py writes it: its 3 groups with lr_scale, no param_names, mup_* in model_args."""
+    vg = stack()
+    torch.manual_seed(0)
+    model = vg.GPT(vg.GPTConfig(**EL_ARGS)).double()
+    opt = vg.configure(model, CONFIG)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = CONFIG["learning_rate"] * group.get("lr_scale", 1.0)
+        x = torch.randint(32, (8, 8), generator=g)
+        opt.zero_grad()
+        model(x, torch.roll(x, 1, 1))[1].backward()
+        opt.step()
+    osd = opt.state_dict()
+    for group in osd["param_groups"]:
+        del group["param_names"]
+    path = tmp / "eleuther.pt"
+    torch.save({"model": model.state_dict(), "optimizer": osd, "model_args": EL_ARGS, "iter_num": steps,
+                "best_val_loss": 9.9, "config": {**CONFIG, **EL_ARGS}}, path)
+    return path
+
+
+def test_nanogpt_mup_checkpoint_verified_with_its_own_model_rule_and_optimizer(tmp):
+    """widen with no flags (the spec chosen by mup_enabled), then verify as train.py resumes: the model file
+    from WIDE's model_args (mup_width_multiplier × k), configure_optimizers, lr = schedule × lr_scale."""
+    src = make_eleuther_ck(tmp)
+    r = cli("widen", str(src), "--k", "2", "-o", str(tmp / "wide.pt"))
+    assert r.returncode == 0, r.stderr
+    wide = torch.load(tmp / "wide.pt", weights_only=True)
+    assert wide["model_args"]["mup_width_multiplier"] == 2.0 and wide["model_args"]["n_embd"] == 32
+    r = cli("verify", str(src), str(tmp / "wide.pt"), "--model", f"{MODEL}:GPT", "--optimizer", f"{MODEL}:configure",
+            "--lr-rule", "lr_scale", "--grad-clip", "0.05", "--clip-mode", "equivalent", "--steps", "30",
+            "--json", str(tmp / "rep.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("PASS: 30 steps") and f"model: {MODEL}:GPT" in r.stdout
+    rep = __import__("json").loads((tmp / "rep.json").read_text())
+    assert rep["grad_clip"]["active_steps"] == 30 and rep["lr_rule"] == "lr_scale"
+    assert max(rep["max"]["loss_rel"], rep["max"]["out_rel"]) <= 1e-12
+    # the bundled model is not this stack's: verify says so, whatever the outcome
+    r = cli("verify", str(src), str(tmp / "wide.pt"), "--steps", "2", "-q")
+    assert "not your training code" in r.stdout
+
+
+def test_output_of_a_non_bundled_spec_verifies_without_spec(mup_ck, tmp):
+    """WIDE records its spec's text: verify (and grad_scales) need no --spec when the spec is not bundled."""
+    src, _ = mup_ck
+    text = (Path(SRC).parent / "configs" / "nanogpt-mup.yaml").read_text()
+    spec = tmp / "my-gpt.yaml"
+    spec.write_text(text.replace("name: nanogpt-mup", "name: my-gpt", 1))
+    r = cli("widen", str(src), "--k", "2", "--spec", str(spec), "-o", str(tmp / "wide.pt"))
+    assert r.returncode == 0, r.stderr
+    spec.unlink()
+    rep = run_verify(VerifyOptions(base=src, wide=tmp / "wide.pt", device="cpu", model=f"{MODEL}:GPT", steps=5))
+    assert rep["result"] == "pass" and rep["spec"] == "my-gpt"
+    from mupscale_cli.api import grad_scales
+    assert grad_scales(tmp / "wide.pt")["transformer.h.0.attn.c_attn.weight"] == (0.5, 4)

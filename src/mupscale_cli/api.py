@@ -86,5 +86,11 @@ def grad_scales(w: Widened | str | Path, spec: str | None = None) -> dict[str, t
     shapes = {n: (tuple(t.shape), t.dtype) for n, t in w.model.items()}
     sizes = {n: v for n, v in (prov.get("sizes") or {}).items() if isinstance(v, int)}
     # the rules, k and block sizes fix every tensor's g and copies; the widened shapes are multiples of the blocks
-    plan = make_plan(load_spec(name), shapes, dict(k), w.extra.get("model_args"), sizes, w.model)
+    text = prov.get("spec_text")
+    if spec is None and isinstance(text, str) and text:  # the output records its spec's text
+        from mupscale_cli.core.spec import parse_spec
+        sp = parse_spec(text, f"recorded:{name}", name=str(name))
+    else:
+        sp = load_spec(name)
+    plan = make_plan(sp, shapes, dict(k), w.extra.get("model_args"), sizes, w.model)
     return {n: v for n, v in scales_of(plan).items() if n not in tied}

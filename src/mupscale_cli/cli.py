@@ -325,7 +325,8 @@ def verify(
                                                                        "Optimizer: both states must load into it "
                                                                        "(WIDE's not loading fails, exit 1)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of a fresh optimizer (BASE without "
-                                                          "optimizer state)."),
+                                                          "optimizer state); with --lr-rule lr_scale|uniform the "
+                                                          "script's (constant) lr."),
     opt_layout: Optional[str] = typer.Option(None, "--opt-layout", help="Optimizer id layout, when ambiguous."),
     size: Optional[list[str]] = typer.Option(None, "--size", help=SIZE_HELP),
     model: Optional[str] = typer.Option(None, "--model", help="Your model code: path/to/model.py:GPT or "

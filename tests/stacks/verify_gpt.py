@@ -6,6 +6,8 @@ after reading karpathy/nanoGPT and EleutherAI/nanoGPT-mup; not theirs).
 `mup_base_n_embd = 0`: standard parametrization (stock nanoGPT: 1/sqrt(d) attention, plain tied readout).
 `mup_base_n_embd = B`: μP with width multiplier n_embd / B derived from the widened n_embd (1/d attention,
 readout input × 1/multiplier); `configure_optimizers` then makes nanoGPT-mup's 3 groups with `lr_scale`.
+`mup_enabled = True` (nanoGPT-mup's own fields): the same μP model with the multiplier taken from
+`mup_width_multiplier` and nanoGPT-mup's input/output alphas.
 """
 from __future__ import annotations
 
@@ -27,6 +29,16 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     mup_base_n_embd: int = 0  # 0: standard parametrization
+    mup_enabled: bool = False  # nanoGPT-mup's fields
+    mup_width_multiplier: float = 1.0
+    mup_input_alpha: float = 1.0
+    mup_output_alpha: float = 1.0
+    mup_disable_attention_scaling: bool = False
+    mup_disable_hidden_lr_scaling: bool = False
+
+    @property
+    def mup(self) -> bool:
+        return self.mup_base_n_embd > 0 or self.mup_enabled
 
 
 class LayerNorm(nn.Module):
@@ -44,7 +56,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd, bias=c.bias)
         self.c_proj = nn.Linear(c.n_embd, c.n_embd, bias=c.bias)
-        self.n_head, self.n_embd, self.mup = c.n_head, c.n_embd, c.mup_base_n_embd > 0
+        self.n_head, self.n_embd, self.mup = c.n_head, c.n_embd, c.mup and not c.mup_disable_attention_scaling
 
     def forward(self, x):
         B, T, C = x.size()
@@ -94,16 +106,19 @@ class GPT(nn.Module):
 
     @property
     def width_mult(self) -> float:
-        return self.config.n_embd / self.config.mup_base_n_embd if self.config.mup_base_n_embd else 1.0
+        c = self.config
+        return c.n_embd / c.mup_base_n_embd if c.mup_base_n_embd else c.mup_width_multiplier if c.mup_enabled else 1.0
 
     def forward(self, idx, targets=None):
         t = idx.size(1)
         x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(t, device=idx.device))
+        if self.config.mup_enabled:
+            x = x * self.config.mup_input_alpha
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        if self.config.mup_base_n_embd:
-            x = x / self.width_mult  # μP readout: divides by the width multiplier
+        if self.config.mup:
+            x = x * (self.config.mup_output_alpha / self.width_mult)  # μP readout: divides by the width multiplier
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
@@ -111,7 +126,7 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type="cpu"):
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        if self.config.mup_base_n_embd:
+        if self.config.mup and not self.config.mup_disable_hidden_lr_scaling:
             hidden = ("c_attn.weight", "c_fc.weight", "c_proj.weight")
             groups = [{"params": [(n, p) for n, p in named if p.dim() >= 2 and n.endswith(hidden)],
                        "weight_decay": weight_decay, "lr_scale": 1 / self.width_mult},
