@@ -242,19 +242,18 @@ def _prepare(o: VerifyOptions, prov: dict) -> tuple[Prepared, list[str]]:
     if k is None:
         k = _k_text(prov["k"]) if isinstance(prov.get("k"), dict) and prov["k"] else "2"
     spec = o.spec
-    if spec is None and prov.get("spec"):
-        from mupscale_cli.core.spec import bundled_specs, parse_spec
+    if spec is None and isinstance(prov.get("spec_text"), str) and prov["spec_text"]:  # WIDE describes itself
+        from mupscale_cli.core.spec import parse_spec
+        spec = parse_spec(prov["spec_text"], f"recorded:{prov.get('spec')}", name=prov.get("spec"))
+    elif spec is None and prov.get("spec"):
+        from mupscale_cli.core.spec import bundled_specs
         names = {s.name: s for s in bundled_specs()}
-        text = prov.get("spec_text")
-        if isinstance(text, str) and text:  # the output describes itself (its spec's text)
-            spec = parse_spec(text, f"recorded:{prov['spec']}", name=str(prov["spec"]))
-        elif prov["spec"] in names:
-            spec = prov["spec"]
-            if prov.get("spec_sha256") and names[spec].sha256 != prov["spec_sha256"]:
-                notes.append(f"bundled spec {spec} differs from the one WIDE was widened with (sha256)")
-        else:
+        if prov["spec"] not in names:
             raise MupscaleError(f"WIDE was widened with spec {prov['spec']!r}, which is not bundled: pass "
                                 f"--spec FILE")
+        spec = prov["spec"]
+        if prov.get("spec_sha256") and names[spec].sha256 != prov["spec_sha256"]:
+            notes.append(f"bundled spec {spec} differs from the one WIDE was widened with (sha256)")
     sizes = o.sizes or {n: v for n, v in (prov.get("sizes") or {}).items() if isinstance(v, int)}
     kind = o.optimizer if o.optimizer in KINDS else None  # not a builder (module:fn)
     prep = prepare(WidenOptions(checkpoint=o.base, k=k, spec=spec, optimizer=kind, opt_layout=o.opt_layout,
