@@ -329,3 +329,37 @@ def test_output_of_a_non_bundled_spec_verifies_without_spec(mup_ck, tmp):
     assert rep["result"] == "pass" and rep["spec"] == "my-gpt"
     from mupscale_cli.api import grad_scales
     assert grad_scales(tmp / "wide.pt")["transformer.h.0.attn.c_attn.weight"] == (0.5, 4)
+
+
+# ------------------------------------------- the nanoGPT / nanoGPT-mup stand-ins of tests/stacks (model.py as is)
+
+STACKS = Path(__file__).resolve().parent / "stacks"
+BUILDER = '''
+def configure(model, config):
+    """train.py's optimizer: model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device)."""
+    return model.configure_optimizers(config["weight_decay"], config["learning_rate"],
+                                      (config["beta1"], config["beta2"]), "cpu")
+'''
+
+
+def test_stock_nanogpt_model_py_forced_through_the_mup_spec_fails_at_step_0(tmp):
+    from test_stacks_nanogpt import _stock_nanogpt
+    src = _stock_nanogpt(tmp)
+    rep = run_verify(VerifyOptions(base=src, spec="nanogpt-mup", model=f"{STACKS / 'nanogpt_model.py'}:GPT",
+                                   device="cpu", steps=3))
+    assert rep["result"] == "fail" and rep["first_failure"]["step"] == 0
+    assert rep["first_failure"]["readout"] == "lm_head.weight"
+
+
+def test_nanogpt_mup_model_py_widened_with_no_flags_passes_with_its_rule_and_optimizer(tmp):
+    from test_stacks_nanogpt import mup_base
+    mup_base(tmp, torch.optim.AdamW)
+    assert cli("widen", str(tmp / "ckpt.pt"), "--k", "2", "-o", str(tmp / "wide.pt")).returncode == 0
+    (tmp / "train_opt.py").write_text(BUILDER)
+    rep = run_verify(VerifyOptions(base=tmp / "ckpt.pt", wide=tmp / "wide.pt", device="cpu", steps=20,
+                                   model=f"{STACKS / 'nanogpt_mup_model.py'}:GPT",
+                                   optimizer=f"{tmp / 'train_opt.py'}:configure", lr_rule="lr_scale",
+                                   grad_clip=0.05, clip_mode="equivalent"))
+    assert rep["result"] == "pass", rep["diagnosis"]
+    assert rep["grad_clip"]["active_steps"] == 20 and rep["model_args"]["wide"]["mup_width_multiplier"] == 4.0
+    assert max(rep["max"]["loss_rel"], rep["max"]["out_rel"]) <= 1e-12

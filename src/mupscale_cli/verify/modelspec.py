@@ -94,6 +94,8 @@ def _import_file(path_text: str, factory: str):
         return sys.modules[name]
     if str(path.parent) not in sys.path:
         sys.path.insert(0, str(path.parent))
+    if os.getcwd() not in sys.path:  # as `python train.py` run here would find its packages
+        sys.path.append(os.getcwd())
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise MupscaleError(f"--model {factory!r}: cannot import {path_text!r} (not a Python file?)")
