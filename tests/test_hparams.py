@@ -32,9 +32,10 @@ def _train_save(path, args, dtype, steps=20, config=True):
         opt.zero_grad()
         mlp.loss(model, x, y).backward()
         opt.step()
-    ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "model_args": args}
+    ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "model_args": args,
+          "config": {"parametrization": "mup"}}
     if config:
-        ck["config"] = {"learning_rate": GAMMA, "batch_size": 16}
+        ck["config"] = {"learning_rate": GAMMA, "batch_size": 16, "parametrization": "mup"}
     torch.save(ck, path)
     return path
 
@@ -158,7 +159,7 @@ def test_relative_scheme_applies_each_tensors_effective_sigma(target, tmp):
 @pytest.mark.parametrize("case, words", [
     ("sigma-too", "--sigma and --hparams"),
     ("missing", "cannot read"),
-    ("not-yaml", "cannot read"),
+    ("not-yaml", "not valid YAML"),
     ("no-lr", "needs sigma, lr and base_lr"),
     ("negative-lr", "lr must be a finite number > 0"),
     ("masked", "does not transfer"),

@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import json
 import torch
 from torch import nn
 
-from mupscale_cli.formats.checkpoint import META_PROV, load_checkpoint
+from mupscale_cli.formats.checkpoint import load_checkpoint, provenance_of
 from mupscale_cli.errors import MupscaleError
 
 
@@ -31,29 +30,33 @@ class Widened:
 def load(path: str | Path) -> Widened:
     """Read a `.safetensors` (or `.pt`) written by `mupscale widen`; tied aliases share storage."""
     ck = load_checkpoint(path)
-    prov = json.loads(ck.metadata[META_PROV]) if META_PROV in ck.metadata else ck.extra.get("mupscale", {})
+    prov = provenance_of(ck)
     model = dict(ck.tensors)
-    for alias, canon in (prov.get("tied") or {}).items():
+    tied = prov.get("tied")
+    for alias, canon in (tied if isinstance(tied, dict) else {}).items():
         if alias in model and canon in model:
             model[alias] = model[canon]
     kind = prov.get("optimizer")
     return Widened(model, ck.optimizer, kind, prov, {k: v for k, v in ck.extra.items() if k != "mupscale"})
 
 
-def optimizer_groups(model: nn.Module, optimizer_sd: dict) -> list[dict]:
+def optimizer_groups(model: nn.Module, optimizer_sd: dict, names: list[list[str]] | None = None) -> list[dict]:
     """Param groups for a new optimizer that `load_state_dict(optimizer_sd)` accepts: the saved groups'
-    hyper-parameters, with the model's parameters looked up by the saved `param_names`."""
+    hyper-parameters, with the model's parameters looked up by name: `names` per group, else the saved
+    `param_names`."""
     params = dict(model.named_parameters(remove_duplicate=False))
     groups = []
-    for g in optimizer_sd["param_groups"]:
-        if "param_names" not in g:
+    for i, g in enumerate(optimizer_sd["param_groups"]):
+        if names is None and "param_names" not in g:
             raise MupscaleError("the optimizer state has no param_names; it was not written by mupscale "
                                 "from a named checkpoint: rebuild groups by hand")
-        missing = [n for n in g["param_names"] if n not in params]
+        ns = names[i] if names is not None else g["param_names"]
+        missing = [n for n in ns if n not in params]
         if missing:
-            raise MupscaleError(f"the model has no parameter {missing[0]!r}; is it the widened architecture?")
-        groups.append({**{k: v for k, v in g.items() if k != "params"},
-                       "params": [params[n] for n in g["param_names"]]})
+            raise MupscaleError(f"the model has no parameter {missing[0]!r} that the optimizer state names; is it "
+                                f"the widened architecture?")
+        drop = ("params",) if names is None else ("params", "param_names")  # given names replace saved ones
+        groups.append({**{k: v for k, v in g.items() if k not in drop}, "params": [params[n] for n in ns]})
     return groups
 
 

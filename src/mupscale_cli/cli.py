@@ -15,11 +15,12 @@ from rich.console import Console
 from rich.table import Table
 
 from mupscale_cli import __version__
-from mupscale_cli.errors import MupscaleError
+from mupscale_cli.errors import OPTIONAL, MupscaleError, missing_package, one_line  # noqa: F401 (OPTIONAL: tests)
 
-EXIT_CODES = """Exit codes: 0 success; 1 verification failed; 2 usage or input error (one line on stderr);
-3 internal error (a bug: please report it); 130 interrupted (SIGINT), 143 terminated (SIGTERM).
-No partial output file is ever left at the output path."""
+EXIT_CODES = """Exit codes: 0 success; 1 verification failed; 2 usage, input or environment error (disk full,
+read-only, ...: one line on stderr); 3 internal error (a bug: please report it); 130 interrupted (SIGINT),
+143 terminated (SIGTERM). No partial output is ever left at the output path: files and shard directories
+appear at once, one writer per output."""
 
 app = typer.Typer(
     name="mupscale",
@@ -29,6 +30,12 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]})
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+
+
+def say(line: str) -> None:
+    """One message line on stderr: control characters in paths and names escaped (errors.one_line), so it
+    stays one line whatever a file name holds."""
+    err.print(one_line(line), markup=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -43,37 +50,80 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """mupscale"""
 
 
-def _term(signum, frame):  # SIGTERM unwinds like SIGINT so temporary files are removed
-    raise SystemExit(143)
+def _signalled(signum, frame):
+    """SIGINT and SIGTERM unwind (temporaries are removed, threads joined); a second one waits for that."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if signum == signal.SIGTERM:
+        raise SystemExit(143)
+    raise KeyboardInterrupt
+
+
+_threads: list = []  # (stop event, thread) of threads the command started: stopped and joined on exit
+
+
+def _stop_threads() -> None:
+    while _threads:
+        stop, thread = _threads.pop()
+        stop.set()
+        thread.join()
 
 
 @contextmanager
 def guard():
-    """One-line errors, documented exit codes, never a traceback (MUPSCALE_DEBUG=1 shows it)."""
-    signal.signal(signal.SIGTERM, _term)
+    """One-line errors, documented exit codes, never a traceback (MUPSCALE_DEBUG=1 shows it). Every thread
+    is joined before the exit (a thread inside torch while the interpreter exits aborts the process)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _signalled)
+    signal.signal(signal.SIGINT, _signalled)
+    if hasattr(signal, "SIGXFSZ"):  # over `ulimit -f`: let write() fail with EFBIG instead of dying
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         yield
     except MupscaleError as e:
-        err.print(f"mupscale: error: {e}", markup=False, soft_wrap=True)
+        say(f"mupscale: error: {e}")
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err.print("mupscale: interrupted", markup=False)
         raise typer.Exit(130) from None
-    except (typer.Exit, SystemExit):
+    except SystemExit as e:
+        if e.code == 143:
+            err.print("mupscale: terminated", markup=False)
         raise
+    except typer.Exit:
+        raise
+    except OSError as e:
+        from mupscale_cli.formats.target import env_error
+        me = env_error(e, "mupscale")
+        if me is None:
+            raise
+        err.print(f"mupscale: error: {me}", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except ImportError as e:
+        me = missing_package(e)
+        if me is None:
+            raise
+        err.print(f"mupscale: error: {me}", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     except Exception as e:  # noqa: BLE001
         if os.environ.get("MUPSCALE_DEBUG"):
             raise
         msg = str(e).splitlines()[0] if str(e) else ""
-        err.print(f"mupscale: internal error: {type(e).__name__}: {msg} (rerun with MUPSCALE_DEBUG=1 and "
-                  f"report it)", markup=False, soft_wrap=True)
+        say(f"mupscale: internal error: {type(e).__name__}: {msg} (rerun with MUPSCALE_DEBUG=1 and report it)")
         raise typer.Exit(3) from None
+    finally:
+        _stop_threads()
+        for s, h in saved.items():
+            if h is not None:
+                signal.signal(s, h)
 
 
 K_HELP = "Width multiplier: one integer for every width axis (--k 4) or per axis (--k d_model=2,d_ff=4)."
 SPEC_HELP = ("Architecture spec: a bundled name (see `mupscale specs`), a YAML file or a mup .bsh file. "
              "Default: the spec a mupscale output records, else the bundled spec that covers every tensor and "
              "whose markers (model_args/config) the checkpoint shows; names and shapes alone never choose one.")
+TRUST_HELP = ("Import and run the model factory a spec file names outside mupscale (its model.factory): "
+              "code named by a file runs only with this opt-in. --model on the command line needs none.")
 SIZE_HELP = "Base size used by a spec's block layout, NAME=INT (e.g. head_dim=64); repeatable."
 
 
@@ -109,24 +159,30 @@ class _Bar:
 
 def _prehash(path: Path):
     """Start the sha256 of a single-file input on a thread now, while torch loads (with one core busy
-    importing, the other is free); returns a function giving the hex digest (None for a directory)."""
+    importing, the other is free); returns a function giving the hex digest (None for a directory).
+    The thread stops at the next 4 MiB when the command ends (guard)."""
     if not path.is_file():
         return None
     import hashlib
     import threading
     box: dict = {}
+    stop = threading.Event()
 
     def run() -> None:
         try:
             h, buf = hashlib.sha256(), bytearray(1 << 22)
             with open(path, "rb", buffering=0) as f:
                 while n := f.readinto(buf):
+                    if stop.is_set():
+                        box["error"] = MupscaleError(f"{path}: reading stopped")
+                        return
                     h.update(memoryview(buf)[:n])
             box["digest"] = h.hexdigest()
         except OSError as e:
             box["error"] = MupscaleError(f"{path}: cannot read: {e.strerror or e}")
 
     thread = threading.Thread(target=run, daemon=True, name="mupscale-prehash")
+    _threads.append((stop, thread))
     thread.start()
 
     def result() -> str:
@@ -137,12 +193,17 @@ def _prehash(path: Path):
     return result
 
 
+def _is_program() -> bool:
+    """Whether this process is the `mupscale` program (not an in-process caller such as a test)."""
+    from mupscale_cli import is_program
+    return is_program()
+
+
 def _exit_now_if_program() -> None:
     """As the `mupscale` program (not in-process callers such as tests), exit as soon as the output is
     committed and printed: Python's own shutdown with torch loaded takes about 0.4 s, and there is nothing
     left to do (the output is fsynced and renamed, the worker threads are gone)."""
-    prog = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
-    if prog.name == "mupscale" or (prog.name == "__main__.py" and prog.parent.name == "mupscale_cli"):
+    if _is_program():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -194,7 +255,8 @@ def widen(
                                         "float32|bfloat16|float16 (after the noise). Optimizer state keeps its dtype."),
     shard_size: Optional[str] = typer.Option(None, "--shard-size", help="Write Hugging Face shards of at most "
                                              "this size (e.g. 5GB, 500MiB): -o is then a directory (or "
-                                             "DIR/NAME.safetensors for NAME-0000i-of-0000N shards)."),
+                                             "DIR/NAME.safetensors for NAME-0000i-of-0000N shards), new, empty "
+                                             "or an earlier sharded output, replaced as a whole at once."),
     threads: int = typer.Option(2, "--threads", help="Worker threads making tensors (0: one thread); the "
                                 "output is the same bytes for any number."),
     noise_device: str = typer.Option("cpu", "--noise-device", help="cpu|cuda: where the noise is drawn. "
@@ -217,6 +279,9 @@ def widen(
     with guard():
         from dataclasses import replace
 
+        if _is_program():
+            from mupscale_cli.formats.target import install_sigbus_handler
+            install_sigbus_handler()  # an mmapped input that shrinks: one line, exit 2, no temporaries
         digest = _prehash(checkpoint)
         _widen_memory_settings()
         from mupscale_cli.commands.widen import run_widen
@@ -234,7 +299,7 @@ def widen(
                 bar.stop()
         for note in res["notes"]:
             if not quiet:
-                err.print(f"mupscale: note: {note}", markup=False, soft_wrap=True)
+                say(f"mupscale: note: {note}")
         typer.echo(json.dumps(res, indent=2) if as_json else res["output"])
     _exit_now_if_program()
 
@@ -276,7 +341,7 @@ def inspect(
                 err.print(f"  group {g['group']}: {g['tensors']} tensors; factors: {' | '.join(g['factors'])}",
                           markup=False)
         for note in rep["notes"]:
-            err.print(f"note: {note}", markup=False, soft_wrap=True)
+            say(f"note: {note}")
         if rep["provenance"]:
             err.print(f"provenance: {json.dumps(rep['provenance'], sort_keys=True)[:400]}", markup=False)
         mb = rep["model_bytes"]
@@ -308,7 +373,8 @@ def verify(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda (auto: the GPU when there is one)."),
     dtype: str = typer.Option("float64", "--dtype", help="float64|float32|bfloat16: models, states and batches."),
     tol: Optional[float] = typer.Option(None, "--tol", help="Largest relative loss/output difference allowed "
-                                                             "(default per dtype: float64 1e-10, float32 1e-3, "
+                                                             "(default per dtype: float64 1e-10, with BatchNorm "
+                                                             "x10 every 20 steps up to 1e-4; float32 1e-3; "
                                                              "bfloat16 0.5)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples per training batch (and evaluation batch)."),
     data: Optional[Path] = typer.Option(None, "--data", help="A .pt/.safetensors with 'inputs' and 'targets' "
@@ -350,6 +416,7 @@ def verify(
                                                                          "--hidden); loss, training outputs and "
                                                                          "tensors are compared every step."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stderr."),
+    trust_spec_code: bool = typer.Option(False, "--trust-spec-code", help=TRUST_HELP),
 ) -> None:
     """Check that a widening is exact: train BASE and WIDE (or BASE widened in memory) on identical batches
     and compare loss, outputs and every tensor before the first step and after each. A noised WIDE must
@@ -363,8 +430,8 @@ def verify(
         opts = VerifyOptions(base=base, wide=wide, spec=spec, k=k, steps=steps, device=device, dtype=dtype,
                              tol=tol, batch_size=batch_size, data=data, hidden=hidden, seed=seed,
                              optimizer=optimizer, lr=lr, opt_layout=opt_layout, sizes=parse_sizes(size or []),
-                             model=model, eval_every=eval_every, lr_rule=lr_rule, grad_clip=grad_clip,
-                             clip_mode=clip_mode)
+                             model=model, eval_every=eval_every, trust_code=trust_spec_code, lr_rule=lr_rule,
+                             grad_clip=grad_clip, clip_mode=clip_mode)
         if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
             raise MupscaleError(f"--json {json_path}: not a writable file path")
         shown: list[tuple[dict, bool]] = []
@@ -389,7 +456,7 @@ def verify(
                 raise MupscaleError(f"--json {json_path}: cannot write: {e.strerror}") from None
         if not quiet:
             for note in rep["notes"]:
-                err.print(f"mupscale: note: {note}", markup=False, soft_wrap=True)
+                say(f"mupscale: note: {note}")
             if rep["noise"] if "noise" in rep else None:
                 n = rep["noise"]
                 bad = sum(v not in ("noised", "exact") for v in n["tensors"].values())
@@ -399,9 +466,9 @@ def verify(
                           f"{n['checked']} tensors equal bit for bit", markup=False)
             if rep["result"] == "pass":
                 for i in rep["issues"]:
-                    err.print(f"mupscale: warning: {i['message']}", markup=False, soft_wrap=True)
+                    say(f"mupscale: warning: {i['message']}")
             for line in rep["diagnosis"]:
-                err.print(f"mupscale: diagnosis: {line}", markup=False, soft_wrap=True)
+                say(f"mupscale: diagnosis: {line}")
         typer.echo(_verify_line(rep))
         if rep["result"] != "pass":
             raise typer.Exit(1)
@@ -419,7 +486,7 @@ def _verify_line(rep: dict) -> str:
     f = rep["first_failure"]
     parts = []
     if f:
-        s = f"diverged at step {f['step']}: {f['what']} relative difference {_fmt(f['value'])} > {tol:g}"
+        s = f"diverged at step {f['step']}: {f['what']} relative difference {_fmt(f['value'])} > {f.get('tol', tol):.2g}"
         if f.get("readout"):
             s += f", readout {f['readout']!r} gives {_fmt(f.get('output_ratio'))} × BASE's outputs"
         if f.get("layer"):
@@ -454,14 +521,17 @@ def specs(as_json: bool = typer.Option(False, "--json", help="JSON on stdout."))
     """List the bundled architecture specs."""
     with guard():
         from mupscale_cli.core.spec import bundled_paths, bundled_specs
-        items = [{"name": s.name, "axes": s.axes, "detect": s.detect, "readout": s.readout,
-                  "description": s.description, "path": str(p)} for s, p in zip(bundled_specs(), bundled_paths())]
+        items = [{"name": s.name, "axes": s.axes, "detect": s.detect and bool(s.evidence), "readout": s.readout,
+                  "evidence": s.evidence, "description": s.description, "path": str(p)}
+                 for s, p in zip(bundled_specs(), bundled_paths())]
         if as_json:
             typer.echo(json.dumps(items, indent=2))
             return
         for s in items:
+            ev = " or ".join(" and ".join(f"{k}={v!r}" for k, v in alt.items()) for alt in s["evidence"])
             typer.echo(f"{s['name']:24} axes={','.join(s['axes'])} readout={s['readout']}"
-                       f"{'' if s['detect'] else ' (not auto-detected)'}  {s['description']}")
+                       f"{f' (detected by {ev})' if s['detect'] else ' (not auto-detected: --spec)'}  "
+                       f"{s['description']}")
 
 
 @app.command()
@@ -483,17 +553,20 @@ def sweep(
     data: Optional[Path] = typer.Option(None, "--data", help="A .pt/.safetensors with `inputs` and `targets`."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the best setting to hparams.yaml."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of loss against σ̄ and γ̄↑ (needs matplotlib)."),
+    trust_spec_code: bool = typer.Option(False, "--trust-spec-code", help=TRUST_HELP),
 ) -> None:
     """Tune σ̄ and γ̄↑ on a small upscaling (proxy n0 -> k·n0) to reuse for n -> k·n (paper §3.2):
     widen the proxy for every setting, train, score by the mean training loss. Prints the best pair
     (JSON) on stdout; the grid table on stderr. Then: mupscale widen BIG.pt --k K --hparams hparams.yaml"""
     with guard():
-        from mupscale_cli.commands.sweep import SweepOptions, parse_floats, run_sweep
+        from mupscale_cli.commands.sweep import SweepOptions, check_output_file, parse_floats, run_sweep
+        if plot is not None:
+            check_output_file(plot, "--plot")
         o = SweepOptions(checkpoint=checkpoint, k=k, sigmas=parse_floats(sigma, "--sigma"),
                          lrs=parse_floats(lr, "--lr") if lr else None, steps=steps, spec=spec, base_lr=base_lr,
                          early=early, halving=halving, seeds=seeds, batch_size=batch_size, scheme=noise_scheme,
-                         data=data, output=output)
-        res = run_sweep(o, lambda s: err.print(s, markup=False, soft_wrap=True))
+                         data=data, output=output, trust_code=trust_spec_code)
+        res = run_sweep(o, say)
         t = Table(title=f"sweep {checkpoint.name}: k {res['k']}, {res['steps']} steps, scheme {res['noise_scheme']}",
                   title_justify="left")
         for c in ("σ̄", "γ̄↑", "steps", "score", "± se", "early", "final loss"):
@@ -529,6 +602,6 @@ def main() -> None:
             err.print(ctx.get_help(), markup=False)
         else:
             where = f"mupscale {ctx.info_name} --help" if ctx is not None and ctx.parent else "mupscale --help"
-            err.print(f"mupscale: error: {e.format_message()} (see {where})", markup=False, soft_wrap=True)
+            say(f"mupscale: error: {e.format_message()} (see {where})")
         sys.exit(2)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -18,18 +18,22 @@ from mupscale_cli.core import noise as noise_mod
 from mupscale_cli.formats.checkpoint import (META_PROV, OPTIM_NS, Checkpoint, LazyTensors, is_sharded, iter_chunks,
                                          load_checkpoint, optimizer_prefix, read_rows, sharded_index, source_sha256,
                                          strip_prefix, tensor_meta)
-from mupscale_cli.core.optstate import (STATE_POWER, OptimizerMap, map_optimizer, optimizer_layout, optimizer_notes,
-                                       scale_lr, widen_optimizer)
+from mupscale_cli.core.checks import check_optimizer, check_widened, hparam_notes
+from mupscale_cli.core.optstate import (STATE_POWER, OptimizerMap, check_state_key, map_optimizer, optimizer_layout,
+                                       optimizer_notes, scale_lr,
+                                       widen_optimizer)
+from mupscale_cli.formats.target import TMP_MARKER, InputWatch, claim, env_error, sigbus_names
 from mupscale_cli.formats.write import (DEFAULT_CHUNK_BYTES, SHARD_NAME, Background, OutTensor, Target,
-                                      clean_stale_temps,
-                                      remove_replaced_shards, sharded_files, write_pt, write_streamed)
-from mupscale_cli.core.plan import Plan, make_plan, parse_k, same_values
-from mupscale_cli.formats.safetensors import parse_size
+                                      clean_stale_temps, sharded_files, write_pt, write_streamed)
+from mupscale_cli.core.plan import Plan, is_float8, make_plan, parse_k, same_values
+from mupscale_cli.formats.safetensors import fmt_bytes, parse_size
 from mupscale_cli.core.spec import Spec, bundled_specs, load_spec, parse_spec, shows_evidence
 from mupscale_cli.core.widen import widen_noised, widen_range
+from mupscale_cli.bounded import int_text, loads_json, shown
 from mupscale_cli.errors import MupscaleError
 
 OUT_SUFFIXES = (".safetensors", ".pt")
+MAX_BYTES = 2**60  # 1 EiB: a widened model larger than this is a mistaken --k
 
 
 @dataclass
@@ -82,8 +86,8 @@ def parse_sizes(items: list[str]) -> dict[str, int]:
     out = {}
     for it in items:
         name, _, v = it.partition("=")
-        if not name.isidentifier() or not v.isdigit() or int(v) < 1:
-            raise MupscaleError(f"--size {it!r}: expected NAME=INT, e.g. --size head_dim=64")
+        if not name.isidentifier() or not (v.isascii() and v.isdigit()) or int_text(v, f"--size {shown(it)}") < 1:
+            raise MupscaleError(f"--size {shown(it)}: expected NAME=INT, e.g. --size head_dim=64")
         out[name] = int(v)
     return out
 
@@ -198,15 +202,20 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
                      "training differs from the tied base's): weights only")
     elif ckpt.optimizer is not None and not opts.no_optimizer:
         omap = map_optimizer(ckpt.optimizer, plan, opts.optimizer, opts.opt_layout, ckpt.strip)
+        notes += hparam_notes(check_optimizer(ckpt.optimizer), opts.strict)
         notes += optimizer_notes(ckpt.optimizer, plan, omap)
     elif ckpt.optimizer is None:
         notes.append("no optimizer state in the checkpoint: weights only")
     notes += _untracked_axes(plan, ckpt.model_args)
+    notes += [f"warning: {k!r} looks like an LR scheduler's state: it is copied as it is, its base_lrs not "
+              f"rescaled; rebuild the scheduler on the widened optimizer (base_lrs come from each group's "
+              f"initial_lr, which is rescaled)" for k, v in ckpt.extra.items() if isinstance(v, dict) and "base_lrs" in v]
     wide_args = plan.model_args(ckpt.model_args)
     notes += [n for n in spec.notes]
     if spec.resume_note:
         notes.append(_fill(spec.resume_note, wide_args, plan.config(cfg)))
     prep = Prepared(ckpt, plan, omap, wide_args, notes, plan.config(cfg))
+    check_size(prep, opts)
     check_state_layout(prep)
     if not defer_checks:
         prep.notes += value_checks(prep, opts)
@@ -227,10 +236,15 @@ def _fill(text: str, args: dict | None, cfg: dict | None) -> str:
 def value_checks(prep: Prepared, opts: WidenOptions) -> list[str]:
     """The checks that read the input's values, piece by piece: tied tensors equal, dtypes the rescale
     needs, NaN/Inf (notes to add, or an error with --strict)."""
+    check_tied(prep, opts)
+    return check_values(prep, opts.strict, _check_elements(opts))
+
+
+def check_tied(prep: Prepared, opts: WidenOptions) -> None:
+    """Tied tensors hold the same values (compared piece by piece)."""
     for n, p in prep.plan.tensors.items():
         if p.alias_of and not same_values(prep.ckpt.tensors, n, p.alias_of, _check_elements(opts)):
             raise MupscaleError(f"tied tensors {n!r} and {p.alias_of!r} differ; they must hold the same values")
-    return check_values(prep, opts.strict, _check_elements(opts))
 
 
 def _check_elements(opts: WidenOptions) -> int:
@@ -253,22 +267,21 @@ def state_refs(prep: Prepared):
                 yield n, key, st
 
 
-def state_items(prep: Prepared):
-    """(tensor name, state key, value) of every mapped optimizer state entry (lazy entries are read)."""
-    for n, key, st in state_refs(prep):
-        yield n, key, st[key]
-
-
 def _nonfinite(m, name: str, chunk: int) -> int:
     """NaN/Inf count of m[name], read piece by piece."""
     _, dtype = tensor_meta(m, name)
     if not (dtype.is_floating_point or dtype.is_complex):
         return 0
-    bad = 0
-    for x in iter_chunks(m, name, chunk):
-        if not bool(torch.isfinite(x.sum())):  # a finite sum has no NaN/Inf term (fast); else count them
-            bad += int((~torch.isfinite(x)).sum())
-    return bad
+    return sum(count_nonfinite(x) for x in iter_chunks(m, name, chunk))
+
+
+def count_nonfinite(x: torch.Tensor) -> int:
+    """NaN/Inf values in x (0 for integer tensors; float8 looked at in float32: torch cannot sum it)."""
+    if is_float8(x.dtype):
+        x = x.float()
+    if not (x.dtype.is_floating_point or x.dtype.is_complex) or bool(torch.isfinite(x.sum())):
+        return 0  # a finite sum has no NaN/Inf term (fast); else count them
+    return int((~torch.isfinite(x)).sum())
 
 
 def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
@@ -287,9 +300,8 @@ def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
 
     def on_piece(path: Path, name: str, x: torch.Tensor) -> None:
         label = labels.get((path, name))
-        if label is not None and (x.dtype.is_floating_point or x.dtype.is_complex) and not bool(
-                torch.isfinite(x.sum())):
-            counts[label] = counts.get(label, 0) + int((~torch.isfinite(x)).sum())
+        if label is not None and (bad := count_nonfinite(x)):
+            counts[label] = counts.get(label, 0) + bad
 
     given = opts.source_digest if prep.ckpt.kind != "sharded" else None
     digest = source_sha256(prep.ckpt, on_piece, hashing=given is None) if labels else None
@@ -298,9 +310,7 @@ def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
         return (given() if given else source_sha256(prep.ckpt)), notes
     if given is not None:
         digest = given()
-    for n, p in prep.plan.tensors.items():
-        if p.alias_of and not same_values(prep.ckpt.tensors, n, p.alias_of, _check_elements(opts)):
-            raise MupscaleError(f"tied tensors {n!r} and {p.alias_of!r} differ; they must hold the same values")
+    check_tied(prep, opts)
     order = [n for n, p in prep.plan.tensors.items() if not p.alias_of and not p.source]
     order += [f"{n}/{key}" for n, key, _ in state_refs(prep) if key != "step"]
     return digest, _nonfinite_notes([(n, counts[n]) for n in order if counts.get(n)], opts.strict)
@@ -313,12 +323,14 @@ def check_state_layout(prep: Prepared) -> None:
         if not p.alias_of and not p.buffer and p.s != 1 and not dtype.is_floating_point:
             raise MupscaleError(f"tensor {n!r} has dtype {dtype} but its rule {p.rule!r} rescales it by {p.s}; "
                                 f"store it as a float tensor or mark the rule 'buffer: true'")
+        if not p.alias_of and not p.buffer and p.s != 1 and is_float8(dtype):
+            raise MupscaleError(f"tensor {n!r} is {dtype} and its rule {p.rule!r} rescales it by {p.s}: float8 "
+                                f"cannot hold the rescaled values exactly; cast the checkpoint to bfloat16 or "
+                                f"float32 first (duplication alone, scale 1, is exact)")
     for n, key, st in state_refs(prep):
         if key == "step":
             continue
-        if key not in STATE_POWER:
-            raise MupscaleError(f"unknown optimizer state {key!r} for tensor {n!r}; mupscale widens SGD, Adam "
-                                f"and AdamW state (momentum_buffer, exp_avg, exp_avg_sq, max_exp_avg_sq, step)")
+        check_state_key(key, n)
         if not isinstance(st, LazyTensors):
             v = st[key]
             if v is None:
@@ -331,6 +343,11 @@ def check_state_layout(prep: Prepared) -> None:
         if not dtype.is_floating_point:
             raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is {dtype}, expected a float tensor; "
                                 f"re-save the optimizer with opt.state_dict()")
+        p = prep.plan.tensors[n]
+        if is_float8(dtype) and not p.buffer and p.g != 1:
+            raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is {dtype} and moves like the gradient "
+                                f"(× {p.g ** STATE_POWER[key]}): float8 cannot hold that exactly; keep optimizer "
+                                f"state in float32")
         if shape != prep.plan.tensors[n].shape:
             raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} has shape {list(shape)}, the tensor "
                                 f"has {list(prep.plan.tensors[n].shape)}; the optimizer belongs to another model")
@@ -366,17 +383,34 @@ def output_bytes(prep: Prepared, out, dtype: torch.dtype | None = None) -> int:
     safetensors) + optimizer state; model tensors in `dtype` (--dtype) if given."""
     plan = prep.plan
     pt = (out.kind if isinstance(out, Target) else ("pt" if Path(out).suffix == ".pt" else "st")) == "pt"
-    total = 0
-    for p in plan.tensors.values():
-        if pt and p.alias_of:
-            continue
-        size = dtype.itemsize if dtype is not None and p.dtype.is_floating_point else p.dtype.itemsize
-        total += math.prod(p.out_shape) * size
+    total = model_bytes(plan, dtype, aliases=not pt)
     for n, key, st in state_refs(prep):
         if isinstance(st, LazyTensors) or isinstance(st[key], torch.Tensor):
             shape, dt = tensor_meta(st, key)
             total += dt.itemsize * (1 if len(shape) == 0 else math.prod(plan.tensors[n].out_shape))
+        elif key == "step" and not pt and _plain_step(st):
+            total += 4  # a plain-number step, stored as a float32 0-d tensor
     return total
+
+
+def model_bytes(plan: Plan, dtype: torch.dtype | None = None, aliases: bool = True, widened: bool = True) -> int:
+    """Bytes of the model's tensors, widened (or as in the input), floating-point ones in `dtype` if given;
+    tied aliases counted again unless `aliases` is False (a .pt stores them once)."""
+    total = 0
+    for p in plan.tensors.values():
+        if p.alias_of and not aliases:
+            continue
+        size = dtype.itemsize if dtype is not None and p.dtype.is_floating_point else p.dtype.itemsize
+        total += math.prod(p.out_shape if widened else p.shape) * size
+    return total
+
+
+def check_size(prep: Prepared, opts: WidenOptions) -> None:
+    """A widened model no machine could hold (a --k far too large) is refused before anything else."""
+    need = model_bytes(prep.plan, out_dtype(opts))
+    if need > MAX_BYTES:
+        raise MupscaleError(f"--k {opts.k}: the widened model would need {fmt_bytes(need)} (more than "
+                            f"{fmt_bytes(MAX_BYTES)}); use a smaller --k")
 
 
 def check_disk(out, prep: Prepared, dtype: torch.dtype | None = None) -> None:
@@ -391,7 +425,7 @@ def check_disk(out, prep: Prepared, dtype: torch.dtype | None = None) -> None:
         return
     if need > free:
         raise MupscaleError(f"-o {out.shown if isinstance(out, Target) else out}: the output needs "
-                            f"{need / 2**20:.1f} MiB but {where} has only {free / 2**20:.1f} MiB free; free some "
+                            f"{fmt_bytes(need)} but {where} has only {fmt_bytes(free)} free; free some "
                             f"space, write elsewhere or use a smaller --k")
 
 
@@ -455,9 +489,8 @@ def _input_files(path: Path) -> list[Path]:
     if not is_sharded(path):
         return [path]
     try:
-        import json
         index = sharded_index(path)
-        wm = json.loads(index.read_text()).get("weight_map", {})
+        wm = loads_json(index.read_text(), str(index)).get("weight_map", {})
         return [index] + [index.parent / f for f in sorted(set(wm.values())) if isinstance(f, str)]
     except (MupscaleError, OSError, ValueError, AttributeError):
         return []
@@ -478,18 +511,36 @@ def _check_sharded_output(opts: WidenOptions, out: Path) -> Target:
         raise MupscaleError(f"-o {out}: {prefix!r} is not a usable shard prefix; name the output e.g. "
                             f"DIR/model.safetensors")
     t = Target("sharded", directory, prefix, size)
-    if directory.exists() and not directory.is_dir():
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
         raise MupscaleError(f"-o {out}: {directory} exists and is not a directory")
-    missing_dirs(directory, f"-o {out}")
-    written = {t.index_path.name, t.optimizer_index_path.name}
+    missing_dirs(directory.parent, f"-o {out}")
+    if not directory.exists():
+        return t
+    # The directory is the output: it is built beside and swapped in whole, so it may hold nothing else.
     for f in _input_files(opts.checkpoint):
-        if f.exists() and directory.exists() and os.path.samefile(f.parent, directory) and (
-                f.name in written or ((m := SHARD_NAME.match(f.name)) and m["prefix"] in
-                                      (prefix, t.optimizer_index_path.name.removesuffix(".safetensors.index.json")))):
-            raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint ({f.name})")
-    if t.index_path.exists() and not opts.force:
+        if f.exists() and os.path.samefile(f.parent, directory):
+            raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint ({f.name} is in "
+                                f"{directory}, which the sharded output replaces as a whole)")
+    ours = _only_sharded_output(t, out)
+    if ours and not opts.force:
         raise MupscaleError(f"-o {out}: {t.index_path} exists; pass --force to overwrite")
     return t
+
+
+def _only_sharded_output(t: Target, out: Path) -> set[str]:
+    """The files of an earlier sharded output in directory `t.path`; an error if it holds anything else
+    (the sharded output replaces the whole directory)."""
+    ours = sharded_files(t)
+    try:
+        others = sorted(p.name for p in t.path.iterdir() if p.name not in ours and TMP_MARKER not in p.name)
+    except FileNotFoundError:
+        return set()
+    if others:
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        raise MupscaleError(f"-o {out}: {t.path} holds files that are not part of a sharded output "
+                            f"({', '.join(others[:3])}{more}); a sharded output replaces its whole directory: "
+                            f"give a new or empty directory")
+    return ours
 
 
 def provenance(opts: WidenOptions, prep: Prepared, source_digest: str | None = None) -> dict:
@@ -579,8 +630,13 @@ def optimizer_out(prep: Prepared, names_out, lr_scale: float = 1.0) -> tuple[lis
     out = []
     for e in lay.entries:
         st = e.source
+        if e.key == "step" and _plain_step(st):  # an int/float step (older torch): stored as a 0-d tensor
+            name = f"{OPTIM_NS}{strip_prefix(names_out(e.name))}/step"
+            out.append(OutTensor(name, (), torch.float32, lambda a, b, alloc=None, v=float(st["step"]):
+                                 torch.tensor([v], dtype=torch.float32)[a:b]))
+            continue
         if not isinstance(st, LazyTensors) and not isinstance(st[e.key], torch.Tensor):
-            continue  # None / plain numbers: not stored, as torch would not need them
+            continue  # None: not stored, as torch would not need it
         shape, dtype = tensor_meta(st, e.key)
         p = prep.plan.tensors[e.name]
         name = f"{OPTIM_NS}{strip_prefix(names_out(e.name))}/{e.key}"
@@ -598,36 +654,96 @@ def optimizer_out(prep: Prepared, names_out, lr_scale: float = 1.0) -> tuple[lis
     return lay.groups, out
 
 
+def cap_threads(opts: WidenOptions) -> tuple[WidenOptions, list[str]]:
+    """--threads at most the cores this process may use: more threads only add ranges in flight (memory
+    grows with them, speed does not)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    if opts.threads <= max(cores, 1):
+        return opts, []
+    return replace(opts, threads=max(cores, 1)), [f"--threads {opts.threads}: using {max(cores, 1)}, the cores "
+                                                  f"available (more threads would only hold more memory)"]
+
+
+def _plain_step(st) -> bool:
+    """A state dict whose `step` is a plain number (not a tensor): torch's Adam accepts a 0-d tensor instead."""
+    return not isinstance(st, LazyTensors) and isinstance(st.get("step"), (int, float)) and not isinstance(
+        st.get("step"), bool)
+
+
+def check_noise(prep: Prepared, opts: WidenOptions) -> None:
+    """The noise std of every noised tensor must fit, with room, in the dtype it is drawn in (float32, or
+    float64 for float64 tensors), the tensor's own and --dtype: else the output would hold Inf/NaN."""
+    dtype = out_dtype(opts)
+    for n, p in prep.plan.tensors.items():
+        if p.alias_of or not p.noise_unit or not p.dtype.is_floating_point:
+            continue
+        s = sigma_of(opts, n)
+        std = s * p.noise_unit
+        if not std:
+            continue
+        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+        dts = {acc, p.dtype, dtype or p.dtype}
+        limit = min(torch.finfo(d).max for d in dts) / 64  # a normal draw stays far below 64 standard deviations
+        if not std <= limit:
+            dt = min(dts, key=lambda d: torch.finfo(d).max)
+            raise MupscaleError(f"σ̄ = {s:g} gives tensor {n!r} noise of std {std:.3g}, beyond what {dt} holds "
+                                f"(max {torch.finfo(dt).max:.3g}): the output would hold Inf/NaN; use a smaller σ̄")
+
+
 def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda n, b: None) -> dict:
     """Widen `opts.checkpoint` into `opts.output`; returns a summary.
     `progress(name, nbytes)` is called as bytes are written; `progress.start(total_bytes)`, if it exists,
     once before."""
     t_start = time.perf_counter()
     target = check_output(opts)
-    made = missing_dirs(target.path if target.kind == "sharded" else target.path.parent, f"-o {target.path}")
-    try:
-        return _run_widen(opts, target, made, progress, t_start)
-    except BaseException:
-        if made:  # -o into new directories: leave none behind when the write fails
-            shutil.rmtree(made[0], ignore_errors=True)
-        raise
-
-
-def _run_widen(opts: WidenOptions, target: Target, made: list[Path], progress, t_start: float) -> dict:
-    streamed = target.kind != "pt"
-    prep = prepare(opts, lazy=True, defer_checks=streamed)
-    if opts.hparams is not None or opts.base_lr is not None:
-        opts = with_hparams(opts, prep)
-    dtype = out_dtype(opts)
+    made = missing_dirs(target.path.parent, f"-o {target.shown}")  # -o into directories that do not exist yet
     if made:
         made[-1].mkdir(parents=True)
-        prep.notes.append(f"created directory {made[0]}")
-    if target.kind != "sharded":
-        prep.notes += clean_temps(target.path)
-    elif target.path.is_dir():
-        mine = (target.prefix, optimizer_prefix(target.prefix))
-        prep.notes += clean_temps(target.index_path, also=lambda name: name == target.optimizer_index_path.name or bool(
-            (m := SHARD_NAME.match(name)) and m["prefix"] in mine))
+    try:
+        with claim(target.path):  # one writer per output
+            res = _run_widen(opts, target, progress, t_start)
+    except BaseException as e:
+        if made:  # leave none of them behind when the write fails
+            shutil.rmtree(made[0], ignore_errors=True)
+        if isinstance(e, OSError):
+            raise env_error(e, f"-o {target.shown}") or e from None
+        raise
+    if made:
+        res["notes"].append(f"created directory {made[0]}")
+    return res
+
+
+def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> dict:
+    if not opts.force and os.path.lexists(target.path) and (target.kind != "sharded" or sharded_files(target)):
+        raise MupscaleError(f"-o {target.shown}: exists (written meanwhile by another run?); pass --force to "
+                            f"overwrite")
+    watch = InputWatch(_input_files(opts.checkpoint))  # size, mtime, inode: compared before the commit
+    replace = opts.force  # an existing empty directory is replaced too, if it still holds nothing then
+    if target.kind == "sharded" and target.path.is_dir() and not opts.force:
+        replace = not any(target.path.iterdir())
+
+    def before_commit() -> None:
+        watch.check()
+        if target.kind == "sharded" and target.path.is_dir():
+            if _only_sharded_output(target, opts.output) and not opts.force:
+                raise MupscaleError(f"-o {target.shown}: appeared while this output was written; pass --force "
+                                    f"to overwrite")
+
+    sigbus_names(str(opts.checkpoint))
+    streamed = target.kind != "pt"
+    prep = prepare(opts, lazy=True, defer_checks=streamed)
+    watch.add(prep.ckpt.files)
+    opts, note = cap_threads(opts)
+    prep.notes += note
+    if opts.hparams is not None or opts.base_lr is not None:
+        opts = with_hparams(opts, prep)
+    check_noise(prep, opts)
+    found = check_optimizer(prep.ckpt.optimizer) if prep.omap is not None else []
+    dtype = out_dtype(opts)
+    prep.notes += clean_temps(target.path)
     check_disk(target, prep, dtype)
     plan, ckpt = prep.plan, prep.ckpt
     extra = dict(ckpt.extra)
@@ -645,6 +761,7 @@ def _run_widen(opts: WidenOptions, target: Target, made: list[Path], progress, t
         if prep.omap is not None:
             osd = widen_optimizer(ckpt.optimizer, plan, prep.omap, names_out=names_out)
             osd["param_groups"] = scale_lr(osd["param_groups"], opts.lr_scale)
+            check_widened(osd["param_groups"], found)
         produce = widen_tensors(prep, opts.sigma, opts.seed, opts.noise_device, dtype, opts.sigma_map)
         model = {}
         for n in plan.tensors:  # aliases share the canonical tensor, as in the input
@@ -654,19 +771,21 @@ def _run_widen(opts: WidenOptions, target: Target, made: list[Path], progress, t
         if ckpt.model_key is not None or osd is not None:  # a plain state dict stays plain
             given = opts.source_digest if ckpt.kind != "sharded" else None
             extra["mupscale"] = provenance(opts, prep, given() if given else None)
-        write_pt(target.path, ckpt, model, osd, extra)
+        write_pt(target.path, ckpt, model, osd, extra, replace=replace, before_commit=before_commit)
         groups = None if osd is None else osd["param_groups"]
     else:
-        before = sharded_files(target) if target.kind == "sharded" else set()
         groups, optim = optimizer_out(prep, names_out, opts.lr_scale)
+        check_widened(groups, found)
         scan = Background(lambda: scan_input(prep, opts), "mupscale-scan")  # digest + checks, while writing
-        write_streamed(target, model_out(prep, opts), optim, prep.omap.kind if prep.omap else None, groups,
-                       provenance(opts, prep, source_digest=""), extra, source_sha256=lambda: scan.result()[0],
-                       threads=opts.threads, chunk_bytes=opts.chunk_bytes, on_bytes=progress, poll=scan.poll)
+        try:
+            write_streamed(target, model_out(prep, opts), optim, prep.omap.kind if prep.omap else None, groups,
+                           provenance(opts, prep, source_digest=""), extra,
+                           source_sha256=lambda: scan.result()[0], threads=opts.threads,
+                           chunk_bytes=opts.chunk_bytes, on_bytes=progress, poll=scan.poll, replace=replace,
+                           before_commit=before_commit)
+        finally:
+            scan.stop()  # joined on every path: no thread may be left inside torch at exit
         prep.notes += scan.result()[1]
-        if target.kind == "sharded":
-            for name in remove_replaced_shards(target, before):
-                prep.notes.append(f"removed {name}, a shard of the output this one replaced")
     res = summary(prep, target.shown, opts, groups)
     res["output_bytes"] = output_bytes(prep, target, dtype)
     res["time_s"] = round(time.perf_counter() - t_start, 3)  # in this process: start-up not counted
@@ -699,14 +818,10 @@ def _names_out(prep: Prepared, target: Target):
     return lambda n: raw.get(n) or prep.ckpt.original.get(n, n)
 
 
-def summary(prep: Prepared, out: Path | None, opts: WidenOptions, groups: list[dict] | dict | None) -> dict:
+def summary(prep: Prepared, out: Path | None, opts: WidenOptions, groups: list[dict] | None) -> dict:
     plan = prep.plan
-    if isinstance(groups, dict):  # an optimizer state dict (older callers)
-        groups = groups["param_groups"]
-    base = sum(math.prod(p.shape) * p.dtype.itemsize for p in plan.tensors.values())
-    dtype = out_dtype(opts)
-    wide = sum(math.prod(p.out_shape) * (dtype.itemsize if dtype and p.dtype.is_floating_point else p.dtype.itemsize)
-               for p in plan.tensors.values())
+    base = model_bytes(plan, widened=False)
+    wide = model_bytes(plan, out_dtype(opts))
     return {
         "output": str(out) if out else None,
         "spec": plan.spec.name,

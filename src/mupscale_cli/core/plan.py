@@ -9,6 +9,7 @@ import torch
 
 from mupscale_cli.core.source import LazyTensors, iter_chunks, tensor_meta
 from mupscale_cli.core.spec import Dim, Rule, Spec, eval_expr, eval_size
+from mupscale_cli.bounded import int_text, shown
 from mupscale_cli.errors import MupscaleError
 
 ONE = Fraction(1)
@@ -79,7 +80,11 @@ class Plan:
         out = dict(args)
         for arg, axis in self.spec.model_args.items():
             if arg in out:
-                out[arg] = out[arg] * self.k[axis]
+                v = out[arg]
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise MupscaleError(f"model_args[{arg!r}] is {v!r} ({type(v).__name__}), not an integer "
+                                        f"width; store it as an int in the checkpoint")
+                out[arg] = v * self.k[axis]
         return rewrite(out, self.spec.rewrites, self.k, self._untie_set("model_args"))
 
     def config(self, cfg: dict | None) -> dict | None:
@@ -121,10 +126,9 @@ def rewrite(d: dict, rules: dict[str, tuple], k: dict[str, int], sets: dict | No
 def parse_k(text: str) -> dict[str, int]:
     """`4` (every axis) or `d_model=2,d_ff=4`; returns {'*': 4} or {axis: k}."""
     def k_of(v: str, what: str) -> int:
-        try:
-            k = int(v)
-        except ValueError:
-            raise MupscaleError(f"--k {text!r}: {what} must be a positive integer, got {v!r}") from None
+        if not (v.isascii() and v.isdigit()):
+            raise MupscaleError(f"--k {shown(text)}: {what} must be a positive integer, got {shown(v)}")
+        k = int_text(v, f"--k {shown(text)}")
         if k < 1:
             raise MupscaleError(f"--k {text!r}: {what} must be >= 1, got {k}")
         return k
@@ -136,7 +140,7 @@ def parse_k(text: str) -> dict[str, int]:
     for part in text.split(","):
         axis, _, v = part.partition("=")
         if not axis.strip().isidentifier():
-            raise MupscaleError(f"--k {text!r}: expected AXIS=K pairs separated by commas")
+            raise MupscaleError(f"--k {shown(text)}: expected AXIS=K pairs separated by commas")
         out[axis.strip()] = k_of(v.strip(), f"k for {axis.strip()}")
     return out
 
@@ -250,7 +254,17 @@ def same_values(tensors, a: str, b: str, chunk: int = 1 << 22) -> bool:
         t, u = tensors[a], tensors[b]
         if t.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() and t.data_ptr() == u.data_ptr():
             return True
-    return all(torch.equal(x, y) for x, y in zip(iter_chunks(tensors, a, chunk), iter_chunks(tensors, b, chunk)))
+    return all(torch.equal(_comparable(x), _comparable(y))
+               for x, y in zip(iter_chunks(tensors, a, chunk), iter_chunks(tensors, b, chunk)))
+
+
+def is_float8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def _comparable(x: torch.Tensor) -> torch.Tensor:
+    """float8 tensors compared by their bytes (torch has no equal() for them)."""
+    return x.view(torch.uint8) if is_float8(x.dtype) else x
 
 
 def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], k: dict[str, int],
@@ -260,6 +274,9 @@ def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
     tied, bsh_buffers = dict(spec.tied), {}
     if spec.bsh:
         tied, bsh_buffers = _bsh_extra(spec, tensors or {}, names, shapes)
+        # model_args entries equal to a width axis's base size grow with it (e.g. n_embd: 256 -> w256)
+        spec = replace(spec, model_args={a: f"w{v}" for a, v in (model_args or {}).items()
+                                         if isinstance(v, int) and f"w{v}" in spec.axes})
     untied = None
     if untie:
         if not spec.untie:
@@ -273,9 +290,6 @@ def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
             raise MupscaleError(f"--untie: the checkpoint has no tensor {spec.untie['from']!r}")
         shapes = {**shapes, untied: shapes[spec.untie["from"]]}
         names = list(shapes)
-        # model_args entries equal to a width axis's base size grow with it (e.g. n_embd: 256 -> w256)
-        spec = replace(spec, model_args={a: f"w{v}" for a, v in (model_args or {}).items()
-                                         if isinstance(v, int) and f"w{v}" in spec.axes})
     for alias, canon in tied.items():
         if alias in shapes and canon not in shapes:
             raise MupscaleError(f"tied tensor {alias!r} is in the checkpoint but its canonical "
@@ -410,5 +424,5 @@ def _noise_unit(t: TensorPlan, rule: Rule, env: dict) -> float:
         return mult
     out = t.out_shape
     out_dim = 1 if t.fan_in == 0 else 0
-    fan_in = math.prod(out) // out[out_dim]
-    return mult / math.sqrt(fan_in)
+    fan_in = math.prod(n for i, n in enumerate(out) if i != out_dim)
+    return mult / math.sqrt(fan_in) if fan_in else 0.0  # fan-in 0: an empty tensor, nothing to noise
