@@ -183,6 +183,9 @@ def widen(
     size: Optional[list[str]] = typer.Option(None, "--size", help=SIZE_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Write weights only."),
+    untie: bool = typer.Option(False, "--untie", help="A tied readout in standard parametrization (HF "
+                               "tie_word_embeddings, nanoGPT's lm_head = wte) has no exact tied widening: write "
+                               "it untied as lm_head = E / k (config: tie_word_embeddings false)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of the path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     strict: bool = typer.Option(False, "--strict", help="Treat NaN/Inf in the input as an error, not a warning."),
@@ -206,7 +209,11 @@ def widen(
 ) -> None:
     """Widen a checkpoint k times: weights, buffers, optimizer state and hyper-parameters (paper Table 1),
     plus optional μP-scaled noise. Prints the output path (or --json summary) on stdout. Inputs: .pt,
-    .safetensors, or a Hugging Face sharded checkpoint (directory or *.safetensors.index.json).
+    .safetensors, a Hugging Face sharded checkpoint (directory or *.safetensors.index.json), or a Hugging
+    Face model directory (config.json + weights; a Trainer checkpoint-N/ too): its output is a directory
+    that from_pretrained loads (config.json rewritten, tokenizer and other files copied).
+
+    Example: mupscale widen models/llama --k 2 -o models/llama-wide
 
     Example: mupscale widen ckpt.pt --k 4 --sigma 0.75 -o wide.safetensors
     """
@@ -221,7 +228,7 @@ def widen(
                      strict)
         opts = replace(opts, dtype=dtype, shard_size=shard_size, threads=threads, noise_device=noise_device,
                        chunk_bytes=parse_size(chunk_size), source_digest=digest, hparams=hparams,
-                       base_lr=base_lr)
+                       base_lr=base_lr, untie=untie)
         bar = _progress(quiet)
         try:
             res = run_widen(opts, bar)

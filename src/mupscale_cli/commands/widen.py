@@ -1,12 +1,18 @@
-"""`mupscale widen` and the validation it shares with `inspect`."""
+"""`mupscale widen`: read → plan → validate → produce → write.
+
+    prepare()        read the checkpoint (formats.READERS), choose the spec, plan every tensor, map the
+                     optimizer ids, check layouts (core.checks)
+    run_widen()      check the target (formats.target), then produce range by range (core.widen) and write
+                     (formats.write), the value checks and input digest running beside the writer
+
+The helpers other commands import (WidenOptions, Prepared, prepare, value_checks, check_output, ...) stay
+importable from here."""
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,82 +20,36 @@ import torch
 from mupscale_cli import __version__
 from mupscale_cli.commands.hparams import resolve_hparams
 from mupscale_cli.core import noise as noise_mod
-from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, is_sharded, iter_chunks,
-                                         load_checkpoint, optimizer_prefix, read_rows, sharded_index, source_sha256,
-                                         strip_prefix, tensor_meta)
-from mupscale_cli.core.optstate import (STATE_POWER, OptimizerMap, map_optimizer, optimizer_layout, scale_lr,
-                                       widen_optimizer)
-from mupscale_cli.formats.write import (DEFAULT_CHUNK_BYTES, SHARD_NAME, Background, OutTensor, Target,
-                                      clean_stale_temps,
-                                      remove_replaced_shards, sharded_files, write_pt, write_streamed)
-from mupscale_cli.core.plan import Plan, make_plan, parse_k, same_values
-from mupscale_cli.formats.safetensors import parse_size
+from mupscale_cli.core.checks import (_check_elements, _nonfinite, _nonfinite_notes, _untracked_axes,  # noqa: F401
+                                      check_state_layout, check_values, state_items, state_refs, value_checks)
+from mupscale_cli.core.job import (DTYPES, Prepared, WidenOptions, out_dtype, parse_sizes,  # noqa: F401
+                                   sigma_of)
+from mupscale_cli.core.optstate import STATE_POWER, map_optimizer, optimizer_layout, scale_lr, widen_optimizer
+from mupscale_cli.core.plan import make_plan, parse_k, same_values
 from mupscale_cli.core.spec import Spec, bundled_specs, load_spec
+from mupscale_cli.core.tie import add_untied, resolve_ties, untied_args
 from mupscale_cli.core.widen import widen_noised, widen_range
 from mupscale_cli.errors import MupscaleError
-
-OUT_SUFFIXES = (".safetensors", ".pt")
-
-
-@dataclass
-class WidenOptions:
-    checkpoint: Path
-    output: Path | None = None
-    k: str = "2"
-    sigma: float = 0.0
-    seed: int = 0
-    spec: str | None = None
-    optimizer: str | None = None  # sgd | adam | adamw, when the state cannot tell
-    opt_layout: str | None = None
-    sizes: dict[str, int] = field(default_factory=dict)
-    force: bool = False
-    no_optimizer: bool = False
-    strict: bool = False  # NaN/Inf in the input: error instead of a warning
-    dtype: str | None = None  # --dtype: cast the model's floating-point tensors (float32, bfloat16, float16)
-    shard_size: int | str | None = None  # --shard-size: Hugging Face shards of at most this many bytes
-    threads: int = 2  # worker threads making tensor ranges (0: all in the writing thread)
-    noise_device: str = "cpu"  # cpu | cuda: the generator of the noise (recorded in the provenance)
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # unit of work for large tensors
-    source_digest: Callable[[], str] | None = None  # the input file's sha256, if already being computed
-    hparams: Path | None = None  # --hparams: σ̄ and γ̄↑ from `mupscale sweep -o` (instead of --sigma)
-    base_lr: float | None = None  # --base-lr: the checkpoint's base learning rate γ̄ (for --hparams)
-    sigma_map: dict[str, float] | None = None  # per-tensor σ̄ (relative scheme), else `sigma` for all
-    lr_scale: float = 1.0  # multiplies every widened group's lr and initial_lr (γ̄↑ / γ̄)
-    hparams_record: dict | None = None  # provenance of --hparams
-
-
-def sigma_of(opts: WidenOptions, name: str) -> float:
-    """σ̄ of canonical tensor `name`."""
-    return opts.sigma if opts.sigma_map is None else opts.sigma_map.get(name, opts.sigma)
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class Prepared:
-    ckpt: Checkpoint
-    plan: Plan
-    omap: OptimizerMap | None
-    model_args: dict | None
-    notes: list[str] = field(default_factory=list)
-
-
-def parse_sizes(items: list[str]) -> dict[str, int]:
-    out = {}
-    for it in items:
-        name, _, v = it.partition("=")
-        if not name.isidentifier() or not v.isdigit() or int(v) < 1:
-            raise MupscaleError(f"--size {it!r}: expected NAME=INT, e.g. --size head_dim=64")
-        out[name] = int(v)
-    return out
+from mupscale_cli.formats import hf, hf_trainer
+from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, load_checkpoint, optimizer_prefix,
+                                             read_rows, source_sha256, strip_prefix, tensor_meta)
+from mupscale_cli.formats.target import (OUT_SUFFIXES, _check_sharded_output, _input_files,  # noqa: F401
+                                         check_disk, check_output, clean_temps, output_bytes)
+from mupscale_cli.formats.write import (SHARD_NAME, Background, OutTensor, Target, remove_replaced_shards,
+                                        sharded_files, write_pt, write_streamed)
 
 
 def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> Spec:
-    """The bundled spec that covers every tensor of the checkpoint; exactly one must fit."""
+    """The bundled spec that covers every tensor of the checkpoint; exactly one must fit. A spec that asks for
+    evidence (config.json model_type, ...) is a candidate only when the checkpoint shows it; a Hugging Face
+    directory is matched by evidence only, never by tensor names alone."""
     fits, why = [], {}
     for spec in bundled_specs():
         if not spec.detect:
+            continue
+        if spec.evidence and not spec.shows_evidence(ckpt.model_args):
+            continue
+        if ckpt.hf is not None and not spec.evidence:
             continue
         try:
             make_plan(spec, ckpt.shapes(), {"*": 1}, ckpt.model_args, sizes)
@@ -100,18 +60,15 @@ def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> S
     if len(fits) == 1:
         return fits[0]
     if not fits:
+        if ckpt.hf is not None and not why:
+            mt = (ckpt.model_args or {}).get("model_type")
+            known = sorted({v for s in bundled_specs() for v in s.evidence.get("model_type", [])})
+            raise MupscaleError(f"{ckpt.hf.path}: no bundled spec for model_type {mt!r} (bundled: "
+                                f"{', '.join(known)}); write one (docs/spec-format.md) and pass --spec FILE")
         detail = "; ".join(f"{n}: {w}" for n, w in why.items())
         raise MupscaleError(f"no bundled spec covers {ckpt.path.name} ({detail}); pass --spec FILE")
     raise MupscaleError(f"several bundled specs cover {ckpt.path.name} ({', '.join(s.name for s in fits)}); "
                         f"pass --spec NAME")
-
-
-def out_dtype(opts: WidenOptions) -> torch.dtype | None:
-    if opts.dtype is None:
-        return None
-    if opts.dtype not in DTYPES:
-        raise MupscaleError(f"--dtype {opts.dtype!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[opts.dtype]
 
 
 def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) -> Prepared:
@@ -128,65 +85,20 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
     k = parse_k(opts.k)
     ckpt = load_checkpoint(opts.checkpoint, lazy=lazy)
     spec = load_spec(opts.spec) if opts.spec else detect_spec(ckpt, k, opts.sizes)
+    spec, untied, tie_notes = resolve_ties(spec, ckpt.model_args, opts.untie)
+    add_untied(ckpt.tensors, ckpt.original, untied)
     plan = make_plan(spec, ckpt.shapes(), k, ckpt.model_args, opts.sizes, ckpt.tensors)
     omap, notes = None, []
     if ckpt.optimizer is not None and not opts.no_optimizer:
         omap = map_optimizer(ckpt.optimizer, plan, opts.optimizer, opts.opt_layout, ckpt.strip)
     elif ckpt.optimizer is None:
         notes.append("no optimizer state in the checkpoint: weights only")
-    notes += _untracked_axes(plan, ckpt.model_args)
-    prep = Prepared(ckpt, plan, omap, plan.model_args(ckpt.model_args), notes)
+    notes += tie_notes + _untracked_axes(plan, ckpt.model_args)
+    prep = Prepared(ckpt, plan, omap, untied_args(spec, plan.model_args(ckpt.model_args), untied), notes)
     check_state_layout(prep)
     if not defer_checks:
         prep.notes += value_checks(prep, opts)
     return prep
-
-
-def value_checks(prep: Prepared, opts: WidenOptions) -> list[str]:
-    """The checks that read the input's values, piece by piece: tied tensors equal, dtypes the rescale
-    needs, NaN/Inf (notes to add, or an error with --strict)."""
-    for n, p in prep.plan.tensors.items():
-        if p.alias_of and not same_values(prep.ckpt.tensors, n, p.alias_of, _check_elements(opts)):
-            raise MupscaleError(f"tied tensors {n!r} and {p.alias_of!r} differ; they must hold the same values")
-    return check_values(prep, opts.strict, _check_elements(opts))
-
-
-def _check_elements(opts: WidenOptions) -> int:
-    """Elements per piece when the value checks read the input."""
-    return max(1, min(opts.chunk_bytes, DEFAULT_CHUNK_BYTES) // 4)
-
-
-def state_refs(prep: Prepared):
-    """(tensor name, state key, state dict) of every mapped optimizer state entry; lazy entries unread."""
-    if prep.omap is None:
-        return
-    sd = prep.ckpt.optimizer
-    for g, names in zip(sd["param_groups"], prep.omap.names):
-        for pid, n in zip(g["params"], names):
-            st = sd["state"].get(pid, {})
-            if not isinstance(st, (dict, LazyTensors)):
-                raise MupscaleError(f"optimizer state of tensor {n!r} is a {type(st).__name__}, expected a dict "
-                                    f"of state tensors; re-save the optimizer with opt.state_dict()")
-            for key in st:
-                yield n, key, st
-
-
-def state_items(prep: Prepared):
-    """(tensor name, state key, value) of every mapped optimizer state entry (lazy entries are read)."""
-    for n, key, st in state_refs(prep):
-        yield n, key, st[key]
-
-
-def _nonfinite(m, name: str, chunk: int) -> int:
-    """NaN/Inf count of m[name], read piece by piece."""
-    _, dtype = tensor_meta(m, name)
-    if not (dtype.is_floating_point or dtype.is_complex):
-        return 0
-    bad = 0
-    for x in iter_chunks(m, name, chunk):
-        if not bool(torch.isfinite(x.sum())):  # a finite sum has no NaN/Inf term (fast); else count them
-            bad += int((~torch.isfinite(x)).sum())
-    return bad
 
 
 def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
@@ -222,180 +134,6 @@ def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
     order = [n for n, p in prep.plan.tensors.items() if not p.alias_of]
     order += [f"{n}/{key}" for n, key, _ in state_refs(prep) if key != "step"]
     return digest, _nonfinite_notes([(n, counts[n]) for n in order if counts.get(n)], opts.strict)
-
-
-def check_state_layout(prep: Prepared) -> None:
-    """Dtypes the rescale needs; optimizer state keys, dtypes and shapes (no values read)."""
-    for n, p in prep.plan.tensors.items():
-        _, dtype = tensor_meta(prep.ckpt.tensors, n)
-        if not p.alias_of and not p.buffer and p.s != 1 and not dtype.is_floating_point:
-            raise MupscaleError(f"tensor {n!r} has dtype {dtype} but its rule {p.rule!r} rescales it by {p.s}; "
-                                f"store it as a float tensor or mark the rule 'buffer: true'")
-    for n, key, st in state_refs(prep):
-        if key == "step":
-            continue
-        if key not in STATE_POWER:
-            raise MupscaleError(f"unknown optimizer state {key!r} for tensor {n!r}; mupscale widens SGD, Adam "
-                                f"and AdamW state (momentum_buffer, exp_avg, exp_avg_sq, max_exp_avg_sq, step)")
-        if not isinstance(st, LazyTensors):
-            v = st[key]
-            if v is None:
-                continue
-            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-                raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is "
-                                    f"{v.dtype if isinstance(v, torch.Tensor) else type(v).__name__}, expected a "
-                                    f"float tensor; re-save the optimizer with opt.state_dict()")
-        shape, dtype = tensor_meta(st, key)
-        if not dtype.is_floating_point:
-            raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is {dtype}, expected a float tensor; "
-                                f"re-save the optimizer with opt.state_dict()")
-        if shape != prep.plan.tensors[n].shape:
-            raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} has shape {list(shape)}, the tensor "
-                                f"has {list(prep.plan.tensors[n].shape)}; the optimizer belongs to another model")
-
-
-def check_values(prep: Prepared, strict: bool, chunk: int = 1 << 22) -> list[str]:
-    """NaN/Inf in the input, read piece by piece: warnings (returned as notes), an error with --strict.
-    (Keys, dtypes and shapes: check_state_layout.)"""
-    found: list[tuple[str, int]] = []
-    for n, p in prep.plan.tensors.items():
-        if not p.alias_of and (bad := _nonfinite(prep.ckpt.tensors, n, chunk)):
-            found.append((n, bad))
-    for n, key, st in state_refs(prep):
-        if key == "step" or (not isinstance(st, LazyTensors) and st[key] is None):
-            continue
-        if bad := _nonfinite(st, key, chunk):
-            found.append((f"{n}/{key}", bad))
-    return _nonfinite_notes(found, strict)
-
-
-def _nonfinite_notes(found: list[tuple[str, int]], strict: bool) -> list[str]:
-    if found and strict:
-        n, bad = found[0]
-        more = f" (and {len(found) - 1} more tensors)" if len(found) > 1 else ""
-        raise MupscaleError(f"tensor {n!r} holds {bad} NaN/Inf value(s){more}; --strict refuses them: "
-                            f"widen an earlier checkpoint, or drop --strict to widen them as they are")
-    return [f"warning: tensor {n!r} holds {bad} NaN/Inf value(s), widened as they are (--strict makes this "
-            f"an error)" for n, bad in found]
-
-
-def output_bytes(prep: Prepared, out, dtype: torch.dtype | None = None) -> int:
-    """Bytes of the widened tensors written to `out` (a path or a Target): model (aliases again in
-    safetensors) + optimizer state; model tensors in `dtype` (--dtype) if given."""
-    plan = prep.plan
-    pt = (out.kind if isinstance(out, Target) else ("pt" if Path(out).suffix == ".pt" else "st")) == "pt"
-    total = 0
-    for p in plan.tensors.values():
-        if pt and p.alias_of:
-            continue
-        size = dtype.itemsize if dtype is not None and p.dtype.is_floating_point else p.dtype.itemsize
-        total += math.prod(p.out_shape) * size
-    for n, key, st in state_refs(prep):
-        if isinstance(st, LazyTensors) or isinstance(st[key], torch.Tensor):
-            shape, dt = tensor_meta(st, key)
-            total += dt.itemsize * (1 if len(shape) == 0 else math.prod(plan.tensors[n].out_shape))
-    return total
-
-
-def check_disk(out, prep: Prepared, dtype: torch.dtype | None = None) -> None:
-    """Enough free space beside `out` for the whole output (plus 1 MiB for headers), before writing."""
-    need = output_bytes(prep, out, dtype) + 2**20
-    where = out.directory if isinstance(out, Target) else Path(out).parent
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    try:
-        free = shutil.disk_usage(where).free
-    except OSError:
-        return
-    if need > free:
-        raise MupscaleError(f"-o {out.shown if isinstance(out, Target) else out}: the output needs "
-                            f"{need / 2**20:.1f} MiB but {where} has only {free / 2**20:.1f} MiB free; free some "
-                            f"space, write elsewhere or use a smaller --k")
-
-
-def clean_temps(out: Path, also: Callable[[str], bool] | None = None) -> list[str]:
-    """Remove temporaries left beside `out` by killed runs; notes saying what was removed or kept."""
-    removed, kept = clean_stale_temps(out, also=also)
-    notes = [f"removed stale temporary {out.parent / n} (left by an interrupted run)" for n in removed]
-    notes += [f"kept temporary {out.parent / n}: another mupscale process may still be writing {out.name}"
-              for n in kept]
-    return notes
-
-
-def _untracked_axes(plan: Plan, model_args: dict | None) -> list[str]:
-    """Axes that grow differently from every axis the checkpoint's model_args record."""
-    if not model_args:
-        return []
-    tracked = {plan.k[a] for arg, a in plan.spec.model_args.items() if arg in model_args}
-    return [f"model_args has no {arg!r}: axis {a} grows by {plan.k[a]}, which model_args cannot record; "
-            f"the training script must build that width itself"
-            for arg, a in plan.spec.model_args.items() if arg not in model_args and plan.k[a] not in tracked]
-
-
-def check_output(opts: WidenOptions) -> Target:
-    """Where to write (-o, --shard-size), checked: never over the input, existing output only with --force."""
-    out = opts.output
-    if out is None:
-        raise MupscaleError("missing -o/--output PATH (.safetensors or .pt, or a directory with --shard-size)")
-    if opts.shard_size is not None:
-        return _check_sharded_output(opts, out)
-    if out.suffix not in OUT_SUFFIXES:
-        more = " (or a directory with --shard-size)" if not out.suffix else ""
-        raise MupscaleError(f"-o {out}: the output must end in .safetensors or .pt{more}")
-    if out.exists() and opts.checkpoint.exists() and os.path.samefile(out, opts.checkpoint):  # links too
-        raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint")
-    if out.exists() and is_sharded(opts.checkpoint) and any(
-            f.exists() and os.path.samefile(out, f) for f in _input_files(opts.checkpoint)):
-        raise MupscaleError(f"-o {out}: refusing to write over a file of the input checkpoint")
-    if out.is_dir():
-        raise MupscaleError(f"-o {out}: is a directory (pass --shard-size to write shards into it)")
-    if out.exists() and not opts.force:
-        raise MupscaleError(f"-o {out}: exists; pass --force to overwrite")
-    if not out.parent.is_dir():
-        raise MupscaleError(f"-o {out}: directory {out.parent} does not exist")
-    return Target("pt" if out.suffix == ".pt" else "safetensors", out)
-
-
-def _input_files(path: Path) -> list[Path]:
-    if not is_sharded(path):
-        return [path]
-    try:
-        import json
-        index = sharded_index(path)
-        wm = json.loads(index.read_text()).get("weight_map", {})
-        return [index] + [index.parent / f for f in sorted(set(wm.values())) if isinstance(f, str)]
-    except (MupscaleError, OSError, ValueError, AttributeError):
-        return []
-
-
-def _check_sharded_output(opts: WidenOptions, out: Path) -> Target:
-    size = parse_size(opts.shard_size) if isinstance(opts.shard_size, str) else opts.shard_size
-    if not isinstance(size, int) or size <= 0:
-        raise MupscaleError(f"--shard-size {opts.shard_size!r}: must be a positive size, e.g. 5GB or 500MiB")
-    if out.suffix == ".pt":
-        raise MupscaleError(f"-o {out}: --shard-size writes safetensors shards: give a directory or "
-                            f"DIR/NAME.safetensors")
-    if out.suffix == ".safetensors":
-        directory, prefix = out.parent, out.name.removesuffix(".safetensors")
-    else:
-        directory, prefix = out, "model"
-    if SHARD_NAME.match(f"{prefix}.safetensors") or not prefix:
-        raise MupscaleError(f"-o {out}: {prefix!r} is not a usable shard prefix; name the output e.g. "
-                            f"DIR/model.safetensors")
-    t = Target("sharded", directory, prefix, size)
-    if directory.exists() and not directory.is_dir():
-        raise MupscaleError(f"-o {out}: {directory} exists and is not a directory")
-    if not directory.exists() and not directory.parent.is_dir():
-        raise MupscaleError(f"-o {out}: directory {directory.parent} does not exist")
-    written = {t.index_path.name, t.optimizer_index_path.name}
-    for f in _input_files(opts.checkpoint):
-        if f.exists() and directory.exists() and os.path.samefile(f.parent, directory) and (
-                f.name in written or ((m := SHARD_NAME.match(f.name)) and m["prefix"] in
-                                      (prefix, t.optimizer_index_path.name.removesuffix(".safetensors.index.json")))):
-            raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint ({f.name})")
-    if t.index_path.exists() and not opts.force:
-        raise MupscaleError(f"-o {out}: {t.index_path} exists; pass --force to overwrite")
-    return t
 
 
 def provenance(opts: WidenOptions, prep: Prepared, source_digest: str | None = None) -> dict:
@@ -511,7 +249,9 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     if opts.hparams is not None or opts.base_lr is not None:
         opts = with_hparams(opts, prep)
     dtype = out_dtype(opts)
-    if target.kind != "sharded":
+    if target.kind == "hf":
+        pass  # its temporary is a directory beside it, removed on failure
+    elif target.kind != "sharded":
         prep.notes += clean_temps(target.path)
     elif target.path.is_dir():
         mine = (target.prefix, optimizer_prefix(target.prefix))
@@ -543,6 +283,8 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
             extra["mupscale"] = provenance(opts, prep, given() if given else None)
         write_pt(target.path, ckpt, model, osd, extra)
         groups = None if osd is None else osd["param_groups"]
+    elif target.kind == "hf":
+        groups = write_hf(target, prep, opts, progress)
     else:
         before = sharded_files(target) if target.kind == "sharded" else set()
         groups, optim = optimizer_out(prep, names_out, opts.lr_scale)
@@ -558,6 +300,36 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     res["output_bytes"] = output_bytes(prep, target, dtype)
     res["time_s"] = round(time.perf_counter() - t_start, 3)  # in this process: start-up not counted
     return res
+
+
+def write_hf(target: Target, prep: Prepared, opts: WidenOptions, progress) -> list[dict] | None:
+    """A Hugging Face directory: weights streamed (one file, or shards with --shard-size), config.json
+    rewritten, the other files copied; a Trainer checkpoint's optimizer.pt and scheduler.pt widened."""
+    scan = Background(lambda: scan_input(prep, opts), "mupscale-scan")  # digest + checks, while writing
+
+    def weights(tmp: Path) -> None:
+        inner = (Target("sharded", tmp, "model", target.shard_size) if target.shard_size else
+                 Target("safetensors", tmp / hf.WEIGHTS))
+        write_streamed(inner, model_out(prep, opts), [], None, None, provenance(opts, prep, source_digest=""), {},
+                       source_sha256=lambda: scan.result()[0], threads=opts.threads, chunk_bytes=opts.chunk_bytes,
+                       on_bytes=progress, poll=scan.poll)
+    files, groups = trainer_files(prep, opts)
+    prep.notes += hf.write(target.path, weights, hf.out_config(prep.model_args, opts.dtype), prep.ckpt.hf, files,
+                           skip={hf.OPTIMIZER, hf.SCHEDULER})
+    prep.notes += scan.result()[1]
+    return groups
+
+
+def trainer_files(prep: Prepared, opts: WidenOptions) -> tuple[dict, list[dict] | None]:
+    """optimizer.pt and scheduler.pt of a Trainer checkpoint, widened (none for a model directory)."""
+    src = prep.ckpt.hf
+    if not src.trainer:
+        return {}, None
+    if prep.omap is None:
+        prep.notes.append("optimizer.pt and scheduler.pt not written (no optimizer state widened): the output "
+                          "is a model directory")
+        return {}, None
+    return hf_trainer.widened_files(prep, opts)
 
 
 def with_hparams(opts: WidenOptions, prep: Prepared) -> WidenOptions:

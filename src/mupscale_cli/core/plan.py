@@ -74,8 +74,8 @@ class Plan:
             return None
         out = dict(args)
         for arg, axis in self.spec.model_args.items():
-            if arg in out:
-                out[arg] = out[arg] * self.k[axis]
+            if arg in out and isinstance(out[arg], (int, float)) and not isinstance(out[arg], bool):
+                out[arg] = out[arg] * self.k[axis]  # None (e.g. GPT-2's n_inner: 4 n_embd) follows the others
         return out
 
 
@@ -119,7 +119,7 @@ def resolve_sizes(spec: Spec, model_args: dict | None, overrides: dict[str, int]
     env = {k: v for k, v in (model_args or {}).items() if isinstance(v, int) and not isinstance(v, bool)}
     env.update(overrides)
     for name, expr in spec.sizes.items():
-        if name in overrides:
+        if name in overrides or name in env:  # the checkpoint's own record (config.json head_dim) wins
             continue
         try:
             env[name] = eval_size(expr, env)

@@ -11,7 +11,8 @@ import yaml
 from mupscale_cli.errors import MupscaleError
 
 BUNDLED_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[3] / "configs")
-SPEC_KEYS = {"name", "description", "detect", "readout", "sizes", "model_args", "tied", "tensors", "model"}
+SPEC_KEYS = {"name", "description", "detect", "readout", "sizes", "model_args", "tied", "tensors", "model", "evidence",
+             "tied_if"}
 RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional"}
 DIM_KEYS = {"axis", "block"}
 READOUTS = ("mup", "sum")
@@ -49,6 +50,20 @@ class Spec:
     rules: list[Rule] = field(default_factory=list)
     model: dict = field(default_factory=dict)
     bsh: bool = False  # a mup base-shape file: tied aliases and BatchNorm buffers are inferred
+    evidence: dict[str, list] = field(default_factory=dict)  # model_args key -> values one of which it must hold
+    tied_if: str | None = None  # the model_args key saying whether `tied` applies (HF: tie_word_embeddings)
+
+    def shows_evidence(self, model_args: dict | None) -> bool:
+        """Whether the checkpoint's model_args (config.json) show every marker `evidence` asks for."""
+        return bool(self.evidence) and all(
+            isinstance(model_args, dict) and key in model_args and model_args[key] in values
+            for key, values in self.evidence.items())
+
+    def ties(self, model_args: dict | None) -> dict[str, str]:
+        """The tied pairs that apply to a checkpoint with these model_args."""
+        if self.tied_if is None:
+            return dict(self.tied)
+        return dict(self.tied) if bool((model_args or {}).get(self.tied_if, True)) else {}
 
     @property
     def axes(self) -> list[str]:
@@ -170,7 +185,14 @@ def parse_spec(text: str, source: str) -> Spec:
     rules = [_parse_rule(str(p), body) for p, body in maps["tensors"].items()]
     if not rules:
         raise _fail(source, "'tensors' is empty")
-    spec = Spec(name=str(d["name"]), source=source, sha256=sha, readout=readout,
+    evidence = d.get("evidence") or {}
+    if not isinstance(evidence, dict) or not all(isinstance(a, str) for a in evidence):
+        raise _fail(source, "'evidence' must map model_args/config keys to a value or a list of values")
+    evidence = {a: list(v) if isinstance(v, list) else [v] for a, v in evidence.items()}
+    tied_if = d.get("tied_if")
+    if tied_if is not None and not isinstance(tied_if, str):
+        raise _fail(source, f"'tied_if' must be a model_args key, got {tied_if!r}")
+    spec = Spec(name=str(d["name"]), source=source, sha256=sha, readout=readout, evidence=evidence, tied_if=tied_if,
                 description=str(d.get("description", "")), detect=bool(d.get("detect", True)),
                 sizes={k: str(v) for k, v in maps["sizes"].items()},
                 model_args={k: str(v) for k, v in maps["model_args"].items()},

@@ -31,7 +31,7 @@ from mupscale_cli.formats.safetensors import (INDEX_SUFFIX, ShardedWriter, Strea
                                               tensor_digest)
 from mupscale_cli.errors import MupscaleError
 
-DEFAULT_CHUNK_BYTES = 8 << 20  # one unit of work: a range of a tensor's output of about this size
+from mupscale_cli.core.job import DEFAULT_CHUNK_BYTES  # noqa: E402,F401
 SHARD_NAME = re.compile(r"^(?P<prefix>.+)-\d{5}-of-\d{5}\.safetensors$")
 
 TMP_PT = ".mupscale-tmp-"  # temporaries: .<dest name>.mupscale-tmp-<pid>-<random> (as StreamWriter's)

@@ -1,0 +1,126 @@
+"""Hugging Face model directories: `config.json` + `model.safetensors` (or shards + index), tokenizer and
+other files; a Trainer's `checkpoint-N/` adds `optimizer.pt`, `scheduler.pt`, `trainer_state.json`,
+`rng_state.pth`, `training_args.bin`.
+
+Reading: the weights through st.py / shards.py (lazy), `config.json` as the checkpoint's model_args (every
+size comes from it). Writing: the widened weights, `config.json` rewritten, every other file copied as
+bytes (never unpickled), into a temporary directory beside the target that is then renamed. No
+transformers import: JSON and safetensors only."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mupscale_cli.errors import MupscaleError
+from mupscale_cli.formats import shards, st
+from mupscale_cli.formats.checkpoint import Checkpoint
+from mupscale_cli.formats.safetensors import TMP_MARKER as TMP_PT
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+
+
+@dataclass
+class HfDir:
+    path: Path
+    config: dict
+    weights: list[str]  # file names of the weights (one file, or index + shards)
+    others: list[str] = field(default_factory=list)  # every other file, copied as bytes
+    trainer: bool = False  # a Trainer checkpoint (optimizer.pt / scheduler.pt / trainer_state.json)
+
+
+def claims(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG).is_file()
+
+
+def read_config(path: Path) -> dict:
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MupscaleError(f"{path / CONFIG}: not readable JSON ({e}); is it a Hugging Face config?") from None
+    if not isinstance(config, dict):
+        raise MupscaleError(f"{path / CONFIG}: expected a JSON object")
+    return config
+
+
+def read(path: Path, lazy: bool = False) -> Checkpoint:
+    config = read_config(path)
+    if (path / INDEX).is_file():
+        ckpt = shards.read(path / INDEX, lazy)
+    elif (path / WEIGHTS).is_file():
+        ckpt = st.read(path / WEIGHTS, lazy)
+    else:
+        found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.safetensors*"))
+        hint = (" (pytorch_model.bin is a pickle mupscale does not load: re-save with "
+                "save_pretrained(..., safe_serialization=True))") if found else ""
+        raise MupscaleError(f"{path}: a Hugging Face directory without {WEIGHTS} or {INDEX}{hint}")
+    weights = [f.name for f in ckpt.files]
+    others = sorted(p.name for p in path.iterdir() if p.name not in weights and p.name != CONFIG)
+    trainer = any((path / n).is_file() for n in (OPTIMIZER, SCHEDULER, "trainer_state.json"))
+    ckpt.extra = {**ckpt.extra, "model_args": config}
+    ckpt.hf = HfDir(path, config, weights, others, trainer)
+    return ckpt
+
+
+def write(dest: Path, weights: Callable[[Path], None], config: dict, src: HfDir,
+          files: dict[str, Callable[[Path], None]] | None = None, skip: set[str] = frozenset()) -> list[str]:
+    """Write a Hugging Face directory at `dest`: `weights(tmp)` writes the weights into the temporary
+    directory, then config.json, then `files` (name -> writer of that file), then every other file of the
+    source copied as bytes (names in `skip` left out); the temporary directory beside `dest` is renamed
+    over it at the end (an existing `dest` is moved aside first and removed after). Returns notes."""
+    files = files or {}
+    tmp = dest.parent / f".{dest.name}{TMP_PT}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    notes = []
+    try:
+        weights(tmp)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, make in files.items():
+            make(tmp / name)
+        for name in src.others:
+            if name in files or name in skip:
+                continue
+            p = src.path / name
+            if p.is_file():
+                shutil.copyfile(p, tmp / name)
+            elif p.is_dir():
+                notes.append(f"{p}: a directory, not copied")
+        _swap_in(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return notes
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    """Rename `tmp` to `dest`; an existing `dest` is moved aside first, removed once the new one is there."""
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.mupscale-old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    fd = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def out_config(config: dict, dtype: str | None) -> dict:
+    """The widened config.json: `config` (sizes already rewritten by the spec) with --dtype recorded."""
+    out = dict(config)
+    if dtype is not None:
+        for key in ("dtype", "torch_dtype"):
+            if key in out or key == "dtype":
+                out[key] = dtype
+    return out
