@@ -276,6 +276,9 @@ def _tensor_plan(spec: Spec, rule: Rule, name: str, shape: tuple[int, ...], dtyp
             t.s, t.g = Fraction(1, kw), ONE
         else:
             t.s, t.g = ONE, Fraction(1, kw)
+    if rule.k_power and width:  # a constant of the model's forward grows with width (Gemma's sqrt(hidden))
+        c = Fraction(dims[width[0]].k ** rule.k_power)  # the float's exact value (k^p itself if rational)
+        t.s, t.g = t.s * c, t.g / c
     t.noise_unit = _noise_unit(t, rule)
     return t
 

@@ -13,7 +13,7 @@ from mupscale_cli.errors import MupscaleError
 BUNDLED_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[3] / "configs")
 SPEC_KEYS = {"name", "description", "detect", "readout", "sizes", "model_args", "tied", "tensors", "model", "evidence",
              "tied_if"}
-RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional"}
+RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "k_power"}
 DIM_KEYS = {"axis", "block"}
 READOUTS = ("mup", "sum")
 
@@ -34,6 +34,7 @@ class Rule:
     buffer: bool = False
     noise: bool | float | None = None  # None: default by role
     optional: bool = False
+    k_power: float = 0.0  # weights × k^p, gradients × k^-p: the model multiplies this tensor by c ∝ width^-p
 
 
 @dataclass
@@ -130,8 +131,12 @@ def _parse_rule(pattern: str, body) -> Rule:
     for key in ("buffer", "optional"):
         if not isinstance(body.get(key, False), bool):
             raise _fail(where, f"'{key}' must be true or false")
+    kp = body.get("k_power", 0)
+    if not isinstance(kp, (int, float)) or isinstance(kp, bool):
+        raise _fail(where, f"'k_power' must be a number (e.g. -0.5), got {kp!r}")
     return Rule(pattern, compile_pattern(pattern), dims, fan_in, body.get("buffer", False),
-                noise if isinstance(noise, bool) or noise is None else float(noise), body.get("optional", False))
+                noise if isinstance(noise, bool) or noise is None else float(noise), body.get("optional", False),
+                float(kp))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
