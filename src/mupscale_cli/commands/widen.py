@@ -329,7 +329,21 @@ def trainer_files(prep: Prepared, opts: WidenOptions) -> tuple[dict, list[dict] 
         prep.notes.append("optimizer.pt and scheduler.pt not written (no optimizer state widened): the output "
                           "is a model directory")
         return {}, None
-    return hf_trainer.widened_files(prep, opts)
+    mapped = {n for names in prep.omap.names for n in names}
+    if any(n not in mapped for n in prep.plan.params):
+        raise MupscaleError(f"{src.path}: --untie adds a parameter the Trainer's optimizer state has no entry for; "
+                            f"widen the model only (--no-optimizer) and start a new optimizer")
+    osd = widen_optimizer(prep.ckpt.optimizer, prep.plan, prep.omap)
+    osd["param_groups"] = scale_lr(osd["param_groups"], opts.lr_scale)
+    sched = hf_trainer.widen_scheduler(src.path, osd["param_groups"]) if (src.path / hf.SCHEDULER).is_file() else None
+    files = {hf.OPTIMIZER: lambda p: torch.save(osd, p)}
+    if sched is not None:
+        files[hf.SCHEDULER] = lambda p: torch.save(sched, p)
+    if len(osd["param_groups"]) != len(prep.ckpt.optimizer["param_groups"]):
+        prep.notes.append(f"optimizer groups split {len(prep.ckpt.optimizer['param_groups'])} -> "
+                          f"{len(osd['param_groups'])} for per-tensor Table-1 factors: resume with a "
+                          f"create_optimizer built from optimizer.pt (README 'Trainer checkpoints')")
+    return files, osd["param_groups"]
 
 
 def with_hparams(opts: WidenOptions, prep: Prepared) -> WidenOptions:

@@ -67,6 +67,9 @@ def read(path: Path, lazy: bool = False) -> Checkpoint:
     trainer = any((path / n).is_file() for n in (OPTIMIZER, SCHEDULER, "trainer_state.json"))
     ckpt.extra = {**ckpt.extra, "model_args": config}
     ckpt.hf = HfDir(path, config, weights, others, trainer)
+    if trainer:
+        from mupscale_cli.formats import hf_trainer
+        ckpt.optimizer = hf_trainer.read_optimizer(path, config)
     return ckpt
 
 
@@ -77,6 +80,7 @@ def write(dest: Path, weights: Callable[[Path], None], config: dict, src: HfDir,
     source copied as bytes (names in `skip` left out); the temporary directory beside `dest` is renamed
     over it at the end (an existing `dest` is moved aside first and removed after). Returns notes."""
     files = files or {}
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}{TMP_PT}{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     notes = []

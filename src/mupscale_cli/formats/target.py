@@ -149,6 +149,9 @@ def _check_hf_output(opts: WidenOptions, out: Path) -> Target:
         raise MupscaleError(f"-o {out}: exists; pass --force to replace it")
     if out.resolve().is_relative_to(opts.checkpoint.resolve()):
         raise MupscaleError(f"-o {out}: inside the input directory; write beside it")
-    if not out.parent.is_dir():
-        raise MupscaleError(f"-o {out}: directory {out.parent} does not exist")
-    return Target("hf", out, "model", size)
+    up = out.parent
+    while not up.exists():
+        up = up.parent
+    if not up.is_dir():
+        raise MupscaleError(f"-o {out}: {up} is not a directory")
+    return Target("hf", out, "model", size)  # missing parents are made (a run layout: runs/wide/checkpoint-N)
