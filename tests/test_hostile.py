@@ -28,13 +28,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import MUPSCALE
 from mupscale_cli.formats.write import TMP_PT, clean_stale_temps
 from mupscale_cli.formats.safetensors import LazySafetensors, StreamWriter, TensorInfo
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.zoo import gpt, mlp
 
-MUPSCALE = shutil.which("mupscale")
-pytestmark = pytest.mark.skipif(MUPSCALE is None, reason="the mupscale command is not installed")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -242,6 +241,24 @@ def _bitflip_header(c: Ctx) -> list[str]:
     return c.widen(c.write("f.safetensors", bytes(data)))
 
 
+def _short_record(c: Ctx) -> list[str]:
+    """A .pt whose first storage record is shorter than its tensor (torch.load(mmap=True) would read the
+    next entries' bytes as values)."""
+    import zipfile
+    ok = c.save("ok.pt", c.base.mlp)
+    with zipfile.ZipFile(ok) as zin, zipfile.ZipFile(c.d / "short.pt", "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zout.writestr(info, data[:100] if info.filename.endswith("/data/0") else data)
+    ok.unlink()
+    return c.widen(c.d / "short.pt")
+
+
+def _shards_over_other_files(c: Ctx) -> list[str]:
+    c.write("out/notes.txt", "mine")
+    return c.widen(c.base.mlp_pt, "--shard-size", "1GB", "--force", out=c.d / "out")
+
+
 def _rand(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
 
@@ -259,6 +276,7 @@ CASES: list[Case] = [
     Case("text-file", lambda c: c.widen(c.write("notes.pt", "hello, not a checkpoint\n")), "notes.pt", proc=False),
     Case("truncated-safetensors", _truncated_st, "truncated"),
     Case("truncated-pt", _truncated_pt, "not a readable PyTorch checkpoint", proc=False),
+    Case("pt-short-storage-record", _short_record, "storage record 'ok/data/0' holds 100 bytes"),
     # hand-made safetensors framing and headers
     Case("st-huge-header", lambda c: c.widen(c.write("h.safetensors", _framed(b"{}", n=2**40))), "exceeds"),
     Case("st-header-past-eof", lambda c: c.widen(c.write("h.safetensors", _framed(b"{}", n=4096))),
@@ -329,6 +347,7 @@ CASES: list[Case] = [
     Case("output-dir-missing", lambda c: c.widen(c.base.mlp_pt, out=c.d / "nodir" / "w.safetensors"),
          "does not exist"),
     Case("output-is-directory", _out_dir, "directory", proc=False),
+    Case("shards-into-a-directory-of-other-files", _shards_over_other_files, "(notes.txt)", proc=False),
     Case("output-missing", lambda c: ["widen", str(c.base.mlp_pt), "--k", "2"], "-o", proc=False),
     Case("disk-too-small", lambda c: c.widen(c.base.gpt_pt, "--k", "100000"), "MiB free"),
     # specs
@@ -403,7 +422,7 @@ def results(base: Base, tmp_path_factory) -> dict[str, Result]:
 
     def run(item) -> tuple[str, Result]:
         case, ctx, argv, snap = item
-        p = subprocess.run([MUPSCALE, *argv], capture_output=True, text=True, cwd=ctx.d, env=env, timeout=120)
+        p = subprocess.run([*MUPSCALE, *argv], capture_output=True, text=True, cwd=ctx.d, env=env, timeout=120)
         return case.id, Result(ctx, argv, p.returncode, p.stdout, p.stderr, snap)
 
     with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as ex:
@@ -494,7 +513,7 @@ def test_disk_check_counts_model_and_optimizer(base: Base, tmp_path: Path, monke
     size = opts.output.stat().st_size
     assert need <= size <= need + 2**20  # tensors + header
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(W.shutil, "disk_usage", lambda p: usage._replace(free=need))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=need))
     with pytest.raises(MupscaleError, match="MiB free"):
         W.run_widen(W.WidenOptions(base.gpt_pt, tmp_path / "w2.safetensors"))
     assert not (tmp_path / "w2.safetensors").exists()
@@ -566,7 +585,7 @@ def test_inspect_cli_rejects_a_corrupted_file(base: Base, tmp_path: Path) -> Non
     data = bytearray(out.read_bytes())
     data[-1] ^= 0x01
     out.write_bytes(bytes(data))
-    p = subprocess.run([MUPSCALE, "inspect", str(out)], capture_output=True, text=True)
+    p = subprocess.run([*MUPSCALE, "inspect", str(out)], capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.startswith("mupscale: error: ") and "'readout.bias'" in p.stderr, p.stderr
 
@@ -578,3 +597,38 @@ def test_help_documents_exit_codes() -> None:
     text = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
     for words in ("0 success", "1 verification failed", "2 usage or input error", "130 interrupted"):
         assert words in " ".join(text.split()), words
+
+
+def test_directory_swap_without_rename_exchange(tmp_path: Path, monkeypatch) -> None:
+    """Where renameat2 is missing, the swap takes two renames; a run killed between them leaves the old
+    directory moved aside, which the next run puts back before anything else."""
+    from mupscale_cli.formats import target as T
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "a").write_text("old")
+    monkeypatch.setattr(T, "_renameat2", None)
+    with T.atomic_dir(dest, replace=True) as tmp:
+        (tmp / "b").write_text("new")
+    assert [p.name for p in dest.iterdir()] == ["b"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(MupscaleError, match="appeared"):  # no clobbering without replace
+        with T.atomic_dir(dest) as tmp:
+            pass
+    # killed between the renames: dest is missing, the old output sits aside under a dead pid
+    aside = tmp_path / f".out{T.OLD_MARKER}999999999-abcd1234"
+    dest.rename(aside)
+    removed, kept = clean_stale_temps(dest)
+    assert removed == [f"{aside.name} (put back as out)"] and kept == []
+    assert (dest / "b").read_text() == "new" and not aside.exists()
+
+
+def test_claim_is_exclusive_and_leaves_no_lock(tmp_path: Path) -> None:
+    from mupscale_cli.formats.target import claim, lock_path
+    dest = tmp_path / "w.safetensors"
+    with claim(dest):
+        assert lock_path(dest).read_text().strip() == str(os.getpid())
+        with pytest.raises(MupscaleError, match=f"being written by pid {os.getpid()}"):
+            with claim(dest):  # a second open file description: flock refuses it, in-process too
+                pass
+    assert not lock_path(dest).exists()
+    with claim(dest):  # free again
+        pass

@@ -15,11 +15,12 @@ from rich.console import Console
 from rich.table import Table
 
 from mupscale_cli import __version__
-from mupscale_cli.errors import MupscaleError
+from mupscale_cli.errors import OPTIONAL, MupscaleError, missing_package  # noqa: F401 (OPTIONAL: tests)
 
-EXIT_CODES = """Exit codes: 0 success; 1 verification failed; 2 usage or input error (one line on stderr);
-3 internal error (a bug: please report it); 130 interrupted (SIGINT), 143 terminated (SIGTERM).
-No partial output file is ever left at the output path."""
+EXIT_CODES = """Exit codes: 0 success; 1 verification failed; 2 usage, input or environment error (disk full,
+read-only, ...: one line on stderr); 3 internal error (a bug: please report it); 130 interrupted (SIGINT),
+143 terminated (SIGTERM). No partial output is ever left at the output path: files and shard directories
+appear at once, one writer per output."""
 
 app = typer.Typer(
     name="mupscale",
@@ -43,14 +44,34 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """mupscale"""
 
 
-def _term(signum, frame):  # SIGTERM unwinds like SIGINT so temporary files are removed
-    raise SystemExit(143)
+def _signalled(signum, frame):
+    """SIGINT and SIGTERM unwind (temporaries are removed, threads joined); a second one waits for that."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if signum == signal.SIGTERM:
+        raise SystemExit(143)
+    raise KeyboardInterrupt
+
+
+_threads: list = []  # (stop event, thread) of threads the command started: stopped and joined on exit
+
+
+def _stop_threads() -> None:
+    while _threads:
+        stop, thread = _threads.pop()
+        stop.set()
+        thread.join()
 
 
 @contextmanager
 def guard():
-    """One-line errors, documented exit codes, never a traceback (MUPSCALE_DEBUG=1 shows it)."""
-    signal.signal(signal.SIGTERM, _term)
+    """One-line errors, documented exit codes, never a traceback (MUPSCALE_DEBUG=1 shows it). Every thread
+    is joined before the exit (a thread inside torch while the interpreter exits aborts the process)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _signalled)
+    signal.signal(signal.SIGINT, _signalled)
+    if hasattr(signal, "SIGXFSZ"):  # over `ulimit -f`: let write() fail with EFBIG instead of dying
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         yield
     except MupscaleError as e:
@@ -59,8 +80,25 @@ def guard():
     except KeyboardInterrupt:
         err.print("mupscale: interrupted", markup=False)
         raise typer.Exit(130) from None
-    except (typer.Exit, SystemExit):
+    except SystemExit as e:
+        if e.code == 143:
+            err.print("mupscale: terminated", markup=False)
         raise
+    except typer.Exit:
+        raise
+    except OSError as e:
+        from mupscale_cli.formats.target import env_error
+        me = env_error(e, "mupscale")
+        if me is None:
+            raise
+        err.print(f"mupscale: error: {me}", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except ImportError as e:
+        me = missing_package(e)
+        if me is None:
+            raise
+        err.print(f"mupscale: error: {me}", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     except Exception as e:  # noqa: BLE001
         if os.environ.get("MUPSCALE_DEBUG"):
             raise
@@ -68,6 +106,11 @@ def guard():
         err.print(f"mupscale: internal error: {type(e).__name__}: {msg} (rerun with MUPSCALE_DEBUG=1 and "
                   f"report it)", markup=False, soft_wrap=True)
         raise typer.Exit(3) from None
+    finally:
+        _stop_threads()
+        for s, h in saved.items():
+            if h is not None:
+                signal.signal(s, h)
 
 
 K_HELP = "Width multiplier: one integer for every width axis (--k 4) or per axis (--k d_model=2,d_ff=4)."
@@ -108,24 +151,30 @@ class _Bar:
 
 def _prehash(path: Path):
     """Start the sha256 of a single-file input on a thread now, while torch loads (with one core busy
-    importing, the other is free); returns a function giving the hex digest (None for a directory)."""
+    importing, the other is free); returns a function giving the hex digest (None for a directory).
+    The thread stops at the next 4 MiB when the command ends (guard)."""
     if not path.is_file():
         return None
     import hashlib
     import threading
     box: dict = {}
+    stop = threading.Event()
 
     def run() -> None:
         try:
             h, buf = hashlib.sha256(), bytearray(1 << 22)
             with open(path, "rb", buffering=0) as f:
                 while n := f.readinto(buf):
+                    if stop.is_set():
+                        box["error"] = MupscaleError(f"{path}: reading stopped")
+                        return
                     h.update(memoryview(buf)[:n])
             box["digest"] = h.hexdigest()
         except OSError as e:
             box["error"] = MupscaleError(f"{path}: cannot read: {e.strerror or e}")
 
     thread = threading.Thread(target=run, daemon=True, name="mupscale-prehash")
+    _threads.append((stop, thread))
     thread.start()
 
     def result() -> str:
@@ -136,12 +185,17 @@ def _prehash(path: Path):
     return result
 
 
+def _is_program() -> bool:
+    """Whether this process is the `mupscale` program (not an in-process caller such as a test)."""
+    from mupscale_cli import is_program
+    return is_program()
+
+
 def _exit_now_if_program() -> None:
     """As the `mupscale` program (not in-process callers such as tests), exit as soon as the output is
     committed and printed: Python's own shutdown with torch loaded takes about 0.4 s, and there is nothing
     left to do (the output is fsynced and renamed, the worker threads are gone)."""
-    prog = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
-    if prog.name == "mupscale" or (prog.name == "__main__.py" and prog.parent.name == "mupscale_cli"):
+    if _is_program():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -193,7 +247,8 @@ def widen(
                                         "float32|bfloat16|float16 (after the noise). Optimizer state keeps its dtype."),
     shard_size: Optional[str] = typer.Option(None, "--shard-size", help="Write Hugging Face shards of at most "
                                              "this size (e.g. 5GB, 500MiB): -o is then a directory (or "
-                                             "DIR/NAME.safetensors for NAME-0000i-of-0000N shards)."),
+                                             "DIR/NAME.safetensors for NAME-0000i-of-0000N shards), new, empty "
+                                             "or an earlier sharded output, replaced as a whole at once."),
     threads: int = typer.Option(2, "--threads", help="Worker threads making tensors (0: one thread); the "
                                 "output is the same bytes for any number."),
     noise_device: str = typer.Option("cpu", "--noise-device", help="cpu|cuda: where the noise is drawn. "
@@ -220,6 +275,9 @@ def widen(
     with guard():
         from dataclasses import replace
 
+        if _is_program():
+            from mupscale_cli.formats.target import install_sigbus_handler
+            install_sigbus_handler()  # an mmapped input that shrinks: one line, exit 2, no temporaries
         digest = _prehash(checkpoint)
         _widen_memory_settings()
         from mupscale_cli.commands.widen import run_widen
@@ -308,8 +366,8 @@ def verify(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda (auto: the GPU when there is one)."),
     dtype: str = typer.Option("float64", "--dtype", help="float64|float32|bfloat16: models, states and batches."),
     tol: Optional[float] = typer.Option(None, "--tol", help="Largest relative loss/output difference allowed "
-                                                             "(default per dtype: float64 1e-10, float32 1e-3, "
-                                                             "bfloat16 0.5)."),
+                                                             "(default per dtype: float64 1e-10, with BatchNorm "
+                                                             "1e-5; float32 1e-3; bfloat16 0.5)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples per training batch (and evaluation batch)."),
     data: Optional[Path] = typer.Option(None, "--data", help="A .pt/.safetensors with 'inputs' and 'targets' "
                                                               "tensors, used in order (default: synthetic "

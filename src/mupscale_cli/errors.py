@@ -1,4 +1,5 @@
-"""The one error type users see."""
+"""The one error type users see, and how background work is told to stop."""
+import threading
 
 
 class MupscaleError(Exception):
@@ -7,3 +8,29 @@ class MupscaleError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# Packages imported only by some commands (not declared dependencies, or in an extra), and how to get them.
+OPTIONAL = {"mup": "pip install --no-deps mup==1.0.0 (its declared dependencies would pull a CUDA torch)",
+            "matplotlib": "pip install 'mupscale-cli[plot]'",
+            "transformers": "pip install 'mupscale-cli[hf]'", "accelerate": "pip install 'mupscale-cli[hf]'"}
+
+
+def missing_package(e: BaseException) -> MupscaleError | None:
+    """A one-line error for an optional package that is not installed, naming how to install it."""
+    top = (getattr(e, "name", None) or "").split(".")[0]
+    if not isinstance(e, ImportError) or top not in OPTIONAL:
+        return None
+    return MupscaleError(f"this needs the {top} package, which is not installed: {OPTIONAL[top]}")
+
+
+class Cancelled(BaseException):
+    """Raised inside a background thread whose owner asked it to stop (see `formats.write.Background`)."""
+
+
+def check_cancelled() -> None:
+    """In loops that may run on a background thread: stop if this thread was asked to (a thread left
+    running inside torch while the interpreter exits aborts the process: "terminate called ...")."""
+    stop = getattr(threading.current_thread(), "mupscale_stop", None)
+    if stop is not None and stop.is_set():
+        raise Cancelled()

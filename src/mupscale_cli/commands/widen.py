@@ -2,14 +2,15 @@
 
     prepare()        read the checkpoint (formats.READERS), choose the spec, plan every tensor, map the
                      optimizer ids, check layouts (core.checks)
-    run_widen()      check the target (formats.target), then produce range by range (core.widen) and write
-                     (formats.write), the value checks and input digest running beside the writer
+    run_widen()      check the target (formats.output), then produce range by range (core.widen) and write
+                     (formats.write, formats.hf), the value checks and input digest running beside the writer
 
 The helpers other commands import (WidenOptions, Prepared, prepare, value_checks, check_output, ...) stay
 importable from here."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -21,22 +22,24 @@ from mupscale_cli import __version__
 from mupscale_cli.commands.hparams import resolve_hparams
 from mupscale_cli.core import noise as noise_mod
 from mupscale_cli.core.checks import (_check_elements, _nonfinite, _nonfinite_notes, _untracked_axes,  # noqa: F401
-                                      check_state_layout, check_values, state_items, state_refs, value_checks)
+                                      check_state_layout, check_tied, check_values, count_nonfinite, model_bytes,
+                                      state_refs, value_checks)
 from mupscale_cli.core.job import (DTYPES, Prepared, WidenOptions, out_dtype, parse_sizes,  # noqa: F401
                                    sigma_of)
 from mupscale_cli.core.optstate import STATE_POWER, map_optimizer, optimizer_layout, scale_lr, widen_optimizer
-from mupscale_cli.core.plan import make_plan, parse_k, same_values
+from mupscale_cli.core.plan import make_plan, parse_k
 from mupscale_cli.core.spec import Spec, bundled_specs, load_spec
 from mupscale_cli.core.tie import add_untied, resolve_ties, untied_args
 from mupscale_cli.core.widen import widen_noised, widen_range
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats import hf, hf_trainer
-from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, load_checkpoint, optimizer_prefix,
-                                             read_rows, source_sha256, strip_prefix, tensor_meta)
-from mupscale_cli.formats.target import (OUT_SUFFIXES, _check_sharded_output, _input_files,  # noqa: F401
-                                         check_disk, check_output, clean_temps, output_bytes)
-from mupscale_cli.formats.write import (SHARD_NAME, Background, OutTensor, Target, remove_replaced_shards,
-                                        sharded_files, write_pt, write_streamed)
+from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, load_checkpoint, read_rows,
+                                             source_sha256, strip_prefix, tensor_meta)
+from mupscale_cli.formats.output import (MAX_BYTES, OUT_SUFFIXES, _check_sharded_output, _input_files,  # noqa: F401
+                                         _only_sharded_output, check_disk, check_output, check_size, clean_temps,
+                                         output_bytes)
+from mupscale_cli.formats.target import InputWatch, claim, env_error, sigbus_names
+from mupscale_cli.formats.write import Background, OutTensor, Target, sharded_files, write_pt, write_streamed
 
 
 def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> Spec:
@@ -94,7 +97,11 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
     elif ckpt.optimizer is None:
         notes.append("no optimizer state in the checkpoint: weights only")
     notes += tie_notes + _untracked_axes(plan, ckpt.model_args)
+    notes += [f"warning: {k!r} looks like an LR scheduler's state: it is copied as it is, its base_lrs not "
+              f"rescaled; rebuild the scheduler on the widened optimizer (base_lrs come from each group's "
+              f"initial_lr, which is rescaled)" for k, v in ckpt.extra.items() if isinstance(v, dict) and "base_lrs" in v]
     prep = Prepared(ckpt, plan, omap, untied_args(spec, plan.model_args(ckpt.model_args), untied), notes)
+    check_size(prep, opts)
     check_state_layout(prep)
     if not defer_checks:
         prep.notes += value_checks(prep, opts)
@@ -117,9 +124,8 @@ def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
 
     def on_piece(path: Path, name: str, x: torch.Tensor) -> None:
         label = labels.get((path, name))
-        if label is not None and (x.dtype.is_floating_point or x.dtype.is_complex) and not bool(
-                torch.isfinite(x.sum())):
-            counts[label] = counts.get(label, 0) + int((~torch.isfinite(x)).sum())
+        if label is not None and (bad := count_nonfinite(x)):
+            counts[label] = counts.get(label, 0) + bad
 
     given = opts.source_digest if prep.ckpt.kind != "sharded" else None
     digest = source_sha256(prep.ckpt, on_piece, hashing=given is None) if labels else None
@@ -128,9 +134,7 @@ def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
         return (given() if given else source_sha256(prep.ckpt)), notes
     if given is not None:
         digest = given()
-    for n, p in prep.plan.tensors.items():
-        if p.alias_of and not same_values(prep.ckpt.tensors, n, p.alias_of, _check_elements(opts)):
-            raise MupscaleError(f"tied tensors {n!r} and {p.alias_of!r} differ; they must hold the same values")
+    check_tied(prep, opts)
     order = [n for n, p in prep.plan.tensors.items() if not p.alias_of]
     order += [f"{n}/{key}" for n, key, _ in state_refs(prep) if key != "step"]
     return digest, _nonfinite_notes([(n, counts[n]) for n in order if counts.get(n)], opts.strict)
@@ -244,19 +248,39 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     once before."""
     t_start = time.perf_counter()
     target = check_output(opts)
+    if target.kind == "hf":
+        target.path.parent.mkdir(parents=True, exist_ok=True)  # a run layout: runs/wide/checkpoint-N
+    try:
+        with claim(target.path):  # one writer per output
+            return _run_widen(opts, target, progress, t_start)
+    except OSError as e:
+        raise env_error(e, f"-o {target.shown}") or e from None
+
+
+def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> dict:
+    if not opts.force and os.path.lexists(target.path) and (target.kind != "sharded" or sharded_files(target)):
+        raise MupscaleError(f"-o {target.shown}: exists (written meanwhile by another run?); pass --force to "
+                            f"overwrite")
+    watch = InputWatch(_input_files(opts.checkpoint))  # size, mtime, inode: compared before the commit
+    replace = opts.force  # an existing empty directory is replaced too, if it still holds nothing then
+    if target.kind == "sharded" and target.path.is_dir() and not opts.force:
+        replace = not any(target.path.iterdir())
+
+    def before_commit() -> None:
+        watch.check()
+        if target.kind == "sharded" and target.path.is_dir():
+            if _only_sharded_output(target, opts.output) and not opts.force:
+                raise MupscaleError(f"-o {target.shown}: appeared while this output was written; pass --force "
+                                    f"to overwrite")
+
+    sigbus_names(str(opts.checkpoint))
     streamed = target.kind != "pt"
     prep = prepare(opts, lazy=True, defer_checks=streamed)
+    watch.add(prep.ckpt.files)
     if opts.hparams is not None or opts.base_lr is not None:
         opts = with_hparams(opts, prep)
     dtype = out_dtype(opts)
-    if target.kind == "hf":
-        pass  # its temporary is a directory beside it, removed on failure
-    elif target.kind != "sharded":
-        prep.notes += clean_temps(target.path)
-    elif target.path.is_dir():
-        mine = (target.prefix, optimizer_prefix(target.prefix))
-        prep.notes += clean_temps(target.index_path, also=lambda name: name == target.optimizer_index_path.name or bool(
-            (m := SHARD_NAME.match(name)) and m["prefix"] in mine))
+    prep.notes += clean_temps(target.path)
     check_disk(target, prep, dtype)
     plan, ckpt = prep.plan, prep.ckpt
     extra = dict(ckpt.extra)
@@ -281,28 +305,30 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
         if ckpt.model_key is not None or osd is not None:  # a plain state dict stays plain
             given = opts.source_digest if ckpt.kind != "sharded" else None
             extra["mupscale"] = provenance(opts, prep, given() if given else None)
-        write_pt(target.path, ckpt, model, osd, extra)
+        write_pt(target.path, ckpt, model, osd, extra, replace=replace, before_commit=before_commit)
         groups = None if osd is None else osd["param_groups"]
     elif target.kind == "hf":
-        groups = write_hf(target, prep, opts, progress)
+        groups = write_hf(target, prep, opts, progress, replace, before_commit)
     else:
-        before = sharded_files(target) if target.kind == "sharded" else set()
         groups, optim = optimizer_out(prep, names_out, opts.lr_scale)
         scan = Background(lambda: scan_input(prep, opts), "mupscale-scan")  # digest + checks, while writing
-        write_streamed(target, model_out(prep, opts), optim, prep.omap.kind if prep.omap else None, groups,
-                       provenance(opts, prep, source_digest=""), extra, source_sha256=lambda: scan.result()[0],
-                       threads=opts.threads, chunk_bytes=opts.chunk_bytes, on_bytes=progress, poll=scan.poll)
+        try:
+            write_streamed(target, model_out(prep, opts), optim, prep.omap.kind if prep.omap else None, groups,
+                           provenance(opts, prep, source_digest=""), extra,
+                           source_sha256=lambda: scan.result()[0], threads=opts.threads,
+                           chunk_bytes=opts.chunk_bytes, on_bytes=progress, poll=scan.poll, replace=replace,
+                           before_commit=before_commit)
+        finally:
+            scan.stop()  # joined on every path: no thread may be left inside torch at exit
         prep.notes += scan.result()[1]
-        if target.kind == "sharded":
-            for name in remove_replaced_shards(target, before):
-                prep.notes.append(f"removed {name}, a shard of the output this one replaced")
     res = summary(prep, target.shown, opts, groups)
     res["output_bytes"] = output_bytes(prep, target, dtype)
     res["time_s"] = round(time.perf_counter() - t_start, 3)  # in this process: start-up not counted
     return res
 
 
-def write_hf(target: Target, prep: Prepared, opts: WidenOptions, progress) -> list[dict] | None:
+def write_hf(target: Target, prep: Prepared, opts: WidenOptions, progress, replace: bool,
+             before_commit: Callable[[], None]) -> list[dict] | None:
     """A Hugging Face directory: weights streamed (one file, or shards with --shard-size), config.json
     rewritten, the other files copied; a Trainer checkpoint's optimizer.pt and scheduler.pt widened."""
     scan = Background(lambda: scan_input(prep, opts), "mupscale-scan")  # digest + checks, while writing
@@ -314,8 +340,12 @@ def write_hf(target: Target, prep: Prepared, opts: WidenOptions, progress) -> li
                        source_sha256=lambda: scan.result()[0], threads=opts.threads, chunk_bytes=opts.chunk_bytes,
                        on_bytes=progress, poll=scan.poll)
     files, groups = trainer_files(prep, opts)
-    prep.notes += hf.write(target.path, weights, hf.out_config(prep.model_args, opts.dtype), prep.ckpt.hf, files,
-                           skip={hf.OPTIMIZER, hf.SCHEDULER})
+    try:
+        prep.notes += hf.write(target.path, weights, hf.out_config(prep.model_args, opts.dtype), prep.ckpt.hf,
+                               files, skip={hf.OPTIMIZER, hf.SCHEDULER}, replace=replace,
+                               before_commit=before_commit)
+    finally:
+        scan.stop()  # joined on every path: no thread may be left inside torch at exit
     prep.notes += scan.result()[1]
     return groups
 
@@ -372,14 +402,10 @@ def _names_out(prep: Prepared, target: Target):
     return lambda n: raw.get(n) or prep.ckpt.original.get(n, n)
 
 
-def summary(prep: Prepared, out: Path | None, opts: WidenOptions, groups: list[dict] | dict | None) -> dict:
+def summary(prep: Prepared, out: Path | None, opts: WidenOptions, groups: list[dict] | None) -> dict:
     plan = prep.plan
-    if isinstance(groups, dict):  # an optimizer state dict (older callers)
-        groups = groups["param_groups"]
-    base = sum(math.prod(p.shape) * p.dtype.itemsize for p in plan.tensors.values())
-    dtype = out_dtype(opts)
-    wide = sum(math.prod(p.out_shape) * (dtype.itemsize if dtype and p.dtype.is_floating_point else p.dtype.itemsize)
-               for p in plan.tensors.values())
+    base = model_bytes(plan, widened=False)
+    wide = model_bytes(plan, out_dtype(opts))
     return {
         "output": str(out) if out else None,
         "spec": plan.spec.name,

@@ -2,10 +2,12 @@
 NaN/Inf, model_args that cannot record a width. Reads values piece by piece (lazy inputs never whole)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mupscale_cli.core.job import DEFAULT_CHUNK_BYTES, Prepared, WidenOptions
-from mupscale_cli.core.optstate import STATE_POWER
+from mupscale_cli.core.optstate import check_state_key
 from mupscale_cli.core.plan import Plan, same_values
 from mupscale_cli.core.source import LazyTensors, iter_chunks, tensor_meta
 from mupscale_cli.errors import MupscaleError
@@ -14,10 +16,15 @@ from mupscale_cli.errors import MupscaleError
 def value_checks(prep: Prepared, opts: WidenOptions) -> list[str]:
     """The checks that read the input's values, piece by piece: tied tensors equal, dtypes the rescale
     needs, NaN/Inf (notes to add, or an error with --strict)."""
+    check_tied(prep, opts)
+    return check_values(prep, opts.strict, _check_elements(opts))
+
+
+def check_tied(prep: Prepared, opts: WidenOptions) -> None:
+    """Tied tensors hold the same values (compared piece by piece)."""
     for n, p in prep.plan.tensors.items():
         if p.alias_of and not same_values(prep.ckpt.tensors, n, p.alias_of, _check_elements(opts)):
             raise MupscaleError(f"tied tensors {n!r} and {p.alias_of!r} differ; they must hold the same values")
-    return check_values(prep, opts.strict, _check_elements(opts))
 
 
 def _check_elements(opts: WidenOptions) -> int:
@@ -40,22 +47,19 @@ def state_refs(prep: Prepared):
                 yield n, key, st
 
 
-def state_items(prep: Prepared):
-    """(tensor name, state key, value) of every mapped optimizer state entry (lazy entries are read)."""
-    for n, key, st in state_refs(prep):
-        yield n, key, st[key]
-
-
 def _nonfinite(m, name: str, chunk: int) -> int:
     """NaN/Inf count of m[name], read piece by piece."""
     _, dtype = tensor_meta(m, name)
     if not (dtype.is_floating_point or dtype.is_complex):
         return 0
-    bad = 0
-    for x in iter_chunks(m, name, chunk):
-        if not bool(torch.isfinite(x.sum())):  # a finite sum has no NaN/Inf term (fast); else count them
-            bad += int((~torch.isfinite(x)).sum())
-    return bad
+    return sum(count_nonfinite(x) for x in iter_chunks(m, name, chunk))
+
+
+def count_nonfinite(x: torch.Tensor) -> int:
+    """NaN/Inf values in x (0 for integer tensors)."""
+    if not (x.dtype.is_floating_point or x.dtype.is_complex) or bool(torch.isfinite(x.sum())):
+        return 0  # a finite sum has no NaN/Inf term (fast); else count them
+    return int((~torch.isfinite(x)).sum())
 
 
 def check_state_layout(prep: Prepared) -> None:
@@ -68,9 +72,7 @@ def check_state_layout(prep: Prepared) -> None:
     for n, key, st in state_refs(prep):
         if key == "step":
             continue
-        if key not in STATE_POWER:
-            raise MupscaleError(f"unknown optimizer state {key!r} for tensor {n!r}; mupscale widens SGD, Adam "
-                                f"and AdamW state (momentum_buffer, exp_avg, exp_avg_sq, max_exp_avg_sq, step)")
+        check_state_key(key, n)
         if not isinstance(st, LazyTensors):
             v = st[key]
             if v is None:
@@ -121,3 +123,15 @@ def _untracked_axes(plan: Plan, model_args: dict | None) -> list[str]:
     return [f"model_args has no {arg!r}: axis {a} grows by {plan.k[a]}, which model_args cannot record; "
             f"the training script must build that width itself"
             for arg, a in plan.spec.model_args.items() if arg not in model_args and plan.k[a] not in tracked]
+
+
+def model_bytes(plan: Plan, dtype: torch.dtype | None = None, aliases: bool = True, widened: bool = True) -> int:
+    """Bytes of the model's tensors, widened (or as in the input), floating-point ones in `dtype` if given;
+    tied aliases counted again unless `aliases` is False (a .pt stores them once)."""
+    total = 0
+    for p in plan.tensors.values():
+        if p.alias_of and not aliases:
+            continue
+        size = dtype.itemsize if dtype is not None and p.dtype.is_floating_point else p.dtype.itemsize
+        total += math.prod(p.out_shape if widened else p.shape) * size
+    return total

@@ -74,8 +74,12 @@ class Plan:
             return None
         out = dict(args)
         for arg, axis in self.spec.model_args.items():
-            if arg in out and isinstance(out[arg], (int, float)) and not isinstance(out[arg], bool):
-                out[arg] = out[arg] * self.k[axis]  # None (e.g. GPT-2's n_inner: 4 n_embd) follows the others
+            if arg in out and out[arg] is not None:  # None (GPT-2's n_inner: 4 n_embd) follows the others
+                v = out[arg]
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise MupscaleError(f"model_args[{arg!r}] is {v!r} ({type(v).__name__}), not an integer "
+                                        f"width; store it as an int in the checkpoint")
+                out[arg] = v * self.k[axis]
         return out
 
 

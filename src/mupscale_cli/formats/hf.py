@@ -9,8 +9,6 @@ transformers import: JSON and safetensors only."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +17,7 @@ from pathlib import Path
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats import shards, st
 from mupscale_cli.formats.checkpoint import Checkpoint
-from mupscale_cli.formats.safetensors import TMP_MARKER as TMP_PT
+from mupscale_cli.formats.target import atomic_dir
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -74,17 +72,15 @@ def read(path: Path, lazy: bool = False) -> Checkpoint:
 
 
 def write(dest: Path, weights: Callable[[Path], None], config: dict, src: HfDir,
-          files: dict[str, Callable[[Path], None]] | None = None, skip: set[str] = frozenset()) -> list[str]:
-    """Write a Hugging Face directory at `dest`: `weights(tmp)` writes the weights into the temporary
-    directory, then config.json, then `files` (name -> writer of that file), then every other file of the
-    source copied as bytes (names in `skip` left out); the temporary directory beside `dest` is renamed
-    over it at the end (an existing `dest` is moved aside first and removed after). Returns notes."""
+          files: dict[str, Callable[[Path], None]] | None = None, skip: set[str] = frozenset(),
+          replace: bool = False, before_commit: Callable[[], None] = lambda: None) -> list[str]:
+    """Write a Hugging Face directory at `dest`, whole or not at all (target.atomic_dir): `weights(tmp)`
+    writes the weights into the temporary directory, then config.json, then `files` (name -> writer of that
+    file), then every other file of the source copied as bytes (names in `skip` left out); `before_commit()`
+    may still stop it. Returns notes."""
     files = files or {}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}{TMP_PT}{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
     notes = []
-    try:
+    with atomic_dir(dest, replace) as tmp:
         weights(tmp)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, make in files.items():
@@ -97,27 +93,8 @@ def write(dest: Path, weights: Callable[[Path], None], config: dict, src: HfDir,
                 shutil.copyfile(p, tmp / name)
             elif p.is_dir():
                 notes.append(f"{p}: a directory, not copied")
-        _swap_in(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        before_commit()
     return notes
-
-
-def _swap_in(tmp: Path, dest: Path) -> None:
-    """Rename `tmp` to `dest`; an existing `dest` is moved aside first, removed once the new one is there."""
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.mupscale-old-{os.getpid()}-{secrets.token_hex(4)}"
-        os.rename(dest, old)
-    os.rename(tmp, dest)
-    fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def out_config(config: dict, dtype: str | None) -> dict:

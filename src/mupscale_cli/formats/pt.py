@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats.checkpoint import (MODEL_KEYS, OPTIM_KEYS, Checkpoint, _canonical, _is_state_dict,
+                                             canonical_ids,
                                              _torch_load)
 from mupscale_cli.formats.write import write_pt as write  # noqa: F401
 
@@ -33,7 +34,7 @@ def read(path: Path, lazy: bool = False) -> Checkpoint:
     tensors, original = _canonical(obj[model_key], path)
     extra = {k: v for k, v in obj.items() if k not in (model_key, opt_key)}
     kind = "nanogpt" if "model_args" in obj and model_key == "model" else "wrapped"
-    return Checkpoint(path, kind, tensors, original, obj.get(opt_key) if opt_key else None, extra,
-                      model_key, opt_key)
+    optimizer = canonical_ids(obj.get(opt_key)) if opt_key else None
+    return Checkpoint(path, kind, tensors, original, optimizer, extra, model_key, opt_key)
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mupscale_cli.errors import MupscaleError
+from mupscale_cli.errors import MupscaleError, missing_package
 
 MODEL_KEYS = ("factory", "inputs")
 INPUT_KEYS = {  # kind -> required keys (values: ints or model_args names)
@@ -65,6 +65,8 @@ def _import(modname: str, factory: str):
     try:
         return importlib.import_module(modname)
     except ImportError as e:
+        if (missing := missing_package(e)) is not None:
+            raise missing from None
         raise MupscaleError(f"model factory {factory!r}: cannot import {modname!r} ({e}); install it or put it "
                             f"on PYTHONPATH") from None
     except Exception as e:  # noqa: BLE001 - user code failing on import
