@@ -93,3 +93,27 @@ def test_widening_an_hf_directory_imports_no_transformers(tmp_path):
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_noise_relative_to_initializer_range(tmp_path):
+    """σ̄ multiplies the family's own init std (config.json initializer_range), not μP's 1/sqrt(fan_in)."""
+    from safetensors.torch import load_file
+    make("llama", tmp_path / "base", initializer_range=0.05)
+    widen(tmp_path / "base", "--k", "2", "-o", tmp_path / "exact")
+    widen(tmp_path / "base", "--k", "2", "--sigma", "0.5", "-o", tmp_path / "noised")
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("exact", "noised"))
+    for n in ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+        assert abs(float((b[n] - a[n]).std()) / (0.5 * 0.05) - 1) < 0.1, n
+    assert torch.equal(a["model.norm.weight"], b["model.norm.weight"])  # no init std given: not noised
+
+
+def test_verify_builds_the_hf_model(tmp_path):
+    """verify on a Hugging Face directory trains transformers' own model (from config.json) beside its widening;
+    float64 agreement is capped by HF's float32 RMSNorm, hence --tol 1e-5 (README)."""
+    make("llama", tmp_path / "base")
+    cmd = [sys.executable, "-m", "mupscale_cli", "verify", str(tmp_path / "base"), "--k", "2", "--steps", "3",
+           "--optimizer", "adamw", "--lr", "1e-3"]
+    r = subprocess.run(cmd + ["--tol", "1e-5"], capture_output=True, text=True)
+    assert r.returncode == 0 and "PASS" in r.stdout + r.stderr, r.stderr
+    r = subprocess.run(cmd, capture_output=True, text=True)  # float64's default 1e-10: the float32 norm shows
+    assert r.returncode == 1 and "FAIL" in r.stdout + r.stderr, r.stderr

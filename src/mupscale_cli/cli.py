@@ -115,7 +115,8 @@ def guard():
 
 K_HELP = "Width multiplier: one integer for every width axis (--k 4) or per axis (--k d_model=2,d_ff=4)."
 SPEC_HELP = ("Architecture spec: a bundled name (see `mupscale specs`), a YAML file or a mup .bsh file. "
-             "Default: the bundled spec that covers every tensor.")
+             "Default: the spec a mupscale output records, else the bundled spec that covers every tensor and "
+             "whose markers (model_args/config) the checkpoint shows; names and shapes alone never choose one.")
 SIZE_HELP = "Base size used by a spec's block layout, NAME=INT (e.g. head_dim=64); repeatable."
 
 
@@ -237,9 +238,10 @@ def widen(
     size: Optional[list[str]] = typer.Option(None, "--size", help=SIZE_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Write weights only."),
-    untie: bool = typer.Option(False, "--untie", help="A tied readout in standard parametrization (HF "
-                               "tie_word_embeddings, nanoGPT's lm_head = wte) has no exact tied widening: write "
-                               "it untied as lm_head = E / k (config: tie_word_embeddings false)."),
+    untie: bool = typer.Option(False, "--untie", help="A tied readout under standard parametrization (HF "
+                               "tie_word_embeddings, nanoGPT's lm_head = wte) has no exact tied widening: write it "
+                               "as a separate tensor, readout = embedding / k (config: tie_word_embeddings false), "
+                               "for stacks that load an untied model (docs/stacks.md)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of the path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     strict: bool = typer.Option(False, "--strict", help="Treat NaN/Inf in the input as an error, not a warning."),
@@ -309,13 +311,16 @@ def inspect(
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd|adam|adamw, when ambiguous."),
     opt_layout: Optional[str] = typer.Option(None, "--opt-layout", help="Optimizer id layout, when ambiguous."),
     size: Optional[list[str]] = typer.Option(None, "--size", help=SIZE_HELP),
+    untie: bool = typer.Option(False, "--untie", help="As widen --untie: the tied readout as its own tensor."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Show, per tensor, the role, axes, shape before -> after, bytes and noise std, and the optimizer
     mapping; validates everything `widen` needs without writing anything."""
     with guard():
         from mupscale_cli.commands.inspect import run_inspect
-        rep = run_inspect(_opts(checkpoint, None, k, sigma, 0, spec, optimizer, opt_layout, size, False, False))
+        from dataclasses import replace
+        rep = run_inspect(replace(_opts(checkpoint, None, k, sigma, 0, spec, optimizer, opt_layout, size, False,
+                                        False), untie=untie))
         if as_json:
             typer.echo(json.dumps(rep, indent=2))
             return

@@ -220,7 +220,10 @@ def _prepare(o: VerifyOptions, prov: dict) -> tuple[Prepared, list[str]]:
     if k is None:
         k = _k_text(prov["k"]) if isinstance(prov.get("k"), dict) and prov["k"] else "2"
     spec = o.spec
-    if spec is None and prov.get("spec"):
+    if spec is None and isinstance(prov.get("spec_text"), str) and prov["spec_text"]:  # WIDE describes itself
+        from mupscale_cli.core.spec import parse_spec
+        spec = parse_spec(prov["spec_text"], f"recorded:{prov.get('spec')}", name=prov.get("spec"))
+    elif spec is None and prov.get("spec"):
         from mupscale_cli.core.spec import bundled_specs
         names = {s.name: s for s in bundled_specs()}
         if prov["spec"] not in names:

@@ -9,8 +9,10 @@ The helpers other commands import (WidenOptions, Prepared, prepare, value_checks
 importable from here."""
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -26,52 +28,97 @@ from mupscale_cli.core.checks import (_check_elements, _nonfinite, _nonfinite_no
                                       state_refs, value_checks)
 from mupscale_cli.core.job import (DTYPES, Prepared, WidenOptions, out_dtype, parse_sizes,  # noqa: F401
                                    sigma_of)
-from mupscale_cli.core.optstate import STATE_POWER, map_optimizer, optimizer_layout, scale_lr, widen_optimizer
+from mupscale_cli.core.optstate import (STATE_POWER, map_optimizer, optimizer_layout, optimizer_notes, scale_lr,
+                                        widen_optimizer)
 from mupscale_cli.core.plan import make_plan, parse_k
-from mupscale_cli.core.spec import Spec, bundled_specs, load_spec
-from mupscale_cli.core.tie import add_untied, resolve_ties, untied_args
+from mupscale_cli.core.spec import Spec, bundled_specs, load_spec, parse_spec, shows_evidence
 from mupscale_cli.core.widen import widen_noised, widen_range
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats import hf, hf_trainer
-from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, load_checkpoint, read_rows,
+from mupscale_cli.formats.checkpoint import (META_PROV, OPTIM_NS, Checkpoint, LazyTensors, load_checkpoint, read_rows,
                                              source_sha256, strip_prefix, tensor_meta)
 from mupscale_cli.formats.output import (MAX_BYTES, OUT_SUFFIXES, _check_sharded_output, _input_files,  # noqa: F401
                                          _only_sharded_output, check_disk, check_output, check_size, clean_temps,
-                                         output_bytes)
+                                         missing_dirs, output_bytes)
 from mupscale_cli.formats.target import InputWatch, claim, env_error, sigbus_names
 from mupscale_cli.formats.write import Background, OutTensor, Target, sharded_files, write_pt, write_streamed
 
 
+NO_EVIDENCE_DOC = "docs/stacks.md"
+
+
+def provenance_of(ckpt: Checkpoint) -> dict:
+    """The provenance our outputs carry ({} for other files)."""
+    if META_PROV in ckpt.metadata:
+        try:
+            prov = json.loads(ckpt.metadata[META_PROV])
+        except ValueError:
+            return {}
+        return prov if isinstance(prov, dict) else {}
+    prov = ckpt.extra.get("mupscale")
+    return prov if isinstance(prov, dict) else {}
+
+
+def recorded_spec(ckpt: Checkpoint) -> Spec | None:
+    """The spec an output of ours was widened with: its recorded text, else the bundled spec of its name."""
+    prov = provenance_of(ckpt)
+    text, name = prov.get("spec_text"), prov.get("spec")
+    if isinstance(text, str) and text:
+        return parse_spec(text, f"recorded:{name}", name=str(name) if name else None)
+    if isinstance(name, str):
+        by_name = {s.name: s for s in bundled_specs()}
+        if name in by_name:
+            return by_name[name]
+    return None
+
+
+def evidence_places(ckpt: Checkpoint) -> dict[str, dict | None]:
+    cfg = ckpt.extra.get("config")
+    return {"model_args": ckpt.model_args, "config": cfg if isinstance(cfg, dict) else None,
+            "config_json": getattr(ckpt, "config_json", None)}
+
+
 def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> Spec:
-    """The bundled spec that covers every tensor of the checkpoint; exactly one must fit. A spec that asks for
-    evidence (config.json model_type, ...) is a candidate only when the checkpoint shows it; a Hugging Face
-    directory is matched by evidence only, never by tensor names alone."""
+    """The spec of a checkpoint given no --spec: the one its provenance records (our outputs), else the one
+    bundled spec that covers every tensor AND whose evidence the checkpoint shows (model_args / config
+    markers). Names and shapes alone never choose a parametrization."""
+    rec = recorded_spec(ckpt)
+    if rec is not None:
+        return rec
     fits, why = [], {}
     for spec in bundled_specs():
         if not spec.detect:
             continue
-        if spec.evidence and not spec.shows_evidence(ckpt.model_args):
-            continue
-        if ckpt.hf is not None and not spec.evidence:
-            continue
         try:
-            make_plan(spec, ckpt.shapes(), {"*": 1}, ckpt.model_args, sizes)
+            # a tied summing readout is refused later, by prepare, with its own message
+            make_plan(spec, ckpt.shapes(), {"*": 1}, ckpt.model_args, sizes, untie=bool(spec.untie))
         except MupscaleError as e:
             why[spec.name] = str(e)
             continue
         fits.append(spec)
-    if len(fits) == 1:
-        return fits[0]
-    if not fits:
-        if ckpt.hf is not None and not why:
-            mt = (ckpt.model_args or {}).get("model_type")
-            known = sorted({v for s in bundled_specs() for v in s.evidence.get("model_type", [])})
-            raise MupscaleError(f"{ckpt.hf.path}: no bundled spec for model_type {mt!r} (bundled: "
-                                f"{', '.join(known)}); write one (docs/spec-format.md) and pass --spec FILE")
-        detail = "; ".join(f"{n}: {w}" for n, w in why.items())
-        raise MupscaleError(f"no bundled spec covers {ckpt.path.name} ({detail}); pass --spec FILE")
-    raise MupscaleError(f"several bundled specs cover {ckpt.path.name} ({', '.join(s.name for s in fits)}); "
-                        f"pass --spec NAME")
+    places = evidence_places(ckpt)
+    shown = [s for s in fits if shows_evidence(s, places)]
+    if len(shown) == 1:
+        if shown[0].refuse:
+            raise MupscaleError(f"{ckpt.path.name} is {shown[0].name}: {shown[0].refuse['reason']} "
+                                f"(see {shown[0].refuse.get('doc', NO_EVIDENCE_DOC)})")
+        return shown[0]
+    if len(shown) > 1:
+        raise MupscaleError(f"several bundled specs cover {ckpt.path.name} and its markers "
+                            f"({', '.join(s.name for s in shown)}); pass --spec NAME")
+    if fits:
+        cands = ", ".join(s.name + (f" (marker {_marker(s)})" if s.evidence else "") for s in fits)
+        raise MupscaleError(
+            f"{ckpt.path.name}: names and shapes fit {cands}, but it shows no evidence of its parametrization, and "
+            f"names and shapes alone cannot tell (standard nanoGPT and the μP GPT-2 look the same on disk): if it "
+            f"is μP, pass --spec {fits[0].name} (or your own spec); a tied readout under standard parametrization (stock nanoGPT, Hugging Face "
+            f"GPT-2) has no exact widening (see {NO_EVIDENCE_DOC})")
+    detail = "; ".join(f"{n}: {w}" for n, w in why.items())
+    raise MupscaleError(f"no bundled spec covers {ckpt.path.name} ({detail}); pass --spec FILE")
+
+
+def _marker(spec: Spec) -> str:
+    return " and ".join(f"{k}={v!r}" for k, v in spec.evidence[0].items())
 
 
 def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) -> Prepared:
@@ -87,25 +134,47 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
         raise MupscaleError(f"--threads must be >= 0, got {opts.threads}")
     k = parse_k(opts.k)
     ckpt = load_checkpoint(opts.checkpoint, lazy=lazy)
-    spec = load_spec(opts.spec) if opts.spec else detect_spec(ckpt, k, opts.sizes)
-    spec, untied, tie_notes = resolve_ties(spec, ckpt.model_args, opts.untie)
-    add_untied(ckpt.tensors, ckpt.original, untied)
-    plan = make_plan(spec, ckpt.shapes(), k, ckpt.model_args, opts.sizes, ckpt.tensors)
-    omap, notes = None, []
-    if ckpt.optimizer is not None and not opts.no_optimizer:
+    if isinstance(opts.spec, Spec):
+        spec = opts.spec
+    else:
+        spec = load_spec(opts.spec) if opts.spec else detect_spec(ckpt, k, opts.sizes)
+    cfg = ckpt.extra.get("config") if isinstance(ckpt.extra.get("config"), dict) else None
+    plan = make_plan(spec, ckpt.shapes(), k, ckpt.model_args, opts.sizes, ckpt.tensors, config=cfg,
+                     untie=opts.untie)
+    omap, notes = None, list(plan.notes)
+    if ckpt.optimizer is not None and opts.untie:
+        notes.append("--untie: the optimizer state of the tied tensor does not describe two untied ones (their "
+                     "training differs from the tied base's): weights only")
+    elif ckpt.optimizer is not None and not opts.no_optimizer:
         omap = map_optimizer(ckpt.optimizer, plan, opts.optimizer, opts.opt_layout, ckpt.strip)
+        notes += optimizer_notes(ckpt.optimizer, plan, omap)
     elif ckpt.optimizer is None:
         notes.append("no optimizer state in the checkpoint: weights only")
-    notes += tie_notes + _untracked_axes(plan, ckpt.model_args)
+    notes += _untracked_axes(plan, ckpt.model_args)
+    wide_args = plan.model_args(ckpt.model_args)
+    notes += [n for n in spec.notes]
+    if spec.resume_note:
+        notes.append(_fill(spec.resume_note, wide_args, plan.config(cfg)))
     notes += [f"warning: {k!r} looks like an LR scheduler's state: it is copied as it is, its base_lrs not "
               f"rescaled; rebuild the scheduler on the widened optimizer (base_lrs come from each group's "
               f"initial_lr, which is rescaled)" for k, v in ckpt.extra.items() if isinstance(v, dict) and "base_lrs" in v]
-    prep = Prepared(ckpt, plan, omap, untied_args(spec, plan.model_args(ckpt.model_args), untied), notes)
+    prep = Prepared(ckpt, plan, omap, wide_args, notes, plan.config(cfg))
     check_size(prep, opts)
     check_state_layout(prep)
     if not defer_checks:
         prep.notes += value_checks(prep, opts)
     return prep
+
+
+def _fill(text: str, args: dict | None, cfg: dict | None) -> str:
+    """A spec's note with {model_args.KEY} / {config.KEY} filled from the widened values."""
+    import re
+
+    def sub(m):
+        place, key = m[1], m[2]
+        d = args if place == "model_args" else cfg
+        return str(d[key]) if isinstance(d, dict) and key in d else m[0]
+    return re.sub(r"\{(model_args|config)\.(\w+)\}", sub, text)
 
 
 def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
@@ -115,7 +184,7 @@ def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
     labels: dict[tuple, str] = {}
     if isinstance(prep.ckpt.tensors, LazyTensors):
         for n, p in prep.plan.tensors.items():
-            if not p.alias_of:
+            if not p.alias_of and not p.source:
                 labels[prep.ckpt.tensors.location(n)] = n
         for n, key, st in state_refs(prep):
             if key != "step" and isinstance(st, LazyTensors):
@@ -135,7 +204,7 @@ def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
     if given is not None:
         digest = given()
     check_tied(prep, opts)
-    order = [n for n, p in prep.plan.tensors.items() if not p.alias_of]
+    order = [n for n, p in prep.plan.tensors.items() if not p.alias_of and not p.source]
     order += [f"{n}/{key}" for n, key, _ in state_refs(prep) if key != "step"]
     return digest, _nonfinite_notes([(n, counts[n]) for n in order if counts.get(n)], opts.strict)
 
@@ -149,6 +218,8 @@ def provenance(opts: WidenOptions, prep: Prepared, source_digest: str | None = N
         "source_sha256": source_digest if source_digest is not None else source_sha256(prep.ckpt),
         "spec": plan.spec.name,
         "spec_sha256": plan.spec.sha256,
+        "spec_text": plan.spec.text,  # the output describes itself: inspect/verify/widen need no --spec
+        **({"untie": plan.spec.untie} if plan.untied else {}),
         "readout": plan.spec.readout,
         "k": plan.k,
         "sizes": {n: plan.sizes[n] for n in plan.spec.sizes},
@@ -182,7 +253,8 @@ def widen_tensors(prep: Prepared, sigma: float, seed: int, noise_device: str = "
         if c in cache:
             return cache.pop(c) if p.alias_of else cache[c]
         s = sigma if sigma_map is None else sigma_map.get(c, sigma)
-        t = widen_noised(prep.ckpt.tensors[c], prep.plan.tensors[c], s, seed, noise_device, dtype)
+        t = widen_noised(prep.ckpt.tensors[prep.plan.tensors[c].source or c], prep.plan.tensors[c], s, seed,
+                         noise_device, dtype)
         if c in aliased:
             cache[c] = t
         return t
@@ -206,7 +278,8 @@ def model_out(prep: Prepared, opts: WidenOptions) -> list[OutTensor]:
 
         def make(a: int, b: int, alloc=None, n=n, p=p) -> torch.Tensor:
             alloc = alloc or _torch_empty
-            return widen_range(lambda i0, i1: read_rows(tensors, n, i0, i1, alloc), p, a, b, sigma=sigma_of(opts, n),
+            return widen_range(lambda i0, i1: read_rows(tensors, p.source or n, i0, i1, alloc), p, a, b,
+                               sigma=sigma_of(opts, n),
                                seed=opts.seed, noise_device=opts.noise_device, out_dtype=dtype, alloc=alloc)
         out.append(OutTensor(n, p.out_shape, dt, make))
     return out
@@ -248,13 +321,23 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     once before."""
     t_start = time.perf_counter()
     target = check_output(opts)
-    if target.kind == "hf":
-        target.path.parent.mkdir(parents=True, exist_ok=True)  # a run layout: runs/wide/checkpoint-N
+    made = missing_dirs(target.path if target.kind == "sharded" else target.path.parent, f"-o {target.path}")
     try:
+        if made:  # -o into new directories (a run layout: out-wide/ckpt.pt); removed again if the write fails
+            made[-1].mkdir(parents=True)
         with claim(target.path):  # one writer per output
-            return _run_widen(opts, target, progress, t_start)
+            res = _run_widen(opts, target, progress, t_start)
+        if made:
+            res["notes"].append(f"created directory {made[0]}")
+        return res
     except OSError as e:
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)
         raise env_error(e, f"-o {target.shown}") or e from None
+    except BaseException:
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)
+        raise
 
 
 def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> dict:
@@ -286,6 +369,8 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
     extra = dict(ckpt.extra)
     if prep.model_args is not None:
         extra["model_args"] = prep.model_args
+    if prep.config is not None and "config" in extra:
+        extra["config"] = prep.config
     if opts.hparams_record and isinstance(extra.get("config"), dict) and "learning_rate" in extra["config"]:
         extra["config"] = {**extra["config"], "learning_rate": opts.hparams_record["lr"]}  # nanoGPT's schedule
     if hasattr(progress, "start"):

@@ -65,7 +65,7 @@ def count_nonfinite(x: torch.Tensor) -> int:
 def check_state_layout(prep: Prepared) -> None:
     """Dtypes the rescale needs; optimizer state keys, dtypes and shapes (no values read)."""
     for n, p in prep.plan.tensors.items():
-        _, dtype = tensor_meta(prep.ckpt.tensors, n)
+        _, dtype = tensor_meta(prep.ckpt.tensors, p.source or n)
         if not p.alias_of and not p.buffer and p.s != 1 and not dtype.is_floating_point:
             raise MupscaleError(f"tensor {n!r} has dtype {dtype} but its rule {p.rule!r} rescales it by {p.s}; "
                                 f"store it as a float tensor or mark the rule 'buffer: true'")
@@ -95,7 +95,7 @@ def check_values(prep: Prepared, strict: bool, chunk: int = 1 << 22) -> list[str
     (Keys, dtypes and shapes: check_state_layout.)"""
     found: list[tuple[str, int]] = []
     for n, p in prep.plan.tensors.items():
-        if not p.alias_of and (bad := _nonfinite(prep.ckpt.tensors, n, chunk)):
+        if not p.alias_of and not p.source and (bad := _nonfinite(prep.ckpt.tensors, n, chunk)):
             found.append((n, bad))
     for n, key, st in state_refs(prep):
         if key == "step" or (not isinstance(st, LazyTensors) and st[key] is None):

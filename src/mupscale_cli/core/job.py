@@ -11,6 +11,7 @@ import torch
 
 from mupscale_cli.core.optstate import OptimizerMap
 from mupscale_cli.core.plan import Plan
+from mupscale_cli.core.spec import Spec
 from mupscale_cli.errors import MupscaleError
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ class WidenOptions:
     k: str = "2"
     sigma: float = 0.0
     seed: int = 0
-    spec: str | None = None
+    spec: str | Spec | None = None  # a path or bundled name, or a parsed Spec (e.g. recorded in an output)
     optimizer: str | None = None  # sgd | adam | adamw, when the state cannot tell
     opt_layout: str | None = None
     sizes: dict[str, int] = field(default_factory=dict)
@@ -62,6 +63,7 @@ class Prepared:
     omap: OptimizerMap | None
     model_args: dict | None
     notes: list[str] = field(default_factory=list)
+    config: dict | None = None  # the checkpoint's `config`, rewritten by the spec
 
 
 def parse_sizes(items: list[str]) -> dict[str, int]:

@@ -58,6 +58,11 @@ class Checkpoint:
         args = self.extra.get("model_args")
         return args if isinstance(args, dict) else None
 
+    @property
+    def config_json(self) -> dict | None:
+        """A Hugging Face directory's config.json (evidence for the spec: its model_type)."""
+        return getattr(self.hf, "config", None)
+
     def strip(self, name: str) -> str:
         return strip_prefix(name)
 

@@ -95,9 +95,22 @@ def check_output(opts: WidenOptions) -> Target:
         raise MupscaleError(f"-o {out}: is a directory (pass --shard-size to write shards into it)")
     if out.exists() and not opts.force:
         raise MupscaleError(f"-o {out}: exists; pass --force to overwrite")
-    if not out.parent.is_dir():
-        raise MupscaleError(f"-o {out}: directory {out.parent} does not exist")
+    missing_dirs(out.parent, f"-o {out}")
     return Target("pt" if out.suffix == ".pt" else "safetensors", out)
+
+
+def missing_dirs(d: Path, what: str) -> list[Path]:
+    """The directories of `d` that do not exist yet, outermost first (widen creates them, and removes them
+    again if the write fails); an ancestor that is a file is an error."""
+    missing = []
+    while not d.exists():
+        missing.append(d)
+        if d == d.parent:
+            break
+        d = d.parent
+    if not d.is_dir():
+        raise MupscaleError(f"{what}: {d} is not a directory")
+    return missing[::-1]
 
 
 def _input_files(path: Path) -> list[Path]:
@@ -129,8 +142,7 @@ def _check_sharded_output(opts: WidenOptions, out: Path) -> Target:
     t = Target("sharded", directory, prefix, size)
     if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
         raise MupscaleError(f"-o {out}: {directory} exists and is not a directory")
-    if not directory.exists() and not directory.parent.is_dir():
-        raise MupscaleError(f"-o {out}: directory {directory.parent} does not exist")
+    missing_dirs(directory, f"-o {out}")
     if not directory.exists():
         return t
     # The directory is the output: it is built beside and swapped in whole, so it may hold nothing else.
@@ -176,9 +188,5 @@ def _check_hf_output(opts: WidenOptions, out: Path) -> Target:
         raise MupscaleError(f"-o {out}: exists; pass --force to replace it")
     if out.resolve().is_relative_to(opts.checkpoint.resolve()):
         raise MupscaleError(f"-o {out}: inside the input directory; write beside it")
-    up = out.parent
-    while not up.exists():
-        up = up.parent
-    if not up.is_dir():
-        raise MupscaleError(f"-o {out}: {up} is not a directory")
-    return Target("hf", out, "model", size)  # missing parents are made (a run layout: runs/wide/checkpoint-N)
+    missing_dirs(out.parent, f"-o {out}")
+    return Target("hf", out, "model", size)
