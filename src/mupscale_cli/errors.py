@@ -1,5 +1,7 @@
-"""The one error type users see, and how background work is told to stop."""
+"""The one error type users see, how background work is told to stop, and the helper that keeps every
+message on one line."""
 import threading
+import unicodedata
 
 
 class MupscaleError(Exception):
@@ -34,3 +36,13 @@ def check_cancelled() -> None:
     stop = getattr(threading.current_thread(), "mupscale_stop", None)
     if stop is not None and stop.is_set():
         raise Cancelled()
+
+
+def one_line(text: str) -> str:
+    """`text` with every control or line-breaking character escaped as Python does in a repr (\\n, \\r,
+    \\x1b, \\u2028, ...): a path or tensor name holding them can neither break a message into two lines
+    nor send terminal escape sequences. Printable characters (σ̄, γ̄↑, ...) stay as they are."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or (c == " ") or unicodedata.category(c) in ("Mn", "Mc", "Me")
+                   else repr(c)[1:-1] for c in text)

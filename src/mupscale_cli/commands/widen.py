@@ -32,7 +32,10 @@ from mupscale_cli.core.optstate import (STATE_POWER, map_optimizer, optimizer_la
                                         widen_optimizer)
 from mupscale_cli.core.plan import make_plan, parse_k
 from mupscale_cli.core.spec import Spec, bundled_specs, load_spec, parse_spec, shows_evidence
+from mupscale_cli.core.checks import check_optimizer, check_widened, hparam_notes
+from mupscale_cli.core.checks import _plain_step  # noqa: F401
 from mupscale_cli.core.widen import widen_noised, widen_range
+from mupscale_cli.bounded import int_text, loads_json, shown  # noqa: F401 (importable from here)
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats import hf, hf_trainer
 from mupscale_cli.formats.checkpoint import (META_PROV, OPTIM_NS, Checkpoint, LazyTensors, load_checkpoint, read_rows,
@@ -148,6 +151,7 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
     elif ckpt.optimizer is not None and not opts.no_optimizer:
         omap = map_optimizer(ckpt.optimizer, plan, opts.optimizer, opts.opt_layout, ckpt.strip)
         notes += optimizer_notes(ckpt.optimizer, plan, omap)
+        notes += hparam_notes(check_optimizer(ckpt.optimizer), opts.strict)
     elif ckpt.optimizer is None:
         notes.append("no optimizer state in the checkpoint: weights only")
     notes += _untracked_axes(plan, ckpt.model_args)
@@ -296,8 +300,13 @@ def optimizer_out(prep: Prepared, names_out, lr_scale: float = 1.0) -> tuple[lis
     out = []
     for e in lay.entries:
         st = e.source
+        if e.key == "step" and _plain_step(st):  # an int/float step (older torch): stored as a 0-d tensor
+            name = f"{OPTIM_NS}{strip_prefix(names_out(e.name))}/step"
+            out.append(OutTensor(name, (), torch.float32, lambda a, b, alloc=None, v=float(st["step"]):
+                                 torch.tensor([v], dtype=torch.float32)[a:b]))
+            continue
         if not isinstance(st, LazyTensors) and not isinstance(st[e.key], torch.Tensor):
-            continue  # None / plain numbers: not stored, as torch would not need them
+            continue  # None: not stored, as torch would not need it
         shape, dtype = tensor_meta(st, e.key)
         p = prep.plan.tensors[e.name]
         name = f"{OPTIM_NS}{strip_prefix(names_out(e.name))}/{e.key}"
@@ -313,6 +322,39 @@ def optimizer_out(prep: Prepared, names_out, lr_scale: float = 1.0) -> tuple[lis
                                alloc=alloc)
         out.append(OutTensor(name, p.out_shape, dtype, make))
     return lay.groups, out
+
+
+def cap_threads(opts: WidenOptions) -> tuple[WidenOptions, list[str]]:
+    """--threads at most the cores this process may use: more threads only add ranges in flight (memory
+    grows with them, speed does not)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    if opts.threads <= max(cores, 1):
+        return opts, []
+    return replace(opts, threads=max(cores, 1)), [f"--threads {opts.threads}: using {max(cores, 1)}, the cores "
+                                                  f"available (more threads would only hold more memory)"]
+
+
+def check_noise(prep: Prepared, opts: WidenOptions) -> None:
+    """The noise std of every noised tensor must fit, with room, in the dtype it is drawn in (float32, or
+    float64 for float64 tensors), the tensor's own and --dtype: else the output would hold Inf/NaN."""
+    dtype = out_dtype(opts)
+    for n, p in prep.plan.tensors.items():
+        if p.alias_of or not p.noise_unit or not p.dtype.is_floating_point:
+            continue
+        s = sigma_of(opts, n)
+        std = s * p.noise_unit
+        if not std:
+            continue
+        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+        dts = {acc, p.dtype, dtype or p.dtype}
+        limit = min(torch.finfo(d).max for d in dts) / 64  # a normal draw stays far below 64 standard deviations
+        if not std <= limit:
+            dt = min(dts, key=lambda d: torch.finfo(d).max)
+            raise MupscaleError(f"σ̄ = {s:g} gives tensor {n!r} noise of std {std:.3g}, beyond what {dt} holds "
+                                f"(max {torch.finfo(dt).max:.3g}): the output would hold Inf/NaN; use a smaller σ̄")
 
 
 def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda n, b: None) -> dict:
@@ -360,8 +402,12 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
     streamed = target.kind != "pt"
     prep = prepare(opts, lazy=True, defer_checks=streamed)
     watch.add(prep.ckpt.files)
+    opts, note = cap_threads(opts)
+    prep.notes += note
     if opts.hparams is not None or opts.base_lr is not None:
         opts = with_hparams(opts, prep)
+    check_noise(prep, opts)
+    found = check_optimizer(prep.ckpt.optimizer) if prep.omap is not None else []
     dtype = out_dtype(opts)
     prep.notes += clean_temps(target.path)
     check_disk(target, prep, dtype)
@@ -381,6 +427,7 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
         if prep.omap is not None:
             osd = widen_optimizer(ckpt.optimizer, plan, prep.omap, names_out=names_out)
             osd["param_groups"] = scale_lr(osd["param_groups"], opts.lr_scale)
+            check_widened(osd["param_groups"], found)
         produce = widen_tensors(prep, opts.sigma, opts.seed, opts.noise_device, dtype, opts.sigma_map)
         model = {}
         for n in plan.tensors:  # aliases share the canonical tensor, as in the input
@@ -396,6 +443,7 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
         groups = write_hf(target, prep, opts, progress, replace, before_commit)
     else:
         groups, optim = optimizer_out(prep, names_out, opts.lr_scale)
+        check_widened(groups, found)
         scan = Background(lambda: scan_input(prep, opts), "mupscale-scan")  # digest + checks, while writing
         try:
             write_streamed(target, model_out(prep, opts), optim, prep.omap.kind if prep.omap else None, groups,

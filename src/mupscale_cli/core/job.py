@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mupscale_cli.core.optstate import OptimizerMap
 from mupscale_cli.core.plan import Plan
 from mupscale_cli.core.spec import Spec
+from mupscale_cli.bounded import int_text, shown
 from mupscale_cli.errors import MupscaleError
 
 if TYPE_CHECKING:
+    from mupscale_cli.core.optstate import OptimizerMap
     from mupscale_cli.formats.checkpoint import Checkpoint
 
 DEFAULT_CHUNK_BYTES = 8 << 20  # one unit of work: a range of a tensor's output of about this size
@@ -70,8 +71,8 @@ def parse_sizes(items: list[str]) -> dict[str, int]:
     out = {}
     for it in items:
         name, _, v = it.partition("=")
-        if not name.isidentifier() or not v.isdigit() or int(v) < 1:
-            raise MupscaleError(f"--size {it!r}: expected NAME=INT, e.g. --size head_dim=64")
+        if not name.isidentifier() or not (v.isascii() and v.isdigit()) or int_text(v, f"--size {shown(it)}") < 1:
+            raise MupscaleError(f"--size {shown(it)}: expected NAME=INT, e.g. --size head_dim=64")
         out[name] = int(v)
     return out
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from mupscale_cli.core.checks import model_bytes, state_refs
+from mupscale_cli.core.checks import _plain_step, model_bytes, state_refs
 from mupscale_cli.core.job import Prepared, WidenOptions, out_dtype
+from mupscale_cli.bounded import loads_json
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats.checkpoint import LazyTensors, is_sharded, sharded_index, tensor_meta
 from mupscale_cli.formats.safetensors import fmt_bytes, parse_size
@@ -45,6 +46,8 @@ def output_bytes(prep: Prepared, out, dtype: torch.dtype | None = None) -> int:
         if isinstance(st, LazyTensors) or isinstance(st[key], torch.Tensor):
             shape, dt = tensor_meta(st, key)
             total += dt.itemsize * (1 if len(shape) == 0 else math.prod(plan.tensors[n].out_shape))
+        elif key == "step" and not pt and _plain_step(st):
+            total += 4  # a plain-number step, stored as a float32 0-d tensor
     return total
 
 
@@ -117,9 +120,8 @@ def _input_files(path: Path) -> list[Path]:
     if not is_sharded(path):
         return [path]
     try:
-        import json
         index = sharded_index(path)
-        wm = json.loads(index.read_text()).get("weight_map", {})
+        wm = loads_json(index.read_text(), str(index)).get("weight_map", {})
         return [index] + [index.parent / f for f in sorted(set(wm.values())) if isinstance(f, str)]
     except (MupscaleError, OSError, ValueError, AttributeError):
         return []

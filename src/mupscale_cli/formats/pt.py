@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats.checkpoint import (MODEL_KEYS, OPTIM_KEYS, Checkpoint, _canonical, _is_state_dict,
-                                             canonical_ids,
+                                             canonical_ids, check_tree,
                                              _torch_load)
 from mupscale_cli.formats.write import write_pt as write  # noqa: F401
 
@@ -33,6 +33,7 @@ def read(path: Path, lazy: bool = False) -> Checkpoint:
     opt_key = next((k for k in OPTIM_KEYS if k in obj), None)
     tensors, original = _canonical(obj[model_key], path)
     extra = {k: v for k, v in obj.items() if k not in (model_key, opt_key)}
+    check_tree({k: v for k, v in obj.items() if k != model_key}, str(path))  # entries beside the tensors
     kind = "nanogpt" if "model_args" in obj and model_key == "model" else "wrapped"
     optimizer = canonical_ids(obj.get(opt_key)) if opt_key else None
     return Checkpoint(path, kind, tensors, original, optimizer, extra, model_key, opt_key)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from mupscale_cli.errors import MupscaleError
-from mupscale_cli.formats.checkpoint import (META_DIGESTS, META_OPTIM, META_OPTIM_INDEX, Checkpoint, _from_reader,
+from mupscale_cli.formats.checkpoint import (META_DIGESTS, loads_json, META_OPTIM, META_OPTIM_INDEX, Checkpoint, _from_reader,
                                              is_sharded, optimizer_prefix, sharded_index)
 
 
@@ -37,7 +37,7 @@ def read(path: Path, lazy: bool = False) -> Checkpoint:
         d = reader.metadata().get(META_DIGESTS)
         if d is not None:
             try:
-                digests.update(json.loads(d))
+                digests.update(loads_json(d, f"{reader.path}: metadata {META_DIGESTS!r}"))
             except (json.JSONDecodeError, TypeError, ValueError):
                 raise MupscaleError(f"{reader.path}: metadata {META_DIGESTS!r} is not a JSON object") from None
     meta = {k: v for k, v in meta.items() if k != META_DIGESTS}
