@@ -68,7 +68,7 @@ def make_ck(tmp: Path, name: str, opt: str = "adam", steps: int = 3, save_optimi
         zoo.loss(model, x, y).backward()
         o.step()
     path = tmp / (file or f"{name}-{opt}.pt")
-    ck = {"model": model.state_dict(), "model_args": args, "iter_num": steps}
+    ck = {"model": model.state_dict(), "model_args": args, "iter_num": steps, "config": {"parametrization": "mup"}}
     if save_optimizer:
         ck["optimizer"] = o.state_dict()
     torch.save(ck, path)

@@ -495,14 +495,17 @@ def specs(as_json: bool = typer.Option(False, "--json", help="JSON on stdout."))
     """List the bundled architecture specs."""
     with guard():
         from mupscale_cli.core.spec import bundled_paths, bundled_specs
-        items = [{"name": s.name, "axes": s.axes, "detect": s.detect, "readout": s.readout,
-                  "description": s.description, "path": str(p)} for s, p in zip(bundled_specs(), bundled_paths())]
+        items = [{"name": s.name, "axes": s.axes, "detect": s.detect and bool(s.evidence), "readout": s.readout,
+                  "evidence": s.evidence, "description": s.description, "path": str(p)}
+                 for s, p in zip(bundled_specs(), bundled_paths())]
         if as_json:
             typer.echo(json.dumps(items, indent=2))
             return
         for s in items:
+            ev = " or ".join(" and ".join(f"{k}={v!r}" for k, v in alt.items()) for alt in s["evidence"])
             typer.echo(f"{s['name']:24} axes={','.join(s['axes'])} readout={s['readout']}"
-                       f"{'' if s['detect'] else ' (not auto-detected)'}  {s['description']}")
+                       f"{f' (detected by {ev})' if s['detect'] else ' (not auto-detected: --spec)'}  "
+                       f"{s['description']}")
 
 
 @app.command()
