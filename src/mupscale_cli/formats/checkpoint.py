@@ -14,6 +14,7 @@ import math
 import pickle
 import re
 import threading
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
