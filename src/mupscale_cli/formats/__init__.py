@@ -5,8 +5,13 @@ claims the path reads it. Adding a format: one module and one row here.
     pt.py           PyTorch .pt (nanoGPT, wrapped, state dicts)        write.write_pt
     st.py           one .safetensors file                              write.write_streamed
     shards.py       Hugging Face shards + *.safetensors.index.json     write.write_streamed
-    hf.py           Hugging Face model / Trainer checkpoint directory  hf.write
+    hf.py           Hugging Face model / Trainer checkpoint directory  hf.write (+ hf_trainer.py: optimizer.pt,
+                    scheduler.pt of a Trainer checkpoint-N/)
     (dcp.py         torch.distributed.checkpoint: a row to come)
+
+Beside the readers: checkpoint.py (the Checkpoint every reader returns, shared helpers), safetensors.py
+(low-level reading and streamed writing), write.py (streaming tensors out), output.py (the -o target
+checked), target.py (how an output appears at once: temporaries, swaps, locks), digest.py.
 """
 from __future__ import annotations
 
