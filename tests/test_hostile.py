@@ -696,7 +696,7 @@ def test_disk_check_counts_model_and_optimizer(base: Base, tmp_path: Path, monke
     size = opts.output.stat().st_size
     assert need <= size <= need + 2**20  # tensors + header
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(W.shutil, "disk_usage", lambda p: usage._replace(free=need))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=need))
     with pytest.raises(MupscaleError, match=r"has only [0-9.]+ [KMG]?i?B free; free some space"):
         W.run_widen(W.WidenOptions(base.gpt_pt, tmp_path / "w2.safetensors"))
     assert not (tmp_path / "w2.safetensors").exists()

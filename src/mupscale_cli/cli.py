@@ -245,9 +245,10 @@ def widen(
     size: Optional[list[str]] = typer.Option(None, "--size", help=SIZE_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Write weights only."),
-    untie: bool = typer.Option(False, "--untie", help="Write the spec's tied readout as a separate tensor "
-                               "(readout = embedding / k), for stacks that load an untied model; weights only "
-                               "(docs/stacks.md)."),
+    untie: bool = typer.Option(False, "--untie", help="A tied readout under standard parametrization (HF "
+                               "tie_word_embeddings, nanoGPT's lm_head = wte) has no exact tied widening: write it "
+                               "as a separate tensor, readout = embedding / k (config: tie_word_embeddings false), "
+                               "for stacks that load an untied model (docs/stacks.md)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of the path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     strict: bool = typer.Option(False, "--strict", help="Treat NaN/Inf in the input as an error, not a warning."),
@@ -272,7 +273,11 @@ def widen(
 ) -> None:
     """Widen a checkpoint k times: weights, buffers, optimizer state and hyper-parameters (paper Table 1),
     plus optional μP-scaled noise. Prints the output path (or --json summary) on stdout. Inputs: .pt,
-    .safetensors, or a Hugging Face sharded checkpoint (directory or *.safetensors.index.json).
+    .safetensors, a Hugging Face sharded checkpoint (directory or *.safetensors.index.json), or a Hugging
+    Face model directory (config.json + weights; a Trainer checkpoint-N/ too): its output is a directory
+    that from_pretrained loads (config.json rewritten, tokenizer and other files copied).
+
+    Example: mupscale widen models/llama --k 2 -o models/llama-wide
 
     Example: mupscale widen ckpt.pt --k 4 --sigma 0.75 -o wide.safetensors
     """

@@ -34,7 +34,7 @@ from mupscale_cli.formats.target import (OLD_MARKER, TMP_MARKER, atomic_dir, com
                                          track, untrack)
 from mupscale_cli.errors import Cancelled, MupscaleError
 
-DEFAULT_CHUNK_BYTES = 8 << 20  # one unit of work: a range of a tensor's output of about this size
+from mupscale_cli.core.job import DEFAULT_CHUNK_BYTES  # noqa: E402,F401
 SHARD_NAME = re.compile(r"^(?P<prefix>.+)-\d{5}-of-\d{5}\.safetensors$")
 
 TMP_PT = TMP_MARKER  # temporaries: .<dest name>.mupscale-tmp-<pid>-<random> (files and directories)
