@@ -56,7 +56,7 @@ MUTATIONS = [
              "    if False:", ["tests/test_state_ids.py"]),
     Mutation("shared step tensor", "`step` copied as a new tensor", "src/mupscale_cli/core/optstate.py",
              'return v.clone() if isinstance(v, torch.Tensor) else v', 'return v',
-             ["tests/test_verify.py", "-k", "k1_in_memory"]),
+             ["tests/test_state_ids.py", "-k", "step_is_a_new_tensor"]),
     Mutation("NaN/Inf not counted", "NaN/Inf: a warning; an error with --strict", "src/mupscale_cli/commands/widen.py",
              "if not (x.dtype.is_floating_point or x.dtype.is_complex) or bool(torch.isfinite(x.sum())):",
              "if True:", ["tests/test_hostile.py", "-k", "test_nan_is_a_warning"]),
