@@ -85,7 +85,7 @@ def pytest(copy: Path, args: list[str], timeout: int) -> tuple[int, str, float]:
 
 
 def first_failure(out: str) -> str:
-    m = re.search(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+    m = re.search(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", out, re.M)
     return m.group(1) if m else "?"
 
 
