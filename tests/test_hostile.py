@@ -696,8 +696,8 @@ def test_disk_check_counts_model_and_optimizer(base: Base, tmp_path: Path, monke
     size = opts.output.stat().st_size
     assert need <= size <= need + 2**20  # tensors + header
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(W.shutil, "disk_usage", lambda p: usage._replace(free=need))
-    with pytest.raises(MupscaleError, match="MiB free"):
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=need))
+    with pytest.raises(MupscaleError, match=r"has only [0-9.]+ [KMG]?i?B free; free some space"):
         W.run_widen(W.WidenOptions(base.gpt_pt, tmp_path / "w2.safetensors"))
     assert not (tmp_path / "w2.safetensors").exists()
 
@@ -778,7 +778,7 @@ def test_help_documents_exit_codes() -> None:
 
     from mupscale_cli.cli import app
     text = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
-    for words in ("0 success", "1 verification failed", "2 usage or input error", "130 interrupted"):
+    for words in ("0 success", "1 verification failed", "2 usage, input or environment error", "130 interrupted"):
         assert words in " ".join(text.split()), words
 
 
@@ -815,6 +815,18 @@ def test_claim_is_exclusive_and_leaves_no_lock(tmp_path: Path) -> None:
     assert not lock_path(dest).exists()
     with claim(dest):  # free again
         pass
+
+
+def test_environment_errors_are_one_line_naming_the_output() -> None:
+    """Every environment errno becomes one line naming the output (not the temporary) and the errno."""
+    import errno as E
+    from mupscale_cli.formats.target import ENV_ERRORS, env_error
+    for code in ENV_ERRORS:
+        e = env_error(OSError(code, os.strerror(code), f"/d/.w.safetensors{TMP_PT}1-ab"), "-o /d/w.safetensors")
+        assert str(e).startswith("-o /d/w.safetensors: ") and E.errorcode[code] in str(e) and "\n" not in str(e)
+    e = env_error(OSError(E.EMFILE, "Too many open files", "/d/in.pt"), "-o /d/w.safetensors")
+    assert str(e).startswith("/d/in.pt: too many open files")  # the file it could not open
+    assert env_error(OSError(E.ENOENT, "No such file"), "x") is None  # not the environment's: not mapped
 
 
 # ---------------------------------------------------------------------------------------------------

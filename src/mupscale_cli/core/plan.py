@@ -79,7 +79,7 @@ class Plan:
             return None
         out = dict(args)
         for arg, axis in self.spec.model_args.items():
-            if arg in out:
+            if arg in out and out[arg] is not None:  # None (GPT-2's n_inner: 4 n_embd) follows the others
                 v = out[arg]
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise MupscaleError(f"model_args[{arg!r}] is {v!r} ({type(v).__name__}), not an integer "
@@ -162,7 +162,7 @@ def resolve_sizes(spec: Spec, model_args: dict | None, overrides: dict[str, int]
     env = {k: v for k, v in (model_args or {}).items() if isinstance(v, int) and not isinstance(v, bool)}
     env.update(overrides)
     for name, expr in spec.sizes.items():
-        if name in overrides:
+        if name in overrides or name in env:  # the checkpoint's own record (config.json head_dim) wins
             continue
         try:
             env[name] = eval_size(expr, env)
@@ -277,7 +277,11 @@ def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
         # model_args entries equal to a width axis's base size grow with it (e.g. n_embd: 256 -> w256)
         spec = replace(spec, model_args={a: f"w{v}" for a, v in (model_args or {}).items()
                                          if isinstance(v, int) and f"w{v}" in spec.axes})
-    untied = None
+    if spec.tied_if is not None and not (model_args or {}).get(spec.tied_if, True):
+        tied = {}  # HF: tie_word_embeddings false, the readout is its own tensor
+    untied, untie_note = None, None
+    if untie and spec.tied_if is not None and not tied:
+        untie, untie_note = False, f"--untie: nothing to untie ({spec.tied_if} is false: the readout is its own tensor)"
     if untie:
         if not spec.untie:
             raise MupscaleError(f"--untie: spec {spec.name} says nothing about untying (add 'untie: {{readout, "
@@ -300,10 +304,12 @@ def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
     rules = _match(spec, plain)
     if untied:
         src = rules[spec.untie["from"]]
-        rules[untied] = replace(src, pattern=untied, fan_in=int(spec.untie.get("fan_in", 1)))
+        rules[untied] = replace(src, pattern=untied, fan_in=int(spec.untie.get("fan_in", 1)), k_power=0.0)
     kk = resolve_k(k, spec.axes)
     sizes = resolve_sizes(spec, model_args, size_overrides or {})
     plan = Plan(spec, kk, sizes, {}, untied=bool(untied))
+    if untie_note:
+        plan.notes.append(untie_note)
     env = {**spec.init, **_numbers(plan.config(config)), **_numbers(plan.model_args(model_args))}
     plans: dict[str, TensorPlan] = {}
     for n in names:
@@ -323,11 +329,14 @@ def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
                               f"{plans[n].axes_text} (its dimensions that have the checkpoint's width)")
     for alias, canon in tied.items():
         c = plans.get(canon)
-        if alias in shapes and c is not None and spec.readout == "sum" and c.n_width == 1 and not c.buffer:
+        # tied_if: a tied HF readout is not in the file (save_pretrained drops it) but tied all the same
+        if (alias in shapes or spec.tied_if) and c is not None and spec.readout == "sum" and c.n_width == 1 and (
+                not c.buffer):
             raise MupscaleError(
                 f"{alias!r} is tied to {canon!r} under a summing readout (standard parametrization): no exact "
                 f"widening by duplication exists (the embedding must stay unscaled, the readout needs 1/k); "
-                f"see docs/stacks.md" + ("; --untie writes a separate readout" if spec.untie else ""))
+                f"see docs/stacks.md" + ("; pass --untie to write a separate readout = embedding / k"
+                                         if spec.untie else ""))
     out = {}
     for n in names:  # keep checkpoint order, aliases included
         if n in tied:
@@ -384,6 +393,9 @@ def _tensor_plan(spec: Spec, rule: Rule, name: str, shape: tuple[int, ...], dtyp
             t.s, t.g = Fraction(1, kw), ONE
         else:
             t.s, t.g = ONE, Fraction(1, kw)
+    if rule.k_power and width:  # a constant of the model's forward grows with width (Gemma's sqrt(hidden))
+        c = Fraction(dims[width[0]].k ** rule.k_power)  # the float's exact value (k^p itself if rational)
+        t.s, t.g = t.s * c, t.g / c
     t.noise_unit = _noise_unit(t, rule, env or {})
     return t
 

@@ -15,8 +15,8 @@ from mupscale_cli.errors import MupscaleError
 
 BUNDLED_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[3] / "configs")
 SPEC_KEYS = {"name", "description", "detect", "readout", "sizes", "model_args", "tied", "tensors", "model",
-             "evidence", "refuse", "config", "optimizer", "init", "untie", "notes"}
-RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "std"}
+             "evidence", "refuse", "config", "optimizer", "init", "untie", "notes", "tied_if"}
+RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "std", "k_power"}
 EVIDENCE_PLACES = ("model_args", "config", "config_json")  # where a checkpoint shows its parametrization
 REWRITES = ("times", "divide", "keep", "set")
 OPTIM_KEYS = {"layouts", "group_keys", "resume_note"}
@@ -42,6 +42,7 @@ class Rule:
     noise: bool | float | None = None  # None: default by role
     optional: bool = False
     std: str | None = None  # the stack's own init std of this tensor: an expression (init_std below)
+    k_power: float = 0.0  # weights × k^p, gradients × k^-p: the model multiplies this tensor by c ∝ width^-p
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Spec:
     init: dict[str, object] = field(default_factory=dict)  # defaults of names the std expressions use
     untie: dict = field(default_factory=dict)  # {readout, from, fan_in, set}: --untie
     notes: list[str] = field(default_factory=list)
+    tied_if: str | None = None  # model_args key saying whether `tied` applies (HF: tie_word_embeddings)
 
     @property
     def axes(self) -> list[str]:
@@ -199,9 +201,12 @@ def _parse_rule(pattern: str, body) -> Rule:
     for key in ("buffer", "optional"):
         if not isinstance(body.get(key, False), bool):
             raise _fail(where, f"'{key}' must be true or false")
+    kp = body.get("k_power", 0)
+    if not isinstance(kp, (int, float)) or isinstance(kp, bool):
+        raise _fail(where, f"'k_power' must be a number (e.g. -0.5), got {kp!r}")
     return Rule(pattern, compile_pattern(pattern), dims, fan_in, body.get("buffer", False),
                 noise if isinstance(noise, bool) or noise is None else float(noise), body.get("optional", False),
-                None if std is None else str(std))
+                None if std is None else str(std), float(kp))
 
 
 class _UniqueKeyLoader(BoundedLoader):
@@ -424,6 +429,10 @@ def _parse_extras(spec: Spec, d: dict, model_args: dict) -> None:
         spec.untie = dict(untie)
     notes = d.get("notes") or []
     spec.notes = [str(n) for n in (notes if isinstance(notes, list) else [notes])]
+    tied_if = d.get("tied_if")
+    if tied_if is not None and not isinstance(tied_if, str):
+        raise _fail(src, f"'tied_if' must be a model_args key, got {tied_if!r}")
+    spec.tied_if = tied_if
 
 
 # ---- init-std expressions: numbers, names, + - * / **, sqrt(), parentheses -----------------------------
