@@ -203,10 +203,15 @@ def widen(
                                             "learning rate γ̄ (default: its config.learning_rate, else the "
                                             "proxy's)."),
     chunk_size: str = typer.Option("8MiB", "--chunk-size", hidden=True, help="Unit of work for large tensors."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Output format: dcp (a torch.distributed.checkpoint "
+                                      "directory, the input's layout; the default for a DCP input and -o DIR), "
+                                      "safetensors, pt, or hf (Hugging Face shards, 5GB unless --shard-size)."),
 ) -> None:
     """Widen a checkpoint k times: weights, buffers, optimizer state and hyper-parameters (paper Table 1),
     plus optional μP-scaled noise. Prints the output path (or --json summary) on stdout. Inputs: .pt,
-    .safetensors, or a Hugging Face sharded checkpoint (directory or *.safetensors.index.json).
+    .safetensors, a Hugging Face sharded checkpoint (directory or *.safetensors.index.json), or a
+    torch.distributed.checkpoint (DCP) directory. Under torchrun (torchrun --nproc-per-node N -m mupscale_cli
+    widen ...) the ranks share the work of a DCP output.
 
     Example: mupscale widen ckpt.pt --k 4 --sigma 0.75 -o wide.safetensors
     """
@@ -221,17 +226,18 @@ def widen(
                      strict)
         opts = replace(opts, dtype=dtype, shard_size=shard_size, threads=threads, noise_device=noise_device,
                        chunk_bytes=parse_size(chunk_size), source_digest=digest, hparams=hparams,
-                       base_lr=base_lr)
-        bar = _progress(quiet)
+                       base_lr=base_lr, format=fmt)
+        bar = _progress(quiet or os.environ.get("RANK", "0") != "0")
         try:
             res = run_widen(opts, bar)
         finally:
             if isinstance(bar, _Bar):
                 bar.stop()
-        for note in res["notes"]:
-            if not quiet:
-                err.print(f"mupscale: note: {note}", markup=False, soft_wrap=True)
-        typer.echo(json.dumps(res, indent=2) if as_json else res["output"])
+        if res.get("rank", 0) == 0:  # under torchrun: rank 0 speaks for all
+            for note in res["notes"]:
+                if not quiet:
+                    err.print(f"mupscale: note: {note}", markup=False, soft_wrap=True)
+            typer.echo(json.dumps(res, indent=2) if as_json else res["output"])
     _exit_now_if_program()
 
 

@@ -56,6 +56,7 @@ class WidenOptions:
     sigma_map: dict[str, float] | None = None  # per-tensor σ̄ (relative scheme), else `sigma` for all
     lr_scale: float = 1.0  # multiplies every widened group's lr and initial_lr (γ̄↑ / γ̄)
     hparams_record: dict | None = None  # provenance of --hparams
+    format: str | None = None  # --format dcp|safetensors|pt|hf (default: from -o and the input)
 
 
 def sigma_of(opts: WidenOptions, name: str) -> float:
@@ -402,7 +403,7 @@ def provenance(opts: WidenOptions, prep: Prepared, source_digest: str | None = N
     plan = prep.plan
     return {
         "tool": f"mupscale {__version__}",
-        "source": prep.ckpt.path.name if prep.ckpt.kind != "sharded" else
+        "source": prep.ckpt.path.name if prep.ckpt.kind not in ("sharded", "dcp") else
         f"{prep.ckpt.path.parent.name}/{prep.ckpt.path.name}",
         "source_sha256": source_digest if source_digest is not None else source_sha256(prep.ckpt),
         "spec": plan.spec.name,
@@ -505,6 +506,10 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     `progress(name, nbytes)` is called as bytes are written; `progress.start(total_bytes)`, if it exists,
     once before."""
     t_start = time.perf_counter()
+    from mupscale_cli.commands.widen_dcp import run_widen_dcp, wants_dcp
+    opts = _with_format(opts)
+    if wants_dcp(opts):
+        return run_widen_dcp(opts, progress)
     target = check_output(opts)
     streamed = target.kind != "pt"
     prep = prepare(opts, lazy=True, defer_checks=streamed)
@@ -558,6 +563,26 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     res["output_bytes"] = output_bytes(prep, target, dtype)
     res["time_s"] = round(time.perf_counter() - t_start, 3)  # in this process: start-up not counted
     return res
+
+
+FORMATS = ("dcp", "safetensors", "pt", "hf")
+
+
+def _with_format(opts: WidenOptions) -> WidenOptions:
+    """--format: dcp (a directory), safetensors or pt (-o's suffix must agree), hf (shards, 5GB unless
+    --shard-size)."""
+    fmt = opts.format
+    if fmt is None:
+        return opts
+    if fmt not in FORMATS:
+        raise MupscaleError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "hf":
+        return opts if opts.shard_size is not None else replace(opts, shard_size="5GB")
+    if fmt in ("safetensors", "pt") and opts.output is not None and opts.output.suffix != f".{fmt}":
+        raise MupscaleError(f"-o {opts.output}: --format {fmt} writes a .{fmt} file; name the output *.{fmt}")
+    if fmt == "dcp" and opts.shard_size is not None:
+        raise MupscaleError("--shard-size writes Hugging Face shards; it does not apply to --format dcp")
+    return opts
 
 
 def with_hparams(opts: WidenOptions, prep: Prepared) -> WidenOptions:

@@ -59,6 +59,7 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     shard_files: list[str] = field(default_factory=list)  # sharded: the other files read, beside the index
     readers: dict = field(default_factory=dict)  # safetensors inputs: file path -> LazySafetensors
+    source: object = None  # DCP inputs: (DcpReader, DcpLayout), for the DCP writer
 
     @property
     def model_args(self) -> dict | None:
@@ -129,6 +130,9 @@ def optimizer_prefix(prefix: str) -> str:
 def load_checkpoint(path: str | Path, lazy: bool = False) -> Checkpoint:
     """Read a checkpoint. lazy=True: no tensor data is read (see the module docstring)."""
     path = Path(path)
+    from mupscale_cli.formats.dcp import is_dcp, load_dcp
+    if is_dcp(path):
+        return load_dcp(path, lazy)
     if path.exists() and is_sharded(path):
         return _load_sharded(path, lazy)
     _check_path(path)
@@ -158,7 +162,7 @@ def source_sha256(ckpt: Checkpoint, on_piece: Callable[[Path, str, torch.Tensor]
         if r is None or on_piece is None:
             return sha256_file(p)
         return r.scan(lambda name, values: on_piece(p, name, values), hashing=hashing)
-    if ckpt.kind != "sharded":
+    if ckpt.kind not in ("sharded", "dcp"):
         return one(ckpt.path)
     if not hashing:
         for p in ckpt.files:
