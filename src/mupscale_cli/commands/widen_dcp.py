@@ -27,12 +27,13 @@ from mupscale_cli.commands.widen import (OUT_SUFFIXES, WidenOptions, _nonfinite_
 from mupscale_cli.core.plan import same_values
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats.checkpoint import OPTIM_NS, strip_prefix
-from mupscale_cli.formats.dcp import (PROVENANCE_KEY, DcpLayout, fsync_dir, is_dcp, placeholder, save_lazy,
-                                      set_path)
+from mupscale_cli.formats.dcp import (PROVENANCE_KEY, DcpLayout, fsync_dir, is_dcp, placeholder, row_blocks,
+                                      save_lazy, set_path)
 
 TMP = ".mupscale-dcp-"
 STALE_S = 3600.0
 SCHED_LISTS = ("base_lrs", "_last_lr")
+BLOCK_CHUNKS = 64  # a DCP chunk (one write, one read unit) is 64 × --chunk-size: 512 MiB by default
 
 
 def wants_dcp(opts: WidenOptions) -> bool:
@@ -56,8 +57,8 @@ def dist_env() -> tuple[int, int, bool]:
     return td.get_rank(), td.get_world_size(), True
 
 
-def share(sizes: dict[str, int], world: int) -> dict[str, int]:
-    """key -> rank: largest first, each to the least loaded rank (ties: lowest rank); deterministic."""
+def share(sizes: dict, world: int) -> dict:
+    """unit -> rank: largest first, each to the least loaded rank (ties: lowest rank); deterministic."""
     load = [0] * world
     out = {}
     for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
@@ -117,17 +118,20 @@ def run_widen_dcp(opts: WidenOptions, progress=lambda n, b: None) -> dict:
         prep.notes += clean_dcp_temps(out)
 
     tree: dict = {}
-    makers: dict = {}
+    rows: dict = {}  # flattened key -> (shape, itemsize, fn(r0, r1) -> rows [r0, r1) of the output tensor)
     labels: dict[str, str] = {}  # flattened key -> name in NaN notes
-    sizes: dict[str, int] = {}
 
-    def put(path: tuple, shape, dtype, make, label: str | None = None) -> None:
+    def put(path: tuple, shape, dtype, fn, label: str | None = None) -> None:
         key = ".".join(str(x) for x in path)
         set_path(tree, path, placeholder(tuple(shape), dtype))
-        makers[key] = make
-        sizes[key] = max(1, math.prod(shape)) * dtype.itemsize
+        rows[key] = (tuple(shape), dtype.itemsize, fn)
         if label:
             labels[key] = label
+
+    def of_out(o):  # rows of an OutTensor (made from flat element ranges)
+        shape = tuple(o.shape)
+        row = math.prod(shape[1:]) if shape else 1
+        return lambda r0, r1: o.make(r0 * row, r1 * row).reshape((r1 - r0, *shape[1:]) if shape else ())
 
     # model
     made = {o.name: o for o in model_out(prep, opts)}
@@ -135,8 +139,7 @@ def run_widen_dcp(opts: WidenOptions, progress=lambda n, b: None) -> dict:
         o = made[p.alias_of or n]
         fqn = ckpt.original.get(n, n)
         path = (lay.model_root, fqn) if lay.model_root else (fqn,)
-        put(path, o.shape, made[n].dtype, lambda o=o: o.make(0, o.numel).reshape(o.shape),
-            None if p.alias_of else n)
+        put(path, o.shape, made[n].dtype, of_out(o), None if p.alias_of else n)
 
     # optimizer
     groups = None
@@ -148,20 +151,18 @@ def run_widen_dcp(opts: WidenOptions, progress=lambda n, b: None) -> dict:
             cname, _, sk = o.name.removeprefix(OPTIM_NS).rpartition("/")
             fqn = raw.get(cname, ckpt.original.get(cname, cname))
             path = (root, f"state.{fqn}.{sk}") if lay.flat_optim else (root, "state", fqn, sk)
-            put(path, o.shape, o.dtype, lambda o=o: o.make(0, o.numel).reshape(o.shape),
-                None if sk == "step" else f"{cname}/{sk}")
-        if rank == 0:
-            for i, g in enumerate(groups):
-                hps = {h: v for h, v in g.items() if h not in ("params", "param_names")}
-                fqns = [raw.get(c, ckpt.original.get(c, c)) for c in g["param_names"]]
-                if lay.flat_optim:
-                    for fqn in fqns:
-                        for h, v in hps.items():
-                            set_path(tree, (root, f"param_groups.{fqn}.{h}"), v)
-                else:
+            put(path, o.shape, o.dtype, of_out(o), None if sk == "step" else f"{cname}/{sk}")
+        for i, g in enumerate(groups):
+            hps = {h: v for h, v in g.items() if h not in ("params", "param_names")}
+            fqns = [raw.get(c, ckpt.original.get(c, c)) for c in g["param_names"]]
+            if lay.flat_optim:
+                for fqn in fqns:
                     for h, v in hps.items():
-                        set_path(tree, (root, "param_groups", i, h), v)
-                    set_path(tree, (root, "param_groups", i, "params"), fqns)
+                        set_path(tree, (root, f"param_groups.{fqn}.{h}"), v)
+            else:
+                for h, v in hps.items():
+                    set_path(tree, (root, "param_groups", i, h), v)
+                set_path(tree, (root, "param_groups", i, "params"), fqns)
         if lay.flat_optim and len(groups) > 1:
             prep.notes.append(f"the widened optimizer needs {len(groups)} param groups of tensors with the same "
                               f"hyper-parameters: set_state_dict takes each group's values from its first "
@@ -173,41 +174,56 @@ def run_widen_dcp(opts: WidenOptions, progress=lambda n, b: None) -> dict:
             path = reader.paths[k]
             if reader.is_tensor(k):
                 info = reader.info(k)
-                put(path, info.shape, info.dtype, lambda k=k: reader.get(k))
-            elif rank == 0:
+                put(path, info.shape, info.dtype, lambda r0, r1, k=k: reader.read_rows(k, r0, r1))
+            else:
                 set_path(tree, path, _scheduler(reader, k, path, reader.value(k), ckpt.optimizer, groups))
     prov = provenance(opts, prep, source_digest="")
     prov.pop("source_sha256", None)
-    if rank == 0:
-        set_path(tree, (PROVENANCE_KEY,), json.dumps({**prov, "format": "dcp", "ranks": world}, sort_keys=True))
+    set_path(tree, (PROVENANCE_KEY,), json.dumps({**prov, "format": "dcp"}, sort_keys=True))
 
-    mine = share(sizes, world)
-    for key, r in mine.items():  # each rank keeps only its share of the tensors
-        if r != rank:
-            _drop(tree, key)
+    # work units: row blocks of at most `block` bytes, largest first, each to the least loaded rank
+    block = max(1, opts.chunk_bytes) * BLOCK_CHUNKS
+    units = {(key, r0, r1): max(1, (r1 - r0) * math.prod(shape[1:])) * size if shape else size
+             for key, (shape, size, _) in rows.items() for r0, r1 in row_blocks(shape, size, block)}
+    owner = share(units, world)
+    mine: dict[str, list[tuple[int, int]]] = {}
+    for (key, r0, r1), r in owner.items():
+        if r == rank:
+            mine.setdefault(key, []).append((r0, r1))
     counts: dict[str, int] = {}
 
     def seen(key: str, t: torch.Tensor) -> None:
         progress(key, t.numel() * t.element_size())
         if key in labels and t.is_floating_point() and not bool(torch.isfinite(t.sum())):
-            counts[labels[key]] = int((~torch.isfinite(t)).sum())
+            counts[labels[key]] = counts.get(labels[key], 0) + int((~torch.isfinite(t)).sum())
 
     tmp = _tmp_name(out, rank, distributed)
     try:
-        save_lazy(tree, {k: v for k, v in makers.items() if mine[k] == rank}, tmp, distributed, seen)
+        save_lazy(tree, mine, lambda key, r0, r1: rows[key][2](r0, r1), tmp, distributed, rank, seen)
         if distributed:
             import torch.distributed as td
             every: list = [None] * world
             td.all_gather_object(every, counts)
-            counts = {k: v for c in every for k, v in c.items()}
-        order = [labels[k] for k in sorted(labels, key=list(labels).index) if labels[k] in counts]
+            counts = {}
+            for c in every:
+                for k, v in c.items():
+                    counts[k] = counts.get(k, 0) + v
+        order = [labels[k] for k in labels if labels[k] in counts]
         prep.notes += _nonfinite_notes([(n, counts[n]) for n in order], opts.strict)
         if rank == 0:
             _commit(tmp, out)
     except BaseException as e:
         if rank == 0 and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (MupscaleError, KeyboardInterrupt, SystemExit)):
+        failures = getattr(e, "failures", None)  # DCP's CheckpointException: rank -> exception
+        if isinstance(failures, dict) and failures:
+            first = next(iter(failures.values()))
+            if isinstance(first, tuple):  # (exception, traceback) in some versions
+                first = first[0]
+            if isinstance(first, MupscaleError):
+                raise first from None
+            e = first if isinstance(first, BaseException) else e
+        if isinstance(e, (MupscaleError, KeyboardInterrupt, SystemExit)) or os.environ.get("MUPSCALE_DEBUG"):
             raise
         text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise MupscaleError(f"-o {out}: writing the DCP checkpoint failed ({type(e).__name__}: {text}); "
@@ -219,6 +235,7 @@ def run_widen_dcp(opts: WidenOptions, progress=lambda n, b: None) -> dict:
                 td.barrier()
             except Exception:  # noqa: BLE001 - a peer is gone: the error above says why
                 pass
+    sizes = units
     res = summary(prep, out, opts, groups)
     res["format"] = "dcp"
     res["ranks"] = world
@@ -226,21 +243,6 @@ def run_widen_dcp(opts: WidenOptions, progress=lambda n, b: None) -> dict:
     res["output_bytes"] = sum(sizes.values())
     res["time_s"] = round(time.perf_counter() - t0, 3)
     return res
-
-
-def _drop(tree: dict, key: str) -> None:
-    """Remove the placeholder of flattened `key` from the tree (it belongs to another rank)."""
-    def walk(node, prefix):
-        items = node.items() if isinstance(node, dict) else enumerate(node)
-        for k, v in list(items):
-            name = f"{prefix}.{k}" if prefix else str(k)
-            if name == key and isinstance(v, torch.Tensor):
-                del node[k]
-                return True
-            if isinstance(v, dict) and key.startswith(name + ".") and walk(v, name):
-                return True
-        return False
-    walk(tree, "")
 
 
 def _tmp_name(out: Path, rank: int, distributed: bool) -> Path:

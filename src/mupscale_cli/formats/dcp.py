@@ -439,24 +439,60 @@ def set_path(tree: dict, path: tuple, value) -> None:
     node[last] = value
 
 
-def save_lazy(tree: dict, makers: dict[str, Callable[[], torch.Tensor]], out_dir: Path, distributed: bool,
+def row_blocks(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1) of about `max_bytes` each (at least one row) covering a tensor; [(0, 1)] if 0-d."""
+    if not shape:
+        return [(0, 1)]
+    row = max(1, math.prod(shape[1:])) * itemsize
+    step = max(1, max_bytes // row)
+    return [(r0, min(shape[0], r0 + step)) for r0 in range(0, max(shape[0], 1), step)] if shape[0] else [(0, 0)]
+
+
+def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable[[str, int, int], torch.Tensor],
+              out_dir: Path, distributed: bool, rank: int = 0,
               on_tensor: Callable[[str, torch.Tensor], None] = lambda k, t: None) -> None:
-    """dcp.save of `tree` into `out_dir`; tensors whose flattened key is in `makers` are meta placeholders in
-    the tree, made by `makers[key]()` when the writer reaches them (one in memory at a time) and shown to
-    `on_tensor(key, tensor)`. distributed=True: a collective save over the default process group (each
-    rank passes its own share; rank 0 writes `.metadata` once every rank has written)."""
+    """dcp.save of `tree` into `out_dir`. Its tensors are meta placeholders: this rank writes the row blocks
+    `mine[key]` of each (one DCP chunk per block; a key absent from `mine` is written by another rank), each
+    made by `make(key, r0, r1)` when the writer reaches it (one block in memory at a time) and shown to
+    `on_tensor(key, block)`. Non-tensor entries are written by rank 0. distributed=True: a collective save
+    over the default process group; DCP's coordinator (rank 0) writes `.metadata` once every rank has
+    written, listing every rank's chunks."""
+    import dataclasses
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
     class Lazy(DefaultSavePlanner):
+        def create_local_plan(self):
+            plan = super().create_local_plan()
+            items = []
+            for it in plan.items:
+                if it.type == WriteItemType.BYTE_IO:
+                    if rank == 0:
+                        items.append(it)
+                    continue
+                size = it.tensor_data.size
+                for r0, r1 in mine.get(it.index.fqn, []):
+                    off = torch.Size([r0] + [0] * (len(size) - 1)) if len(size) else torch.Size([])
+                    sizes = torch.Size([r1 - r0, *size[1:]]) if len(size) else torch.Size([])
+                    items.append(WriteItem(index=MetadataIndex(it.index.fqn, off), type=WriteItemType.SHARD,
+                                           tensor_data=TensorWriteData(ChunkStorageMetadata(off, sizes),
+                                                                       it.tensor_data.properties, size)))
+            self.plan = dataclasses.replace(plan, items=items)
+            return self.plan
+
         def resolve_data(self, write_item):
-            key = write_item.index.fqn
-            if key in makers:
-                t = makers[key]().contiguous()
-                on_tensor(key, t)
-                return t
-            return super().resolve_data(write_item)
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            key, chunk = write_item.index.fqn, write_item.tensor_data.chunk
+            r0 = chunk.offsets[0] if len(chunk.offsets) else 0
+            r1 = r0 + chunk.sizes[0] if len(chunk.sizes) else 1
+            t = make(key, r0, r1).contiguous()
+            on_tensor(key, t)
+            return t
 
     writer = FileSystemWriter(out_dir, thread_count=1, sync_files=True)
     with warnings.catch_warnings():
