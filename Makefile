@@ -1,4 +1,5 @@
 # Two commands: `make demo` (install, then widen and check the bundled example) and `make test`.
+# PY is the Python that installs and runs everything (.ci/run points it at a fresh virtualenv).
 PY ?= python3
 OUT ?= out
 
@@ -7,7 +8,7 @@ OUT ?= out
 install:
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps mup==1.0.0   # mup's declared deps would pull a CUDA torch
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,hf]'
 
 demo: install
 	mkdir -p $(OUT)

@@ -75,10 +75,13 @@ def load_wide(zoo, wide_path: Path, base_args: dict, kind: str, dtype=torch.floa
     return model, o, w
 
 
+# The installed `mupscale` command, else the same entry point through this interpreter.
+MUPSCALE = [shutil.which("mupscale")] if shutil.which("mupscale") else [sys.executable, "-m", "mupscale_cli"]
+
+
 def mupscale(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    """Run the installed `mupscale` command."""
-    exe = shutil.which("mupscale") or f"{sys.executable} -m mupscale_cli"
-    r = subprocess.run([*exe.split(), *args], capture_output=True, text=True, timeout=600)
+    """Run the `mupscale` command."""
+    r = subprocess.run([*MUPSCALE, *args], capture_output=True, text=True, timeout=600)
     if check and r.returncode:
         raise AssertionError(f"mupscale {' '.join(args)} failed ({r.returncode}): {r.stderr}")
     return r

@@ -114,3 +114,22 @@ def test_click_usage_errors_are_one_line_too(tmp):
         assert r.returncode == 2 and r.stdout == "", args
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("mupscale: error:") and needle in lines[0], r.stderr
+
+
+def test_absurd_k_and_string_widths_are_one_line_errors(tmp):
+    src, _, _ = make_base(tmp, gpt, ARGS, "adamw", "named", steps=1)
+    r = mupscale("widen", str(src), "--k", str(10**30), "-o", str(tmp / "w.pt"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "use a smaller --k" in r.stderr
+    assert "EiB" in r.stderr and len(max(r.stderr.split(), key=len)) < 40  # no 60-digit figure
+    ck = torch.load(src, weights_only=True)
+    ck["model_args"]["n_embd"] = "16"  # k × "16" would be "1616"
+    torch.save(ck, tmp / "s.pt")
+    r = mupscale("widen", str(tmp / "s.pt"), "--k", "2", "-o", str(tmp / "w.pt"))
+    assert r.returncode == 2 and "model_args['n_embd'] is '16' (str), not an integer width" in r.stderr
+    assert not (tmp / "w.pt").exists()
+
+
+def test_fmt_bytes():
+    from mupscale_cli.formats.safetensors import fmt_bytes
+    assert fmt_bytes(512) == "512 B" and fmt_bytes(3 * 2**20 // 2) == "1.5 MiB" and fmt_bytes(2**60) == "1.0 EiB"
+    assert fmt_bytes(10**40) == "8.7e+21 EiB"

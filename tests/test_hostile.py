@@ -28,13 +28,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import MUPSCALE
 from mupscale_cli.formats.write import TMP_PT, clean_stale_temps
 from mupscale_cli.formats.safetensors import LazySafetensors, StreamWriter, TensorInfo
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.zoo import gpt, mlp
 
-MUPSCALE = shutil.which("mupscale")
-pytestmark = pytest.mark.skipif(MUPSCALE is None, reason="the mupscale command is not installed")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -403,7 +402,7 @@ def results(base: Base, tmp_path_factory) -> dict[str, Result]:
 
     def run(item) -> tuple[str, Result]:
         case, ctx, argv, snap = item
-        p = subprocess.run([MUPSCALE, *argv], capture_output=True, text=True, cwd=ctx.d, env=env, timeout=120)
+        p = subprocess.run([*MUPSCALE, *argv], capture_output=True, text=True, cwd=ctx.d, env=env, timeout=120)
         return case.id, Result(ctx, argv, p.returncode, p.stdout, p.stderr, snap)
 
     with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as ex:
@@ -566,7 +565,7 @@ def test_inspect_cli_rejects_a_corrupted_file(base: Base, tmp_path: Path) -> Non
     data = bytearray(out.read_bytes())
     data[-1] ^= 0x01
     out.write_bytes(bytes(data))
-    p = subprocess.run([MUPSCALE, "inspect", str(out)], capture_output=True, text=True)
+    p = subprocess.run([*MUPSCALE, "inspect", str(out)], capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.startswith("mupscale: error: ") and "'readout.bias'" in p.stderr, p.stderr
 

@@ -6,6 +6,8 @@ The checkpoint is a μP MLP state dict of width 2048 (32 MiB), widened by k=4 in
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
 import subprocess
@@ -15,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import MUPSCALE
 from mupscale_cli.formats.write import TMP_PT
 
-MUPSCALE = shutil.which("mupscale")
-pytestmark = pytest.mark.skipif(MUPSCALE is None, reason="the mupscale command is not installed")
 WIDTH, DEPTH, K = 2048, 4, 4
 
 
@@ -43,7 +44,7 @@ def temps(directory: Path) -> list[Path]:
 
 def start_and_signal(ckpt: Path, out: Path, sig: signal.Signals) -> subprocess.CompletedProcess:
     """Start a widening, wait until its temporary file exists and holds data, then send `sig`."""
-    argv = [MUPSCALE, "widen", str(ckpt), "--k", str(K), "--spec", "mup-mlp", "-o", str(out)]
+    argv = [*MUPSCALE, "widen", str(ckpt), "--k", str(K), "--spec", "mup-mlp", "-o", str(out)]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -80,9 +81,219 @@ def test_sigkill_leaves_nothing_at_the_output_and_next_run_cleans(big: Path, tmp
     assert not out.exists()
     left = temps(tmp_path)
     assert len(left) == 1  # the killed writer's temporary (its pid is in the name)
-    r2 = subprocess.run([MUPSCALE, "widen", str(big), "--k", str(K), "--spec", "mup-mlp", "-o", str(out)],
+    r2 = subprocess.run([*MUPSCALE, "widen", str(big), "--k", str(K), "--spec", "mup-mlp", "-o", str(out)],
                         capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr
     assert f"removed stale temporary {left[0]}" in r2.stderr
     assert out.is_file() and temps(tmp_path) == []
     out.unlink()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Signals at any moment, kills during a sharded commit, concurrent writers, a failing environment and
+# inputs that change under the run (issue 10). k = 2: a 128 MiB output.
+
+def widen_argv(ckpt: Path, out: Path, *more: str) -> list[str]:
+    return [MUPSCALE, "widen", str(ckpt), "--k", "2", "--spec", "mup-mlp", "-o", str(out), *more]
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Temporaries, moved-aside outputs and lock files."""
+    return sorted(p.name for p in directory.iterdir() if ".mupscale-" in p.name)
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr and "terminate called" not in stderr, stderr
+    return lines[0]
+
+
+def wait_for(p: subprocess.Popen, cond, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert p.poll() is None, f"exited {p.returncode} before {what}: {p.stderr.read()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_signal_at_any_moment_never_aborts_and_leaves_nothing(big: Path, tmp_path: Path, sig, code) -> None:
+    """From Python start-up through imports, loading, the background digest and value checks, to the
+    write: the exit code is 130/143 (or 0 if it finished first), one line, never an abort (-6/134)."""
+    out = tmp_path / "wide.safetensors"
+    landed = []
+    for delay in (0.4, 1.2, 2.0, 2.8):
+        p = subprocess.Popen(widen_argv(big, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        writing = bool(temps(tmp_path))
+        p.send_signal(sig)
+        stdout, stderr = p.communicate(timeout=120)
+        where = f"signal after {delay} s: exit {p.returncode}, stderr {stderr!r}"
+        if p.returncode == 0:  # finished before the signal
+            out.unlink()
+            continue
+        landed.append(writing)
+        assert p.returncode == code, where
+        assert one_line(stderr) in ("mupscale: interrupted", "mupscale: terminated"), where
+        assert stdout == "" and not out.exists() and leftovers(tmp_path) == [], where
+    assert len(landed) >= 3, "the widening was too fast for the signals to land"
+
+
+def _snapshot(d: Path) -> dict[str, str]:
+    import hashlib
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+def test_sigkill_during_sharded_commit_keeps_the_old_output(big: Path, tmp_path: Path) -> None:
+    """The new directory is built beside the old one and swapped in at once: killed at any moment (the
+    last kill lands between the temporary directory being complete and the swap), the old output stays
+    byte for byte, or the new one is complete; the next run removes what the killed ones left."""
+    out = tmp_path / "shards"
+    shard = ["--shard-size", "24MB"]
+    r = subprocess.run(widen_argv(big, out, *shard), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    old = _snapshot(out)
+    assert len(old) >= 5  # several shards and the index
+    kept = 0
+    for delay in (0.0, 0.6, None):
+        p = subprocess.Popen(widen_argv(big, out, *shard, "--force", "--sigma", "0.5"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        building = lambda: [d for d in tmp_path.iterdir() if TMP_PT in d.name and d.is_dir()]  # noqa: E731
+        if delay is None:  # the temporary directory holds the finished output: the commit is under way
+            wait_for(p, lambda: any((d / "model.safetensors.index.json").exists() for d in building()), "commit")
+        else:
+            wait_for(p, building, "the temporary directory")
+            time.sleep(delay)
+        p.kill()
+        p.communicate()
+        now = _snapshot(out)
+        if now == old:
+            kept += 1
+        else:  # the swap happened before the kill: the new output, complete
+            index = json.loads((out / "model.safetensors.index.json").read_text())
+            assert set(index["weight_map"].values()) | {"model.safetensors.index.json"} == set(now)
+            assert all(now[n] != old.get(n) for n in set(index["weight_map"].values()))
+            old = now
+    assert kept >= 2
+    r = subprocess.run(widen_argv(big, out, *shard, "--force"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "removed stale temporary" in r.stderr
+    assert leftovers(tmp_path) == [] and (out / "model.safetensors.index.json").is_file()
+
+
+def _together(argv: list[str]) -> list[tuple[subprocess.Popen, str]]:
+    ps = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    return [(p, p.communicate(timeout=300)[1]) for p in ps]
+
+
+def test_one_writer_per_output(big: Path, tmp_path: Path) -> None:
+    """Two writers started together on one output: with --force, the second to claim it fails at once
+    naming the first (they never interleave); without, exactly one writes, the other says why not."""
+    out = tmp_path / "wide.safetensors"
+    rs = _together(widen_argv(big, out, "--force"))
+    assert sorted(p.returncode for p, _ in rs) == [0, 2], [(p.returncode, e) for p, e in rs]
+    (winner, _), (_, lost) = sorted(rs, key=lambda r: r[0].returncode)
+    assert f"being written by pid {winner.pid}" in one_line(lost)
+    assert out.is_file() and leftovers(tmp_path) == []
+    out2 = tmp_path / "race.safetensors"
+    tiny = Path(__file__).resolve().parents[1] / "examples" / "nanogpt-tiny.pt"
+    rs = _together([MUPSCALE, "widen", str(tiny), "--k", "2", "-o", str(out2)])
+    assert sorted(p.returncode for p, _ in rs) == [0, 2], [(p.returncode, e) for p, e in rs]
+    lost = next(e for p, e in rs if p.returncode == 2)
+    assert "being written by pid" in lost or "exists" in lost, lost
+    assert out2.is_file() and leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """A 140 MiB tmpfs of its own (root only); yields its mount point, unmounted afterwards."""
+    import os
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=140M", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_mid_write_is_one_line_exit_2(big: Path, small_fs: Path) -> None:
+    """The free-space check passes, then the disk fills up (another writer) while widen writes: exit 2
+    naming the output, its temporary removed."""
+    out = small_fs / "wide.safetensors"
+    p = subprocess.Popen(widen_argv(big, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(p, lambda: temps(small_fs), "the temporary")
+    with open(small_fs / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 2, stderr
+    line = one_line(stderr)
+    assert str(out) in line and "no space left" in line and "ENOSPC" in line, line
+    assert not out.exists() and leftovers(small_fs) == []
+
+
+def test_read_only_output_is_one_line_exit_2(big: Path, small_fs: Path) -> None:
+    r = subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot remount read-only: {r.stderr.strip()}")
+    out = small_fs / "wide.safetensors"
+    r = subprocess.run(widen_argv(big, out), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    line = one_line(r.stderr)
+    assert f"-o {out}: read-only file system" in line and "(EROFS)" in line, line
+
+
+def test_file_size_limit_is_one_line_exit_2(big: Path, tmp_path: Path) -> None:
+    """`ulimit -f`: SIGXFSZ is ignored so the write fails with EFBIG, reported in one line."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+    out = tmp_path / "wide.safetensors"
+    r = subprocess.run(widen_argv(big, out), capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert r.returncode == 2, r.stderr
+    line = one_line(r.stderr)
+    assert str(out) in line and "EFBIG" in line, line
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_input_changed_during_the_run_is_not_committed(big: Path, tmp_path: Path) -> None:
+    """A .safetensors input rewritten in place while widen reads it: nothing at -o, exit 2."""
+    from safetensors.torch import save_file
+    src = tmp_path / "in.safetensors"
+    save_file(torch.load(big, weights_only=True), src)
+    out = tmp_path / "wide.safetensors"
+    p = subprocess.Popen(widen_argv(src, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(p, lambda: temps(tmp_path), "the temporary")
+    with open(src, "r+b") as f:  # same size, other bytes in the middle
+        f.seek(src.stat().st_size // 2)
+        f.write(b"\x01" * 4096)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 2, stderr
+    assert f"{src}: changed" in one_line(stderr)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_pt_input_truncated_during_the_run(big: Path, tmp_path: Path) -> None:
+    """A .pt is read through mmap: truncating it raises SIGBUS in whichever thread reads next; that is one
+    line and exit 2, with no temporary left (or, if no read faulted, the input check before the commit)."""
+    src = tmp_path / "in.pt"
+    shutil.copy(big, src)
+    out = tmp_path / "wide.safetensors"
+    p = subprocess.Popen(widen_argv(src, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(p, lambda: temps(tmp_path), "the temporary")
+    os.truncate(src, 4096)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 2, stderr
+    line = one_line(stderr)
+    assert line.startswith(f"mupscale: error: {src}") and ("shrank" in line or "changed" in line), line
+    assert not out.exists() and leftovers(tmp_path) == []

@@ -81,7 +81,15 @@ def test_spec_switches_noise_off_and_scales_it(base, tmp):
     assert (quiet["input.bias"] - exact["input.bias"]).std().item() == pytest.approx(1.0, rel=0.2)
 
 
-def test_noise_depends_only_on_seed_name_shape_not_threads_or_chunks():
+@pytest.fixture
+def threads():
+    """torch's thread count, restored after the test changes it."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_noise_depends_only_on_seed_name_shape_not_threads_or_chunks(threads):
     shape = (3, CHUNK + 5)  # spans two generator chunks
     torch.set_num_threads(1)
     a = noise("w", shape, 7)

@@ -314,3 +314,15 @@ def test_zero_noise_is_exact_widening(m, k) -> None:
 
 def test_pattern_regex_is_anchored_by_fullmatch() -> None:
     assert compile_pattern("h.{i}.w").pattern == re.escape("h.") + r"(\d+)" + re.escape(".w")
+
+
+def test_widen_keeps_the_tensor_on_its_device() -> None:
+    """verify widens tensors on the GPU: the result must live where the input does (the meta device stands
+    in for CUDA here; a CPU-allocated result failed `verify --device cuda` at step 0)."""
+    spec = parse_spec(yaml.safe_dump({"name": "dev", "tensors": {
+        "w": {"axes": ["d", "d"], "fan_in": 1}, "b": {"axes": ["d"]}}}), "dev.yaml")
+    tensors = {"w": torch.empty(4, 4, dtype=torch.float64, device="meta"),
+               "b": torch.empty(4, dtype=torch.float64, device="meta")}
+    wide, _ = _widen_all(spec, tensors, {"d": 2}, 0)
+    assert {n: (t.device.type, tuple(t.shape)) for n, t in wide.items()} == {"w": ("meta", (8, 8)),
+                                                                              "b": ("meta", (8,))}

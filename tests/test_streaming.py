@@ -145,8 +145,7 @@ def test_sharded_output_is_replaced_cleanly_and_needs_force(base, tmp):
     many = sorted(p.name for p in out.iterdir())
     with pytest.raises(MupscaleError, match="--force"):
         run_widen(WidenOptions(base, out, k="2", shard_size="2000B"))
-    res = widen_to(base, out, shard_size="10GB")
-    assert any("removed model-00001-of-" in n for n in res["notes"])
+    res = widen_to(base, out, shard_size="10GB")  # the whole directory is replaced: no shard of the old one
     assert sorted(p.name for p in out.iterdir()) == ["model-00001-of-00001.safetensors",
                                                       "model.safetensors.index.json",
                                                       "optimizer-00001-of-00001.safetensors",
@@ -163,6 +162,13 @@ def test_sharded_output_is_replaced_cleanly_and_needs_force(base, tmp):
         run_widen(WidenOptions(base, tmp / "x.pt", k="2", shard_size="1GB"))
     with pytest.raises(MupscaleError, match="shard-size"):
         run_widen(WidenOptions(base, tmp / "y", k="2", shard_size="0"))
+    # the directory is the output: one holding other files is refused, whatever the prefix form
+    (tmp / "t" / "notes.txt").write_text("mine")
+    for o in (tmp / "t", tmp / "t" / "wide.safetensors"):
+        with pytest.raises(MupscaleError, match=r"notes\.txt.*new or empty directory"):
+            run_widen(WidenOptions(base, o, k="2", shard_size="1GB", force=True))
+    assert (tmp / "t" / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp.iterdir() if ".mupscale-" in p.name] == []
 
 
 def test_input_formats_give_identical_output(base, tmp):

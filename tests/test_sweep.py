@@ -1,7 +1,10 @@
 """`mupscale sweep`: grid, seeds, early scores, successive halving, noise schemes, hparams.yaml."""
 from __future__ import annotations
 
+import gc
 import json
+import math
+import weakref
 
 import mup
 import pytest
@@ -47,7 +50,9 @@ def test_grid_with_seeds_writes_hparams(proxy, tmp):
     assert (res["sigma"], res["lr"]) == (best["sigma"], best["lr"])
     assert res["sigma"] == 0.0  # a huge σ̄ = 8 wrecks the warm start on this task
     assert "standard errors over 2 seeds" in res["confidence"]
-    assert -1 <= res["rank_correlation_early_full"] <= 1
+    rho = res["rank_correlation_early_full"]
+    assert rho == pytest.approx(spearman([r["early"] for r in res["grid"]], [r["score"] for r in res["grid"]]))
+    assert rho >= 0.6  # σ̄ = 8 ranks last early as in full: at most the lr order within σ̄ flips
     assert res["total_train_steps"] == res["full_grid_steps"] == 4 * 30 * 2
     saved = yaml.safe_load(out.read_text())
     assert saved["sigma"] == res["sigma"] and saved["lr"] == res["lr"] and saved["base_lr"] == 1e-2
@@ -109,3 +114,30 @@ def test_sweep_command_prints_the_best_pair(proxy, tmp):
 def test_spearman():
     assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1)
+    # tied values share their mean rank: [0.5, 0.5, 2] against [0, 1, 2] (sequential ranks would give 1)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(1.5 / math.sqrt(1.5 * 2))
+    assert spearman([5, 5, 5, 1], [4, 3, 2, 1]) == pytest.approx(spearman([2, 2, 2, 1], [4, 3, 2, 1]))
+
+
+def test_grid_without_halving_holds_one_setting_in_memory(proxy, monkeypatch):
+    """Without --halving each setting is built, trained and dropped before the next is built."""
+    from mupscale_cli.commands import sweep
+    live, most = weakref.WeakSet(), [0]
+    start = sweep.Proxy.start
+
+    def counting(self, *a):
+        gc.collect()
+        most[0] = max(most[0], len(live))
+        r = start(self, *a)
+        live.add(r.model)
+        return r
+    monkeypatch.setattr(sweep.Proxy, "start", counting)
+    res = run_sweep(SweepOptions(proxy, k="2", sigmas=[0.0, 1.0], lrs=[1e-3, 1e-2], steps=4, batch_size=4))
+    assert len(res["grid"]) == 4 and most[0] == 0  # no model alive when the next one is built
+
+
+def test_seeds_zero_names_seeds(proxy):
+    with pytest.raises(MupscaleError, match="--seeds must be >= 1"):
+        run_sweep(SweepOptions(proxy, seeds=0))
+    r = mupscale("sweep", str(proxy), "--seeds", "0")
+    assert r.returncode == 2 and "--seeds must be >= 1" in r.stderr and "--steps" not in r.stderr

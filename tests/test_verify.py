@@ -336,8 +336,7 @@ def test_chaotic_float32_drift_is_diagnosed_as_roundoff(tmp):
     static check clean and the first steps at round-off, is called round-off growth, not a defect."""
     src = make_ck(tmp, "resnet", "sgd")
     rep = verify(src, steps=200, dtype="float32")
-    if rep["result"] == "pass":
-        pytest.skip("no chaotic growth on this machine")
+    assert rep["result"] == "fail"  # measured 0.84-2.1 relative by step 200, against a tolerance of 1e-3
     assert rep["first_failure"]["step"] >= 5
     assert "grew gradually from round-off" in diagnosis(rep)
 
@@ -450,9 +449,6 @@ def test_gpu_suite(tmp, dtype, steps):
 def test_wide_stored_in_another_dtype_is_rederived_bit_for_bit(tmp):
     """`widen --dtype float32` of a float64 BASE: WIDE must equal the cast exact widening bit for bit;
     the lockstep then runs on the exact (uncast) reconstruction."""
-    import dataclasses
-    if "dtype" not in {f.name for f in dataclasses.fields(WidenOptions)}:
-        pytest.skip("widen has no --dtype")
     src = make_ck(tmp, "mlp", "adamw")
     wide = widen_to(src, tmp / "w32.pt", dtype="float32", sigma=0.5, seed=2)
     rep = verify(src, wide, steps=20)

@@ -40,20 +40,23 @@ def load(path: str | Path) -> Widened:
     return Widened(model, ck.optimizer, kind, prov, {k: v for k, v in ck.extra.items() if k != "mupscale"})
 
 
-def optimizer_groups(model: nn.Module, optimizer_sd: dict) -> list[dict]:
+def optimizer_groups(model: nn.Module, optimizer_sd: dict, names: list[list[str]] | None = None) -> list[dict]:
     """Param groups for a new optimizer that `load_state_dict(optimizer_sd)` accepts: the saved groups'
-    hyper-parameters, with the model's parameters looked up by the saved `param_names`."""
+    hyper-parameters, with the model's parameters looked up by name: `names` per group, else the saved
+    `param_names`."""
     params = dict(model.named_parameters(remove_duplicate=False))
     groups = []
-    for g in optimizer_sd["param_groups"]:
-        if "param_names" not in g:
+    for i, g in enumerate(optimizer_sd["param_groups"]):
+        if names is None and "param_names" not in g:
             raise MupscaleError("the optimizer state has no param_names; it was not written by mupscale "
                                 "from a named checkpoint: rebuild groups by hand")
-        missing = [n for n in g["param_names"] if n not in params]
+        ns = names[i] if names is not None else g["param_names"]
+        missing = [n for n in ns if n not in params]
         if missing:
-            raise MupscaleError(f"the model has no parameter {missing[0]!r}; is it the widened architecture?")
-        groups.append({**{k: v for k, v in g.items() if k != "params"},
-                       "params": [params[n] for n in g["param_names"]]})
+            raise MupscaleError(f"the model has no parameter {missing[0]!r} that the optimizer state names; is it "
+                                f"the widened architecture?")
+        drop = ("params",) if names is None else ("params", "param_names")  # given names replace saved ones
+        groups.append({**{k: v for k, v in g.items() if k not in drop}, "params": [params[n] for n in ns]})
     return groups
 
 

@@ -43,14 +43,39 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """mupscale"""
 
 
-def _term(signum, frame):  # SIGTERM unwinds like SIGINT so temporary files are removed
-    raise SystemExit(143)
+def _signalled(signum, frame):
+    """SIGINT and SIGTERM unwind (temporaries are removed, threads joined); a second one waits for that."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if signum == signal.SIGTERM:
+        raise SystemExit(143)
+    raise KeyboardInterrupt
+
+
+# Packages the package imports only for some commands, and how to get them.
+OPTIONAL = {"mup": "pip install --no-deps mup==1.0.0 (its declared dependencies would pull a CUDA torch)",
+            "matplotlib": "pip install 'mupscale-cli[plot]'",
+            "transformers": "pip install 'mupscale-cli[hf]'", "accelerate": "pip install 'mupscale-cli[hf]'"}
+
+_threads: list = []  # (stop event, thread) of threads the command started: stopped and joined on exit
+
+
+def _stop_threads() -> None:
+    while _threads:
+        stop, thread = _threads.pop()
+        stop.set()
+        thread.join()
 
 
 @contextmanager
 def guard():
-    """One-line errors, documented exit codes, never a traceback (MUPSCALE_DEBUG=1 shows it)."""
-    signal.signal(signal.SIGTERM, _term)
+    """One-line errors, documented exit codes, never a traceback (MUPSCALE_DEBUG=1 shows it). Every thread
+    is joined before the exit (a thread inside torch while the interpreter exits aborts the process)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _signalled)
+    signal.signal(signal.SIGINT, _signalled)
+    if hasattr(signal, "SIGXFSZ"):  # over `ulimit -f`: let write() fail with EFBIG instead of dying
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         yield
     except MupscaleError as e:
@@ -59,8 +84,26 @@ def guard():
     except KeyboardInterrupt:
         err.print("mupscale: interrupted", markup=False)
         raise typer.Exit(130) from None
-    except (typer.Exit, SystemExit):
+    except SystemExit as e:
+        if e.code == 143:
+            err.print("mupscale: terminated", markup=False)
         raise
+    except typer.Exit:
+        raise
+    except OSError as e:
+        from mupscale_cli.formats.target import env_error
+        me = env_error(e, "mupscale")
+        if me is None:
+            raise
+        err.print(f"mupscale: error: {me}", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in OPTIONAL:
+            raise
+        err.print(f"mupscale: error: this needs the {top} package, which is not installed: {OPTIONAL[top]}",
+                  markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     except Exception as e:  # noqa: BLE001
         if os.environ.get("MUPSCALE_DEBUG"):
             raise
@@ -68,6 +111,11 @@ def guard():
         err.print(f"mupscale: internal error: {type(e).__name__}: {msg} (rerun with MUPSCALE_DEBUG=1 and "
                   f"report it)", markup=False, soft_wrap=True)
         raise typer.Exit(3) from None
+    finally:
+        _stop_threads()
+        for s, h in saved.items():
+            if h is not None:
+                signal.signal(s, h)
 
 
 K_HELP = "Width multiplier: one integer for every width axis (--k 4) or per axis (--k d_model=2,d_ff=4)."
@@ -108,24 +156,30 @@ class _Bar:
 
 def _prehash(path: Path):
     """Start the sha256 of a single-file input on a thread now, while torch loads (with one core busy
-    importing, the other is free); returns a function giving the hex digest (None for a directory)."""
+    importing, the other is free); returns a function giving the hex digest (None for a directory).
+    The thread stops at the next 4 MiB when the command ends (guard)."""
     if not path.is_file():
         return None
     import hashlib
     import threading
     box: dict = {}
+    stop = threading.Event()
 
     def run() -> None:
         try:
             h, buf = hashlib.sha256(), bytearray(1 << 22)
             with open(path, "rb", buffering=0) as f:
                 while n := f.readinto(buf):
+                    if stop.is_set():
+                        box["error"] = MupscaleError(f"{path}: reading stopped")
+                        return
                     h.update(memoryview(buf)[:n])
             box["digest"] = h.hexdigest()
         except OSError as e:
             box["error"] = MupscaleError(f"{path}: cannot read: {e.strerror or e}")
 
     thread = threading.Thread(target=run, daemon=True, name="mupscale-prehash")
+    _threads.append((stop, thread))
     thread.start()
 
     def result() -> str:
@@ -136,12 +190,17 @@ def _prehash(path: Path):
     return result
 
 
+def _is_program() -> bool:
+    """Whether this process is the `mupscale` program (not an in-process caller such as a test)."""
+    from mupscale_cli import is_program
+    return is_program()
+
+
 def _exit_now_if_program() -> None:
     """As the `mupscale` program (not in-process callers such as tests), exit as soon as the output is
     committed and printed: Python's own shutdown with torch loaded takes about 0.4 s, and there is nothing
     left to do (the output is fsynced and renamed, the worker threads are gone)."""
-    prog = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
-    if prog.name == "mupscale" or (prog.name == "__main__.py" and prog.parent.name == "mupscale_cli"):
+    if _is_program():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -218,6 +277,9 @@ def widen(
     with guard():
         from dataclasses import replace
 
+        if _is_program():
+            from mupscale_cli.formats.target import install_sigbus_handler
+            install_sigbus_handler()  # an mmapped input that shrinks: one line, exit 2, no temporaries
         digest = _prehash(checkpoint)
         _widen_memory_settings()
         from mupscale_cli.commands.widen import run_widen

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from mupscale_cli.api import make_optimizer
+from mupscale_cli.api import make_optimizer, optimizer_groups
 from mupscale_cli.commands.hparams import base_lr_of
-from mupscale_cli.commands.widen import WidenOptions, prepare
+from mupscale_cli.commands.widen import Prepared, WidenOptions, prepare
 from mupscale_cli.formats.checkpoint import sha256_file
-from mupscale_cli.verify.modelspec import resolve
+from mupscale_cli.verify.modelspec import ModelDef, resolve
 from mupscale_cli.core.optstate import scale_lr, widen_optimizer
 from mupscale_cli.core.schemes import SCHEMES, effective_sigma, noised, relative_tensors
 from mupscale_cli.core.widen import widen
@@ -48,9 +48,9 @@ class Run:
     sigma: float
     lr: float
     seed: int
-    model: torch.nn.Module
-    opt: torch.optim.Optimizer
-    gen: torch.Generator
+    model: torch.nn.Module | None  # None once the run is dropped (halving)
+    opt: torch.optim.Optimizer | None
+    gen: torch.Generator | None
     losses: list[float] = field(default_factory=list)
 
 
@@ -71,132 +71,187 @@ def score(losses: list[float], upto: int | None = None) -> float:
     return sum(xs) / len(xs) if xs else math.inf
 
 
+def _ranks(x: list[float]) -> list[float]:
+    """Ranks from 0; tied values share the mean of the ranks they span."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    r = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for t in order[i:j + 1]:
+            r[t] = (i + j) / 2
+        i = j + 1
+    return r
+
+
 def spearman(a: list[float], b: list[float]) -> float:
-    def ranks(x):
-        order = sorted(range(len(x)), key=lambda i: x[i])
-        r = [0.0] * len(x)
-        for rank, i in enumerate(order):
-            r[i] = rank
-        return r
-    ra, rb = ranks(a), ranks(b)
+    """Spearman's rank correlation (Pearson's on ranks, ties averaged)."""
     n = len(a)
     if n < 2:
         return 1.0
+    ra, rb = _ranks(a), _ranks(b)
     ma, mb = sum(ra) / n, sum(rb) / n
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
     va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
     return cov / math.sqrt(va * vb) if va and vb else 1.0
 
 
-def run_sweep(o: SweepOptions, log: Callable[[str], None] = lambda s: None) -> dict:
+def check_options(o: SweepOptions) -> None:
     if o.scheme not in SCHEMES:
         raise MupscaleError(f"--noise-scheme {o.scheme!r}: choose one of {', '.join(SCHEMES)}")
-    if o.steps < 4 or o.seeds < 1 or o.batch_size < 1:
-        raise MupscaleError("--steps must be >= 4, --seeds and --batch-size >= 1")
+    if o.steps < 4:
+        raise MupscaleError(f"--steps must be >= 4, got {o.steps}")
+    if o.seeds < 1:
+        raise MupscaleError(f"--seeds must be >= 1 (training runs per setting), got {o.seeds}")
+    if o.batch_size < 1:
+        raise MupscaleError(f"--batch-size must be >= 1, got {o.batch_size}")
     if o.early is not None and not 0 < o.early <= 1:
         raise MupscaleError(f"--early must be a fraction in (0, 1], got {o.early}")
+    if o.scheme == "interpolate" and any(s > 1 for s in o.sigmas):
+        raise MupscaleError("--noise-scheme interpolate takes t in [0, 1] as --sigma values")
+
+
+@dataclass
+class Proxy:
+    """What every run of a sweep starts from: the proxy, its widening plan and widened optimizer state."""
+    o: SweepOptions
+    prep: Prepared
+    md: ModelDef
+    gamma: float  # the proxy's base learning rate γ̄
+    wide_osd: dict
+    data: Callable | None
+
+    def start(self, sigma: float, lr: float, seed: int) -> Run:
+        """The widened proxy (noised per scheme) and its optimizer with every lr × γ̄↑/γ̄."""
+        plan, ckpt, o = self.prep.plan, self.prep.ckpt, self.o
+        torch.manual_seed(seed)
+        model = self.md.build(self.prep.model_args or {}, ckpt.model_args or {})
+        sd = {}
+        for n, p in plan.tensors.items():
+            c = p.alias_of or n
+            sd[n] = noised(ckpt.tensors[c], plan.tensors[c], o.scheme, sigma, seed)
+        model.load_state_dict(sd)
+        osd = {"state": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                         for i, st in self.wide_osd["state"].items()},
+               "param_groups": scale_lr(self.wide_osd["param_groups"], lr / self.gamma)}
+        opt = make_optimizer(self.prep.omap.kind, optimizer_groups(model, osd))
+        opt.load_state_dict(osd)
+        return Run(sigma, lr, seed, model, opt, torch.Generator().manual_seed(10_000 + seed))
+
+    def train(self, r: Run, until: int) -> int:
+        """Train `r` until it has `until` steps; returns the steps it took."""
+        r.model.train()
+        taken = max(0, until - len(r.losses))
+        while len(r.losses) < until:
+            x, y = self.data(len(r.losses)) if self.data else self.md.batch(
+                self.prep.ckpt.model_args or {}, self.o.batch_size, r.gen, torch.float32)
+            r.opt.zero_grad(set_to_none=True)
+            loss = self.md.loss(r.model, x, y)
+            loss.backward()
+            r.opt.step()
+            v = loss.item()
+            r.losses.append(v if math.isfinite(v) else 1e9)
+        return taken
+
+
+def load_proxy(o: SweepOptions) -> Proxy:
     prep = prepare(WidenOptions(checkpoint=o.checkpoint, k=o.k, spec=o.spec))
     if prep.omap is None:
         raise MupscaleError("the proxy checkpoint has no optimizer state: sweep trains with the proxy's "
                             "optimizer and its widened state")
-    if o.scheme == "interpolate" and any(s > 1 for s in o.sigmas):
-        raise MupscaleError("--noise-scheme interpolate takes t in [0, 1] as --sigma values")
     md = resolve(prep.plan.spec.model, prep.plan.spec.name, o.model)
     gamma = base_lr_of(prep.ckpt, o.base_lr)
     if gamma is None:
         raise MupscaleError("the proxy's base learning rate γ̄ is unknown (no config.learning_rate in the "
                             "checkpoint): pass --base-lr")
-    lrs = o.lrs or [gamma * f for f in (0.25, 0.5, 1.0, 2.0)]
-    base_args, wide_args = prep.ckpt.model_args or {}, prep.model_args or {}
-    plan, ckpt = prep.plan, prep.ckpt
-    wide_osd = widen_optimizer(ckpt.optimizer, plan, prep.omap)
     data = None
     if o.data:
         from mupscale_cli.commands.verify import load_data
         data = load_data(o.data, o.batch_size)
+    return Proxy(o, prep, md, gamma, widen_optimizer(prep.ckpt.optimizer, prep.plan, prep.omap), data)
 
-    def start(sigma: float, lr: float, seed: int) -> Run:
-        torch.manual_seed(seed)
-        model = md.build(wide_args, base_args)
-        sd = {}
-        for n, p in plan.tensors.items():
-            src = ckpt.tensors[p.alias_of or n]
-            sd[n] = noised(src, plan.tensors[p.alias_of or n], o.scheme, sigma, seed)
-        model.load_state_dict(sd)
-        osd = {"state": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-                         for i, st in wide_osd["state"].items()},
-               "param_groups": scale_lr(wide_osd["param_groups"], lr / gamma)}
-        params = dict(model.named_parameters())
-        groups = [{**{h: v for h, v in g.items() if h != "params"}, "params": [params[n] for n in g["param_names"]]}
-                  for g in osd["param_groups"]]
-        opt = make_optimizer(prep.omap.kind, groups)
-        opt.load_state_dict(osd)
-        return Run(sigma, lr, seed, model, opt, torch.Generator().manual_seed(10_000 + seed))
 
-    def train(r: Run, until: int) -> None:
-        r.model.train()
-        while len(r.losses) < until:
-            x, y = data(len(r.losses)) if data else md.batch(base_args, o.batch_size, r.gen, torch.float32)
-            r.opt.zero_grad(set_to_none=True)
-            loss = md.loss(r.model, x, y)
-            loss.backward()
-            r.opt.step()
-            v = loss.item()
-            r.losses.append(v if math.isfinite(v) else 1e9)
+def run_grid(px: Proxy, grid: list[tuple], log) -> tuple[dict, int]:
+    """Every setting trained the full --steps, one setting's models in memory at a time."""
+    o, losses, total = px.o, {}, 0
+    for key in grid:
+        runs = []
+        for seed in range(o.seeds):
+            r = px.start(*key, seed)
+            total += px.train(r, o.steps)
+            runs.append(r.losses)
+            del r  # the model and optimizer go before the next run is built
+        losses[key] = runs
+        log(f"sigma={key[0]:g} lr={key[1]:g}: score {sum(score(x) for x in runs) / o.seeds:.4f}")
+    return losses, total
 
-    grid = [(s, lr) for s in o.sigmas for lr in lrs]
-    runs = {(s, lr): [start(s, lr, seed) for seed in range(o.seeds)] for s, lr in grid}
-    alive, total_steps, rungs = list(grid), 0, []
-    if o.halving:  # successive halving: budgets T/2^R, ..., T/2, T; keep the better half at each rung
-        # the first rung trains at least the --early fraction (else T/8): fewer steps rank settings poorly
-        first = max(1, math.floor(o.steps * (o.early or MIN_RUNG)))
-        n_rungs = max(0, min(math.floor(math.log2(len(grid))), math.floor(math.log2(o.steps / first))))
-        for i in range(n_rungs + 1):
-            until = max(1, o.steps // 2 ** (n_rungs - i))
-            for key in alive:
-                for r in runs[key]:
-                    total_steps += until - len(r.losses)
-                    train(r, until)
-            ranked = sorted(alive, key=lambda key: sum(score(r.losses) for r in runs[key]))
-            rungs.append({"steps": until, "configs": len(alive)})
-            if i < n_rungs:
-                alive = ranked[:max(1, math.ceil(len(alive) / 2))]
-        log(f"halving: {len(grid)} settings, rungs {rungs}")
-    else:
-        for key in grid:
+
+def run_halving(px: Proxy, grid: list[tuple], log) -> tuple[dict, int, list[dict]]:
+    """Successive halving: budgets T/2^R, ..., T/2, T; the better half of the settings goes on at each rung.
+    The first rung trains at least the --early fraction (else T/8): fewer steps rank settings poorly."""
+    o = px.o
+    runs = {key: [px.start(*key, seed) for seed in range(o.seeds)] for key in grid}
+    first = max(1, math.floor(o.steps * (o.early or MIN_RUNG)))
+    n_rungs = max(0, min(math.floor(math.log2(len(grid))), math.floor(math.log2(o.steps / first))))
+    alive, total, rungs = list(grid), 0, []
+    for i in range(n_rungs + 1):
+        until = max(1, o.steps // 2 ** (n_rungs - i))
+        for key in alive:
             for r in runs[key]:
-                total_steps += o.steps - len(r.losses)
-                train(r, o.steps)
-            log(f"sigma={key[0]:g} lr={key[1]:g}: score {sum(score(r.losses) for r in runs[key]) / o.seeds:.4f}")
+                total += px.train(r, until)
+        ranked = sorted(alive, key=lambda key: sum(score(r.losses) for r in runs[key]))
+        rungs.append({"steps": until, "configs": len(alive)})
+        if i < n_rungs:
+            for key in ranked[max(1, math.ceil(len(alive) / 2)):]:
+                runs[key] = [Run(r.sigma, r.lr, r.seed, None, None, None, r.losses) for r in runs[key]]  # free
+            alive = ranked[:max(1, math.ceil(len(alive) / 2))]
+    log(f"halving: {len(grid)} settings, rungs {rungs}")
+    return {key: [r.losses for r in rs] for key, rs in runs.items()}, total, rungs
+
+
+def score_table(o: SweepOptions, grid: list[tuple], losses: dict) -> list[dict]:
     early_n = max(1, int(o.early * o.steps)) if o.early else None
     table = []
     for key in grid:
-        rs = runs[key]
-        full = [score(r.losses) for r in rs] if all(len(r.losses) == o.steps for r in rs) else None
-        early = [score(r.losses, early_n) for r in rs] if early_n and all(len(r.losses) >= early_n for r in rs) else None
-        row = {"sigma": key[0], "lr": key[1], "steps": len(rs[0].losses),
-               "score": _mean(full), "score_se": _se(full), "early": _mean(early),
-               "final_loss": _mean([sum(r.losses[-10:]) / len(r.losses[-10:]) for r in rs])}
-        table.append(row)
+        ls = losses[key]
+        full = [score(x) for x in ls] if all(len(x) == o.steps for x in ls) else None
+        early = [score(x, early_n) for x in ls] if early_n and all(len(x) >= early_n for x in ls) else None
+        table.append({"sigma": key[0], "lr": key[1], "steps": len(ls[0]),
+                      "score": _mean(full), "score_se": _se(full), "early": _mean(early),
+                      "final_loss": _mean([sum(x[-10:]) / len(x[-10:]) for x in ls])})
+    return table
+
+
+def run_sweep(o: SweepOptions, log: Callable[[str], None] = lambda s: None) -> dict:
+    check_options(o)
+    px = load_proxy(o)
+    lrs = o.lrs or [px.gamma * f for f in (0.25, 0.5, 1.0, 2.0)]
+    grid = [(s, lr) for s in o.sigmas for lr in lrs]
+    rungs: list[dict] = []
+    if o.halving:
+        losses, total_steps, rungs = run_halving(px, grid, log)
+    else:
+        losses, total_steps = run_grid(px, grid, log)
+    table = score_table(o, grid, losses)
     by = "score"  # the full-run score picks; early scores are reported with their rank correlation
-    done = [r for r in table if r[by] is not None]
-    best = min(done, key=lambda r: r[by])
-    rest = sorted(done, key=lambda r: r[by])
-    note = _confidence(rest, by, o.seeds)
-    corr = None
-    if o.early and not o.halving:
-        corr = spearman([r["early"] for r in table], [r["score"] for r in table])
+    ranked = sorted((r for r in table if r[by] is not None), key=lambda r: r[by])
+    best = ranked[0]
+    corr = spearman([r["early"] for r in table], [r["score"] for r in table]) if o.early and not o.halving else None
+    plan, ckpt = px.prep.plan, px.prep.ckpt
     eff = {}
     if o.scheme == "relative":
         for n in relative_tensors(plan):
             p = plan.tensors[n]
             eff[n] = effective_sigma(widen(ckpt.tensors[n], p), p, best["sigma"], 0)
     result = {
-        "sigma": best["sigma"], "lr": best["lr"], "base_lr": gamma, "noise_scheme": o.scheme,
+        "sigma": best["sigma"], "lr": best["lr"], "base_lr": px.gamma, "noise_scheme": o.scheme,
         "k": plan.k, "spec": plan.spec.name, "steps": o.steps, "seeds": o.seeds, "scored_by": by,
-        "proxy": {"checkpoint": ckpt.path.name, "sha256": sha256_file(ckpt.path), "model_args": base_args},
-        "confidence": note, "rank_correlation_early_full": corr, "total_train_steps": total_steps,
-        "full_grid_steps": len(grid) * o.steps * o.seeds, "rungs": rungs, "grid": table,
+        "proxy": {"checkpoint": ckpt.path.name, "sha256": sha256_file(ckpt.path), "model_args": ckpt.model_args or {}},
+        "confidence": _confidence(ranked, by, o.seeds), "rank_correlation_early_full": corr,
+        "total_train_steps": total_steps, "full_grid_steps": len(grid) * o.steps * o.seeds, "rungs": rungs,
+        "grid": table,
     }
     if eff:
         result["effective_sigma"] = eff

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from mupscale_cli.api import load as load_widened
-from mupscale_cli.api import make_optimizer
+from mupscale_cli.api import make_optimizer, optimizer_groups
 from mupscale_cli.commands.widen import Prepared, WidenOptions, prepare, widen_tensors
 from mupscale_cli.core import noise as noise_mod
-from mupscale_cli.formats.checkpoint import sha256_file, strip_prefix
+from mupscale_cli.formats.checkpoint import source_sha256, strip_prefix
 from mupscale_cli.verify.diagnose import (Issue, compare_tensor, finite, groups_by_name, hyper_issues,
                                         shared_steps, state_by_name, state_issues)
 from mupscale_cli.verify.lockstep import StepDiff, run_lockstep
@@ -169,20 +169,8 @@ def _load_model(md: ModelDef, args: dict, base_args: dict | None, sd: dict[str, 
     return model
 
 
-def _groups(model: nn.Module, sd: dict, names: list[list[str]]) -> list[dict]:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    out = []
-    for g, ns in zip(sd["param_groups"], names):
-        missing = [n for n in ns if n not in params]
-        if missing:
-            raise MupscaleError(f"the model has no parameter {missing[0]!r} that the optimizer state names")
-        out.append({**{k: v for k, v in g.items() if k not in ("params", "param_names")},
-                    "params": [params[n] for n in ns]})
-    return out
-
-
 def _optimizer(kind: str, model: nn.Module, sd: dict, names: list[list[str]], who: str) -> torch.optim.Optimizer:
-    opt = make_optimizer(kind, _groups(model, sd, names))
+    opt = make_optimizer(kind, optimizer_groups(model, sd, names))
     try:
         opt.load_state_dict(_clone_tree(sd))
     except (ValueError, RuntimeError, KeyError) as e:
@@ -388,9 +376,7 @@ def run_verify(o: VerifyOptions, on_step: Callable[[dict, bool], None] | None = 
 
 def _source_digest(prep: Prepared) -> str:
     """BASE's digest as `widen` records it (the file's sha256; sharded inputs: widen's own digest)."""
-    from mupscale_cli.commands import widen as widen_cmd
-    fn = getattr(widen_cmd, "source_sha256", None)
-    return fn(prep.ckpt) if fn is not None else sha256_file(prep.ckpt.path)
+    return source_sha256(prep.ckpt)
 
 
 def _digest_note(path: Path) -> str | None:
@@ -572,11 +558,12 @@ def diagnose(report: dict, issues: list[Issue], fail: dict | None, o: VerifyOpti
         out.append(f"the difference grew gradually from round-off (steps 0-3: {early:.1e}, step {step}: "
                    f"{fail['value']:.1e}, about x{growth:.3g} per step) with weights, optimizer state and "
                    f"hyper-parameters all matching the exact widening: the training is chaotic enough to "
-                   f"amplify {o.dtype} round-off; this is not a widening defect: verify fewer --steps, use "
-                   f"--dtype float64 or a larger --tol")
+                   f"amplify {o.dtype} round-off; this is not a widening defect: verify fewer --steps"
+                   f"{', use --dtype float64' if o.dtype != 'float64' else ''} or a larger --tol")
     elif step > 0 and not found and fail["value"] is None:
         out.append(f"non-finite loss or outputs at step {step} (NaN/Inf) with everything static matching: "
-                   f"the training itself blew up; try a smaller --steps or --dtype float64")
+                   f"the training itself blew up; try a smaller --steps"
+                   f"{' or --dtype float64' if o.dtype != 'float64' else ''}")
     elif step > 0 and not found:
         why = ("weights, optimizer state and hyper-parameters all match the exact widening, so the training "
                "step itself is not width-invariant: e.g. gradient clipping or a loss that depends on width, "

@@ -17,18 +17,19 @@ from mupscale_cli.core import noise as noise_mod
 from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, is_sharded, iter_chunks,
                                          load_checkpoint, optimizer_prefix, read_rows, sharded_index, source_sha256,
                                          strip_prefix, tensor_meta)
-from mupscale_cli.core.optstate import (STATE_POWER, OptimizerMap, map_optimizer, optimizer_layout, scale_lr,
+from mupscale_cli.core.optstate import (STATE_POWER, OptimizerMap, check_state_key, map_optimizer, optimizer_layout, scale_lr,
                                        widen_optimizer)
+from mupscale_cli.formats.target import TMP_MARKER, InputWatch, claim, env_error, sigbus_names
 from mupscale_cli.formats.write import (DEFAULT_CHUNK_BYTES, SHARD_NAME, Background, OutTensor, Target,
-                                      clean_stale_temps,
-                                      remove_replaced_shards, sharded_files, write_pt, write_streamed)
+                                      clean_stale_temps, sharded_files, write_pt, write_streamed)
 from mupscale_cli.core.plan import Plan, make_plan, parse_k, same_values
-from mupscale_cli.formats.safetensors import parse_size
+from mupscale_cli.formats.safetensors import fmt_bytes, parse_size
 from mupscale_cli.core.spec import Spec, bundled_specs, load_spec
 from mupscale_cli.core.widen import widen_noised, widen_range
 from mupscale_cli.errors import MupscaleError
 
 OUT_SUFFIXES = (".safetensors", ".pt")
+MAX_BYTES = 2**60  # 1 EiB: a widened model larger than this is a mistaken --k
 
 
 @dataclass
@@ -137,6 +138,7 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
         notes.append("no optimizer state in the checkpoint: weights only")
     notes += _untracked_axes(plan, ckpt.model_args)
     prep = Prepared(ckpt, plan, omap, plan.model_args(ckpt.model_args), notes)
+    check_size(prep, opts)
     check_state_layout(prep)
     if not defer_checks:
         prep.notes += value_checks(prep, opts)
@@ -146,10 +148,15 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
 def value_checks(prep: Prepared, opts: WidenOptions) -> list[str]:
     """The checks that read the input's values, piece by piece: tied tensors equal, dtypes the rescale
     needs, NaN/Inf (notes to add, or an error with --strict)."""
+    check_tied(prep, opts)
+    return check_values(prep, opts.strict, _check_elements(opts))
+
+
+def check_tied(prep: Prepared, opts: WidenOptions) -> None:
+    """Tied tensors hold the same values (compared piece by piece)."""
     for n, p in prep.plan.tensors.items():
         if p.alias_of and not same_values(prep.ckpt.tensors, n, p.alias_of, _check_elements(opts)):
             raise MupscaleError(f"tied tensors {n!r} and {p.alias_of!r} differ; they must hold the same values")
-    return check_values(prep, opts.strict, _check_elements(opts))
 
 
 def _check_elements(opts: WidenOptions) -> int:
@@ -172,22 +179,19 @@ def state_refs(prep: Prepared):
                 yield n, key, st
 
 
-def state_items(prep: Prepared):
-    """(tensor name, state key, value) of every mapped optimizer state entry (lazy entries are read)."""
-    for n, key, st in state_refs(prep):
-        yield n, key, st[key]
-
-
 def _nonfinite(m, name: str, chunk: int) -> int:
     """NaN/Inf count of m[name], read piece by piece."""
     _, dtype = tensor_meta(m, name)
     if not (dtype.is_floating_point or dtype.is_complex):
         return 0
-    bad = 0
-    for x in iter_chunks(m, name, chunk):
-        if not bool(torch.isfinite(x.sum())):  # a finite sum has no NaN/Inf term (fast); else count them
-            bad += int((~torch.isfinite(x)).sum())
-    return bad
+    return sum(count_nonfinite(x) for x in iter_chunks(m, name, chunk))
+
+
+def count_nonfinite(x: torch.Tensor) -> int:
+    """NaN/Inf values in x (0 for integer tensors)."""
+    if not (x.dtype.is_floating_point or x.dtype.is_complex) or bool(torch.isfinite(x.sum())):
+        return 0  # a finite sum has no NaN/Inf term (fast); else count them
+    return int((~torch.isfinite(x)).sum())
 
 
 def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
@@ -206,9 +210,8 @@ def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
 
     def on_piece(path: Path, name: str, x: torch.Tensor) -> None:
         label = labels.get((path, name))
-        if label is not None and (x.dtype.is_floating_point or x.dtype.is_complex) and not bool(
-                torch.isfinite(x.sum())):
-            counts[label] = counts.get(label, 0) + int((~torch.isfinite(x)).sum())
+        if label is not None and (bad := count_nonfinite(x)):
+            counts[label] = counts.get(label, 0) + bad
 
     given = opts.source_digest if prep.ckpt.kind != "sharded" else None
     digest = source_sha256(prep.ckpt, on_piece, hashing=given is None) if labels else None
@@ -217,9 +220,7 @@ def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
         return (given() if given else source_sha256(prep.ckpt)), notes
     if given is not None:
         digest = given()
-    for n, p in prep.plan.tensors.items():
-        if p.alias_of and not same_values(prep.ckpt.tensors, n, p.alias_of, _check_elements(opts)):
-            raise MupscaleError(f"tied tensors {n!r} and {p.alias_of!r} differ; they must hold the same values")
+    check_tied(prep, opts)
     order = [n for n, p in prep.plan.tensors.items() if not p.alias_of]
     order += [f"{n}/{key}" for n, key, _ in state_refs(prep) if key != "step"]
     return digest, _nonfinite_notes([(n, counts[n]) for n in order if counts.get(n)], opts.strict)
@@ -235,9 +236,7 @@ def check_state_layout(prep: Prepared) -> None:
     for n, key, st in state_refs(prep):
         if key == "step":
             continue
-        if key not in STATE_POWER:
-            raise MupscaleError(f"unknown optimizer state {key!r} for tensor {n!r}; mupscale widens SGD, Adam "
-                                f"and AdamW state (momentum_buffer, exp_avg, exp_avg_sq, max_exp_avg_sq, step)")
+        check_state_key(key, n)
         if not isinstance(st, LazyTensors):
             v = st[key]
             if v is None:
@@ -285,17 +284,32 @@ def output_bytes(prep: Prepared, out, dtype: torch.dtype | None = None) -> int:
     safetensors) + optimizer state; model tensors in `dtype` (--dtype) if given."""
     plan = prep.plan
     pt = (out.kind if isinstance(out, Target) else ("pt" if Path(out).suffix == ".pt" else "st")) == "pt"
-    total = 0
-    for p in plan.tensors.values():
-        if pt and p.alias_of:
-            continue
-        size = dtype.itemsize if dtype is not None and p.dtype.is_floating_point else p.dtype.itemsize
-        total += math.prod(p.out_shape) * size
+    total = model_bytes(plan, dtype, aliases=not pt)
     for n, key, st in state_refs(prep):
         if isinstance(st, LazyTensors) or isinstance(st[key], torch.Tensor):
             shape, dt = tensor_meta(st, key)
             total += dt.itemsize * (1 if len(shape) == 0 else math.prod(plan.tensors[n].out_shape))
     return total
+
+
+def model_bytes(plan: Plan, dtype: torch.dtype | None = None, aliases: bool = True, widened: bool = True) -> int:
+    """Bytes of the model's tensors, widened (or as in the input), floating-point ones in `dtype` if given;
+    tied aliases counted again unless `aliases` is False (a .pt stores them once)."""
+    total = 0
+    for p in plan.tensors.values():
+        if p.alias_of and not aliases:
+            continue
+        size = dtype.itemsize if dtype is not None and p.dtype.is_floating_point else p.dtype.itemsize
+        total += math.prod(p.out_shape if widened else p.shape) * size
+    return total
+
+
+def check_size(prep: Prepared, opts: WidenOptions) -> None:
+    """A widened model no machine could hold (a --k far too large) is refused before anything else."""
+    need = model_bytes(prep.plan, out_dtype(opts))
+    if need > MAX_BYTES:
+        raise MupscaleError(f"--k {opts.k}: the widened model would need {fmt_bytes(need)} (more than "
+                            f"{fmt_bytes(MAX_BYTES)}); use a smaller --k")
 
 
 def check_disk(out, prep: Prepared, dtype: torch.dtype | None = None) -> None:
@@ -310,7 +324,7 @@ def check_disk(out, prep: Prepared, dtype: torch.dtype | None = None) -> None:
         return
     if need > free:
         raise MupscaleError(f"-o {out.shown if isinstance(out, Target) else out}: the output needs "
-                            f"{need / 2**20:.1f} MiB but {where} has only {free / 2**20:.1f} MiB free; free some "
+                            f"{fmt_bytes(need)} but {where} has only {fmt_bytes(free)} free; free some "
                             f"space, write elsewhere or use a smaller --k")
 
 
@@ -384,17 +398,25 @@ def _check_sharded_output(opts: WidenOptions, out: Path) -> Target:
         raise MupscaleError(f"-o {out}: {prefix!r} is not a usable shard prefix; name the output e.g. "
                             f"DIR/model.safetensors")
     t = Target("sharded", directory, prefix, size)
-    if directory.exists() and not directory.is_dir():
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
         raise MupscaleError(f"-o {out}: {directory} exists and is not a directory")
     if not directory.exists() and not directory.parent.is_dir():
         raise MupscaleError(f"-o {out}: directory {directory.parent} does not exist")
-    written = {t.index_path.name, t.optimizer_index_path.name}
+    if not directory.exists():
+        return t
+    # The directory is the output: it is built beside and swapped in whole, so it may hold nothing else.
     for f in _input_files(opts.checkpoint):
-        if f.exists() and directory.exists() and os.path.samefile(f.parent, directory) and (
-                f.name in written or ((m := SHARD_NAME.match(f.name)) and m["prefix"] in
-                                      (prefix, t.optimizer_index_path.name.removesuffix(".safetensors.index.json")))):
-            raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint ({f.name})")
-    if t.index_path.exists() and not opts.force:
+        if f.exists() and os.path.samefile(f.parent, directory):
+            raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint ({f.name} is in "
+                                f"{directory}, which the sharded output replaces as a whole)")
+    ours = sharded_files(t)
+    others = sorted(p.name for p in directory.iterdir() if p.name not in ours and TMP_MARKER not in p.name)
+    if others:
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        raise MupscaleError(f"-o {out}: {directory} holds files that are not part of a sharded output "
+                            f"({', '.join(others[:3])}{more}); a sharded output replaces its whole directory: "
+                            f"give a new or empty directory")
+    if ours and not opts.force:
         raise MupscaleError(f"-o {out}: {t.index_path} exists; pass --force to overwrite")
     return t
 
@@ -511,17 +533,26 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     if wants_dcp(opts):
         return run_widen_dcp(opts, progress)
     target = check_output(opts)
+    try:
+        with claim(target.path):  # one writer per output
+            return _run_widen(opts, target, progress, t_start)
+    except OSError as e:
+        raise env_error(e, f"-o {target.shown}") or e from None
+
+
+def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> dict:
+    if not opts.force and os.path.lexists(target.path) and (target.kind != "sharded" or sharded_files(target)):
+        raise MupscaleError(f"-o {target.shown}: exists (written meanwhile by another run?); pass --force to "
+                            f"overwrite")
+    watch = InputWatch(_input_files(opts.checkpoint))  # size, mtime, inode: compared before the commit
+    sigbus_names(str(opts.checkpoint))
     streamed = target.kind != "pt"
     prep = prepare(opts, lazy=True, defer_checks=streamed)
+    watch.add(prep.ckpt.files)
     if opts.hparams is not None or opts.base_lr is not None:
         opts = with_hparams(opts, prep)
     dtype = out_dtype(opts)
-    if target.kind != "sharded":
-        prep.notes += clean_temps(target.path)
-    elif target.path.is_dir():
-        mine = (target.prefix, optimizer_prefix(target.prefix))
-        prep.notes += clean_temps(target.index_path, also=lambda name: name == target.optimizer_index_path.name or bool(
-            (m := SHARD_NAME.match(name)) and m["prefix"] in mine))
+    prep.notes += clean_temps(target.path)
     check_disk(target, prep, dtype)
     plan, ckpt = prep.plan, prep.ckpt
     extra = dict(ckpt.extra)
@@ -546,19 +577,20 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
         if ckpt.model_key is not None or osd is not None:  # a plain state dict stays plain
             given = opts.source_digest if ckpt.kind != "sharded" else None
             extra["mupscale"] = provenance(opts, prep, given() if given else None)
-        write_pt(target.path, ckpt, model, osd, extra)
+        write_pt(target.path, ckpt, model, osd, extra, replace=opts.force, before_commit=watch.check)
         groups = None if osd is None else osd["param_groups"]
     else:
-        before = sharded_files(target) if target.kind == "sharded" else set()
         groups, optim = optimizer_out(prep, names_out, opts.lr_scale)
         scan = Background(lambda: scan_input(prep, opts), "mupscale-scan")  # digest + checks, while writing
-        write_streamed(target, model_out(prep, opts), optim, prep.omap.kind if prep.omap else None, groups,
-                       provenance(opts, prep, source_digest=""), extra, source_sha256=lambda: scan.result()[0],
-                       threads=opts.threads, chunk_bytes=opts.chunk_bytes, on_bytes=progress, poll=scan.poll)
+        try:
+            write_streamed(target, model_out(prep, opts), optim, prep.omap.kind if prep.omap else None, groups,
+                           provenance(opts, prep, source_digest=""), extra,
+                           source_sha256=lambda: scan.result()[0], threads=opts.threads,
+                           chunk_bytes=opts.chunk_bytes, on_bytes=progress, poll=scan.poll, replace=opts.force,
+                           before_commit=watch.check)
+        finally:
+            scan.stop()  # joined on every path: no thread may be left inside torch at exit
         prep.notes += scan.result()[1]
-        if target.kind == "sharded":
-            for name in remove_replaced_shards(target, before):
-                prep.notes.append(f"removed {name}, a shard of the output this one replaced")
     res = summary(prep, target.shown, opts, groups)
     res["output_bytes"] = output_bytes(prep, target, dtype)
     res["time_s"] = round(time.perf_counter() - t_start, 3)  # in this process: start-up not counted
@@ -611,14 +643,10 @@ def _names_out(prep: Prepared, target: Target):
     return lambda n: raw.get(n) or prep.ckpt.original.get(n, n)
 
 
-def summary(prep: Prepared, out: Path | None, opts: WidenOptions, groups: list[dict] | dict | None) -> dict:
+def summary(prep: Prepared, out: Path | None, opts: WidenOptions, groups: list[dict] | None) -> dict:
     plan = prep.plan
-    if isinstance(groups, dict):  # an optimizer state dict (older callers)
-        groups = groups["param_groups"]
-    base = sum(math.prod(p.shape) * p.dtype.itemsize for p in plan.tensors.values())
-    dtype = out_dtype(opts)
-    wide = sum(math.prod(p.out_shape) * (dtype.itemsize if dtype and p.dtype.is_floating_point else p.dtype.itemsize)
-               for p in plan.tensors.values())
+    base = model_bytes(plan, widened=False)
+    wide = model_bytes(plan, out_dtype(opts))
     return {
         "output": str(out) if out else None,
         "spec": plan.spec.name,

@@ -8,7 +8,7 @@ from fractions import Fraction
 import torch
 
 from mupscale_cli.core.source import LazyTensors, tensor_meta
-from mupscale_cli.core.plan import Plan, TensorPlan
+from mupscale_cli.core.plan import Plan
 from mupscale_cli.core.widen import widen
 from mupscale_cli.errors import MupscaleError
 
@@ -122,6 +122,49 @@ def state_shape(st, key: str) -> tuple[int, ...] | None:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
+def _id(x):
+    """An optimizer id in the int form torch uses: 3 and '3' (a JSON round trip) are the same id; a
+    name (torch.distributed's FQN-keyed state) stays as it is."""
+    if isinstance(x, str) and x.isascii() and x.isdigit():
+        return int(x)
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_floating_point():
+        return int(x)
+    return x
+
+
+def canonical_ids(sd):
+    """The optimizer state dict with every id in one form: state keys and group params as ints where
+    they are int-like ('0', '1', ... after a JSON round trip); groups whose params are names (state keyed
+    by parameter name) also get them as param_names. Anything not shaped like a torch optimizer state
+    dict is returned as it is (map_optimizer refuses it)."""
+    if not (isinstance(sd, dict) and isinstance(sd.get("state"), dict) and isinstance(sd.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in sd["param_groups"])):
+        return sd
+    groups = []
+    for g in sd["param_groups"]:
+        ids = [_id(p) for p in g["params"]]
+        named = ids and all(isinstance(p, str) for p in ids) and "param_names" not in g
+        groups.append({**g, "params": ids, **({"param_names": list(ids)} if named else {})})
+    state: dict = {}
+    for k, v in sd["state"].items():
+        i = _id(k)
+        if i in state:
+            raise MupscaleError(f"optimizer state has two entries for id {i!r} (keys of different types); "
+                                f"re-save the optimizer with opt.state_dict()")
+        state[i] = v
+    return {**sd, "state": state, "param_groups": groups}
+
+
+def check_state_ids(sd: dict) -> None:
+    """Every state entry belongs to a parameter of some group: one that does not would be dropped."""
+    listed = {p for g in sd["param_groups"] for p in g["params"]}
+    extra = [k for k in sd["state"] if k not in listed]
+    if extra:
+        raise MupscaleError(f"optimizer state entry {extra[0]!r} belongs to no parameter of param_groups "
+                            f"({len(extra)} such entr{'y' if len(extra) == 1 else 'ies'}); the state and its "
+                            f"groups come from different optimizers: re-save it with opt.state_dict()")
+
+
 def map_optimizer(sd: dict, plan: Plan, kind: str | None = None, layout: str | None = None,
                   strip=lambda n: n) -> OptimizerMap:
     """Match optimizer ids to tensor names, validated with shapes; never guess between two fits."""
@@ -129,6 +172,7 @@ def map_optimizer(sd: dict, plan: Plan, kind: str | None = None, layout: str | N
             sd.get("state"), dict):
         raise MupscaleError("the optimizer entry is not a torch optimizer state_dict "
                             "(needs 'state' and 'param_groups')")
+    check_state_ids(sd)
     kind = detect_kind(sd, kind)
     if layout and layout not in LAYOUTS:
         raise MupscaleError(f"--opt-layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
@@ -152,6 +196,12 @@ def map_optimizer(sd: dict, plan: Plan, kind: str | None = None, layout: str | N
                             f"pass --opt-layout with the one your training script used")
     lay = next(iter(fits))
     return OptimizerMap(kind, lay, fits[lay])
+
+
+def check_state_key(key: str, name: str) -> None:
+    if key != "step" and key not in STATE_POWER:
+        raise MupscaleError(f"unknown optimizer state {key!r} for tensor {name!r}; mupscale widens SGD, Adam "
+                            f"and AdamW state (momentum_buffer, exp_avg, exp_avg_sq, max_exp_avg_sq, step)")
 
 
 @dataclass
@@ -193,9 +243,7 @@ def optimizer_layout(sd: dict, plan: Plan, omap: OptimizerMap, names_out=None) -
                     st = sd["state"][pid]
                     ids.append(nid)
                     for k in st:
-                        if k != "step" and k not in STATE_POWER:
-                            raise MupscaleError(f"unknown optimizer state {k!r} for tensor {n!r}; mupscale "
-                                                f"widens SGD, Adam and AdamW state")
+                        check_state_key(k, n)
                         entries.append(StateEntry(nid, n, k, st))
                 ng["params"].append(nid)
                 pnames.append(n)
@@ -224,24 +272,6 @@ def widen_optimizer(sd: dict, plan: Plan, omap: OptimizerMap, names_out=None) ->
     for e in lay.entries:
         state[e.pid][e.key] = widen_entry(e, plan)
     return {"state": state, "param_groups": lay.groups}
-
-
-def group_changes(sd: dict, widened: dict) -> list[str]:
-    return [f"{len(sd['param_groups'])} param groups -> {len(widened['param_groups'])}"] if len(
-        sd["param_groups"]) != len(widened["param_groups"]) else []
-
-
-def widen_state(st: dict, p: TensorPlan, name: str) -> dict:
-    out = {}
-    for key, v in st.items():
-        if key == "step":
-            out[key] = v.clone() if isinstance(v, torch.Tensor) else v
-        elif key in STATE_POWER:
-            out[key] = None if v is None else widen(v, p, STATE_POWER[key])
-        else:
-            raise MupscaleError(f"unknown optimizer state {key!r} for tensor {name!r}; mupscale widens "
-                                f"SGD, Adam and AdamW state")
-    return out
 
 
 def _nonzero(v) -> bool:

@@ -75,7 +75,11 @@ class Plan:
         out = dict(args)
         for arg, axis in self.spec.model_args.items():
             if arg in out:
-                out[arg] = out[arg] * self.k[axis]
+                v = out[arg]
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise MupscaleError(f"model_args[{arg!r}] is {v!r} ({type(v).__name__}), not an integer "
+                                        f"width; store it as an int in the checkpoint")
+                out[arg] = v * self.k[axis]
         return out
 
 

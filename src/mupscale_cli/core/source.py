@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from mupscale_cli.errors import check_cancelled
+
 
 class LazyTensors(Mapping):
     """name -> tensor, read from a safetensors reader (file or shards) on each access, never cached.
@@ -82,4 +84,5 @@ def iter_chunks(m: Mapping, name: str, max_elements: int) -> Iterator[torch.Tens
     row = max(1, math.prod(shape[1:]))
     step = max(1, max_elements // row)
     for r0 in range(0, shape[0], step):
+        check_cancelled()
         yield read_rows(m, name, r0, min(shape[0], r0 + step)).reshape(-1)

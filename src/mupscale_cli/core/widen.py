@@ -41,7 +41,8 @@ def widen(t: torch.Tensor, p: TensorPlan, power: int = 0) -> torch.Tensor:
     the gradient: g (power 1, momentum/exp_avg) or g² (power 2, exp_avg_sq).
     Made in one pass: the scaling reads a view holding every duplication (the same values, bit for bit,
     as duplicating axis by axis and then scaling)."""
-    return _widen_view(t, [(d.k, d.block) for d in p.dims], _factor(p, power))
+    return _widen_view(t, [(d.k, d.block) for d in p.dims], _factor(p, power),
+                       lambda shape, dtype: torch.empty(shape, dtype=dtype, device=t.device))
 
 
 def _factor(p: TensorPlan, power: int) -> Fraction:

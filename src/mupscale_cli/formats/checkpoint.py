@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from mupscale_cli.errors import MupscaleError
+from mupscale_cli.core.optstate import canonical_ids
+from mupscale_cli.errors import MupscaleError, check_cancelled
 
 PREFIXES = ("_orig_mod.", "module.")
 MODEL_KEYS = ("model", "state_dict", "model_state_dict")
@@ -36,14 +37,6 @@ META_OPTIM_INDEX = "mupscale.optimizer_index"  # sharded output: file name of th
 
 
 from mupscale_cli.core.source import LazyTensors, iter_chunks, read_rows, tensor_meta  # noqa: F401
-
-
-def materialize_optimizer(osd: dict | None) -> dict | None:
-    """An optimizer state dict with every lazy state entry read (torch's load_state_dict needs dicts)."""
-    if osd is None:
-        return None
-    state = {pid: (st.materialize() if isinstance(st, LazyTensors) else st) for pid, st in osd["state"].items()}
-    return {**osd, "state": state}
 
 
 @dataclass
@@ -92,6 +85,7 @@ def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
+            check_cancelled()
             h.update(chunk)
     return h.hexdigest()
 
@@ -173,9 +167,109 @@ def source_sha256(ckpt: Checkpoint, on_piece: Callable[[Path, str, torch.Tensor]
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+class _Any:
+    """Stands for every object of a pickle while `_storage_sizes` reads it (nothing is called or imported)."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _StorageType:
+    def __init__(self, itemsize: int):
+        self.itemsize = itemsize
+
+
+class _SizeProbe(pickle.Unpickler):
+    """Reads a torch.save pickle only for its storage records: key -> bytes its tensors need."""
+
+    def __init__(self, f):
+        super().__init__(f)
+        self.sizes: dict[str, int] = {}
+
+    def find_class(self, module, name):
+        if module == "torch" and name.endswith("Storage"):
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dtype = getattr(getattr(torch, name, None), "dtype", None)
+            if name != "UntypedStorage" and not isinstance(dtype, torch.dtype):
+                raise pickle.UnpicklingError(f"unknown storage type {name}")
+            return _StorageType(1 if dtype is None else dtype.itemsize)
+        return _Any
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[4], int)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:80]}")
+        key = str(pid[2])
+        self.sizes[key] = max(self.sizes.get(key, 0), pid[4] * pid[1].itemsize)
+        return _Any()
+
+
+def check_pt_records(path: Path) -> bool:
+    """Before a `.pt` is read through mmap (which skips torch's own check): every storage record in the zip
+    is stored uncompressed, lies inside the file and is at least as long as the tensors it backs need.
+    Raises a one-line error naming the record; False if the file cannot be checked this way (then it must
+    be read without mmap)."""
+    import io
+    import struct
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return False
+    with zf:
+        pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1] or (
+            ["data.pkl"] if "data.pkl" in zf.namelist() else [])
+        if len(pkls) != 1:
+            return False
+        prefix = pkls[0][:-len("data.pkl")]
+        try:
+            probe = _SizeProbe(io.BytesIO(zf.read(pkls[0])))
+            probe.load()
+        except Exception:  # noqa: BLE001 - not a pickle this probe understands: no mmap
+            return False
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            for key, need in probe.sizes.items():
+                name = f"{prefix}data/{key}"
+                try:
+                    info = zf.getinfo(name)
+                except KeyError:
+                    raise MupscaleError(f"{path}: storage record {name!r} is missing from the archive; the file is "
+                                        f"damaged") from None
+                f.seek(info.header_offset)
+                head = f.read(30)
+                n, m = struct.unpack("<HH", head[26:30]) if len(head) == 30 else (0, size)
+                start = info.header_offset + 30 + n + m  # the record's data, after its local header
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise MupscaleError(f"{path}: storage record {name!r} is compressed; torch.save never does "
+                                        f"that: re-save the checkpoint with torch.save")
+                if info.file_size < need or start + info.file_size > size:
+                    raise MupscaleError(f"{path}: storage record {name!r} holds {info.file_size} bytes but its "
+                                        f"tensors need {need}; the file is damaged or was edited")
+    return True
+
+
 def _torch_load(path: Path):
     try:
         try:
+            if zipfile.is_zipfile(path) and not check_pt_records(path):
+                return torch.load(path, map_location="cpu", weights_only=True)  # torch checks every record
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
@@ -233,8 +327,8 @@ def _load_pt(path: Path) -> Checkpoint:
     tensors, original = _canonical(obj[model_key], path)
     extra = {k: v for k, v in obj.items() if k not in (model_key, opt_key)}
     kind = "nanogpt" if "model_args" in obj and model_key == "model" else "wrapped"
-    return Checkpoint(path, kind, tensors, original, obj.get(opt_key) if opt_key else None, extra,
-                      model_key, opt_key)
+    optimizer = canonical_ids(obj.get(opt_key)) if opt_key else None
+    return Checkpoint(path, kind, tensors, original, optimizer, extra, model_key, opt_key)
 
 
 def _load_safetensors(path: Path, lazy: bool = False) -> Checkpoint:
@@ -361,6 +455,10 @@ def _optimizer_from_names(info: dict, state_by_name: dict, path: Path) -> dict:
             groups.append(ng)
     except (KeyError, TypeError):
         raise MupscaleError(f"{path}: metadata '{META_OPTIM}' lacks param_groups/param_names") from None
+    listed = {n for g in groups for n in g["param_names"]}
+    if extra := [n for n in state_by_name if n not in listed]:
+        raise MupscaleError(f"{path}: optimizer state of {extra[0]!r} belongs to no parameter of "
+                            f"'{META_OPTIM}' ({len(extra)} such tensor(s)); the file was edited or mixed")
     if "betas" in groups[0] if groups else False:
         for g in groups:
             g["betas"] = tuple(g["betas"])

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import secrets
 import struct
 import sys
 import threading
@@ -27,13 +26,11 @@ import torch
 from safetensors import safe_open
 
 from mupscale_cli.formats import digest
-from mupscale_cli.errors import MupscaleError
+from mupscale_cli.formats.target import TMP_MARKER, commit_path, temp_name, track, untrack  # noqa: F401
+from mupscale_cli.errors import MupscaleError, check_cancelled
 
 MAX_HEADER_BYTES = 100_000_000
 """The safetensors limit on the JSON header."""
-
-TMP_MARKER = ".mupscale-tmp-"
-"""Part of every temporary file name: `.<dest name>.mupscale-tmp-<pid>-<random>`."""
 
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -83,7 +80,7 @@ class TensorInfo:
 
 
 def _temp_path(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+    return temp_name(dest)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -198,8 +195,9 @@ class StreamWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], infos: list[TensorInfo], metadata: dict[str, str] | None = None,
-                 reserve_metadata_bytes: int = 0, writeback: bool = False):
+                 reserve_metadata_bytes: int = 0, writeback: bool = False, replace: bool = True):
         self.path = Path(path)
+        self.replace = replace  # False: commit fails if the destination appeared meanwhile
         self._writeback = writeback and _sync_file_range is not None
         if sys.byteorder != "little":
             raise MupscaleError("safetensors writing needs a little-endian machine")
@@ -217,6 +215,7 @@ class StreamWriter:
         self._read_fd: int | None = None
         self.temp_path = _temp_path(self.path)
         self._fd: int | None = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        track(self.temp_path)
         try:
             os.ftruncate(self._fd, max((end for _, end in self._ranges.values()), default=len(header)))
             self._pwrite(self._fd, header, 0)
@@ -289,8 +288,8 @@ class StreamWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(self.temp_path, self.path)
-            _fsync_dir(self.path.parent)
+            commit_path(self.temp_path, self.path, self.replace)
+            untrack(self.temp_path)
         except BaseException:
             self.abort()
             raise
@@ -301,6 +300,7 @@ class StreamWriter:
         if fd is not None:
             os.close(fd)
         self.temp_path.unlink(missing_ok=True)
+        untrack(self.temp_path)
 
     def __enter__(self) -> StreamWriter:
         return self
@@ -691,6 +691,7 @@ class LazySafetensors:
             size = info.dtype.itemsize
             step = max(size, piece_bytes // size * size)
             for a in range(0, info.nbytes, step):
+                check_cancelled()
                 n = min(step, info.nbytes - a)
                 view = memoryview(buf[:n].numpy()).cast("B")
                 done, position = 0, self._offsets[name] + a
@@ -862,3 +863,14 @@ def parse_size(text: str) -> int:
     if value.denominator != 1:
         raise MupscaleError(f"invalid size {text!r}: not a whole number of bytes")
     return int(value)
+
+
+def fmt_bytes(n: int) -> str:
+    """A byte count for people: 512 B, 1.5 MiB, 3.0 TiB, ... (EiB at most; beyond that in powers of ten)."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    x, i = float(n), 0
+    while x >= 1024 and i < len(units) - 1:
+        x, i = x / 1024, i + 1
+    if x >= 1024:
+        return f"{x:.1e} EiB"
+    return f"{n} B" if i == 0 else f"{x:.1f} {units[i]}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import shutil
 import threading
 import time
 from collections import deque
@@ -29,33 +29,34 @@ from mupscale_cli.formats.checkpoint import (META_DIGESTS, META_EXTRA, META_OPTI
 from mupscale_cli.core.noise import CHUNK
 from mupscale_cli.formats.safetensors import (INDEX_SUFFIX, ShardedWriter, StreamWriter, TensorInfo, _tensor_bytes,
                                               tensor_digest)
-from mupscale_cli.errors import MupscaleError
+from mupscale_cli.formats.target import (OLD_MARKER, TMP_MARKER, atomic_dir, commit_path, env_error, temp_name,
+                                         track, untrack)
+from mupscale_cli.errors import Cancelled, MupscaleError
 
 DEFAULT_CHUNK_BYTES = 8 << 20  # one unit of work: a range of a tensor's output of about this size
 SHARD_NAME = re.compile(r"^(?P<prefix>.+)-\d{5}-of-\d{5}\.safetensors$")
 
-TMP_PT = ".mupscale-tmp-"  # temporaries: .<dest name>.mupscale-tmp-<pid>-<random> (as StreamWriter's)
+TMP_PT = TMP_MARKER  # temporaries: .<dest name>.mupscale-tmp-<pid>-<random> (files and directories)
 STALE_AGE_S = 3600
 
 
 @contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
-    """A temporary path beside `dest`; renamed onto it (after fsync) only if the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}{TMP_PT}{os.getpid()}-", dir=dest.parent)
-    os.close(fd)
+def atomic_path(dest: Path, replace: bool = True) -> Iterator[Path]:
+    """A temporary path beside `dest`; renamed onto it (after fsync) only if the block succeeds (over an
+    existing `dest` only if `replace`)."""
+    tmp = temp_name(dest)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    track(tmp)
     try:
-        yield Path(tmp)
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, dest)
-        dfd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        commit_path(tmp, dest, replace)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    finally:
+        untrack(tmp)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -70,33 +71,46 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_stale_temps(dest: Path, max_age_s: float = STALE_AGE_S,
                       also: Callable[[str], bool] | None = None) -> tuple[list[str], list[str]]:
-    """Temporaries of earlier runs writing `dest` (`.<name>.mupscale-tmp-*`, and those of other names
-    in its directory for which `also(name)` holds, e.g. shards): remove those whose writer (pid in the
-    name) is gone or that were not written to for `max_age_s`; (removed, kept) file names."""
+    """Temporaries of earlier runs writing `dest` (`.<name>.mupscale-tmp-*`, files or whole output
+    directories, and those of other names in its directory for which `also(name)` holds): remove those
+    whose writer (pid in the name) is gone or, for files, that were not written to for `max_age_s`;
+    (removed, kept) names. An output directory a killed run had moved aside (`.<name>.mupscale-old-*`, only
+    where the swap needs two renames) is put back if `dest` is missing, else removed."""
     removed, kept = [], []
 
-    def ours(name: str) -> str | None:
+    def ours(name: str, marker: str = TMP_PT) -> str | None:
         """The text after the marker, if `name` is a temporary of `dest` (or of an `also` name)."""
-        if not name.startswith(".") or TMP_PT not in name:
+        if not name.startswith(".") or marker not in name:
             return None
-        base, _, rest = name[1:].partition(TMP_PT)
+        base, _, rest = name[1:].partition(marker)
         return rest if base == dest.name or (also is not None and also(base)) else None
 
     try:
-        entries = [p for p in dest.parent.iterdir() if ours(p.name) is not None]
+        entries = [p for p in dest.parent.iterdir() if ours(p.name) is not None or ours(p.name, OLD_MARKER)]
     except OSError:
         return removed, kept
     for p in sorted(entries):
-        pid_text = (ours(p.name) or "").split("-", 1)[0]
+        old_dir = ours(p.name) is None
+        pid_text = (ours(p.name) or ours(p.name, OLD_MARKER) or "").split("-", 1)[0]
         try:
             st = p.lstat()
         except FileNotFoundError:
             continue
         dead = pid_text.isdigit() and not _pid_alive(int(pid_text))
-        old = time.time() - st.st_mtime > max_age_s
-        if (dead or old) and not p.is_dir():
+        old = time.time() - st.st_mtime > max_age_s and not p.is_dir()
+        if old_dir and dead and not os.path.lexists(dest):
             try:
-                p.unlink()
+                os.rename(p, dest)
+                removed.append(f"{p.name} (put back as {dest.name})")
+                continue
+            except OSError:
+                pass
+        if dead or old:
+            try:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
                 removed.append(p.name)
                 continue
             except OSError:
@@ -420,13 +434,16 @@ def stream_tensors(writer, tensors: list[OutTensor], threads: int = 2, chunk_byt
 
 
 class Background:
-    """`compute()` on a daemon thread: the input's sha256, or the value checks, while the output is written.
-    `poll()` raises its error as soon as there is one (to stop early); `result()` waits and returns or raises."""
+    """`compute()` on a thread: the input's sha256, or the value checks, while the output is written.
+    `poll()` raises its error as soon as there is one (to stop early); `result()` waits and returns or raises;
+    `stop()` asks it to stop (its loops call `errors.check_cancelled()`) and waits: the owner calls it on
+    every path out, so no thread is inside torch when the interpreter exits (that aborts the process)."""
 
     def __init__(self, compute: Callable[[], object], name: str = "mupscale-background"):
         self._value: object = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(compute,), daemon=True, name=name)
+        self._thread.mupscale_stop = threading.Event()
         self._thread.start()
 
     def _run(self, compute) -> None:
@@ -444,15 +461,26 @@ class Background:
         self.poll()
         return self._value
 
+    def stop(self) -> None:
+        self._thread.mupscale_stop.set()
+        self._thread.join()
+        if isinstance(self._error, Cancelled):
+            self._error = MupscaleError("internal: background work was stopped")
+
 
 def write_streamed(target: Target, model: list[OutTensor], optim: list[OutTensor], kind: str | None,
                    optim_groups: list[dict] | None, provenance: dict, extra: dict,
                    source_sha256: Callable[[], str] | None = None, threads: int = 2,
                    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                    on_bytes: Callable[[str, int], None] = lambda n, b: None,
-                   poll: Callable[[], None] | None = None) -> None:
+                   poll: Callable[[], None] | None = None, replace: bool = True,
+                   before_commit: Callable[[], None] | None = None) -> None:
     """Stream model tensors and optimizer state into `target` (.safetensors file or shards).
 
+    Atomic: a single file is written beside the target and renamed; shards are written into a new
+    directory beside the target directory, which replaces it as a whole (`target.atomic_dir`).
+    `replace=False`: the commit fails if the target appeared meanwhile. `before_commit()` runs last before
+    the commit and may raise (e.g. an input changed: `InputWatch.check`).
     Optimizer state goes under `__optim__/<tensor name>/<state key>` (in the same file, or in its own
     shards), its groups in the metadata. The checksum (xxh3-128) of every tensor's bytes is recorded under
     `mupscale.xxh3_128` (per shard for shards), and the input's sha256 (computed meanwhile by
@@ -480,9 +508,12 @@ def write_streamed(target: Target, model: list[OutTensor], optim: list[OutTensor
 
     if target.kind == "safetensors":
         infos = [t.info for t in model + optim]
-        with StreamWriter(target.path, infos, {**meta, **digests_of(infos, {})}, writeback=True) as w:
+        with StreamWriter(target.path, infos, {**meta, **digests_of(infos, {})}, writeback=True,
+                          replace=replace) as w:
             digests = stream_tensors(w, model + optim, threads, chunk_bytes, on_bytes, poll)
             w.update_metadata({**final_meta(), **digests_of(infos, digests)})
+            if before_commit is not None:
+                before_commit()
         return
     if target.kind != "sharded" or not target.shard_size:
         raise MupscaleError(f"internal: cannot stream into a {target.kind} target")
@@ -490,24 +521,27 @@ def write_streamed(target: Target, model: list[OutTensor], optim: list[OutTensor
     if optim:
         model_meta[META_OPTIM_INDEX] = target.optimizer_index_path.name
     writers: list[ShardedWriter] = []
-    try:
-        writers.append(ShardedWriter(target.path, [t.info for t in model], model_meta, target.shard_size,
-                                     target.prefix, shard_metadata=lambda infos: digests_of(infos, {}),
-                                     writeback=True))
-        if optim:
-            writers.append(ShardedWriter(target.path, [t.info for t in optim], meta, target.shard_size,
-                                         optimizer_prefix(target.prefix),
-                                         shard_metadata=lambda infos: digests_of(infos, {}), writeback=True))
-        digests = stream_tensors(_Both(writers), model + optim, threads, chunk_bytes, on_bytes, poll)
-        fm = final_meta()
-        for w in writers:
-            w.update_metadata(fm, lambda infos: digests_of(infos, digests))
-        for w in reversed(writers):  # the model index last: its presence means the output is complete
-            w.commit()
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
+    with atomic_dir(target.path, replace=replace) as tmp:  # the whole directory appears at once
+        try:
+            writers.append(ShardedWriter(tmp, [t.info for t in model], model_meta, target.shard_size,
+                                         target.prefix, shard_metadata=lambda infos: digests_of(infos, {}),
+                                         writeback=True))
+            if optim:
+                writers.append(ShardedWriter(tmp, [t.info for t in optim], meta, target.shard_size,
+                                             optimizer_prefix(target.prefix),
+                                             shard_metadata=lambda infos: digests_of(infos, {}), writeback=True))
+            digests = stream_tensors(_Both(writers), model + optim, threads, chunk_bytes, on_bytes, poll)
+            fm = final_meta()
+            for w in writers:
+                w.update_metadata(fm, lambda infos: digests_of(infos, digests))
+            for w in reversed(writers):  # inside the temporary directory: nothing is visible yet
+                w.commit()
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+        if before_commit is not None:
+            before_commit()
 
 
 class _Both:
@@ -526,17 +560,6 @@ class _Both:
         return self._of[name].read_chunk(name, offset, count, alloc)
 
 
-def remove_replaced_shards(target: Target, before: set[str]) -> list[str]:
-    """After a sharded output replaced an earlier one (--force): remove the earlier shard files that the
-    new output does not use (other shard counts); returns their names."""
-    removed = []
-    for name in sorted(before - sharded_files(target)):
-        if SHARD_NAME.match(name) or name.endswith(INDEX_SUFFIX):
-            (target.path / name).unlink(missing_ok=True)
-            removed.append(name)
-    return removed
-
-
 def sharded_files(target: Target) -> set[str]:
     """File names of an existing sharded output at `target` (its indexes and the shards they list)."""
     out = set()
@@ -552,7 +575,7 @@ def sharded_files(target: Target) -> set[str]:
 
 
 def write_pt(dest: Path, ckpt: Checkpoint, model: dict[str, torch.Tensor], osd: dict | None,
-             extra: dict) -> None:
+             extra: dict, replace: bool = True, before_commit: Callable[[], None] | None = None) -> None:
     """The input's layout: same keys (prefixes kept), other entries carried over, model_args updated.
     Tensor digests go into the provenance (`extra["mupscale"]["xxh3_128"]`), keyed as in safetensors."""
     sd = {ckpt.original.get(n, n): t for n, t in model.items()}
@@ -565,8 +588,18 @@ def write_pt(dest: Path, ckpt: Checkpoint, model: dict[str, torch.Tensor], osd: 
         obj = {**extra, ckpt.model_key or "model": sd}
         if osd is not None:
             obj[ckpt.optimizer_key or "optimizer"] = osd
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest, replace) as tmp:
         try:
             torch.save(obj, tmp)
         except OSError as e:
-            raise MupscaleError(f"{dest}: cannot write: {e.strerror or e}") from None
+            raise env_error(e, dest) or MupscaleError(f"{dest}: cannot write: {e.strerror or e}") from None
+        except RuntimeError as e:  # torch's zip writer reports a failed write (disk full, ...) this way
+            if "write" not in str(e).lower():
+                raise
+            raise MupscaleError(f"{dest}: cannot write: {_first_line(e)}; is the disk full?") from None
+        if before_commit is not None:
+            before_commit()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -1,0 +1,318 @@
+"""How an output appears: all at once, by one writer, from inputs that did not change meanwhile.
+
+- `temp_name(dest)`: `.<name>.mupscale-tmp-<pid>-<random>` beside `dest` (same file system: renames are
+  atomic; the pid tells a later run whether its writer is gone).
+- `atomic_dir(dest, replace)`: build a whole output directory beside `dest`, then swap it in with one
+  `renameat2(RENAME_EXCHANGE)` (or, where the file system lacks it, two renames whose interruption the next
+  run repairs). Until the swap the old output is intact, after it the new one is complete.
+- `rename_noreplace(src, dst)`: commit without clobbering what another writer committed meanwhile.
+- `claim(dest)`: one writer per output: an exclusive `flock` on `.<name>.mupscale-lock` beside it.
+- `InputWatch`: size, mtime and inode of every input file, compared again before the commit.
+- `env_error(e, path)`: disk full, quota, read-only, file too large, too many open files, permission
+  denied: one line naming the path (exit 2), never a traceback.
+- `install_sigbus_handler()`: an input read through mmap that shrinks raises SIGBUS, which Python cannot
+  turn into an exception; the handler prints one line, removes this process's temporaries and exits 2.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import secrets
+import shutil
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mupscale_cli.errors import MupscaleError
+
+TMP_MARKER = ".mupscale-tmp-"
+"""Part of every temporary name: `.<dest name>.mupscale-tmp-<pid>-<random>` (files and directories)."""
+OLD_MARKER = ".mupscale-old-"
+"""A replaced output directory kept only between the two renames of the fallback swap."""
+LOCK_SUFFIX = ".mupscale-lock"
+
+_live: set[Path] = set()  # temporaries of this process, removed by the SIGBUS handler
+
+
+def temp_name(dest: Path, marker: str = TMP_MARKER) -> Path:
+    return dest.with_name(f".{dest.name}{marker}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def track(path: Path) -> None:
+    """Register a temporary of this process (removed if the process must stop at once)."""
+    _live.add(Path(path))
+
+
+def untrack(path: Path) -> None:
+    _live.discard(Path(path))
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- renames -----------------------------------------------------------------------------------------
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+
+
+def _load_renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        f = libc.renameat2
+        f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        f.restype = ctypes.c_int
+        return f
+    except (OSError, AttributeError):
+        return None
+
+
+_renameat2 = _load_renameat2()
+
+
+def _rename2(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2(src, dst, flags); False if this system or file system cannot (then nothing happened)."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`, raising FileExistsError if `dst` exists (atomically where renameat2 works;
+    elsewhere checked just before: mupscale's own writers are kept apart by `claim`)."""
+    if _rename2(src, dst, RENAME_NOREPLACE):
+        return
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False if not supported here."""
+    return _rename2(a, b, RENAME_EXCHANGE)
+
+
+def commit_path(tmp: Path, dest: Path, replace: bool) -> None:
+    """Move a finished temporary (file or directory) to `dest`: an existing `dest` only if `replace`
+    (a directory is swapped, then the old one removed); fsyncs the parent directory."""
+    if not replace or not os.path.lexists(dest):
+        try:
+            rename_noreplace(tmp, dest)
+        except FileExistsError:
+            raise MupscaleError(f"-o {dest}: appeared while this output was written (another writer?); "
+                                f"pass --force to overwrite") from None
+    elif tmp.is_dir() and not dest.is_symlink():
+        if not dest.is_dir():
+            raise MupscaleError(f"-o {dest}: exists and is not a directory")
+        if exchange(tmp, dest):  # tmp now holds the old output
+            fsync_dir(dest.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = temp_name(dest, OLD_MARKER)  # the next run puts it back if we die between the renames
+        os.rename(dest, old)
+        try:
+            os.rename(tmp, dest)
+        except BaseException:
+            os.rename(old, dest)
+            raise
+        fsync_dir(dest.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    else:
+        os.replace(tmp, dest)
+    fsync_dir(dest.parent)
+
+
+@contextmanager
+def atomic_dir(dest: Path, replace: bool = False) -> Iterator[Path]:
+    """An empty temporary directory beside `dest` to build a whole output in; on success its entries and
+    itself are fsynced and it becomes `dest` at once (`replace`: swapping out an existing `dest`). On any
+    exception, signal or kill `dest` is untouched; the temporary is removed (after a kill, by the next run's
+    `clean_stale_temps`)."""
+    tmp = temp_name(dest)
+    tmp.mkdir()
+    track(tmp)
+    try:
+        yield tmp
+        for p in tmp.rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(tmp)
+        commit_path(tmp, dest, replace)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        untrack(tmp)
+
+
+# --- one writer per output ---------------------------------------------------------------------------
+
+def lock_path(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}{LOCK_SUFFIX}")
+
+
+@contextmanager
+def claim(dest: Path) -> Iterator[None]:
+    """Hold an exclusive claim on output `dest` (flock on `.<name>.mupscale-lock` beside it, which holds the
+    writer's pid) or fail at once naming the writer that has it. The lock file is removed on release; a
+    killed writer's lock file is reused (the kernel drops the lock with the process)."""
+    import fcntl
+    lock = lock_path(dest)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise env_error(OSError(e.errno, e.strerror), f"-o {dest}") or e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise MupscaleError(f"-o {dest}: being written by pid {pid} (another mupscale widen); wait for it, "
+                                f"or write elsewhere") from None
+        except OSError as e:  # a file system without locks
+            os.close(fd)
+            raise env_error(e, lock) or MupscaleError(f"-o {dest}: cannot lock {lock}: {e.strerror}") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its previous holder removed it meanwhile: lock the new one
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    track(lock)
+    try:
+        yield
+    finally:
+        untrack(lock)
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+# --- inputs that change ------------------------------------------------------------------------------
+
+class InputWatch:
+    """Size, mtime (ns), inode and device of input files; `check()` raises if any differs now."""
+
+    def __init__(self, files=()):
+        self._seen: dict[Path, tuple | None] = {}
+        self.add(files)
+
+    @staticmethod
+    def _stat(p: Path) -> tuple | None:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+
+    def add(self, files) -> None:
+        for p in files:
+            p = Path(p)
+            if p not in self._seen:
+                self._seen[p] = self._stat(p)
+
+    def check(self) -> None:
+        for p, before in self._seen.items():
+            now = self._stat(p)
+            if now != before:
+                what = "was removed" if now is None else "was replaced" if before and now[2:] != before[2:] \
+                    else "changed (size or modification time)"
+                raise MupscaleError(f"{p}: {what} while it was read; the output was not written (the result "
+                                    f"would mix two versions): rerun once the input is stable")
+
+
+# --- environment errors ------------------------------------------------------------------------------
+
+ENV_ERRORS = {
+    errno.ENOSPC: "no space left on the device: free some space or write elsewhere",
+    errno.EDQUOT: "disk quota exceeded: free some space or write elsewhere",
+    errno.EROFS: "read-only file system: write elsewhere",
+    errno.EFBIG: "file too large for this file system or for `ulimit -f`",
+    errno.EMFILE: "too many open files (`ulimit -n`)",
+    errno.ENFILE: "too many open files in the system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "input/output error (failing disk?)",
+}
+
+
+def env_error(e: BaseException, path) -> MupscaleError | None:
+    """A one-line MupscaleError for an OSError the environment causes, naming `path` (or the error's own
+    file name, when it has one), else None."""
+    if not isinstance(e, OSError) or e.errno not in ENV_ERRORS:
+        return None
+    where = e.filename if e.filename and TMP_MARKER not in str(e.filename) else path
+    return MupscaleError(f"{where}: {ENV_ERRORS[e.errno]} ({errno.errorcode.get(e.errno, e.errno)})")
+
+
+# --- SIGBUS ------------------------------------------------------------------------------------------
+
+_SIGBUS = {"what": "an input file", "handler": None}
+
+
+def sigbus_names(what: str) -> None:
+    """Name the input in the SIGBUS message (the handler cannot know which file shrank)."""
+    _SIGBUS["what"] = what
+
+
+def _on_sigbus(signum: int) -> None:  # runs in the faulting thread; no return (the fault would repeat)
+    try:
+        os.write(2, f"mupscale: error: {_SIGBUS['what']} shrank or vanished while it was read (bus error); "
+                    f"nothing was written: rerun once the input is stable\n".encode(errors="replace"))
+        for p in list(_live):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+    finally:
+        os._exit(2)
+
+
+def install_sigbus_handler() -> bool:
+    """For the `mupscale` program (process-wide, so not for library callers): SIGBUS (an mmapped input
+    truncated under us) becomes a one-line error, exit 2, temporaries removed. False where unavailable."""
+    if _SIGBUS["handler"] is not None:
+        return True
+    if not sys.platform.startswith("linux") or not hasattr(signal, "SIGBUS"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        kind = ctypes.CFUNCTYPE(None, ctypes.c_int)
+        handler = kind(_on_sigbus)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal.argtypes = [ctypes.c_int, kind]
+        libc.signal(signal.SIGBUS, handler)
+    except (OSError, AttributeError):
+        return False
+    _SIGBUS["handler"] = handler  # keep the callback alive
+    return True
