@@ -87,7 +87,7 @@ def test_fsdp2_resume_plain_layout(plain):
     follows(d / "base.pt", d / "t2.pt")
     torchrun(1, str(JOB), "wide", str(d / "w2"), str(d / "t1.pt"))
     follows(d / "base.pt", d / "t1.pt")
-    assert not [p for p in d.iterdir() if ".mupscale-dcp-" in p.name]
+    assert not [p for p in d.iterdir() if ".mupscale-tmp-" in p.name]
 
 
 def test_fsdp2_resume_torchtitan_layout(tmp_path):
@@ -184,7 +184,7 @@ def test_killing_one_rank_leaves_nothing(tmp_path):
     p = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed, deadline = False, time.time() + 300
     while time.time() < deadline and p.poll() is None and not killed:
-        tmps = [t for t in tmp_path.glob(".out.mupscale-dcp-*") if any(t.glob("__1_*.distcp"))]
+        tmps = [t for t in tmp_path.glob(".out.mupscale-tmp-*") if any(t.glob("__1_*.distcp"))]
         if tmps:
             pid = _rank_pid(p.pid, 1)
             if pid is not None:
@@ -241,3 +241,33 @@ def test_hostile_dcp(tmp_path, name):
     assert "Traceback" not in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     assert not Path("/tmp/mupscale-dcp-pwned").exists()
+
+
+# --- verify under torchrun ------------------------------------------------------------------------------
+
+def test_verify_under_torchrun_same_figures(tmp_path):
+    """2 ranks, both models sharded with FSDP2 (gloo): an exact widening passes and one whose eps was not
+    rescaled fails at step 1, with every per-step figure equal to the single-process verify's."""
+    import json
+    from test_verify import edit_pt, make_ck, widen_to
+    src = make_ck(tmp_path, "mlp", "adamw")
+    wide = widen_to(src, tmp_path / "wide.pt")
+
+    def unscale(ck):
+        for g in ck["optimizer"]["param_groups"]:
+            g["eps"] = 1e-6
+    bad = edit_pt(wide, tmp_path / "bad.pt", unscale)
+    for w, rc in [(wide, 0), (bad, 1)]:
+        one, two = tmp_path / f"{w.stem}-1.json", tmp_path / f"{w.stem}-2.json"
+        args = ["verify", str(src), str(w), "--steps", "12", "-q"]
+        r1 = mupscale(*args, "--json", str(one))
+        r2 = torchrun(2, "-m", "mupscale_cli", *args, "--json", str(two), check=False)
+        assert r1.returncode == rc and (r2.returncode != 0) == bool(rc), (r1.stderr, r2.stderr[-2000:])
+        a, b = json.loads(one.read_text()), json.loads(two.read_text())
+        assert b["ranks"] == 2 and "ranks" not in a
+        assert a["result"] == b["result"] == ("pass" if rc == 0 else "fail")
+        assert a["rows"] == b["rows"] and len(a["rows"]) == (13 if rc == 0 else 2)
+        assert a.get("first_failure") == b.get("first_failure")
+        if rc:
+            assert b["first_failure"]["step"] == 1
+        assert r2.stdout.count("PASS" if rc == 0 else "FAIL") == 1  # rank 0 speaks

@@ -408,6 +408,8 @@ def verify(
                              model=model, eval_every=eval_every)
         if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
             raise MupscaleError(f"--json {json_path}: not a writable file path")
+        if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 prints and writes the report
+            quiet, json_path = True, None
         shown: list[tuple[dict, bool]] = []
         tty = sys.stderr.isatty() and not quiet
 
@@ -443,7 +445,8 @@ def verify(
                     err.print(f"mupscale: warning: {i['message']}", markup=False, soft_wrap=True)
             for line in rep["diagnosis"]:
                 err.print(f"mupscale: diagnosis: {line}", markup=False, soft_wrap=True)
-        typer.echo(_verify_line(rep))
+        if os.environ.get("RANK", "0") == "0":
+            typer.echo(_verify_line(rep))
         if rep["result"] != "pass":
             raise typer.Exit(1)
 

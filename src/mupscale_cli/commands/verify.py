@@ -237,6 +237,8 @@ def run_verify(o: VerifyOptions, on_step: Callable[[dict, bool], None] | None = 
     MupscaleError (exit 2)."""
     t_start = time.perf_counter()
     _check_opts(o)
+    from mupscale_cli.verify.dist import dist_env
+    _, o_world = dist_env(o.device)  # torchrun: FSDP2 over WORLD_SIZE ranks
     device = pick_device(o.device)
     dtype = DTYPES[o.dtype]
     tol = o.tol if o.tol is not None else DEFAULT_TOL[o.dtype]
@@ -367,6 +369,11 @@ def run_verify(o: VerifyOptions, on_step: Callable[[dict, bool], None] | None = 
             on_step(row, failed)
         return failed
 
+    if o_world > 1:  # under torchrun: both models sharded with FSDP2 across the ranks
+        from mupscale_cli.verify.dist import shard
+        base, base_opt = shard(base, base_opt)
+        wide, wide_opt = shard(wide, wide_opt)
+        report["ranks"] = o_world
     with deterministic(device):
         run_lockstep(md, base_args, base, base_opt, wide, wide_opt, o.steps, batch_size=o.batch_size,
                      seed=o.seed, dtype=dtype, plan=plan, hidden=o.hidden, data=data, on_step=step_cb,

@@ -6,10 +6,12 @@ its FSDP2-sharded model and optimizer at any world size, then `set_state_dict`. 
 per-group `base_lrs` / `_last_lr` follow the widened groups. A top-level `mupscale` entry holds the
 provenance (JSON); `dcp.load` ignores entries the job does not ask for.
 
-Under torchrun (WORLD_SIZE > 1) the ranks share the tensors (largest first, each to the least loaded rank),
-each makes and writes its own, and DCP's collective save writes the one `.metadata` on rank 0 once all have
-written. Every rank writes into one temporary directory beside OUT; rank 0 renames it to OUT after the
-save: nothing is at OUT before that commit, whatever rank dies."""
+Tensors are made and written in row blocks (one DCP chunk each, 64 × --chunk-size bytes). Under torchrun
+(WORLD_SIZE > 1) the ranks share the blocks (largest first, each to the least loaded rank), each makes and
+writes its own, and DCP's collective save writes the one `.metadata` on rank 0 once all have written. Every
+rank writes into one temporary directory beside OUT (rank 0's `formats.target.temp_name`); rank 0 holds the
+output's claim and commits it (`commit_path`) after the save: nothing is at OUT before that, whatever rank
+dies."""
 from __future__ import annotations
 
 import json
@@ -17,21 +19,18 @@ import math
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import torch
 
-from mupscale_cli.commands.widen import (OUT_SUFFIXES, WidenOptions, _nonfinite_notes, model_out, optimizer_out,
-                                         out_dtype, prepare, provenance, summary, with_hparams)
+from mupscale_cli.commands.widen import (OUT_SUFFIXES, WidenOptions, _nonfinite_notes, check_disk, clean_temps,
+                                         model_out, optimizer_out, prepare, provenance, summary, with_hparams)
 from mupscale_cli.core.plan import same_values
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats.checkpoint import OPTIM_NS, strip_prefix
-from mupscale_cli.formats.dcp import (PROVENANCE_KEY, DcpLayout, fsync_dir, is_dcp, placeholder, row_blocks,
-                                      save_lazy, set_path)
+from mupscale_cli.formats.dcp import PROVENANCE_KEY, DcpLayout, is_dcp, placeholder, row_blocks, save_lazy, set_path
+from mupscale_cli.formats.target import InputWatch, claim, commit_path, fsync_dir, temp_name, track, untrack
 
-TMP = ".mupscale-dcp-"
-STALE_S = 3600.0
 SCHED_LISTS = ("base_lrs", "_last_lr")
 BLOCK_CHUNKS = 64  # a DCP chunk (one write, one read unit) is 64 × --chunk-size: 512 MiB by default
 
@@ -88,24 +87,21 @@ def _check_target(opts: WidenOptions) -> Path:
     return out
 
 
-def clean_dcp_temps(out: Path) -> list[str]:
-    """Remove temporaries of earlier interrupted runs for the same OUT, older than an hour."""
-    notes = []
-    for p in out.parent.glob(f".{out.name}{TMP}*"):
-        try:
-            if time.time() - p.stat().st_mtime > STALE_S:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-                notes.append(f"removed {p.name}, left by an interrupted run")
-        except OSError:
-            pass
-    return notes
-
-
 def run_widen_dcp(opts: WidenOptions, progress=lambda n, b: None) -> dict:
-    t0 = time.perf_counter()
     rank, world, distributed = dist_env()
     out = _check_target(opts)
+    if rank != 0:
+        return _run(opts, progress, out, rank, world, distributed)
+    with claim(out):  # one writer per output (rank 0 holds it for all ranks)
+        return _run(opts, progress, out, rank, world, distributed)
+
+
+def _run(opts: WidenOptions, progress, out: Path, rank: int, world: int, distributed: bool) -> dict:
+    t0 = time.perf_counter()
     prep = prepare(opts, lazy=True, defer_checks=True)
+    watch = InputWatch(prep.ckpt.files)  # size, mtime, inode of every input file: compared before the commit
+    if rank == 0:
+        check_disk(out, prep)  # free space beside -o for the whole output (every rank writes there)
     if opts.hparams is not None or opts.base_lr is not None:
         opts = with_hparams(opts, prep)
     plan, ckpt = prep.plan, prep.ckpt
@@ -115,7 +111,7 @@ def run_widen_dcp(opts: WidenOptions, progress=lambda n, b: None) -> dict:
     reader, lay = ckpt.source if ckpt.kind == "dcp" else (None, DcpLayout(
         "model", "optim" if prep.omap is not None else None, False))
     if rank == 0:
-        prep.notes += clean_dcp_temps(out)
+        prep.notes += clean_temps(out)
 
     tree: dict = {}
     rows: dict = {}  # flattened key -> (shape, itemsize, fn(r0, r1) -> rows [r0, r1) of the output tensor)
@@ -197,7 +193,9 @@ def run_widen_dcp(opts: WidenOptions, progress=lambda n, b: None) -> dict:
         if key in labels and t.is_floating_point() and not bool(torch.isfinite(t.sum())):
             counts[labels[key]] = counts.get(labels[key], 0) + int((~torch.isfinite(t)).sum())
 
-    tmp = _tmp_name(out, rank, distributed)
+    tmp = _tmp_name(out, distributed)
+    if rank == 0:
+        track(tmp)
     try:
         save_lazy(tree, mine, lambda key, r0, r1: rows[key][2](r0, r1), tmp, distributed, rank, seen)
         if distributed:
@@ -210,8 +208,10 @@ def run_widen_dcp(opts: WidenOptions, progress=lambda n, b: None) -> dict:
                     counts[k] = counts.get(k, 0) + v
         order = [labels[k] for k in labels if labels[k] in counts]
         prep.notes += _nonfinite_notes([(n, counts[n]) for n in order], opts.strict)
-        if rank == 0:
-            _commit(tmp, out)
+        watch.check()
+        if rank == 0:  # every rank's files are written and fsynced (DCP's sync_files), .metadata too
+            fsync_dir(tmp)
+            commit_path(tmp, out, opts.force)
     except BaseException as e:
         if rank == 0 and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -229,6 +229,7 @@ def run_widen_dcp(opts: WidenOptions, progress=lambda n, b: None) -> dict:
         raise MupscaleError(f"-o {out}: writing the DCP checkpoint failed ({type(e).__name__}: {text}); "
                             f"nothing was written") from None
     finally:
+        untrack(tmp)
         if distributed:
             import torch.distributed as td
             try:
@@ -245,26 +246,15 @@ def run_widen_dcp(opts: WidenOptions, progress=lambda n, b: None) -> dict:
     return res
 
 
-def _tmp_name(out: Path, rank: int, distributed: bool) -> Path:
-    name = f".{out.name}{TMP}{uuid.uuid4().hex[:12]}"
+def _tmp_name(out: Path, distributed: bool) -> Path:
+    """Rank 0's temporary directory name beside `out` (`.<name>.mupscale-tmp-<pid>-<random>`), on every rank."""
+    name = temp_name(out).name
     if distributed:
         import torch.distributed as td
         box = [name]
         td.broadcast_object_list(box, src=0)
         name = box[0]
     return out.parent / name
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    fsync_dir(tmp)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}{TMP}old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _scheduler(reader, key: str, path: tuple, value, osd: dict | None, groups: list[dict] | None):

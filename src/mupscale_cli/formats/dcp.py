@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import pickle
 import warnings
 from collections.abc import Callable
@@ -502,16 +501,3 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
 
 def placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
