@@ -465,6 +465,8 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
     from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
     class Lazy(DefaultSavePlanner):
+        _last = None
+
         def create_local_plan(self):
             plan = super().create_local_plan()
             items = []
@@ -489,8 +491,13 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
             key, chunk = write_item.index.fqn, write_item.tensor_data.chunk
             r0 = chunk.offsets[0] if len(chunk.offsets) else 0
             r1 = r0 + chunk.sizes[0] if len(chunk.sizes) else 1
-            t = make(key, r0, r1).contiguous()
+            if self._last is not None:  # written by now (the serial loader resolves the next item after
+                self._last.untyped_storage().resize_(0)  # writing one): free it, though DCP's writer
+            t = make(key, r0, r1).contiguous()  # keeps a reference to every tensor until its file is done
+            if t.untyped_storage().nbytes() != t.nbytes:
+                t = t.clone()
             on_tensor(key, t)
+            self._last = t
             return t
 
     writer = FileSystemWriter(out_dir, thread_count=1, sync_files=True)
