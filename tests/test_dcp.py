@@ -271,3 +271,23 @@ def test_verify_under_torchrun_same_figures(tmp_path):
         if rc:
             assert b["first_failure"]["step"] == 1
         assert r2.stdout.count("PASS" if rc == 0 else "FAIL") == 1  # rank 0 speaks
+
+
+def test_pt_to_dcp_matches_pt_output(tmp_path):
+    """--format dcp from a nanoGPT-style .pt: the same tensors and optimizer state as the .pt output."""
+    from test_verify import make_ck
+    src = make_ck(tmp_path, "mlp", "adamw")
+    mupscale("widen", str(src), "-o", str(tmp_path / "w.pt"), check=True)
+    mupscale("widen", str(src), "-o", str(tmp_path / "w"), "--format", "dcp", check=True)
+    ref = torch.load(tmp_path / "w.pt", weights_only=True)
+    r = DcpReader(tmp_path / "w")
+    assert {k for k in r.paths if k.startswith("model.")} == {f"model.{n}" for n in ref["model"]}
+    for n, t in ref["model"].items():
+        assert torch.equal(r.get(f"model.{n}"), t)
+    names = [n for g in ref["optimizer"]["param_groups"] for n in g["param_names"]]
+    ids = [i for g in ref["optimizer"]["param_groups"] for i in g["params"]]
+    for n, i in zip(names, ids):
+        for key, v in ref["optimizer"]["state"][i].items():
+            assert torch.equal(r.get(f"optim.state.{n}.{key}"), v), (n, key)
+    assert len(ref["optimizer"]["param_groups"]) == len({k.split(".")[2] for k in r.paths
+                                                           if k.startswith("optim.param_groups.")})

@@ -493,9 +493,10 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
             r1 = r0 + chunk.sizes[0] if len(chunk.sizes) else 1
             if self._last is not None:  # written by now (the serial loader resolves the next item after
                 self._last.untyped_storage().resize_(0)  # writing one): free it, though DCP's writer
-            t = make(key, r0, r1).contiguous()  # keeps a reference to every tensor until its file is done
-            if t.untyped_storage().nbytes() != t.nbytes:
-                t = t.clone()
+            made = make(key, r0, r1)  # keeps a reference to every tensor until its file is done
+            t = torch.empty(made.shape, dtype=made.dtype)  # our own storage (`made` may share the input's):
+            t.copy_(made)  # a memory copy, cheap next to the disk
+            del made
             on_tensor(key, t)
             self._last = t
             return t
