@@ -229,16 +229,32 @@ class _Evil:
         return (os.system, ("touch /tmp/mupscale-dcp-pwned",))
 
 
-@pytest.mark.parametrize("name", ["truncated", "missing-file", "chunk-shape", "tensor-shape", "garbled",
-                                  "pickle-code"])
+HOSTILE = ["truncated", "missing-file", "chunk-shape", "tensor-shape", "garbled", "pickle-code"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_dcp(tmp_path, name):
+    """In process (the command's own error path): one line, nothing at -o, no temporaries."""
+    from mupscale_cli.commands.widen import WidenOptions, run_widen
+    from mupscale_cli.errors import MupscaleError
+    src = _hostile(tmp_path, name)
+    out = tmp_path / "out"
+    with pytest.raises(MupscaleError) as e:
+        run_widen(WidenOptions(checkpoint=src, output=out, k="2", spec="mup-mlp"))
+    assert "\n" not in str(e.value) and str(src.name) in str(e.value)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    assert not Path("/tmp/mupscale-dcp-pwned").exists()
+
+
+@pytest.mark.parametrize("name", ["truncated", "pickle-code"])
+def test_hostile_dcp_cli(tmp_path, name):
+    """Through the command: exit 2, one line on stderr, no traceback, nothing at -o."""
     src = _hostile(tmp_path, name)
     out = tmp_path / "out"
     r = mupscale("widen", str(src), "-o", str(out), "--k", "2", "--spec", "mup-mlp")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mupscale: error: "), r.stderr
-    assert "Traceback" not in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     assert not Path("/tmp/mupscale-dcp-pwned").exists()
 

@@ -262,6 +262,8 @@ class DcpReader:
         except Exception as e:  # noqa: BLE001 - a damaged file: one line naming it
             files = sorted({self.md.storage_data[i.storage_index].relative_path for i in plan.items})
             text = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
+                text = "not a torch.save record torch.load(weights_only=True) accepts"
             raise MupscaleError(f"{self.root}/{files[0] if files else '?'}: cannot read {key!r} "
                                 f"({type(e).__name__}: {text}); the checkpoint is damaged") from None
 
