@@ -186,6 +186,8 @@ def _run(opts: WidenOptions, progress, out: Path, rank: int, world: int, distrib
     for (key, r0, r1), r in owner.items():
         if r == rank:
             mine.setdefault(key, []).append((r0, r1))
+    if hasattr(progress, "start"):
+        progress.start(sum(b for (key, r0, r1), b in units.items() if owner[(key, r0, r1)] == rank))
     counts: dict[str, int] = {}
 
     def seen(key: str, t: torch.Tensor) -> None:
