@@ -3,7 +3,8 @@
 For the zoo MLP and GPT, two proxy widths each, upscaled by k = 4: train a proxy, sweep (σ̄, γ̄↑) on its
 upscaling, and compare the best settings across widths; measure the rank correlation of early scores
 (first 15% of steps) with full-run scores, and what successive halving saves and picks.
-Run: python scripts/transfer_experiment.py [--steps 150] [--plot docs/transfer.png]
+Run: python scripts/transfer_experiment.py --steps 150 --seeds 2 --plot docs/transfer.png
+It prints the README's table (section Sweep) as it stands there, rows preceded by '#' notes.
 """
 from __future__ import annotations
 
@@ -59,6 +60,20 @@ def regret(pick: dict, ref: dict) -> str:
     return "0" if gap == 0 else f"{gap:.2g} ({gap / se:.1f} s.e.)" if se > 0 else f"{gap:.2g}"
 
 
+def fs(sigma: float) -> str:
+    """σ̄ as the README writes it: 1/64 rather than 0.015625."""
+    return f"1/{1 / sigma:g}" if 0 < sigma < 1 and len(f"{sigma:g}") > 5 else f"{sigma:g}"
+
+
+def mult(res: dict) -> str:
+    return f"{res['lr'] / res['base_lr']:g}"
+
+
+def picks(full: dict, halv: dict) -> str:
+    same = full["sigma"] == halv["sigma"] and math.isclose(full["lr"], halv["lr"], rel_tol=1e-9)
+    return "the same" if same else f"σ̄ {fs(halv['sigma'])}, {mult(halv)}γ̄"
+
+
 def apart(sigmas: list[float], full: dict, halv: dict) -> str:
     """Grid steps (σ̄, γ̄↑) between the halving pick and the full sweep's best."""
     return f"{grid_step(sigmas, full['sigma'], halv['sigma'])}, " \
@@ -86,26 +101,24 @@ def main() -> None:
                                               halving=True))  # first rung T/8
                 res.append((args, full, halv, lrs))
                 results.append(full)
-            (a0, f0, h0, lrs0), (a1, f1, h1, lrs1) = res
+            (a0, f0, h0, _), (a1, f1, h1, _) = res
             ws = [x.get("width", x.get("n_embd")) for x in (a0, a1)]
             rows.append(
                 f"| {name} | {ws[0]}→{4 * ws[0]} / {ws[1]}→{4 * ws[1]} "
-                f"| σ̄ {f0['sigma']:g}, γ̄↑ {f0['lr'] / f0['base_lr']:g}γ̄ / σ̄ {f1['sigma']:g}, "
-                f"γ̄↑ {f1['lr'] / f1['base_lr']:g}γ̄ "
-                f"| {grid_step(sigmas, f0['sigma'], f1['sigma'])}, "
-                f"{grid_step(LR_MULTS, f0['lr'] / f0['base_lr'], f1['lr'] / f1['base_lr'])} "
+                f"| σ̄ {fs(f0['sigma'])}, γ̄↑ {mult(f0)}γ̄ / σ̄ {fs(f1['sigma'])}, γ̄↑ {mult(f1)}γ̄ "
+                f"| {grid_step(sigmas, f0['sigma'], f1['sigma'])}, {grid_step(LR_MULTS, f0['lr'] / f0['base_lr'], f1['lr'] / f1['base_lr'])} "
+                f"| {regret(f0, f1)} "
                 f"| {f0['rank_correlation_early_full']:.2f} / {f1['rank_correlation_early_full']:.2f} "
                 f"| {h0['total_train_steps'] / h0['full_grid_steps']:.2f} / {h1['total_train_steps'] / h1['full_grid_steps']:.2f} "
-                f"| σ̄ {h0['sigma']:g}, {h0['lr'] / h0['base_lr']:g}γ̄ / σ̄ {h1['sigma']:g}, {h1['lr'] / h1['base_lr']:g}γ̄ "
-                f"| {apart(sigmas, f0, h0)} / {apart(sigmas, f1, h1)} "
-                f"| {regret(f0, f1)} | {regret(h0, f0)} / {regret(h1, f1)} |")
+                f"| {picks(f0, h0)} / {picks(f1, h1)} "
+                f"| {apart(sigmas, f0, h0)}; {regret(h0, f0)} / {apart(sigmas, f1, h1)}; {regret(h1, f1)} |")
             for args, full, halv, lrs in res:
                 print(f"# {name} {args}: best {full['sigma']}, {full['lr']} ({full['confidence']}); "
                       f"halving picks {halv['sigma']}, {halv['lr']}")
     print("| model | proxies (k = 4) | best (narrow / wide proxy) | grid steps apart (σ̄, γ̄↑) "
-          "| Spearman early 15% vs full | halving steps / full | halving picks | halving vs full (grid steps) "
-          "| narrow pick on the wide proxy: score − best | halving pick: score − best |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| narrow pick on the wide proxy: score − best | Spearman early 15% vs full | halving steps / full "
+          "| halving picks | halving vs full: grid steps; score − best |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if a.plot:
         plot_sweep(results, a.plot, labels=[f"{n} proxy {i}" for n in MODELS for i in (1, 2)])

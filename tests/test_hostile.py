@@ -241,6 +241,24 @@ def _bitflip_header(c: Ctx) -> list[str]:
     return c.widen(c.write("f.safetensors", bytes(data)))
 
 
+def _short_record(c: Ctx) -> list[str]:
+    """A .pt whose first storage record is shorter than its tensor (torch.load(mmap=True) would read the
+    next entries' bytes as values)."""
+    import zipfile
+    ok = c.save("ok.pt", c.base.mlp)
+    with zipfile.ZipFile(ok) as zin, zipfile.ZipFile(c.d / "short.pt", "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zout.writestr(info, data[:100] if info.filename.endswith("/data/0") else data)
+    ok.unlink()
+    return c.widen(c.d / "short.pt")
+
+
+def _shards_over_other_files(c: Ctx) -> list[str]:
+    c.write("out/notes.txt", "mine")
+    return c.widen(c.base.mlp_pt, "--shard-size", "1GB", "--force", out=c.d / "out")
+
+
 def _rand(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
 
@@ -258,6 +276,7 @@ CASES: list[Case] = [
     Case("text-file", lambda c: c.widen(c.write("notes.pt", "hello, not a checkpoint\n")), "notes.pt", proc=False),
     Case("truncated-safetensors", _truncated_st, "truncated"),
     Case("truncated-pt", _truncated_pt, "not a readable PyTorch checkpoint", proc=False),
+    Case("pt-short-storage-record", _short_record, "storage record 'ok/data/0' holds 100 bytes"),
     # hand-made safetensors framing and headers
     Case("st-huge-header", lambda c: c.widen(c.write("h.safetensors", _framed(b"{}", n=2**40))), "exceeds"),
     Case("st-header-past-eof", lambda c: c.widen(c.write("h.safetensors", _framed(b"{}", n=4096))),
@@ -328,8 +347,9 @@ CASES: list[Case] = [
     Case("output-dir-missing", lambda c: c.widen(c.base.mlp_pt, out=c.d / "nodir" / "w.safetensors"),
          "does not exist"),
     Case("output-is-directory", _out_dir, "directory", proc=False),
+    Case("shards-into-a-directory-of-other-files", _shards_over_other_files, "(notes.txt)", proc=False),
     Case("output-missing", lambda c: ["widen", str(c.base.mlp_pt), "--k", "2"], "-o", proc=False),
-    Case("disk-too-small", lambda c: c.widen(c.base.gpt_pt, "--k", "100000"), "MiB free"),
+    Case("disk-too-small", lambda c: c.widen(c.base.gpt_pt, "--k", "100000"), "free; free some space"),
     # specs
     Case("spec-missing", lambda c: c.widen(c.base.mlp_pt, "--spec", str(c.d / "nope.yaml")), "nope.yaml"),
     Case("spec-yaml-syntax", lambda c: c.spec(MLP_SPEC + "  oops: [width, null\n"), "not valid YAML"),
@@ -354,6 +374,185 @@ CASES: list[Case] = [
     Case("nan-strict", lambda c: c.widen(c.gpt_with(_nan), "--strict"), "'transformer.h.0.mlp.c_fc.weight'"),
     Case("int-matrix", _int_matrix, "'hidden.0.weight'", proc=False),
     Case("tied-differ", lambda c: c.widen(c.gpt_with(_untie)), "tied", proc=False),
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 10 (validation): hyper-parameters and state, bounded resources, one-line messages, odd tensors
+
+
+def _group(ck: dict, **kv) -> None:
+    ck["optimizer"]["param_groups"][0].update(kv)
+
+
+def _gpt_hp(c: Ctx, strict: bool = False, **kv) -> list[str]:
+    return c.widen(c.gpt_with(lambda ck: _group(ck, **kv)), *(["--strict"] if strict else []))
+
+
+def _st_meta(c: Ctx, meta: dict[str, str], name: str = "m.safetensors") -> list[str]:
+    save_file(dict(c.base.mlp), c.d / name, metadata=meta)
+    return c.widen(c.d / name)
+
+
+def _deep(n: int = 100_000) -> str:
+    return "[" * n + "]" * n
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(9))
+BIG_INT = "7" * 4301
+
+
+def _hparams(c: Ctx, **kv) -> list[str]:
+    d = {"sigma": 0.5, "lr": 1e-3, "base_lr": 1e-3, "noise_scheme": "mup", **kv}
+    import yaml
+    return c.widen(c.base.gpt_pt, "--hparams", str(c.write("h.yaml", yaml.safe_dump(d))))
+
+
+def _state_of(ck: dict) -> dict:
+    return ck["optimizer"]["state"]
+
+
+def _dangling(ck: dict) -> None:
+    _state_of(ck)[999] = {k: v.clone() for k, v in _state_of(ck)[0].items()}
+
+
+def _deep_st_header(c: Ctx) -> list[str]:
+    raw = b'{"a": ' + _deep().encode() + b"}"
+    return c.widen(c.write("d.safetensors", _framed(raw + b" " * (-len(raw) % 8))))
+
+
+def _deep_index(c: Ctx) -> list[str]:
+    d = c.d / "sharded"
+    d.mkdir()
+    save_file(dict(c.base.mlp), d / "model-00001-of-00001.safetensors")
+    (d / "model.safetensors.index.json").write_text('{"weight_map": {}, "metadata": ' + _deep() + "}")
+    return c.widen(d)
+
+
+def _symlinked_shard(c: Ctx) -> list[str]:
+    d = c.d / "sharded"
+    d.mkdir()
+    outside = c.d / "outside.bin"
+    outside.write_bytes(b"#!/bin/sh\necho secret\n" * 4)
+    (d / "model-00001-of-00001.safetensors").symlink_to(outside)
+    wm = {n: "model-00001-of-00001.safetensors" for n in c.base.mlp}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    return c.widen(d)
+
+
+def _odd_st(c: Ctx, tensors: dict[str, torch.Tensor], spec: str, *extra: str) -> list[str]:
+    save_file(tensors, c.d / "odd.safetensors")
+    return c.widen(c.d / "odd.safetensors", "--spec", str(c.write("odd.yaml", spec)), *extra)
+
+
+ODD_SPEC = "name: odd\ntensors:\n  w: [width, width]\n  b: [width]\n"
+
+
+def _f8(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((4, 4), 0.5).to(dtype), "b": torch.full((4,), 2.0).to(dtype)}
+
+
+def _verify_data_oob(c: Ctx) -> list[str]:
+    a = c.base.gpt["model_args"]
+    x = torch.full((8, a["block_size"]), a["vocab_size"] + 5, dtype=torch.long)
+    torch.save({"inputs": x, "targets": x}, c.d / "data.pt")
+    return ["verify", str(c.base.gpt_pt), "--k", "2", "--steps", "1", "--data", str(c.d / "data.pt")]
+
+
+def _verify_edited_provenance(c: Ctx) -> list[str]:
+    from safetensors import safe_open
+
+    from mupscale_cli.commands.widen import WidenOptions, run_widen
+    wide = c.d / "w.safetensors"
+    run_widen(WidenOptions(c.base.gpt_pt, wide))
+    with safe_open(str(wide), "pt") as f:
+        meta, tensors = f.metadata(), {n: f.get_tensor(n) for n in f.keys()}
+    meta["mupscale"] = json.dumps({**json.loads(meta["mupscale"]), "sizes": [1], "xxh3_128": None})
+    wide.unlink()
+    save_file(tensors, c.d / "edited.safetensors", metadata=meta)
+    return ["verify", str(c.base.gpt_pt), str(c.d / "edited.safetensors"), "--steps", "1"]
+
+
+def _nested(n: int) -> list:
+    x: list = []
+    for _ in range(n):
+        x = [x]
+    return x
+
+
+CASES += [
+    # 6. hyper-parameters and optimizer state: types, ranges, finiteness, ids
+    Case("hp-lr-nan-strict", lambda c: _gpt_hp(c, True, lr=float("nan")), "'lr'", proc=False),
+    Case("hp-lr-string", lambda c: _gpt_hp(c, lr="0.001"), "'lr'", proc=False),
+    Case("hp-lr-list", lambda c: _gpt_hp(c, lr=[0.001]), "'lr'", proc=False),
+    Case("hp-lr-negative", lambda c: _gpt_hp(c, lr=-1.0), "'lr'", proc=False),
+    Case("hp-eps-inf-strict", lambda c: _gpt_hp(c, True, eps=float("inf")), "'eps'", proc=False),
+    Case("hp-wd-string", lambda c: _gpt_hp(c, weight_decay="0.1"), "'weight_decay'", proc=False),
+    Case("hp-wd-overflow", lambda c: _gpt_hp(c, weight_decay=1e308), "'weight_decay'", proc=False),
+    Case("hp-betas-string", lambda c: _gpt_hp(c, betas="0.9"), "'betas'", proc=False),
+    Case("hp-betas-three", lambda c: _gpt_hp(c, betas=(0.9, 0.99, 0.5)), "'betas'", proc=False),
+    Case("hp-betas-one", lambda c: _gpt_hp(c, betas=(0.9, 1.0)), "'betas'", proc=False),
+    Case("hp-params-string", lambda c: _gpt_hp(c, params="0123"), "'params'", proc=False),
+    Case("hp-params-float", lambda c: _gpt_hp(c, params=[0.5]), "'params'", proc=False),
+    Case("hp-group-not-dict", lambda c: c.widen(c.gpt_with(
+        lambda ck: ck["optimizer"]["param_groups"].append(3))), "param_groups", proc=False),
+    Case("state-dangling-id", lambda c: c.widen(c.gpt_with(_dangling)), "999", proc=False),
+    Case("state-step-string", lambda c: c.widen(c.gpt_with(
+        lambda ck: _state_of(ck)[0].__setitem__("step", "3"))), "'step'", proc=False),
+    Case("state-step-two-elements", lambda c: c.widen(c.gpt_with(
+        lambda ck: _state_of(ck)[0].__setitem__("step", torch.tensor([1.0, 2.0])))), "'step'", proc=False),
+    Case("sigma-overflow", lambda c: c.widen(c.base.gpt_pt, "--sigma", "1e39"), "σ̄", proc=False),
+    Case("hparams-sigma-overflow", lambda c: _hparams(c, sigma=1e300), "σ̄", proc=False),
+    Case("hparams-lr-overflow", lambda c: _hparams(c, lr=1e308), "lr", proc=False),
+    Case("hparams-k-not-mapping", lambda c: _hparams(c, k=[1, 2]), "'k'", proc=False),
+    Case("meta-optimizer-list", lambda c: _st_meta(c, {"mupscale.optimizer": "[1, 2]"}), "mupscale.optimizer",
+         proc=False),
+    Case("meta-optimizer-groups-int", lambda c: _st_meta(c, {"mupscale.optimizer": '{"param_groups": 5}'}),
+         "mupscale.optimizer", proc=False),
+    Case("meta-optimizer-group-string", lambda c: _st_meta(c, {"mupscale.optimizer": '{"param_groups": ["x"]}'}),
+         "mupscale.optimizer", proc=False),
+    Case("meta-extra-list", lambda c: _st_meta(c, {"mupscale.extra": "[1]"}), "mupscale.extra", proc=False),
+    Case("meta-provenance-string", lambda c: ["inspect", _st_meta(c, {"mupscale": '"x"'})[1]], "mupscale",
+         proc=False),
+    # 7. bounded resources
+    Case("spec-alias-bomb", lambda c: c.spec(MLP_SPEC + BOMB), "alias"),
+    Case("hparams-alias-bomb", lambda c: c.widen(c.base.gpt_pt, "--hparams", str(c.write(
+        "h.yaml", "sigma: 0.5\nlr: 0.001\nbase_lr: 0.001\n" + BOMB))), "alias", proc=False),
+    Case("bsh-alias-bomb", lambda c: c.widen(c.base.mlp_pt, "--spec", str(c.write("m.bsh", BOMB))), "alias",
+         proc=False),
+    Case("spec-deep-yaml", lambda c: c.spec(f"x: {_deep(100_000)}\n"), "nested", proc=False),
+    Case("spec-huge-int", lambda c: c.spec(MLP_SPEC + f"sizes:\n  s: {BIG_INT}\n"), "digits", proc=False),
+    Case("spec-size-expr-huge-int", lambda c: c.spec(MLP_SPEC + f"sizes:\n  s: \"{BIG_INT} / 2\"\n"), "digits",
+         proc=False),
+    Case("st-deep-json-header", _deep_st_header, "nested"),
+    Case("st-deep-json-metadata", lambda c: _st_meta(c, {"mupscale.extra": _deep()}), "nested", proc=False),
+    Case("hf-index-deep-json", _deep_index, "nested", proc=False),
+    Case("st-metadata-huge-int", lambda c: _st_meta(c, {"mupscale.extra": f'{{"iter_num": {BIG_INT}}}'}),
+         "digits", proc=False),
+    Case("pt-huge-int-model-args", lambda c: c.widen(c.gpt_with(
+        lambda ck: ck["model_args"].__setitem__("n_layer", 10 ** 5000))), "not a readable", proc=False),
+    Case("pt-deep-config", lambda c: c.widen(c.gpt_with(lambda ck: ck.__setitem__("config", _nested(200)))),
+         "nested", proc=False),
+    Case("verify-provenance-edited", _verify_edited_provenance, "'sizes'", proc=False),
+    Case("k-huge-int", lambda c: c.widen(c.base.mlp_pt, "--k", BIG_INT), "digits"),
+    Case("size-huge-int", lambda c: c.widen(c.base.mlp_pt, "--size", f"head_dim={BIG_INT}"), "digits",
+         proc=False),
+    # 8. one-line messages
+    Case("newline-in-input-path", lambda c: c.widen(c.d / "a\nb.pt"), "a\\nb.pt"),
+    Case("escape-in-output-path", lambda c: c.widen(c.base.mlp_pt, out=c.d / "no\x1b[2Jdir\r" / "w.safetensors"),
+         "no\\x1b[2Jdir\\r", proc=False),
+    Case("newline-in-spec-name", lambda c: c.spec(MLP_SPEC.replace("name: my-mlp", 'name: "my\\nmlp"').replace(
+        "  readout.bias: [null]\n", "")), "my\\nmlp", proc=False),
+    Case("symlinked-shard", _symlinked_shard, "symbolic link"),
+    # 9-11 and other input errors that were internal errors
+    Case("spec-tied-to-itself", lambda c: c.spec(MLP_SPEC + "tied:\n  readout.bias: readout.bias\n"), "tied",
+         proc=False),
+    Case("f8-e4m3-rescale", lambda c: _odd_st(c, _f8(torch.float8_e4m3fn), ODD_SPEC), "float8", proc=False),
+    Case("f8-e8m0-rescale", lambda c: _odd_st(c, _f8(torch.float8_e8m0fnu), ODD_SPEC), "float8", proc=False),
+    Case("sweep-output-nodir", lambda c: ["sweep", str(c.base.gpt_pt), "--sigma", "0", "--lr", "0.001", "--steps",
+                                          "4", "-o", str(c.d / "nodir" / "h.yaml")], "nodir", proc=False),
+    Case("verify-data-token-out-of-range", _verify_data_oob, "--data", proc=False),
 ]
 
 
@@ -577,3 +776,139 @@ def test_help_documents_exit_codes() -> None:
     text = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
     for words in ("0 success", "1 verification failed", "2 usage or input error", "130 interrupted"):
         assert words in " ".join(text.split()), words
+
+
+def test_directory_swap_without_rename_exchange(tmp_path: Path, monkeypatch) -> None:
+    """Where renameat2 is missing, the swap takes two renames; a run killed between them leaves the old
+    directory moved aside, which the next run puts back before anything else."""
+    from mupscale_cli.formats import target as T
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "a").write_text("old")
+    monkeypatch.setattr(T, "_renameat2", None)
+    with T.atomic_dir(dest, replace=True) as tmp:
+        (tmp / "b").write_text("new")
+    assert [p.name for p in dest.iterdir()] == ["b"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(MupscaleError, match="appeared"):  # no clobbering without replace
+        with T.atomic_dir(dest) as tmp:
+            pass
+    # killed between the renames: dest is missing, the old output sits aside under a dead pid
+    aside = tmp_path / f".out{T.OLD_MARKER}999999999-abcd1234"
+    dest.rename(aside)
+    removed, kept = clean_stale_temps(dest)
+    assert removed == [f"{aside.name} (put back as out)"] and kept == []
+    assert (dest / "b").read_text() == "new" and not aside.exists()
+
+
+def test_claim_is_exclusive_and_leaves_no_lock(tmp_path: Path) -> None:
+    from mupscale_cli.formats.target import claim, lock_path
+    dest = tmp_path / "w.safetensors"
+    with claim(dest):
+        assert lock_path(dest).read_text().strip() == str(os.getpid())
+        with pytest.raises(MupscaleError, match=f"being written by pid {os.getpid()}"):
+            with claim(dest):  # a second open file description: flock refuses it, in-process too
+                pass
+    assert not lock_path(dest).exists()
+    with claim(dest):  # free again
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 10 (validation): what must work, and the bounds, measured
+
+
+def test_one_line_escapes_control_characters() -> None:
+    from mupscale_cli.errors import one_line
+    assert one_line("a\nb\rc\x1b[2J\u2028d\te") == "a\\nb\\rc\\x1b[2J\\u2028d\\te"
+    assert one_line("σ̄ = 0.5, γ̄↑ ok 'x'") == "σ̄ = 0.5, γ̄↑ ok 'x'"  # printable text stays as it is
+
+
+def test_glob_matches_in_linear_time() -> None:
+    """A 14-star pattern against a 34-character name that does not match: a backtracking regex of the same
+    pattern takes minutes; the automaton, milliseconds. Same answers as the regex on random patterns."""
+    import re
+
+    from mupscale_cli.core.spec import compile_pattern
+    pattern, name = "*a" * 14, "a" * 33 + "b"
+    t = time.perf_counter()
+    assert not compile_pattern(pattern).fullmatch(name)
+    assert compile_pattern(pattern).fullmatch("a" * 34)
+    assert time.perf_counter() - t < 0.05
+
+    def regex(p: str) -> re.Pattern:
+        parts = re.split(r"(\{\w+\}|\*)", p)
+        return re.compile("".join(r"[0-9]+" if s.startswith("{") else r"[^.]*" if s == "*" else re.escape(s)
+                                  for s in parts))
+    rng = random.Random(0)
+    for _ in range(3000):
+        p = "".join(rng.choice(["a", "b", ".", "1", "*", "{i}"]) for _ in range(rng.randint(0, 7)))
+        n = "".join(rng.choice("ab.12") for _ in range(rng.randint(0, 8)))
+        assert bool(compile_pattern(p).fullmatch(n)) == bool(regex(p).fullmatch(n)), (p, n)
+
+
+def test_threads_are_capped_by_cores_with_the_same_bytes(base: Base, tmp_path: Path) -> None:
+    from mupscale_cli.commands.widen import WidenOptions, run_widen
+    res = run_widen(WidenOptions(base.gpt_pt, tmp_path / "a.safetensors", threads=10000))
+    cores = len(os.sched_getaffinity(0))
+    assert any(n.startswith(f"--threads 10000: using {cores}") for n in res["notes"]), res["notes"]
+    run_widen(WidenOptions(base.gpt_pt, tmp_path / "b.safetensors", threads=1))
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_zero_size_and_float8_tensors_widen_exactly(tmp_path: Path) -> None:
+    """Zero-size dimensions widen (an empty matrix stays empty, its width axes grow); float8 tensors that are
+    only duplicated (scale 1) are copied bit for bit; those that need 1/k are refused (corpus: f8-*)."""
+    from mupscale_cli.commands.widen import WidenOptions, run_widen
+    from mupscale_cli.formats.safetensors import LazySafetensors
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: odd\ntensors:\n  empty: [width, width]\n  e4: [width, null]\n  e5: [width]\n"
+                    "  e8: [width]\n  m: [width, width]\n")
+    g = torch.Generator().manual_seed(0)
+    t = {"empty": torch.zeros(0, 4), "m": torch.randn(4, 4, generator=g),
+         "e4": torch.randn(4, 3, generator=g).to(torch.float8_e4m3fn),
+         "e5": torch.randn(4, generator=g).to(torch.float8_e5m2),
+         "e8": torch.rand(4, generator=g).add(0.1).to(torch.float8_e8m0fnu)}
+    save_file(t, tmp_path / "in.safetensors")
+    for out in ("w.safetensors", "w.pt"):
+        run_widen(WidenOptions(tmp_path / "in.safetensors", tmp_path / out, spec=str(spec), k="2"))
+        w = dict(torch.load(tmp_path / out, weights_only=True)) if out.endswith(".pt") else {
+            n: LazySafetensors(tmp_path / out).get(n) for n in t}
+        assert w["empty"].shape == (0, 8) and w["m"].shape == (8, 8)
+        for n in ("e4", "e5", "e8"):
+            assert w[n].dtype == t[n].dtype
+            want = t[n].view(torch.uint8).repeat_interleave(2, dim=0)
+            assert torch.equal(w[n].view(torch.uint8), want), n
+
+
+def test_plain_number_step_is_kept_and_nonfinite_lr_is_a_warning(base: Base, tmp_path: Path) -> None:
+    """An int `step` (older torch) survives a safetensors widening as a 0-d tensor that Adam loads; an Inf
+    lr widens with a warning (like NaN tensors), and is refused with --strict."""
+    from mupscale_cli.api import load
+    from mupscale_cli.commands.widen import WidenOptions, run_widen
+    ck = copy.deepcopy(base.gpt)
+    for st in ck["optimizer"]["state"].values():
+        st["step"] = 2
+    ck["optimizer"]["param_groups"][0]["initial_lr"] = float("inf")
+    torch.save(ck, tmp_path / "c.pt")
+    res = run_widen(WidenOptions(tmp_path / "c.pt", tmp_path / "w.safetensors"))
+    assert any("'initial_lr' is inf" in n and n.startswith("warning:") for n in res["notes"]), res["notes"]
+    w = load(tmp_path / "w.safetensors")
+    steps = [st["step"] for st in w.optimizer["state"].values()]
+    assert len(steps) == len(ck["optimizer"]["state"]) and all(float(s) == 2 and s.dim() == 0 for s in steps)
+    with pytest.raises(MupscaleError, match="'initial_lr' is inf; --strict"):
+        run_widen(WidenOptions(tmp_path / "c.pt", tmp_path / "w2.safetensors", strict=True))
+
+
+@pytest.mark.parametrize("arg,value", [("n_layer", 20000), ("vocab_size", 10**8)])
+def test_verify_refuses_model_args_that_blow_up_the_model_fast(base: Base, tmp_path: Path, arg, value) -> None:
+    """model_args that do not describe the checkpoint: verify stops while building (a budget of the
+    checkpoint's own elements), in well under a second, instead of building 20000 layers or 12.8 GB."""
+    from mupscale_cli.commands.verify import VerifyOptions, run_verify
+    ck = copy.deepcopy(base.gpt)
+    ck["model_args"][arg] = value
+    torch.save(ck, tmp_path / "c.pt")
+    t = time.perf_counter()
+    with pytest.raises(MupscaleError, match="model_args") as e:
+        run_verify(VerifyOptions(tmp_path / "c.pt", k="2", steps=1, device="cpu"))
+    assert time.perf_counter() - t < 3, time.perf_counter() - t
+    assert "\n" not in str(e.value)

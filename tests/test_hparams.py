@@ -158,7 +158,7 @@ def test_relative_scheme_applies_each_tensors_effective_sigma(target, tmp):
 @pytest.mark.parametrize("case, words", [
     ("sigma-too", "--sigma and --hparams"),
     ("missing", "cannot read"),
-    ("not-yaml", "cannot read"),
+    ("not-yaml", "not valid YAML"),
     ("no-lr", "needs sigma, lr and base_lr"),
     ("negative-lr", "lr must be a finite number > 0"),
     ("masked", "does not transfer"),

@@ -152,8 +152,8 @@ def test_sharded_output_is_replaced_cleanly_and_needs_force(base, tmp):
                                                       "optimizer.safetensors.index.json"]
     assert len(many) > 4
     # DIR/NAME.safetensors names the shards NAME-0000i-of-0000N
-    (tmp / "t").mkdir()
-    res = widen_to(base, tmp / "t" / "wide.safetensors", shard_size="10GB")
+    (tmp / "t").mkdir()  # an existing empty directory needs no --force
+    res = run_widen(WidenOptions(base, tmp / "t" / "wide.safetensors", k="2", shard_size="10GB"))
     assert res["output"] == str(tmp / "t" / "wide.safetensors.index.json")
     assert (tmp / "t" / "wide-00001-of-00001.safetensors").is_file()
     assert (tmp / "t" / "wide-optimizer.safetensors.index.json").is_file()
@@ -365,3 +365,33 @@ def test_peak_memory_does_not_grow_with_k(tmp):
     largest = W * 4 * D * 4
     assert abs(rss[4] - rss[2]) < largest / 4, (rss, largest)
     assert rss[4] - base_rss < 12 * DEFAULT_CHUNK_BYTES < largest, (rss, base_rss, in_bytes)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_at_most_threads_plus_one_ranges_in_flight(tmp, threads):
+    """Backpressure, counted rather than inferred from RSS: a range is in flight from the moment a worker
+    starts making it until its bytes are written. The writer is made slow (the on_bytes callback sleeps),
+    so without backpressure the workers would run ahead through all 64 ranges."""
+    import threading
+    import time
+
+    from mupscale_cli.formats.write import OutTensor, Target, write_streamed
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+    n, chunk = 64 * 1024, 4096  # 64 ranges of 1024 float32 values
+
+    def make(a: int, b: int, alloc=None) -> torch.Tensor:
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        return torch.arange(a, b, dtype=torch.float32)
+
+    def written(name: str, nbytes: int) -> None:
+        with lock:
+            state["now"] -= 1
+        time.sleep(0.002)
+
+    out = tmp / "o.safetensors"
+    write_streamed(Target("safetensors", out), [OutTensor("x", (n,), torch.float32, make)], [], None, None, {}, {},
+                   threads=threads, chunk_bytes=chunk, on_bytes=written)
+    assert torch.equal(load_file(out)["x"], torch.arange(n, dtype=torch.float32))
+    assert state["now"] == 0 and 2 <= state["most"] <= threads + 1, state

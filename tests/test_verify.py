@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import mupscale
-from mupscale_cli.commands.verify import DEFAULT_TOL, VerifyOptions, run_verify
-from mupscale_cli.commands.widen import WidenOptions, run_widen
+from mupscale_cli.commands.verify import BATCHNORM_TOL, DEFAULT_TOL, VerifyOptions, default_tol, run_verify
+from mupscale_cli.commands.widen import WidenOptions, prepare, run_widen
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.zoo import gpt, llama, mlp, resnet
 
@@ -269,7 +269,7 @@ def test_user_factory_sqrt_attention(tmp, monkeypatch, base_spec, passes):
     spec = _user_spec(tmp, base_spec, "sqrtgpt_user:build",
                       "{kind: tokens, vocab_size: vocab_size, seq_len: block_size}")
     src = make_ck(tmp, "gpt", "adamw")
-    rep = verify(src, spec=str(spec), steps=10)
+    rep = verify(src, spec=str(spec), steps=10, trust_code=True)
     assert rep["model"] == "sqrtgpt_user:build"
     if passes:
         assert rep["result"] == "pass"
@@ -282,14 +282,45 @@ def test_user_factory_errors_are_input_errors(tmp):
     src = make_ck(tmp, "mlp", "adam")
     spec = _user_spec(tmp, "mup-mlp", "no_such_module_xyz:build", "{kind: vectors, dim: d_in, classes: d_out}")
     with pytest.raises(MupscaleError, match="cannot import 'no_such_module_xyz'") as e:
-        verify(src, spec=str(spec), steps=1)
+        verify(src, spec=str(spec), steps=1, trust_code=True)
     assert e.value.exit_code == 2
     spec = _user_spec(tmp, "mup-mlp", "mupscale_cli.zoo.mlp:MLP", "{kind: pictures}")
     with pytest.raises(MupscaleError, match="inputs.kind must be one of tokens, vectors, images"):
         verify(src, spec=str(spec), steps=1)
-    # a zoo module given as module:function keeps its own batch/loss/output
+    # a zoo module given as module:function keeps its own batch/loss/output (no opt-in: it is mupscale's code)
     spec = _user_spec(tmp, "mup-mlp", "mupscale_cli.zoo.mlp:build", None)
     assert verify(src, spec=str(spec), steps=3)["result"] == "pass"
+
+
+MARKED = '''
+import pathlib
+pathlib.Path(__file__).with_suffix(".imported").write_text("ran")
+from mupscale_cli.zoo.mlp import build, batch, loss, output
+'''
+
+
+def test_spec_code_runs_only_with_trust_spec_code(tmp):
+    """A spec naming a factory outside mupscale_cli: verify and sweep refuse (exit 2, one line naming
+    --trust-spec-code) without importing it; with the flag (or the factory given as --model) it runs."""
+    (tmp / "marked_user.py").write_text(MARKED)
+    marker = tmp / "marked_user.imported"
+    src = make_ck(tmp, "mlp", "adam")
+    spec = _user_spec(tmp, "mup-mlp", "marked_user", None)
+    env_cwd = os.getcwd()
+    os.chdir(tmp)  # the factory is looked up from the current directory, as an attacker would arrange
+    try:
+        for cmd in (["verify", str(src), "--steps", "1"], ["sweep", str(src), "--steps", "4", "--sigma", "0",
+                                                            "--lr", "0.001", "--base-lr", "0.001"]):
+            r = cli(*cmd, "--spec", str(spec))
+            assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+            assert "--trust-spec-code" in r.stderr and "'marked_user'" in r.stderr, r.stderr
+            assert not marker.exists()
+        rep = verify(src, spec=str(spec), steps=1, trust_code=True)
+        assert rep["result"] == "pass" and marker.exists()
+        marker.unlink()
+        assert verify(src, spec=str(spec), steps=1, model="marked_user")["result"] == "pass" and marker.exists()
+    finally:
+        os.chdir(env_cwd)
 
 
 # ------------------------------------------------------------------------------------------------- noise
@@ -459,3 +490,41 @@ def test_wide_stored_in_another_dtype_is_rederived_bit_for_bit(tmp):
     bad = edit_pt(wide, tmp / "bad.pt", lambda ck: ck["model"]["hidden.0.weight"].mul_(1 + 1e-3))
     rep = verify(src, bad, steps=5)
     assert rep["result"] == "fail" and rep["noise"]["tensors"]["hidden.0.weight"].startswith("differs")
+
+
+# ------------------------------------------------------------------------------------ default tolerances
+
+@pytest.mark.parametrize("opt", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("name", ["mlp", "gpt", "resnet", "llama"])
+def test_defaults_pass_every_zoo_model_and_optimizer(tmp, name, opt):
+    """verify's defaults (batch 8, in-memory k 2, default --tol) pass every exact zoo widening; 40 steps here,
+    the full 200 for the worst case below (all 200-step figures: docs/verify.md)."""
+    src = make_ck(tmp, name, opt)
+    rep = run_verify(VerifyOptions(base=src, steps=40, device="cpu"))
+    assert rep["result"] == "pass", (rep["max"], rep["diagnosis"])
+    at = rep["tolerance"]["loss_output_at"]
+    assert at[0] == at[1] / 10 ** (1 / 20) == DEFAULT_TOL["float64"] if name == "resnet" else set(at.values()) == {
+        DEFAULT_TOL["float64"]}
+
+
+def test_cli_defaults_pass_the_worst_case_resnet_batch_8_200_steps(tmp):
+    """The case that failed with a single float64 tolerance (1.08e-10 > 1e-10): BatchNorm, batch 8."""
+    src = make_ck(tmp, "resnet", "sgd")
+    r = cli("verify", str(src), "--device", "cpu", "--json", str(tmp / "r.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads((tmp / "r.json").read_text())
+    assert rep["steps_run"] == 200 and rep["batch_size"] == 8 and rep["mode"] == "in-memory"
+    tol_at = default_tol("float64", prepare(WidenOptions(checkpoint=src, k="2")).plan)
+    assert tol_at(0) == DEFAULT_TOL["float64"] and tol_at(200) == BATCHNORM_TOL["float64"][1]
+    for row in rep["rows"]:  # a margin of at least 10x at every step
+        assert max(row["loss_rel"] or 0, row["out_rel"], row["train_out_rel"] or 0) <= tol_at(row["step"]) / 10
+
+
+def test_float64_diagnosis_never_advises_float64(tmp):
+    """A float64 run that fails late (tolerance below the round-off growth) is told to verify fewer steps
+    or loosen --tol, never to use the float64 it already uses."""
+    src = make_ck(tmp, "resnet", "sgd")
+    rep = verify(src, steps=60, batch_size=4, tol=1e-15)
+    assert rep["result"] == "fail"
+    text = diagnosis(rep)
+    assert "--dtype float64" not in text and ("--tol" in text or "diverged" in text)

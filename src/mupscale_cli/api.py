@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import json
 import torch
 from torch import nn
 
-from mupscale_cli.formats.checkpoint import META_PROV, load_checkpoint
+from mupscale_cli.formats.checkpoint import load_checkpoint, provenance_of
 from mupscale_cli.errors import MupscaleError
 
 
@@ -31,9 +30,10 @@ class Widened:
 def load(path: str | Path) -> Widened:
     """Read a `.safetensors` (or `.pt`) written by `mupscale widen`; tied aliases share storage."""
     ck = load_checkpoint(path)
-    prov = json.loads(ck.metadata[META_PROV]) if META_PROV in ck.metadata else ck.extra.get("mupscale", {})
+    prov = provenance_of(ck)
     model = dict(ck.tensors)
-    for alias, canon in (prov.get("tied") or {}).items():
+    tied = prov.get("tied")
+    for alias, canon in (tied if isinstance(tied, dict) else {}).items():
         if alias in model and canon in model:
             model[alias] = model[canon]
     kind = prov.get("optimizer")

@@ -15,11 +15,12 @@ from rich.console import Console
 from rich.table import Table
 
 from mupscale_cli import __version__
-from mupscale_cli.errors import MupscaleError
+from mupscale_cli.errors import OPTIONAL, MupscaleError, missing_package, one_line  # noqa: F401 (OPTIONAL: tests)
 
-EXIT_CODES = """Exit codes: 0 success; 1 verification failed; 2 usage or input error (one line on stderr);
-3 internal error (a bug: please report it); 130 interrupted (SIGINT), 143 terminated (SIGTERM).
-No partial output file is ever left at the output path."""
+EXIT_CODES = """Exit codes: 0 success; 1 verification failed; 2 usage, input or environment error (disk full,
+read-only, ...: one line on stderr); 3 internal error (a bug: please report it); 130 interrupted (SIGINT),
+143 terminated (SIGTERM). No partial output is ever left at the output path: files and shard directories
+appear at once, one writer per output."""
 
 app = typer.Typer(
     name="mupscale",
@@ -29,6 +30,12 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]})
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+
+
+def say(line: str) -> None:
+    """One message line on stderr: control characters in paths and names escaped (errors.one_line), so it
+    stays one line whatever a file name holds."""
+    err.print(one_line(line), markup=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -52,11 +59,6 @@ def _signalled(signum, frame):
     raise KeyboardInterrupt
 
 
-# Packages the package imports only for some commands, and how to get them.
-OPTIONAL = {"mup": "pip install --no-deps mup==1.0.0 (its declared dependencies would pull a CUDA torch)",
-            "matplotlib": "pip install 'mupscale-cli[plot]'",
-            "transformers": "pip install 'mupscale-cli[hf]'", "accelerate": "pip install 'mupscale-cli[hf]'"}
-
 _threads: list = []  # (stop event, thread) of threads the command started: stopped and joined on exit
 
 
@@ -79,7 +81,7 @@ def guard():
     try:
         yield
     except MupscaleError as e:
-        err.print(f"mupscale: error: {e}", markup=False, soft_wrap=True)
+        say(f"mupscale: error: {e}")
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err.print("mupscale: interrupted", markup=False)
@@ -97,19 +99,17 @@ def guard():
             raise
         err.print(f"mupscale: error: {me}", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    except ModuleNotFoundError as e:
-        top = (e.name or "").split(".")[0]
-        if top not in OPTIONAL:
+    except ImportError as e:
+        me = missing_package(e)
+        if me is None:
             raise
-        err.print(f"mupscale: error: this needs the {top} package, which is not installed: {OPTIONAL[top]}",
-                  markup=False, soft_wrap=True)
+        err.print(f"mupscale: error: {me}", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except Exception as e:  # noqa: BLE001
         if os.environ.get("MUPSCALE_DEBUG"):
             raise
         msg = str(e).splitlines()[0] if str(e) else ""
-        err.print(f"mupscale: internal error: {type(e).__name__}: {msg} (rerun with MUPSCALE_DEBUG=1 and "
-                  f"report it)", markup=False, soft_wrap=True)
+        say(f"mupscale: internal error: {type(e).__name__}: {msg} (rerun with MUPSCALE_DEBUG=1 and report it)")
         raise typer.Exit(3) from None
     finally:
         _stop_threads()
@@ -121,6 +121,8 @@ def guard():
 K_HELP = "Width multiplier: one integer for every width axis (--k 4) or per axis (--k d_model=2,d_ff=4)."
 SPEC_HELP = ("Architecture spec: a bundled name (see `mupscale specs`), a YAML file or a mup .bsh file. "
              "Default: the bundled spec that covers every tensor.")
+TRUST_HELP = ("Import and run the model factory a spec file names outside mupscale (its model.factory): "
+              "code named by a file runs only with this opt-in. --model on the command line needs none.")
 SIZE_HELP = "Base size used by a spec's block layout, NAME=INT (e.g. head_dim=64); repeatable."
 
 
@@ -249,7 +251,8 @@ def widen(
                                         "float32|bfloat16|float16 (after the noise). Optimizer state keeps its dtype."),
     shard_size: Optional[str] = typer.Option(None, "--shard-size", help="Write Hugging Face shards of at most "
                                              "this size (e.g. 5GB, 500MiB): -o is then a directory (or "
-                                             "DIR/NAME.safetensors for NAME-0000i-of-0000N shards)."),
+                                             "DIR/NAME.safetensors for NAME-0000i-of-0000N shards), new, empty "
+                                             "or an earlier sharded output, replaced as a whole at once."),
     threads: int = typer.Option(2, "--threads", help="Worker threads making tensors (0: one thread); the "
                                 "output is the same bytes for any number."),
     noise_device: str = typer.Option("cpu", "--noise-device", help="cpu|cuda: where the noise is drawn. "
@@ -298,7 +301,7 @@ def widen(
         if res.get("rank", 0) == 0:  # under torchrun: rank 0 speaks for all
             for note in res["notes"]:
                 if not quiet:
-                    err.print(f"mupscale: note: {note}", markup=False, soft_wrap=True)
+                    say(f"mupscale: note: {note}")
             typer.echo(json.dumps(res, indent=2) if as_json else res["output"])
     _exit_now_if_program()
 
@@ -337,7 +340,7 @@ def inspect(
                 err.print(f"  group {g['group']}: {g['tensors']} tensors; factors: {' | '.join(g['factors'])}",
                           markup=False)
         for note in rep["notes"]:
-            err.print(f"note: {note}", markup=False, soft_wrap=True)
+            say(f"note: {note}")
         if rep["provenance"]:
             err.print(f"provenance: {json.dumps(rep['provenance'], sort_keys=True)[:400]}", markup=False)
         mb = rep["model_bytes"]
@@ -369,7 +372,8 @@ def verify(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda (auto: the GPU when there is one)."),
     dtype: str = typer.Option("float64", "--dtype", help="float64|float32|bfloat16: models, states and batches."),
     tol: Optional[float] = typer.Option(None, "--tol", help="Largest relative loss/output difference allowed "
-                                                             "(default per dtype: float64 1e-10, float32 1e-3, "
+                                                             "(default per dtype: float64 1e-10, with BatchNorm "
+                                                             "x10 every 20 steps up to 1e-4; float32 1e-3; "
                                                              "bfloat16 0.5)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples per training batch (and evaluation batch)."),
     data: Optional[Path] = typer.Option(None, "--data", help="A .pt/.safetensors with 'inputs' and 'targets' "
@@ -392,6 +396,7 @@ def verify(
                                                                          "--hidden); loss, training outputs and "
                                                                          "tensors are compared every step."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stderr."),
+    trust_spec_code: bool = typer.Option(False, "--trust-spec-code", help=TRUST_HELP),
 ) -> None:
     """Check that a widening is exact: train BASE and WIDE (or BASE widened in memory) on identical batches
     and compare loss, outputs and every tensor before the first step and after each. A noised WIDE must
@@ -405,7 +410,7 @@ def verify(
         opts = VerifyOptions(base=base, wide=wide, spec=spec, k=k, steps=steps, device=device, dtype=dtype,
                              tol=tol, batch_size=batch_size, data=data, hidden=hidden, seed=seed,
                              optimizer=optimizer, lr=lr, opt_layout=opt_layout, sizes=parse_sizes(size or []),
-                             model=model, eval_every=eval_every)
+                             model=model, eval_every=eval_every, trust_code=trust_spec_code)
         if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
             raise MupscaleError(f"--json {json_path}: not a writable file path")
         if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 prints and writes the report
@@ -432,7 +437,7 @@ def verify(
                 raise MupscaleError(f"--json {json_path}: cannot write: {e.strerror}") from None
         if not quiet:
             for note in rep["notes"]:
-                err.print(f"mupscale: note: {note}", markup=False, soft_wrap=True)
+                say(f"mupscale: note: {note}")
             if rep["noise"] if "noise" in rep else None:
                 n = rep["noise"]
                 bad = sum(v not in ("noised", "exact") for v in n["tensors"].values())
@@ -442,9 +447,9 @@ def verify(
                           f"{n['checked']} tensors equal bit for bit", markup=False)
             if rep["result"] == "pass":
                 for i in rep["issues"]:
-                    err.print(f"mupscale: warning: {i['message']}", markup=False, soft_wrap=True)
+                    say(f"mupscale: warning: {i['message']}")
             for line in rep["diagnosis"]:
-                err.print(f"mupscale: diagnosis: {line}", markup=False, soft_wrap=True)
+                say(f"mupscale: diagnosis: {line}")
         if os.environ.get("RANK", "0") == "0":
             typer.echo(_verify_line(rep))
         if rep["result"] != "pass":
@@ -463,7 +468,7 @@ def _verify_line(rep: dict) -> str:
     f = rep["first_failure"]
     parts = []
     if f:
-        s = f"diverged at step {f['step']}: {f['what']} relative difference {_fmt(f['value'])} > {tol:g}"
+        s = f"diverged at step {f['step']}: {f['what']} relative difference {_fmt(f['value'])} > {f.get('tol', tol):.2g}"
         if f.get("layer"):
             s += f", first diverging layer {f['layer']!r}"
         if f.get("tensor"):
@@ -516,17 +521,20 @@ def sweep(
     data: Optional[Path] = typer.Option(None, "--data", help="A .pt/.safetensors with `inputs` and `targets`."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the best setting to hparams.yaml."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of loss against σ̄ and γ̄↑ (needs matplotlib)."),
+    trust_spec_code: bool = typer.Option(False, "--trust-spec-code", help=TRUST_HELP),
 ) -> None:
     """Tune σ̄ and γ̄↑ on a small upscaling (proxy n0 -> k·n0) to reuse for n -> k·n (paper §3.2):
     widen the proxy for every setting, train, score by the mean training loss. Prints the best pair
     (JSON) on stdout; the grid table on stderr. Then: mupscale widen BIG.pt --k K --hparams hparams.yaml"""
     with guard():
-        from mupscale_cli.commands.sweep import SweepOptions, parse_floats, run_sweep
+        from mupscale_cli.commands.sweep import SweepOptions, check_output_file, parse_floats, run_sweep
+        if plot is not None:
+            check_output_file(plot, "--plot")
         o = SweepOptions(checkpoint=checkpoint, k=k, sigmas=parse_floats(sigma, "--sigma"),
                          lrs=parse_floats(lr, "--lr") if lr else None, steps=steps, spec=spec, base_lr=base_lr,
                          early=early, halving=halving, seeds=seeds, batch_size=batch_size, scheme=noise_scheme,
-                         data=data, output=output)
-        res = run_sweep(o, lambda s: err.print(s, markup=False, soft_wrap=True))
+                         data=data, output=output, trust_code=trust_spec_code)
+        res = run_sweep(o, say)
         t = Table(title=f"sweep {checkpoint.name}: k {res['k']}, {res['steps']} steps, scheme {res['noise_scheme']}",
                   title_justify="left")
         for c in ("σ̄", "γ̄↑", "steps", "score", "± se", "early", "final loss"):
@@ -562,6 +570,6 @@ def main() -> None:
             err.print(ctx.get_help(), markup=False)
         else:
             where = f"mupscale {ctx.info_name} --help" if ctx is not None and ctx.parent else "mupscale --help"
-            err.print(f"mupscale: error: {e.format_message()} (see {where})", markup=False, soft_wrap=True)
+            say(f"mupscale: error: {e.format_message()} (see {where})")
         sys.exit(2)
     sys.exit(rv if isinstance(rv, int) else 0)

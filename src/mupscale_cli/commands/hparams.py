@@ -14,11 +14,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from mupscale_cli.formats.checkpoint import Checkpoint, sha256_file
 from mupscale_cli.core.plan import Plan
 from mupscale_cli.core.schemes import relative_tensors
+from mupscale_cli.bounded import load_yaml
 from mupscale_cli.errors import MupscaleError
 
 TRANSFERABLE = ("mup", "relative")  # App. F.5: the other schemes' strengths do not transfer across widths
@@ -58,16 +57,23 @@ def _number(d: dict, key: str, path: Path, positive: bool = False) -> float:
 def load_hparams(path: Path) -> dict:
     """The `sweep -o` file, checked: sigma, lr, base_lr, noise_scheme (and effective_sigma if relative)."""
     try:
-        d = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
         raise MupscaleError(f"--hparams {path}: cannot read: {str(e).splitlines()[0]}") from None
+    d = load_yaml(text, f"--hparams {path}")
     if not isinstance(d, dict) or not {"sigma", "lr", "base_lr"} <= set(d):
         raise MupscaleError(f"--hparams {path}: needs sigma, lr and base_lr (write it with mupscale sweep -o)")
     _number(d, "sigma", path)
     _number(d, "lr", path, positive=True)
     _number(d, "base_lr", path, positive=True)
+    k = d.get("k")
+    if k is not None and not (isinstance(k, dict) and all(
+            isinstance(a, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1 for a, v in k.items())):
+        raise MupscaleError(f"--hparams {path}: 'k' must map axis names to integers >= 1 (as sweep writes it)")
+    if d.get("spec") is not None and not isinstance(d["spec"], str):
+        raise MupscaleError(f"--hparams {path}: 'spec' must be a spec name")
     scheme = d.get("noise_scheme", "mup")
-    if scheme not in TRANSFERABLE:
+    if not isinstance(scheme, str) or scheme not in TRANSFERABLE:
         raise MupscaleError(f"--hparams {path}: noise scheme {scheme!r} does not transfer across widths "
                             f"(paper App. F.5); sweep with --noise-scheme mup or relative")
     if scheme == "relative":
@@ -108,6 +114,9 @@ def resolve_hparams(path: Path, ckpt: Checkpoint, plan: Plan, base_lr: float | N
         notes.append(f"the checkpoint records no base learning rate (config.learning_rate): taking the "
                      f"proxy's, {proxy_lr:g} (pass --base-lr if it was trained with another)")
     lr_scale = lr / target_lr
+    if not (math.isfinite(lr_scale) and lr_scale > 0):
+        raise MupscaleError(f"--hparams {path}: lr {lr:g} / the checkpoint's base lr {target_lr:g} = {lr_scale:g} "
+                            f"is no usable learning-rate factor")
     record = {"file": path.name, "sha256": sha256_file(path), "noise_scheme": d.get("noise_scheme", "mup"),
               "sigma": float(d["sigma"]), "lr": lr, "proxy_base_lr": proxy_lr, "base_lr": target_lr,
               "lr_scale": lr_scale, "k": d.get("k"), "spec": d.get("spec")}

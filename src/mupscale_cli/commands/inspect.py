@@ -5,7 +5,9 @@ import json
 
 from mupscale_cli.commands.widen import WidenOptions, prepare, summary
 from mupscale_cli.formats import digest
-from mupscale_cli.formats.checkpoint import META_DIGESTS, META_PROV, PROV_DIGESTS, Checkpoint, iter_chunks
+from mupscale_cli.bounded import loads_json
+from mupscale_cli.formats.checkpoint import (META_DIGESTS, META_PROV, PROV_DIGESTS, Checkpoint, iter_chunks,
+                                             provenance_of)
 from mupscale_cli.core.optstate import factors
 from mupscale_cli.formats.write import optimizer_refs
 from mupscale_cli.formats.safetensors import _tensor_bytes
@@ -17,8 +19,8 @@ def check_digests(ckpt: Checkpoint) -> dict | None:
     a mismatch, a missing or an unrecorded tensor is an error naming the tensor."""
     if META_DIGESTS in ckpt.metadata:
         try:
-            recorded = json.loads(ckpt.metadata[META_DIGESTS])
-        except json.JSONDecodeError:
+            recorded = loads_json(ckpt.metadata[META_DIGESTS], f"{ckpt.path}: metadata {META_DIGESTS!r}")
+        except ValueError:
             recorded = None
     else:
         prov = ckpt.extra.get("mupscale")
@@ -69,11 +71,10 @@ def run_inspect(opts: WidenOptions) -> dict:
                          for n in names})
             groups.append({"group": i, "tensors": len(names), "factors": fs})
         optim = {"kind": prep.omap.kind, "layout": prep.omap.layout, "groups": groups}
-    prov = prep.ckpt.metadata.get(META_PROV) or (prep.ckpt.extra.get("mupscale") and json.dumps(
-        {k: v for k, v in prep.ckpt.extra["mupscale"].items() if k != PROV_DIGESTS}))
+    prov = {k: v for k, v in provenance_of(prep.ckpt).items() if k != PROV_DIGESTS}
     digests = check_digests(prep.ckpt)
     if digests is not None:
         prep.notes.append(f"integrity: the checksums of all {digests['checked']} tensors match the digests "
                           f"recorded at widening")
     return {**summary(prep, None, opts, None), "rows": rows, "optimizer_map": optim,
-            "provenance": json.loads(prov) if prov else None, "digests": digests}
+            "provenance": prov or None, "digests": digests}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from mupscale_cli.api import make_optimizer, optimizer_groups
 from mupscale_cli.commands.hparams import base_lr_of
 from mupscale_cli.commands.widen import Prepared, WidenOptions, prepare
 from mupscale_cli.formats.checkpoint import sha256_file
-from mupscale_cli.verify.modelspec import ModelDef, resolve
+from mupscale_cli.verify.modelspec import ModelDef, check_args_scale, param_budget, resolve
 from mupscale_cli.core.optstate import scale_lr, widen_optimizer
 from mupscale_cli.core.schemes import SCHEMES, effective_sigma, noised, relative_tensors
 from mupscale_cli.core.widen import widen
@@ -40,6 +41,7 @@ class SweepOptions:
     data: Path | None = None
     output: Path | None = None  # hparams.yaml
     model: str | None = None  # factory override
+    trust_code: bool = False  # --trust-spec-code: import a factory that the spec names outside mupscale_cli
 
 
 @dataclass
@@ -65,7 +67,7 @@ def parse_floats(text: str, what: str) -> list[float]:
 
 
 def score(losses: list[float], upto: int | None = None) -> float:
-    """Coarse-grained loss: the mean training loss over the first `upto` steps (paper 000: the loss
+    """Coarse-grained loss: the mean training loss over the first `upto` steps (Hong & Wang, *On the Provable Separation of Scales in μP*: the loss
     landscape settles early while weights keep drifting, so this ranks settings well)."""
     xs = losses[:upto] if upto else losses
     return sum(xs) / len(xs) if xs else math.inf
@@ -109,6 +111,8 @@ def check_options(o: SweepOptions) -> None:
         raise MupscaleError(f"--batch-size must be >= 1, got {o.batch_size}")
     if o.early is not None and not 0 < o.early <= 1:
         raise MupscaleError(f"--early must be a fraction in (0, 1], got {o.early}")
+    if o.output is not None:
+        check_output_file(o.output, "-o")  # before any training: a bad path must not cost the whole sweep
     if o.scheme == "interpolate" and any(s > 1 for s in o.sigmas):
         raise MupscaleError("--noise-scheme interpolate takes t in [0, 1] as --sigma values")
 
@@ -127,7 +131,9 @@ class Proxy:
         """The widened proxy (noised per scheme) and its optimizer with every lr × γ̄↑/γ̄."""
         plan, ckpt, o = self.prep.plan, self.prep.ckpt, self.o
         torch.manual_seed(seed)
-        model = self.md.build(self.prep.model_args or {}, ckpt.model_args or {})
+        budget = 2 * sum(math.prod(p.out_shape) for p in plan.tensors.values()) + (1 << 16)
+        with param_budget(budget, "the widened proxy"):  # model_args that blow the model up stop early
+            model = self.md.build(self.prep.model_args or {}, ckpt.model_args or {})
         sd = {}
         for n, p in plan.tensors.items():
             c = p.alias_of or n
@@ -161,7 +167,9 @@ def load_proxy(o: SweepOptions) -> Proxy:
     if prep.omap is None:
         raise MupscaleError("the proxy checkpoint has no optimizer state: sweep trains with the proxy's "
                             "optimizer and its widened state")
-    md = resolve(prep.plan.spec.model, prep.plan.spec.name, o.model)
+    md = resolve(prep.plan.spec.model, prep.plan.spec.name, o.model, o.trust_code)
+    plan = prep.plan
+    check_args_scale(prep.model_args or {}, [p.out_shape for p in plan.tensors.values()], "the widened proxy")
     gamma = base_lr_of(prep.ckpt, o.base_lr)
     if gamma is None:
         raise MupscaleError("the proxy's base learning rate γ̄ is unknown (no config.learning_rate in the "
@@ -256,8 +264,21 @@ def run_sweep(o: SweepOptions, log: Callable[[str], None] = lambda s: None) -> d
     if eff:
         result["effective_sigma"] = eff
     if o.output:
-        o.output.write_text(yaml.safe_dump(result, sort_keys=False))
+        try:
+            o.output.write_text(yaml.safe_dump(result, sort_keys=False))
+        except OSError as e:
+            raise MupscaleError(f"-o {o.output}: cannot write: {e.strerror or e}") from None
     return result
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """A file path that can be written: not a directory, in an existing writable directory."""
+    if path.is_dir():
+        raise MupscaleError(f"{what} {path}: is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise MupscaleError(f"{what} {path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise MupscaleError(f"{what} {path}: not writable")
 
 
 def _mean(xs):

@@ -17,15 +17,17 @@ from mupscale_cli.core import noise as noise_mod
 from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, is_sharded, iter_chunks,
                                          load_checkpoint, optimizer_prefix, read_rows, sharded_index, source_sha256,
                                          strip_prefix, tensor_meta)
+from mupscale_cli.core.checks import check_optimizer, check_widened, hparam_notes
 from mupscale_cli.core.optstate import (STATE_POWER, OptimizerMap, check_state_key, map_optimizer, optimizer_layout, scale_lr,
                                        widen_optimizer)
 from mupscale_cli.formats.target import TMP_MARKER, InputWatch, claim, env_error, sigbus_names
 from mupscale_cli.formats.write import (DEFAULT_CHUNK_BYTES, SHARD_NAME, Background, OutTensor, Target,
                                       clean_stale_temps, sharded_files, write_pt, write_streamed)
-from mupscale_cli.core.plan import Plan, make_plan, parse_k, same_values
+from mupscale_cli.core.plan import Plan, is_float8, make_plan, parse_k, same_values
 from mupscale_cli.formats.safetensors import fmt_bytes, parse_size
 from mupscale_cli.core.spec import Spec, bundled_specs, load_spec
 from mupscale_cli.core.widen import widen_noised, widen_range
+from mupscale_cli.bounded import int_text, loads_json, shown
 from mupscale_cli.errors import MupscaleError
 
 OUT_SUFFIXES = (".safetensors", ".pt")
@@ -81,8 +83,8 @@ def parse_sizes(items: list[str]) -> dict[str, int]:
     out = {}
     for it in items:
         name, _, v = it.partition("=")
-        if not name.isidentifier() or not v.isdigit() or int(v) < 1:
-            raise MupscaleError(f"--size {it!r}: expected NAME=INT, e.g. --size head_dim=64")
+        if not name.isidentifier() or not (v.isascii() and v.isdigit()) or int_text(v, f"--size {shown(it)}") < 1:
+            raise MupscaleError(f"--size {shown(it)}: expected NAME=INT, e.g. --size head_dim=64")
         out[name] = int(v)
     return out
 
@@ -134,9 +136,13 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
     omap, notes = None, []
     if ckpt.optimizer is not None and not opts.no_optimizer:
         omap = map_optimizer(ckpt.optimizer, plan, opts.optimizer, opts.opt_layout, ckpt.strip)
+        notes += hparam_notes(check_optimizer(ckpt.optimizer), opts.strict)
     elif ckpt.optimizer is None:
         notes.append("no optimizer state in the checkpoint: weights only")
     notes += _untracked_axes(plan, ckpt.model_args)
+    notes += [f"warning: {k!r} looks like an LR scheduler's state: it is copied as it is, its base_lrs not "
+              f"rescaled; rebuild the scheduler on the widened optimizer (base_lrs come from each group's "
+              f"initial_lr, which is rescaled)" for k, v in ckpt.extra.items() if isinstance(v, dict) and "base_lrs" in v]
     prep = Prepared(ckpt, plan, omap, plan.model_args(ckpt.model_args), notes)
     check_size(prep, opts)
     check_state_layout(prep)
@@ -188,7 +194,9 @@ def _nonfinite(m, name: str, chunk: int) -> int:
 
 
 def count_nonfinite(x: torch.Tensor) -> int:
-    """NaN/Inf values in x (0 for integer tensors)."""
+    """NaN/Inf values in x (0 for integer tensors; float8 looked at in float32: torch cannot sum it)."""
+    if is_float8(x.dtype):
+        x = x.float()
     if not (x.dtype.is_floating_point or x.dtype.is_complex) or bool(torch.isfinite(x.sum())):
         return 0  # a finite sum has no NaN/Inf term (fast); else count them
     return int((~torch.isfinite(x)).sum())
@@ -233,6 +241,10 @@ def check_state_layout(prep: Prepared) -> None:
         if not p.alias_of and not p.buffer and p.s != 1 and not dtype.is_floating_point:
             raise MupscaleError(f"tensor {n!r} has dtype {dtype} but its rule {p.rule!r} rescales it by {p.s}; "
                                 f"store it as a float tensor or mark the rule 'buffer: true'")
+        if not p.alias_of and not p.buffer and p.s != 1 and is_float8(dtype):
+            raise MupscaleError(f"tensor {n!r} is {dtype} and its rule {p.rule!r} rescales it by {p.s}: float8 "
+                                f"cannot hold the rescaled values exactly; cast the checkpoint to bfloat16 or "
+                                f"float32 first (duplication alone, scale 1, is exact)")
     for n, key, st in state_refs(prep):
         if key == "step":
             continue
@@ -249,6 +261,11 @@ def check_state_layout(prep: Prepared) -> None:
         if not dtype.is_floating_point:
             raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is {dtype}, expected a float tensor; "
                                 f"re-save the optimizer with opt.state_dict()")
+        p = prep.plan.tensors[n]
+        if is_float8(dtype) and not p.buffer and p.g != 1:
+            raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is {dtype} and moves like the gradient "
+                                f"(× {p.g ** STATE_POWER[key]}): float8 cannot hold that exactly; keep optimizer "
+                                f"state in float32")
         if shape != prep.plan.tensors[n].shape:
             raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} has shape {list(shape)}, the tensor "
                                 f"has {list(prep.plan.tensors[n].shape)}; the optimizer belongs to another model")
@@ -289,6 +306,8 @@ def output_bytes(prep: Prepared, out, dtype: torch.dtype | None = None) -> int:
         if isinstance(st, LazyTensors) or isinstance(st[key], torch.Tensor):
             shape, dt = tensor_meta(st, key)
             total += dt.itemsize * (1 if len(shape) == 0 else math.prod(plan.tensors[n].out_shape))
+        elif key == "step" and not pt and _plain_step(st):
+            total += 4  # a plain-number step, stored as a float32 0-d tensor
     return total
 
 
@@ -375,9 +394,8 @@ def _input_files(path: Path) -> list[Path]:
     if not is_sharded(path):
         return [path]
     try:
-        import json
         index = sharded_index(path)
-        wm = json.loads(index.read_text()).get("weight_map", {})
+        wm = loads_json(index.read_text(), str(index)).get("weight_map", {})
         return [index] + [index.parent / f for f in sorted(set(wm.values())) if isinstance(f, str)]
     except (MupscaleError, OSError, ValueError, AttributeError):
         return []
@@ -409,16 +427,26 @@ def _check_sharded_output(opts: WidenOptions, out: Path) -> Target:
         if f.exists() and os.path.samefile(f.parent, directory):
             raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint ({f.name} is in "
                                 f"{directory}, which the sharded output replaces as a whole)")
-    ours = sharded_files(t)
-    others = sorted(p.name for p in directory.iterdir() if p.name not in ours and TMP_MARKER not in p.name)
-    if others:
-        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
-        raise MupscaleError(f"-o {out}: {directory} holds files that are not part of a sharded output "
-                            f"({', '.join(others[:3])}{more}); a sharded output replaces its whole directory: "
-                            f"give a new or empty directory")
+    ours = _only_sharded_output(t, out)
     if ours and not opts.force:
         raise MupscaleError(f"-o {out}: {t.index_path} exists; pass --force to overwrite")
     return t
+
+
+def _only_sharded_output(t: Target, out: Path) -> set[str]:
+    """The files of an earlier sharded output in directory `t.path`; an error if it holds anything else
+    (the sharded output replaces the whole directory)."""
+    ours = sharded_files(t)
+    try:
+        others = sorted(p.name for p in t.path.iterdir() if p.name not in ours and TMP_MARKER not in p.name)
+    except FileNotFoundError:
+        return set()
+    if others:
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        raise MupscaleError(f"-o {out}: {t.path} holds files that are not part of a sharded output "
+                            f"({', '.join(others[:3])}{more}); a sharded output replaces its whole directory: "
+                            f"give a new or empty directory")
+    return ours
 
 
 def provenance(opts: WidenOptions, prep: Prepared, source_digest: str | None = None) -> dict:
@@ -504,8 +532,13 @@ def optimizer_out(prep: Prepared, names_out, lr_scale: float = 1.0) -> tuple[lis
     out = []
     for e in lay.entries:
         st = e.source
+        if e.key == "step" and _plain_step(st):  # an int/float step (older torch): stored as a 0-d tensor
+            name = f"{OPTIM_NS}{strip_prefix(names_out(e.name))}/step"
+            out.append(OutTensor(name, (), torch.float32, lambda a, b, alloc=None, v=float(st["step"]):
+                                 torch.tensor([v], dtype=torch.float32)[a:b]))
+            continue
         if not isinstance(st, LazyTensors) and not isinstance(st[e.key], torch.Tensor):
-            continue  # None / plain numbers: not stored, as torch would not need them
+            continue  # None: not stored, as torch would not need it
         shape, dtype = tensor_meta(st, e.key)
         p = prep.plan.tensors[e.name]
         name = f"{OPTIM_NS}{strip_prefix(names_out(e.name))}/{e.key}"
@@ -521,6 +554,45 @@ def optimizer_out(prep: Prepared, names_out, lr_scale: float = 1.0) -> tuple[lis
                                alloc=alloc)
         out.append(OutTensor(name, p.out_shape, dtype, make))
     return lay.groups, out
+
+
+def cap_threads(opts: WidenOptions) -> tuple[WidenOptions, list[str]]:
+    """--threads at most the cores this process may use: more threads only add ranges in flight (memory
+    grows with them, speed does not)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    if opts.threads <= max(cores, 1):
+        return opts, []
+    return replace(opts, threads=max(cores, 1)), [f"--threads {opts.threads}: using {max(cores, 1)}, the cores "
+                                                  f"available (more threads would only hold more memory)"]
+
+
+def _plain_step(st) -> bool:
+    """A state dict whose `step` is a plain number (not a tensor): torch's Adam accepts a 0-d tensor instead."""
+    return not isinstance(st, LazyTensors) and isinstance(st.get("step"), (int, float)) and not isinstance(
+        st.get("step"), bool)
+
+
+def check_noise(prep: Prepared, opts: WidenOptions) -> None:
+    """The noise std of every noised tensor must fit, with room, in the dtype it is drawn in (float32, or
+    float64 for float64 tensors), the tensor's own and --dtype: else the output would hold Inf/NaN."""
+    dtype = out_dtype(opts)
+    for n, p in prep.plan.tensors.items():
+        if p.alias_of or not p.noise_unit or not p.dtype.is_floating_point:
+            continue
+        s = sigma_of(opts, n)
+        std = s * p.noise_unit
+        if not std:
+            continue
+        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+        dts = {acc, p.dtype, dtype or p.dtype}
+        limit = min(torch.finfo(d).max for d in dts) / 64  # a normal draw stays far below 64 standard deviations
+        if not std <= limit:
+            dt = min(dts, key=lambda d: torch.finfo(d).max)
+            raise MupscaleError(f"σ̄ = {s:g} gives tensor {n!r} noise of std {std:.3g}, beyond what {dt} holds "
+                                f"(max {torch.finfo(dt).max:.3g}): the output would hold Inf/NaN; use a smaller σ̄")
 
 
 def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda n, b: None) -> dict:
@@ -545,12 +617,27 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
         raise MupscaleError(f"-o {target.shown}: exists (written meanwhile by another run?); pass --force to "
                             f"overwrite")
     watch = InputWatch(_input_files(opts.checkpoint))  # size, mtime, inode: compared before the commit
+    replace = opts.force  # an existing empty directory is replaced too, if it still holds nothing then
+    if target.kind == "sharded" and target.path.is_dir() and not opts.force:
+        replace = not any(target.path.iterdir())
+
+    def before_commit() -> None:
+        watch.check()
+        if target.kind == "sharded" and target.path.is_dir():
+            if _only_sharded_output(target, opts.output) and not opts.force:
+                raise MupscaleError(f"-o {target.shown}: appeared while this output was written; pass --force "
+                                    f"to overwrite")
+
     sigbus_names(str(opts.checkpoint))
     streamed = target.kind != "pt"
     prep = prepare(opts, lazy=True, defer_checks=streamed)
     watch.add(prep.ckpt.files)
+    opts, note = cap_threads(opts)
+    prep.notes += note
     if opts.hparams is not None or opts.base_lr is not None:
         opts = with_hparams(opts, prep)
+    check_noise(prep, opts)
+    found = check_optimizer(prep.ckpt.optimizer) if prep.omap is not None else []
     dtype = out_dtype(opts)
     prep.notes += clean_temps(target.path)
     check_disk(target, prep, dtype)
@@ -568,6 +655,7 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
         if prep.omap is not None:
             osd = widen_optimizer(ckpt.optimizer, plan, prep.omap, names_out=names_out)
             osd["param_groups"] = scale_lr(osd["param_groups"], opts.lr_scale)
+            check_widened(osd["param_groups"], found)
         produce = widen_tensors(prep, opts.sigma, opts.seed, opts.noise_device, dtype, opts.sigma_map)
         model = {}
         for n in plan.tensors:  # aliases share the canonical tensor, as in the input
@@ -577,17 +665,18 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
         if ckpt.model_key is not None or osd is not None:  # a plain state dict stays plain
             given = opts.source_digest if ckpt.kind != "sharded" else None
             extra["mupscale"] = provenance(opts, prep, given() if given else None)
-        write_pt(target.path, ckpt, model, osd, extra, replace=opts.force, before_commit=watch.check)
+        write_pt(target.path, ckpt, model, osd, extra, replace=replace, before_commit=before_commit)
         groups = None if osd is None else osd["param_groups"]
     else:
         groups, optim = optimizer_out(prep, names_out, opts.lr_scale)
+        check_widened(groups, found)
         scan = Background(lambda: scan_input(prep, opts), "mupscale-scan")  # digest + checks, while writing
         try:
             write_streamed(target, model_out(prep, opts), optim, prep.omap.kind if prep.omap else None, groups,
                            provenance(opts, prep, source_digest=""), extra,
                            source_sha256=lambda: scan.result()[0], threads=opts.threads,
-                           chunk_bytes=opts.chunk_bytes, on_bytes=progress, poll=scan.poll, replace=opts.force,
-                           before_commit=watch.check)
+                           chunk_bytes=opts.chunk_bytes, on_bytes=progress, poll=scan.poll, replace=replace,
+                           before_commit=before_commit)
         finally:
             scan.stop()  # joined on every path: no thread may be left inside torch at exit
         prep.notes += scan.result()[1]

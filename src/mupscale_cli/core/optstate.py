@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import torch
 
+from mupscale_cli.core.checks import check_optimizer
 from mupscale_cli.core.source import LazyTensors, tensor_meta
 from mupscale_cli.core.plan import Plan
 from mupscale_cli.core.widen import widen
@@ -172,6 +173,7 @@ def map_optimizer(sd: dict, plan: Plan, kind: str | None = None, layout: str | N
             sd.get("state"), dict):
         raise MupscaleError("the optimizer entry is not a torch optimizer state_dict "
                             "(needs 'state' and 'param_groups')")
+    check_optimizer(sd)  # types, ranges and ids of the hyper-parameters and state (non-finite: prepare's notes)
     check_state_ids(sd)
     kind = detect_kind(sd, kind)
     if layout and layout not in LAYOUTS:

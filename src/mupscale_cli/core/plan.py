@@ -9,6 +9,7 @@ import torch
 
 from mupscale_cli.core.source import LazyTensors, iter_chunks, tensor_meta
 from mupscale_cli.core.spec import Dim, Rule, Spec, eval_size
+from mupscale_cli.bounded import int_text, shown
 from mupscale_cli.errors import MupscaleError
 
 ONE = Fraction(1)
@@ -86,10 +87,9 @@ class Plan:
 def parse_k(text: str) -> dict[str, int]:
     """`4` (every axis) or `d_model=2,d_ff=4`; returns {'*': 4} or {axis: k}."""
     def k_of(v: str, what: str) -> int:
-        try:
-            k = int(v)
-        except ValueError:
-            raise MupscaleError(f"--k {text!r}: {what} must be a positive integer, got {v!r}") from None
+        if not (v.isascii() and v.isdigit()):
+            raise MupscaleError(f"--k {shown(text)}: {what} must be a positive integer, got {shown(v)}")
+        k = int_text(v, f"--k {shown(text)}")
         if k < 1:
             raise MupscaleError(f"--k {text!r}: {what} must be >= 1, got {k}")
         return k
@@ -101,7 +101,7 @@ def parse_k(text: str) -> dict[str, int]:
     for part in text.split(","):
         axis, _, v = part.partition("=")
         if not axis.strip().isidentifier():
-            raise MupscaleError(f"--k {text!r}: expected AXIS=K pairs separated by commas")
+            raise MupscaleError(f"--k {shown(text)}: expected AXIS=K pairs separated by commas")
         out[axis.strip()] = k_of(v.strip(), f"k for {axis.strip()}")
     return out
 
@@ -196,7 +196,17 @@ def same_values(tensors, a: str, b: str, chunk: int = 1 << 22) -> bool:
         t, u = tensors[a], tensors[b]
         if t.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() and t.data_ptr() == u.data_ptr():
             return True
-    return all(torch.equal(x, y) for x, y in zip(iter_chunks(tensors, a, chunk), iter_chunks(tensors, b, chunk)))
+    return all(torch.equal(_comparable(x), _comparable(y))
+               for x, y in zip(iter_chunks(tensors, a, chunk), iter_chunks(tensors, b, chunk)))
+
+
+def is_float8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def _comparable(x: torch.Tensor) -> torch.Tensor:
+    """float8 tensors compared by their bytes (torch has no equal() for them)."""
+    return x.view(torch.uint8) if is_float8(x.dtype) else x
 
 
 def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], k: dict[str, int],
@@ -298,5 +308,5 @@ def _noise_unit(t: TensorPlan, rule: Rule) -> float:
         return mult
     out = t.out_shape
     out_dim = 1 if t.fan_in == 0 else 0
-    fan_in = math.prod(out) // out[out_dim]
-    return mult / math.sqrt(fan_in)
+    fan_in = math.prod(n for i, n in enumerate(out) if i != out_dim)
+    return mult / math.sqrt(fan_in) if fan_in else 0.0  # fan-in 0: an empty tensor, nothing to noise

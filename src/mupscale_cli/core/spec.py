@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from mupscale_cli.bounded import BoundedLoader, int_text, load_yaml, shown
 from mupscale_cli.errors import MupscaleError
 
 BUNDLED_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[3] / "configs")
@@ -27,7 +28,7 @@ class Dim:
 @dataclass(frozen=True)
 class Rule:
     pattern: str
-    regex: re.Pattern
+    regex: Glob | re.Pattern  # fullmatch(name): whether the rule applies
     dims: tuple[Dim, ...]
     fan_in: int = 1
     buffer: bool = False
@@ -59,11 +60,70 @@ class Spec:
         return [r for r in self.rules if r.regex.fullmatch(name)]
 
 
-def compile_pattern(pattern: str) -> re.Pattern:
+DIGITS = frozenset("0123456789")
+
+
+class Glob:
+    """A compiled name pattern: `{i}` (any `{word}`) matches a layer index (ASCII digits), `*` a run of
+    characters without dots; the rest is literal. Matched by simulating its automaton over the name (all
+    positions at once, as bit sets), so time is linear in the name's length whatever the pattern: a
+    backtracking regex of 14 `*` against a 34-character name runs for minutes."""
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+        lit: dict[str, int] = {}
+        star = dstar = digit = 0
+        i = 0
+        parts = re.split(r"(\{\w+\}|\*)", pattern)
+        self._prefix, self._suffix = parts[0], parts[-1] if len(parts) > 1 else ""  # quick rejections
+        for part in parts:
+            if part == "*":
+                star |= 1 << i
+                i += 1
+            elif part.startswith("{") and part.endswith("}") and len(part) > 2:
+                digit |= 1 << i  # one digit, then any more
+                dstar |= 1 << (i + 1)
+                i += 2
+            else:
+                for c in part:
+                    lit[c] = lit.get(c, 0) | 1 << i
+                    i += 1
+        self._lit, self._star, self._dstar, self._digit = lit, star, dstar, digit
+        self._skip, self._accept = star | dstar, 1 << i
+        self._start = self._close(1)
+
+    def _close(self, s: int) -> int:
+        """Add the positions reachable by skipping `*` / the optional digits (each skips forward once)."""
+        while True:
+            more = (s & self._skip) << 1
+            if not more & ~s:
+                return s
+            s |= more
+
+    def fullmatch(self, name: str) -> bool:
+        if not (name.startswith(self._prefix) and name.endswith(self._suffix)):
+            return False
+        s = self._start
+        lit, star, dstar, digit = self._lit, self._star, self._dstar, self._digit
+        for c in name:
+            move = s & lit.get(c, 0)
+            if c in DIGITS:
+                move |= s & digit
+                stay = s & (star | dstar)
+            else:
+                stay = s & star if c != "." else 0
+            s = self._close(move << 1 | stay)
+            if not s:
+                return False
+        return bool(s & self._accept)
+
+    def __repr__(self) -> str:
+        return f"Glob({self.pattern!r})"
+
+
+def compile_pattern(pattern: str) -> Glob:
     """`{i}` (any `{word}`) matches a layer index, `*` a run without dots; the rest is literal."""
-    parts = re.split(r"(\{\w+\}|\*)", pattern)
-    out = [r"(\d+)" if p.startswith("{") else r"[^.]*" if p == "*" else re.escape(p) for p in parts]
-    return re.compile("".join(out))
+    return Glob(pattern)
 
 
 def _fail(where: str, msg: str) -> MupscaleError:
@@ -119,8 +179,9 @@ def _parse_rule(pattern: str, body) -> Rule:
                 noise if isinstance(noise, bool) or noise is None else float(noise), body.get("optional", False))
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (a silently overridden rule is a typo)."""
+class _UniqueKeyLoader(BoundedLoader):
+    """The bounded safe loader (no aliases, limited depth) that also refuses a key given twice in one mapping
+    (a silently overridden rule is a typo)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -139,12 +200,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def parse_spec(text: str, source: str) -> Spec:
-    try:
-        d = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise MupscaleError(f"spec {source}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    d = load_yaml(text, f"spec {source}", _UniqueKeyLoader)
     if not isinstance(d, dict):
         raise MupscaleError(f"spec {source}: expected a mapping at the top level")
     sha = hashlib.sha256(text.encode()).hexdigest()
@@ -167,6 +223,11 @@ def parse_spec(text: str, source: str) -> Spec:
         for a, b in maps[key].items():
             if not isinstance(a, str) or not isinstance(b, (str, int)) or isinstance(b, bool):
                 raise _fail(source, f"{key}: bad entry {a!r}: {b!r}")
+    for alias, canon in maps["tied"].items():
+        if alias == canon or canon in maps["tied"]:
+            raise _fail(source, f"tied: {alias!r} is tied to {canon!r}, which is "
+                                f"{'itself' if alias == canon else 'an alias too'}; tie each alias to the "
+                                f"tensor that is stored")
     rules = [_parse_rule(str(p), body) for p, body in maps["tensors"].items()]
     if not rules:
         raise _fail(source, "'tensors' is empty")
@@ -230,7 +291,7 @@ def eval_size(expr: str, env: dict[str, int]) -> int:
 
     def value(tok: str) -> int:
         if tok.isdigit():
-            return int(tok)
+            return int_text(tok, f"size expression {shown(expr)}")
         if tok not in env:
             raise KeyError(tok)
         return int(env[tok])

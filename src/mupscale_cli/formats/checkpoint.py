@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from mupscale_cli.bounded import check_tree, loads_json
 from mupscale_cli.core.optstate import canonical_ids
 from mupscale_cli.errors import MupscaleError, check_cancelled
 
@@ -326,6 +327,7 @@ def _load_pt(path: Path) -> Checkpoint:
     opt_key = next((k for k in OPTIM_KEYS if k in obj), None)
     tensors, original = _canonical(obj[model_key], path)
     extra = {k: v for k, v in obj.items() if k not in (model_key, opt_key)}
+    check_tree({k: v for k, v in obj.items() if k != model_key}, str(path))  # entries beside the tensors
     kind = "nanogpt" if "model_args" in obj and model_key == "model" else "wrapped"
     optimizer = canonical_ids(obj.get(opt_key)) if opt_key else None
     return Checkpoint(path, kind, tensors, original, optimizer, extra, model_key, opt_key)
@@ -363,7 +365,7 @@ def _load_sharded(path: Path, lazy: bool) -> Checkpoint:
         d = reader.metadata().get(META_DIGESTS)
         if d is not None:
             try:
-                digests.update(json.loads(d))
+                digests.update(loads_json(d, f"{reader.path}: metadata {META_DIGESTS!r}"))
             except (json.JSONDecodeError, TypeError, ValueError):
                 raise MupscaleError(f"{reader.path}: metadata {META_DIGESTS!r} is not a JSON object") from None
     meta = {k: v for k, v in meta.items() if k != META_DIGESTS}
@@ -432,16 +434,42 @@ class _Several:
         return r.location(name)
 
 
-def _json(text: str, key: str, path: Path):
+def _json(text: str, key: str, path: Path, kind: type | None = dict):
+    """Metadata entry `key` parsed (bounded: formats of untrusted files), checked to be a `kind`."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
+        value = loads_json(text, f"{path}: metadata {key!r}")
+    except ValueError:
         raise MupscaleError(f"{path}: metadata {key!r} is not valid JSON") from None
+    if kind is not None and not isinstance(value, kind):
+        raise MupscaleError(f"{path}: metadata {key!r} is a JSON {_json_type(value)}, expected an object")
+    return value
+
+
+def _json_type(v) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(v), "number")
+
+
+def provenance_of(ckpt: Checkpoint) -> dict:
+    """A widened checkpoint's provenance (metadata 'mupscale' or a .pt's 'mupscale' entry), {} if none;
+    an error unless it is a JSON object / dict."""
+    if META_PROV in ckpt.metadata:
+        return _json(ckpt.metadata[META_PROV], META_PROV, ckpt.path)
+    prov = ckpt.extra.get("mupscale", {})
+    if not isinstance(prov, dict):
+        raise MupscaleError(f"{ckpt.path}: its 'mupscale' entry is a {type(prov).__name__}, expected a dict")
+    return prov
 
 
 def _optimizer_from_names(info: dict, state_by_name: dict, path: Path) -> dict:
     """Rebuild a torch optimizer state_dict (ids in group order) from our name-keyed layout."""
     groups, state, nid = [], {}, 0
+    bad = MupscaleError(f"{path}: metadata '{META_OPTIM}' must be an object with 'param_groups', a list of "
+                        f"objects each with 'param_names', a list of tensor names")
+    if not isinstance(info.get("param_groups"), list) or not all(
+            isinstance(g, dict) and isinstance(g.get("param_names"), list) and all(
+                isinstance(n, str) for n in g["param_names"]) for g in info["param_groups"]):
+        raise bad
     try:
         for g in info["param_groups"]:
             ng = {k: v for k, v in g.items() if k != "param_names"}
@@ -461,5 +489,6 @@ def _optimizer_from_names(info: dict, state_by_name: dict, path: Path) -> dict:
                             f"'{META_OPTIM}' ({len(extra)} such tensor(s)); the file was edited or mixed")
     if "betas" in groups[0] if groups else False:
         for g in groups:
-            g["betas"] = tuple(g["betas"])
+            if isinstance(g.get("betas"), list):
+                g["betas"] = tuple(g["betas"])
     return {"state": state, "param_groups": groups}

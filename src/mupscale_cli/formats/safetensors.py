@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from mupscale_cli.formats import digest
+from mupscale_cli.bounded import loads_json
 from mupscale_cli.formats.target import TMP_MARKER, commit_path, temp_name, track, untrack  # noqa: F401
 from mupscale_cli.errors import MupscaleError, check_cancelled
 
@@ -552,18 +553,22 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if path.is_dir():
         raise MupscaleError(f"{path}: is a directory, not a .safetensors file; pass the file (or open it as a sharded checkpoint)")
     size = path.stat().st_size
-    bad = f"{path}: not a valid safetensors file"
+    # a link (a Hugging Face cache links shards to its blobs) is followed; messages name its target too
+    bad = f"{path}{f' (a symbolic link to {path.resolve()})' if path.is_symlink() else ''}: not a valid safetensors file"
     with open(path, "rb") as f:
         if size < 8:
             raise MupscaleError(f"{bad}: {size} bytes, too short for the 8-byte header length; the file is empty or truncated")
         (n,) = struct.unpack("<Q", f.read(8))
+        # the first 8 bytes of another format are no useful number to show
         if n > MAX_HEADER_BYTES:
-            raise MupscaleError(f"{bad}: header length {n} exceeds the {MAX_HEADER_BYTES} byte limit (wrong format or corrupted)")
+            raise MupscaleError(f"{bad}: its 8-byte header length exceeds the {MAX_HEADER_BYTES} byte limit (another "
+                                f"format, or corrupted)")
         if 8 + n > size:
-            raise MupscaleError(f"{bad}: header length {n} runs past the end of the {size}-byte file; the file is truncated")
+            raise MupscaleError(f"{bad}: its header runs past the end of the {size}-byte file (truncated, or "
+                                f"another format)")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = loads_json(raw.decode("utf-8"), f"{bad}: header", object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError as e:
         raise MupscaleError(f"{bad}: header is not UTF-8 ({e.reason} at byte {e.start})") from None
     except ValueError as e:
@@ -832,8 +837,8 @@ def open_sharded(path: str | os.PathLike[str]) -> ShardedSafetensors:
     else:
         raise MupscaleError(f"{path}: no such file or directory; check the path")
     try:
-        data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
+        data = loads_json(index.read_text(encoding="utf-8"), str(index), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, OSError) as e:
         raise MupscaleError(f"{index}: not a valid JSON index ({_one_line(e)})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mupscale_cli.bounded import loads_json
 from mupscale_cli.formats import digest
 from mupscale_cli.formats.checkpoint import (META_DIGESTS, META_EXTRA, META_OPTIM, META_OPTIM_INDEX, META_PROV, OPTIM_NS,
                                          PROV_DIGESTS, Checkpoint, optimizer_prefix, strip_prefix)
@@ -567,9 +568,9 @@ def sharded_files(target: Target) -> set[str]:
         if index.is_file():
             out.add(index.name)
             try:
-                wm = json.loads(index.read_text()).get("weight_map", {})
+                wm = loads_json(index.read_text(), str(index)).get("weight_map", {})
                 out.update(v for v in wm.values() if isinstance(v, str) and Path(v).name == v)
-            except (OSError, ValueError, AttributeError):
+            except (OSError, ValueError, AttributeError, MupscaleError):
                 pass
     return out
 

@@ -10,7 +10,9 @@ A user function builds the model from model_args; the base model is built as `fn
 one as `fn(wide_args, base_args)` (a μP model sets its base shapes from base_args). Its synthetic batches
 come from `inputs`, its loss is cross-entropy on its output (logits; a tuple's first entry or an object's
 `.logits` are taken). A `module:function` whose module defines batch/loss/output itself needs no `inputs`.
-Importing the factory runs its code: use specs you trust.
+Importing the factory runs its code, so a factory named by a spec file that lies outside the mupscale_cli
+package is imported only with `trust_code=True` (`--trust-spec-code`, like transformers'
+`trust_remote_code`); `--model` on the command line is explicit already.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import inspect
 import os
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mupscale_cli.errors import MupscaleError
+from mupscale_cli.errors import MupscaleError, missing_package
 
 MODEL_KEYS = ("factory", "inputs")
 INPUT_KEYS = {  # kind -> required keys (values: ints or model_args names)
@@ -65,6 +68,8 @@ def _import(modname: str, factory: str):
     try:
         return importlib.import_module(modname)
     except ImportError as e:
+        if (missing := missing_package(e)) is not None:
+            raise missing from None
         raise MupscaleError(f"model factory {factory!r}: cannot import {modname!r} ({e}); install it or put it "
                             f"on PYTHONPATH") from None
     except Exception as e:  # noqa: BLE001 - user code failing on import
@@ -152,8 +157,48 @@ def _two_arg(fn: Callable, factory: str) -> Callable[..., nn.Module]:
     return build
 
 
-def resolve(model: dict | None, spec_name: str, override: str | None = None) -> ModelDef:
-    """The ModelDef of a spec's `model:` section (or of `override`, a factory given on the command line)."""
+class OverBudget(MupscaleError):
+    """The factory made more parameters than the checkpoint holds (model_args that do not describe it)."""
+
+
+@contextmanager
+def param_budget(limit: int, what: str):
+    """While building `what`: stop as soon as its parameters (real ones: mup's shape-only models on the meta
+    device do not count) exceed `limit` elements, before a model that model_args blow up (n_layer 20000,
+    vocab_size 1e8) takes minutes or all memory to build."""
+    count, seen = [0], set()
+
+    def hook(module, name, param):
+        if param is None or param.device.type == "meta" or id(param) in seen:
+            return None
+        seen.add(id(param))
+        count[0] += param.numel()
+        if count[0] > limit:
+            raise OverBudget(f"{what}: the model factory has made more than {limit} parameter elements, more "
+                             f"than the checkpoint's tensors hold: its model_args do not describe it")
+        return None
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def check_args_scale(args: dict, shapes: list[tuple[int, ...]], what: str) -> None:
+    """An integer model_args entry far larger than every dimension of the checkpoint's tensors (vocab_size
+    1e8 for a 32-token embedding) would make the factory allocate for it: refused before building."""
+    largest = max((n for s in shapes for n in s), default=1)
+    cap = max(16 * largest, 1 << 20)
+    for key, v in args.items():
+        if isinstance(v, int) and not isinstance(v, bool) and v > cap:
+            raise MupscaleError(f"{what}: model_args {key} = {v} is larger than {cap} (16 x the largest dimension "
+                                f"of its tensors, {largest}, or 2^20): model_args do not describe this checkpoint")
+
+
+def resolve(model: dict | None, spec_name: str, override: str | None = None, trust_code: bool = False) -> ModelDef:
+    """The ModelDef of a spec's `model:` section (or of `override`, a factory given on the command line).
+    A spec's factory outside the mupscale_cli package needs `trust_code` (it runs code named by a file)."""
     where = f"spec {spec_name}: model"
     model = dict(model or {})
     if override:
@@ -174,6 +219,10 @@ def resolve(model: dict | None, spec_name: str, override: str | None = None) -> 
     if not all(p.isidentifier() for p in modname.split(".")) or (fname and not fname.isidentifier()):
         raise MupscaleError(f"{where}: factory must be 'package.module' or 'package.module:function', "
                             f"got {factory!r}")
+    if not override and not trust_code and modname.split(".")[0] != "mupscale_cli":
+        raise MupscaleError(f"spec {spec_name}: model.factory {factory!r} is code outside mupscale that verify "
+                            f"would import and run; pass --trust-spec-code if you trust this spec (or name the "
+                            f"factory yourself with --model)")
     mod = _import(modname, factory)
     fn = getattr(mod, fname or "build", None)
     if not callable(fn):

@@ -1,0 +1,133 @@
+"""Mutation check: does the test suite go red when a promise of the README breaks?
+
+    python scripts/mutation_check.py              # every mutation, its tests, then the table
+    python scripts/mutation_check.py --full       # each mutation against the whole suite (pytest -x; slow)
+    python scripts/mutation_check.py --only eps   # mutations whose name contains "eps"
+
+Copies the working tree (git's tracked and untracked, not ignored, files) into a temporary directory,
+runs the selected tests once unmutated (they must pass, or the table would mean nothing), then for each
+known-bad patch: applies it to the copy (the patched text must occur exactly once), runs the tests that
+guard that promise with `pytest -x` in the copy (PYTHONPATH=copy/src, so `mupscale` runs the mutant too),
+records the first failing test, and restores the file. Prints a Markdown table (docs/mutation-check.md):
+mutation -> caught (by which test) / survived. Exit 1 if any mutation survived.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Mutation:
+    name: str
+    promise: str  # what the README promises that the patch breaks
+    file: str
+    old: str
+    new: str
+    tests: list[str]  # pytest arguments selecting the guarding tests
+
+
+MUTATIONS = [
+    Mutation("no eps rescaling", "Adam/AdamW eps × g", "src/mupscale_cli/core/optstate.py",
+             '"eps": g, ', "", ["tests/test_widen_exact.py", "-k", "lockstep_float64"]),
+    Mutation("no initial_lr rescale", "`initial_lr` like lr (LR schedulers)", "src/mupscale_cli/core/optstate.py",
+             'return {"lr": s, "initial_lr": s, ', 'return {"lr": s, ', ["tests/test_scheduler.py"]),
+    Mutation("no backpressure in streaming", "at most threads + 1 ranges in flight (bounded memory)",
+             "src/mupscale_cli/formats/write.py", "while len(pending) > threads:", "while len(pending) > len(tasks):",
+             ["tests/test_streaming.py", "-k", "in_flight"]),
+    Mutation("no --force check", "an existing output needs --force", "src/mupscale_cli/commands/widen.py",
+             "if out.exists() and not opts.force:", "if False:",
+             ["tests/test_cli.py", "-k", "errors_are_one_line"]),
+    Mutation("a dropped state entry", "every optimizer state entry is widened",
+             "src/mupscale_cli/core/optstate.py", 'if pid in sd["state"]:', 'if pid in sd["state"] and nid != 1:',
+             ["tests/test_state_ids.py", "-k", "every_id_form"]),
+    Mutation("string ids not mapped", "optimizer ids '0', '1' (JSON) map like 0, 1",
+             "src/mupscale_cli/core/optstate.py", "    if isinstance(x, str) and x.isascii() and x.isdigit():",
+             "    if False:", ["tests/test_state_ids.py"]),
+    Mutation("shared step tensor", "`step` copied as a new tensor", "src/mupscale_cli/core/optstate.py",
+             'return v.clone() if isinstance(v, torch.Tensor) else v', 'return v',
+             ["tests/test_verify.py", "-k", "k1_in_memory"]),
+    Mutation("NaN/Inf not counted", "NaN/Inf: a warning; an error with --strict", "src/mupscale_cli/commands/widen.py",
+             "if not (x.dtype.is_floating_point or x.dtype.is_complex) or bool(torch.isfinite(x.sum())):",
+             "if True:", ["tests/test_hostile.py", "-k", "nan"]),
+]
+
+
+def copy_tree(dst: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        src = ROOT / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+
+
+def pytest(copy: Path, args: list[str], timeout: int) -> tuple[int, str, float]:
+    env = {**os.environ, "PYTHONPATH": str(copy / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args], cwd=copy,
+                           env=env, capture_output=True, text=True, timeout=timeout)
+        return r.returncode, r.stdout + r.stderr, time.perf_counter() - t0
+    except subprocess.TimeoutExpired:
+        return -1, "timeout", time.perf_counter() - t0
+
+
+def first_failure(out: str) -> str:
+    m = re.search(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+    return m.group(1) if m else "?"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="run the whole suite (pytest -x) for every mutation")
+    ap.add_argument("--only", default="", help="mutations whose name contains this")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per pytest run")
+    a = ap.parse_args()
+    chosen = [m for m in MUTATIONS if a.only in m.name]
+    with tempfile.TemporaryDirectory(prefix="mupscale-mutants-") as d:
+        copy = Path(d)
+        copy_tree(copy)
+        selections = [["tests"]] if a.full else [m.tests for m in chosen]
+        for sel in {tuple(s) for s in selections}:  # the unmutated tree must pass what guards it
+            rc, out, secs = pytest(copy, list(sel), a.timeout)
+            if rc != 0:
+                print(f"the unmutated tree fails {' '.join(sel)} ({first_failure(out)}); fix that first",
+                      file=sys.stderr)
+                return 2
+        rows = []
+        for m in chosen:
+            path = copy / m.file
+            text = path.read_text()
+            if text.count(m.old) != 1:
+                rows.append((m, "patch does not apply", f"{m.old!r} occurs {text.count(m.old)} times", 0.0))
+                continue
+            path.write_text(text.replace(m.old, m.new))
+            try:
+                rc, out, secs = pytest(copy, ["tests"] if a.full else m.tests, a.timeout)
+            finally:
+                path.write_text(text)
+            verdict = "caught" if rc == 1 else "survived" if rc == 0 else f"pytest exit {rc}"
+            rows.append((m, verdict, first_failure(out) if rc == 1 else "", secs))
+            print(f"{m.name}: {verdict} {rows[-1][2]} ({secs:.0f} s)", file=sys.stderr, flush=True)
+    print("| mutation | promise it breaks | patched file | result | first failing test | seconds |")
+    print("|---|---|---|---|---|---|")
+    for m, verdict, test, secs in rows:
+        print(f"| {m.name} | {m.promise} | `{m.file.removeprefix('src/mupscale_cli/')}` | {verdict} | "
+              f"{f'`{test}`' if test else ''} | {secs:.0f} |")
+    return 0 if all(v == "caught" for _, v, _, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
