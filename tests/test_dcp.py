@@ -307,3 +307,20 @@ def test_pt_to_dcp_matches_pt_output(tmp_path):
             assert torch.equal(r.get(f"optim.state.{n}.{key}"), v), (n, key)
     assert len(ref["optimizer"]["param_groups"]) == len({k.split(".")[2] for k in r.paths
                                                            if k.startswith("optim.param_groups.")})
+
+
+def test_noise_is_the_same_in_any_block_split(tmp_path):
+    """σ̄ > 0: DCP output in 1 KiB blocks (what ranks share) holds the same noised tensors as the streamed
+    .safetensors output (noise depends only on seed, name, shape)."""
+    from safetensors.torch import load_file
+    src = _small_dcp(tmp_path / "base", width=64)
+    widen_cli(src, tmp_path / "w", 1, "--sigma", "0.5", "--seed", "3", "--chunk-size", "16")
+    widen_cli(src, tmp_path / "w.safetensors", 1, "--sigma", "0.5", "--seed", "3")
+    r, st = DcpReader(tmp_path / "w"), load_file(tmp_path / "w.safetensors")
+    assert len(r.md.state_dict_metadata["model.hidden.0.weight"].chunks) == 128  # one 1 KiB row each
+    model = [n for n in st if not n.startswith("__")]
+    assert len(model) == 6
+    for n in model:
+        assert torch.equal(r.get(f"model.{n}"), st[n]), n
+    base = DcpReader(src).get("model.hidden.0.weight")
+    assert not torch.equal(st["hidden.0.weight"][::2, ::2] * 2, base)  # noised indeed
