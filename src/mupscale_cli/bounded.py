@@ -12,6 +12,7 @@ Each refusal is a MupscaleError naming where, on one line.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import yaml
@@ -19,7 +20,7 @@ import yaml
 from mupscale_cli.errors import MupscaleError
 
 MAX_DEPTH = 64
-YAML_MAX_BYTES = 16 << 20
+YAML_MAX_BYTES = 4 << 20  # PyYAML (pure Python) reads about 0.2 MB/s: at most ~20 s; real specs are kilobytes
 MAX_INT_DIGITS = 4300  # Python's own limit for int(str) (sys.get_int_max_str_digits() by default)
 
 
@@ -68,10 +69,15 @@ class BoundedLoader(yaml.SafeLoader):
 BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
 
 
+_OPENERS = re.compile(r"(?:[\[{]\s*){%d}" % (MAX_DEPTH + 1))  # that many flow openers in a row
+
+
 def load_yaml(text: str, where: str, loader: type[BoundedLoader] = BoundedLoader) -> Any:
     """Parse YAML `text` (from `where`, for messages) within the bounds above."""
     if len(text) > YAML_MAX_BYTES:
         raise MupscaleError(f"{where}: {len(text)} characters of YAML, more than the {YAML_MAX_BYTES} allowed")
+    if _OPENERS.search(text):  # the common deep form, refused before PyYAML scans it all (seconds)
+        raise MupscaleError(f"{where}: not valid YAML: nested more than {MAX_DEPTH} levels deep")
     try:
         return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:

@@ -279,7 +279,8 @@ _SIGBUS = {"what": "an input file", "handler": None}
 
 def sigbus_names(what: str) -> None:
     """Name the input in the SIGBUS message (the handler cannot know which file shrank)."""
-    _SIGBUS["what"] = what
+    from mupscale_cli.errors import one_line
+    _SIGBUS["what"] = one_line(what)
 
 
 def _on_sigbus(signum: int) -> None:  # runs in the faulting thread; no return (the fault would repeat)

@@ -133,12 +133,15 @@ def run_lockstep(zoo: ModuleType, args: dict, base: nn.Module, base_opt: torch.o
                  seed: int = 0, dtype: torch.dtype = torch.float64, plan: Plan | None = None,
                  hidden: bool = False, data: Callable[[int], tuple] | None = None,
                  on_step: Callable[[StepDiff], bool] | None = None, eval_every: int = 1,
-                 tensor_tol: float | None = None) -> list[StepDiff]:
+                 tensor_tol: float | None = None,
+                 before_step: Callable[[int, int, nn.Module, torch.optim.Optimizer], None] | None = None
+                 ) -> list[StepDiff]:
     """Train both models on the same batches; after every step compare the loss, the training forward
     pass's outputs and (with a plan) every tensor; the eval-mode outputs on a fixed batch (and, with
     `hidden`, every layer's activations) at step 0, every `eval_every` steps, at the last step, and at any
     step where a tensor is further than `tensor_tol` from the widened base. `on_step` returning True
-    stops early."""
+    stops early. `before_step(t, i, model, opt)` runs between backward and `opt.step()` (i: 0 base, 1 wide):
+    the training script's per-step rule (learning-rate schedule, gradient clipping)."""
     device = next(base.parameters()).device
     gen = torch.Generator().manual_seed(seed)
 
@@ -183,11 +186,13 @@ def run_lockstep(zoo: ModuleType, args: dict, base: nn.Module, base_opt: torch.o
             losses = []
             captured.clear()
             capturing[0] = True
-            for model, opt in ((base, base_opt), (wide, wide_opt)):
+            for i, (model, opt) in enumerate(((base, base_opt), (wide, wide_opt))):
                 model.train()
                 opt.zero_grad(set_to_none=True)
                 loss = zoo.loss(model, x, y)
                 loss.backward()
+                if before_step is not None:
+                    before_step(t, i, model, opt)
                 opt.step()
                 losses.append(loss.detach().double())
             capturing[0] = False
