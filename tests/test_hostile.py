@@ -544,7 +544,7 @@ CASES += [
          proc=False),
     # 8. one-line messages
     Case("newline-in-input-path", lambda c: c.widen(c.d / "a\nb.pt"), "a\\nb.pt"),
-    Case("escape-in-output-path", lambda c: c.widen(c.base.mlp_pt, out=c.d / "no\x1b[2Jdir\r" / "w.safetensors"),
+    Case("escape-in-output-path", lambda c: c.widen(c.base.mlp_pt, out=c.write("no\x1b[2Jdir\r", "x") / "w.safetensors"),
          "no\\x1b[2Jdir\\r", proc=False),
     Case("newline-in-spec-name", lambda c: c.spec(MLP_SPEC.replace("name: my-mlp", 'name: "my\\nmlp"').replace(
         "  readout.bias: [null]\n", "")), "my\\nmlp", proc=False),

@@ -270,6 +270,9 @@ def widen(
                                             "learning rate γ̄ (default: its config.learning_rate, else the "
                                             "proxy's)."),
     chunk_size: str = typer.Option("8MiB", "--chunk-size", hidden=True, help="Unit of work for large tensors."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Output format: dcp (a torch.distributed.checkpoint "
+                                      "directory, the input's layout; the default for a DCP input and -o DIR), "
+                                      "safetensors, pt, or hf (Hugging Face shards, 5GB unless --shard-size)."),
 ) -> None:
     """Widen a checkpoint k times: weights, buffers, optimizer state and hyper-parameters (paper Table 1),
     plus optional μP-scaled noise. Prints the output path (or --json summary) on stdout. Inputs: .pt,
@@ -278,6 +281,8 @@ def widen(
     that from_pretrained loads (config.json rewritten, tokenizer and other files copied).
 
     Example: mupscale widen models/llama --k 2 -o models/llama-wide
+    A torch.distributed.checkpoint (DCP) directory too; under torchrun (torchrun --nproc-per-node N -m
+    mupscale_cli widen ...) the ranks share the work of a DCP output.
 
     Example: mupscale widen ckpt.pt --k 4 --sigma 0.75 -o wide.safetensors
     """
@@ -295,17 +300,18 @@ def widen(
                      strict)
         opts = replace(opts, dtype=dtype, shard_size=shard_size, threads=threads, noise_device=noise_device,
                        chunk_bytes=parse_size(chunk_size), source_digest=digest, hparams=hparams,
-                       base_lr=base_lr, untie=untie)
-        bar = _progress(quiet)
+                       base_lr=base_lr, untie=untie, format=fmt)
+        bar = _progress(quiet or os.environ.get("RANK", "0") != "0")
         try:
             res = run_widen(opts, bar)
         finally:
             if isinstance(bar, _Bar):
                 bar.stop()
-        for note in res["notes"]:
-            if not quiet:
-                say(f"mupscale: note: {note}")
-        typer.echo(json.dumps(res, indent=2) if as_json else res["output"])
+        if res.get("rank", 0) == 0:  # under torchrun: rank 0 speaks for all
+            for note in res["notes"]:
+                if not quiet:
+                    say(f"mupscale: note: {note}")
+            typer.echo(json.dumps(res, indent=2) if as_json else res["output"])
     _exit_now_if_program()
 
 
@@ -439,6 +445,8 @@ def verify(
                              grad_clip=grad_clip, clip_mode=clip_mode)
         if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
             raise MupscaleError(f"--json {json_path}: not a writable file path")
+        if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 prints and writes the report
+            quiet, json_path = True, None
         shown: list[tuple[dict, bool]] = []
         tty = sys.stderr.isatty() and not quiet
 
@@ -474,7 +482,8 @@ def verify(
                     say(f"mupscale: warning: {i['message']}")
             for line in rep["diagnosis"]:
                 say(f"mupscale: diagnosis: {line}")
-        typer.echo(_verify_line(rep))
+        if os.environ.get("RANK", "0") == "0":
+            typer.echo(_verify_line(rep))
         if rep["result"] != "pass":
             raise typer.Exit(1)
 

@@ -309,6 +309,8 @@ def read(o: VerifyOptions) -> Run:
     """Options, device, data, and WIDE with what its provenance records (σ̄, lr_scale, stored dtype)."""
     t_start = time.perf_counter()
     _check_opts(o)
+    from mupscale_cli.verify.dist import dist_env
+    dist_env(o.device)  # torchrun: the process group for FSDP2 over WORLD_SIZE ranks
     device = pick_device(o.device)
     r = Run(o, t_start, device, DTYPES[o.dtype], 0.0, TENSOR_TOL[o.dtype],
             load_data(o.data, o.batch_size) if o.data else None)
@@ -481,6 +483,12 @@ def lockstep(r: Run, on_step: Callable[[dict, bool], None] | None) -> None:
             on_step(row, failed)
         return failed
 
+    from mupscale_cli.verify.dist import dist_env, shard
+    _, world = dist_env(o.device)
+    if world > 1:  # under torchrun: both models sharded with FSDP2 across the ranks
+        r.base, r.base_opt = shard(r.base, r.base_opt)
+        r.wide, r.wide_opt = shard(r.wide, r.wide_opt)
+        r.report["ranks"] = world
     rule = training_rule(r, clip)
     with deterministic(r.device), _data_errors(o.data):
         run_lockstep(r.md, r.base_args, r.base, r.base_opt, r.wide, r.wide_opt, o.steps, batch_size=o.batch_size,

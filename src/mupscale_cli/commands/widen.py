@@ -217,7 +217,7 @@ def provenance(opts: WidenOptions, prep: Prepared, source_digest: str | None = N
     plan = prep.plan
     return {
         "tool": f"mupscale {__version__}",
-        "source": prep.ckpt.path.name if prep.ckpt.kind != "sharded" else
+        "source": prep.ckpt.path.name if prep.ckpt.kind not in ("sharded", "dcp") else
         f"{prep.ckpt.path.parent.name}/{prep.ckpt.path.name}",
         "source_sha256": source_digest if source_digest is not None else source_sha256(prep.ckpt),
         "spec": plan.spec.name,
@@ -362,6 +362,10 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     `progress(name, nbytes)` is called as bytes are written; `progress.start(total_bytes)`, if it exists,
     once before."""
     t_start = time.perf_counter()
+    from mupscale_cli.commands.widen_dcp import run_widen_dcp, wants_dcp
+    opts = _with_format(opts)
+    if wants_dcp(opts):
+        return run_widen_dcp(opts, progress)
     target = check_output(opts)
     made = missing_dirs(target.path if target.kind == "sharded" else target.path.parent, f"-o {target.path}")
     try:
@@ -458,6 +462,26 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
     res["output_bytes"] = output_bytes(prep, target, dtype)
     res["time_s"] = round(time.perf_counter() - t_start, 3)  # in this process: start-up not counted
     return res
+
+
+FORMATS = ("dcp", "safetensors", "pt", "hf")
+
+
+def _with_format(opts: WidenOptions) -> WidenOptions:
+    """--format: dcp (a directory), safetensors or pt (-o's suffix must agree), hf (shards, 5GB unless
+    --shard-size)."""
+    fmt = opts.format
+    if fmt is None:
+        return opts
+    if fmt not in FORMATS:
+        raise MupscaleError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "hf":
+        return opts if opts.shard_size is not None else replace(opts, shard_size="5GB")
+    if fmt in ("safetensors", "pt") and opts.output is not None and opts.output.suffix != f".{fmt}":
+        raise MupscaleError(f"-o {opts.output}: --format {fmt} writes a .{fmt} file; name the output *.{fmt}")
+    if fmt == "dcp" and opts.shard_size is not None:
+        raise MupscaleError("--shard-size writes Hugging Face shards; it does not apply to --format dcp")
+    return opts
 
 
 def write_hf(target: Target, prep: Prepared, opts: WidenOptions, progress, replace: bool,

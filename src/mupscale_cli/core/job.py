@@ -50,6 +50,7 @@ class WidenOptions:
     sigma_map: dict[str, float] | None = None  # per-tensor σ̄ (relative scheme), else `sigma` for all
     lr_scale: float = 1.0  # multiplies every widened group's lr and initial_lr (γ̄↑ / γ̄)
     hparams_record: dict | None = None  # provenance of --hparams
+    format: str | None = None  # --format dcp|safetensors|pt|hf (default: from -o and the input)
 
 
 def sigma_of(opts: WidenOptions, name: str) -> float:

@@ -7,7 +7,7 @@ claims the path reads it. Adding a format: one module and one row here.
     shards.py       Hugging Face shards + *.safetensors.index.json     write.write_streamed
     hf.py           Hugging Face model / Trainer checkpoint directory  hf.write (+ hf_trainer.py: optimizer.pt,
                     scheduler.pt of a Trainer checkpoint-N/)
-    (dcp.py         torch.distributed.checkpoint: a row to come)
+    dcp.py          torch.distributed.checkpoint directory (.metadata) commands/widen_dcp.py (dcp.save_lazy)
 
 Beside the readers: checkpoint.py (the Checkpoint every reader returns, shared helpers), safetensors.py
 (low-level reading and streamed writing), write.py (streaming tensors out), output.py (the -o target
@@ -19,9 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mupscale_cli.errors import MupscaleError
-from mupscale_cli.formats import hf, pt, shards, st
+from mupscale_cli.formats import dcp, hf, pt, shards, st
 
 READERS: list[tuple[str, Callable[[Path], bool], Callable]] = [
+    ("dcp", dcp.is_dcp, dcp.load_dcp),  # a directory with .metadata (or that file)
     ("hf", hf.claims, hf.read),  # a directory with config.json (before shards: it may hold an index)
     ("sharded", shards.claims, shards.read),
     ("safetensors", st.claims, st.read),
@@ -36,4 +37,4 @@ def reader_for(path: Path) -> Callable:
         if claims(path):
             return read
     raise MupscaleError(f"{path}: not a checkpoint mupscale reads (a .pt or .safetensors file, a directory of "
-                        f"shards with their index, or a Hugging Face model directory with config.json)")
+                        f"shards with their index, or a Hugging Face model directory with config.json, or a torch.distributed.checkpoint directory)")

@@ -54,6 +54,7 @@ class Checkpoint:
     shard_files: list[str] = field(default_factory=list)  # sharded: the other files read, beside the index
     readers: dict = field(default_factory=dict)  # safetensors inputs: file path -> LazySafetensors
     hf: object | None = None  # a Hugging Face directory: formats.hf.HfDir (config.json, other files, Trainer)
+    source: object = None  # DCP inputs: (DcpReader, DcpLayout), for the DCP writer
 
     @property
     def model_args(self) -> dict | None:
@@ -153,7 +154,7 @@ def source_sha256(ckpt: Checkpoint, on_piece: Callable[[Path, str, torch.Tensor]
         if r is None or on_piece is None:
             return sha256_file(p)
         return r.scan(lambda name, values: on_piece(p, name, values), hashing=hashing)
-    if ckpt.kind != "sharded":
+    if ckpt.kind not in ("sharded", "dcp"):
         return one(ckpt.path)
     if not hashing:
         for p in ckpt.files:

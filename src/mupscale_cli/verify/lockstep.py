@@ -50,12 +50,13 @@ def norm_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def tensor_diffs(base: nn.Module, wide: nn.Module, plan: Plan) -> tuple[str | None, float]:
     """The tensor of `wide` furthest (normwise relative) from the exact widening of `base`'s."""
+    from mupscale_cli.verify.dist import full  # FSDP2 (verify under torchrun): gather the shards
     bsd, wsd = base.state_dict(), wide.state_dict()
     worst, worst_rel = None, 0.0
     for n, p in plan.tensors.items():
         if n not in bsd or n not in wsd or p.alias_of or not bsd[n].is_floating_point():
             continue
-        r = norm_rel(widen(bsd[n], p), wsd[n])
+        r = norm_rel(widen(full(bsd[n]), p), full(wsd[n]))
         if r > worst_rel:
             worst, worst_rel = n, r
     return worst, worst_rel
