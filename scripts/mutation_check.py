@@ -51,7 +51,9 @@ MUTATIONS = [
              "    if False:\n        raise MupscaleError(f\"-o {out}: exists; pass --force to o",
              ["tests/test_cli.py", "-k", "errors_are_one_line"],
              more=(("src/mupscale_cli/commands/widen.py",
-                    "if not opts.force and os.path.lexists(target.path)", "if False and os.path.lexists(target.path)"),)),
+                    "if not opts.force and os.path.lexists(target.path)", "if False and os.path.lexists(target.path)"),
+                   ("src/mupscale_cli/formats/target.py",  # the commit's own no-clobber rename
+                    "    if not replace or not os.path.lexists(dest):", "    if not os.path.lexists(dest):"))),
     Mutation("a dropped state entry", "every optimizer state entry is widened",
              "src/mupscale_cli/core/optstate.py", 'if pid in sd["state"]:', 'if pid in sd["state"] and nid != 1:',
              ["tests/test_state_ids.py", "-k", "every_id_form"]),
