@@ -35,6 +35,7 @@ class Mutation:
     old: str
     new: str
     tests: list[str]  # pytest arguments selecting the guarding tests
+    more: tuple = ()  # further (file, old, new) patches of the same mutation
 
 
 MUTATIONS = [
@@ -45,9 +46,14 @@ MUTATIONS = [
     Mutation("no backpressure in streaming", "at most threads + 1 ranges in flight (bounded memory)",
              "src/mupscale_cli/formats/write.py", "while len(pending) > threads:", "while len(pending) > len(tasks):",
              ["tests/test_streaming.py", "-k", "in_flight"]),
-    Mutation("no --force check", "an existing output needs --force", "src/mupscale_cli/commands/widen.py",
-             "if out.exists() and not opts.force:", "if False:",
-             ["tests/test_cli.py", "-k", "errors_are_one_line"]),
+    Mutation("no --force check", "an existing output needs --force", "src/mupscale_cli/formats/output.py",
+             "    if out.exists() and not opts.force:\n        raise MupscaleError(f\"-o {out}: exists; pass --force to o",
+             "    if False:\n        raise MupscaleError(f\"-o {out}: exists; pass --force to o",
+             ["tests/test_cli.py", "-k", "errors_are_one_line"],
+             more=(("src/mupscale_cli/commands/widen.py",
+                    "if not opts.force and os.path.lexists(target.path)", "if False and os.path.lexists(target.path)"),
+                   ("src/mupscale_cli/formats/target.py",  # the commit's own no-clobber rename
+                    "    if not replace or not os.path.lexists(dest):", "    if not os.path.lexists(dest):"))),
     Mutation("a dropped state entry", "every optimizer state entry is widened",
              "src/mupscale_cli/core/optstate.py", 'if pid in sd["state"]:', 'if pid in sd["state"] and nid != 1:',
              ["tests/test_state_ids.py", "-k", "every_id_form"]),
@@ -57,7 +63,7 @@ MUTATIONS = [
     Mutation("shared step tensor", "`step` copied as a new tensor", "src/mupscale_cli/core/optstate.py",
              'return v.clone() if isinstance(v, torch.Tensor) else v', 'return v',
              ["tests/test_state_ids.py", "-k", "step_is_a_new_tensor"]),
-    Mutation("NaN/Inf not counted", "NaN/Inf: a warning; an error with --strict", "src/mupscale_cli/commands/widen.py",
+    Mutation("NaN/Inf not counted", "NaN/Inf: a warning; an error with --strict", "src/mupscale_cli/core/checks.py",
              "if not (x.dtype.is_floating_point or x.dtype.is_complex) or bool(torch.isfinite(x.sum())):",
              "if True:", ["tests/test_hostile.py", "-k", "test_nan_is_a_warning"]),
 ]
@@ -108,16 +114,19 @@ def main() -> int:
                 return 2
         rows = []
         for m in chosen:
-            path = copy / m.file
-            text = path.read_text()
-            if text.count(m.old) != 1:
-                rows.append((m, "patch does not apply", f"{m.old!r} occurs {text.count(m.old)} times", 0.0))
+            patches = [(m.file, m.old, m.new), *m.more]
+            texts = {f: (copy / f).read_text() for f, _, _ in patches}
+            bad = [(f, old) for f, old, _ in patches if texts[f].count(old) != 1]
+            if bad:
+                rows.append((m, "patch does not apply", f"{bad[0][1]!r} in {bad[0][0]}", 0.0))
                 continue
-            path.write_text(text.replace(m.old, m.new))
+            for f, old, new in patches:
+                (copy / f).write_text((copy / f).read_text().replace(old, new))
             try:
                 rc, out, secs = pytest(copy, ["tests"] if a.full else m.tests, a.timeout)
             finally:
-                path.write_text(text)
+                for f, text in texts.items():
+                    (copy / f).write_text(text)
             verdict = "caught" if rc == 1 else "survived" if rc == 0 else f"pytest exit {rc}"
             rows.append((m, verdict, first_failure(out) if rc == 1 else "", secs))
             print(f"{m.name}: {verdict} {rows[-1][2]} ({secs:.0f} s)", file=sys.stderr, flush=True)

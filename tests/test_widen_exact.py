@@ -192,14 +192,14 @@ def test_optimizer_ids_that_fit_no_layout_are_refused_not_mapped_silently(tmp):
     opt.step()
     sd = opt.state_dict()
     torch.save({"model": model.state_dict(), "optimizer": sd, "model_args": MLP_ARGS}, tmp / "ok.pt")
-    assert prepare(WidenOptions(checkpoint=tmp / "ok.pt", k="2")).omap.layout == "nanogpt"
+    assert prepare(WidenOptions(checkpoint=tmp / "ok.pt", k="2", spec="mup-mlp")).omap.layout == "nanogpt"
     # ids in an order no known layout produces: shapes contradict every candidate -> refuse
     sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][::-1]
     torch.save({"model": model.state_dict(), "optimizer": sd, "model_args": MLP_ARGS}, tmp / "bad.pt")
     with pytest.raises(MupscaleError, match="cannot match optimizer ids.*param_names"):
-        prepare(WidenOptions(checkpoint=tmp / "bad.pt", k="2"))
+        prepare(WidenOptions(checkpoint=tmp / "bad.pt", k="2", spec="mup-mlp"))
     with pytest.raises(MupscaleError, match="single: 1 groups expected, the checkpoint has 2"):
-        prepare(WidenOptions(checkpoint=tmp / "ok.pt", k="2", opt_layout="single"))
+        prepare(WidenOptions(checkpoint=tmp / "ok.pt", k="2", spec="mup-mlp", opt_layout="single"))
 
 
 def test_adam_vs_adamw_must_be_told_when_the_state_cannot(tmp):
