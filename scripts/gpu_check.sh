@@ -18,3 +18,6 @@ done
 python3 scripts/bench_verify.py --part drift --device cuda --drift-steps 200 2>&1 | tee "$OUT/drift-cuda.log"
 python3 scripts/bench_verify.py --part bench --device cuda --steps 50 --n-layer 8 --n-embd 512 --block-size 256 \
   --batch-size 32 2>&1 | tee "$OUT/bench-cuda.log"
+# verify under torchrun on one GPU: NCCL process group, both models sharded with FSDP2 (one rank)
+torchrun --nproc-per-node 1 -m mupscale_cli verify examples/nanogpt-tiny.pt ${VERIFY_ARGS:-} --device cuda \
+  --steps 50 --json "$OUT/verify-torchrun.json" 2>&1 | tail -3

@@ -26,7 +26,7 @@ def main(out: Path) -> None:
         loss.backward()
         opt.step()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "model_args": ARGS,
-                "iter_num": 40, "best_val_loss": loss.item(), "config": {"learning_rate": 3e-3}}, out)
+                "iter_num": 40, "best_val_loss": loss.item(), "config": {"learning_rate": 3e-3, "parametrization": "mup"}}, out)
     print(f"{out}: loss after 40 steps {loss.item():.3f}")
 
 

@@ -60,7 +60,7 @@ def make_base(tmp: Path, zoo, args: dict, opt: str = "adamw", layout: str = "nam
     train(zoo, args, model, o, steps)
     path = tmp / name
     torch.save({"model": model.state_dict(), "optimizer": o.state_dict(), "model_args": args,
-                "iter_num": steps, "best_val_loss": 1.5, "config": {"batch_size": 8}}, path)
+                "iter_num": steps, "best_val_loss": 1.5, "config": {"batch_size": 8, "parametrization": "mup"}}, path)
     return path, model, o
 
 

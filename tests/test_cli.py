@@ -27,7 +27,8 @@ def test_nanogpt_checkpoint_to_pt_resumes_in_the_wider_model(tmp):
     ck = torch.load(out, weights_only=True)
     assert set(ck) >= {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"}
     assert set(ck["model_args"]) == NANOGPT_FIELDS and ck["model_args"]["n_embd"] == 4 * ARGS["n_embd"]
-    assert ck["iter_num"] == 10 and ck["best_val_loss"] == 1.5 and ck["config"] == {"batch_size": 8}
+    assert ck["iter_num"] == 10 and ck["best_val_loss"] == 1.5
+    assert ck["config"] == {"batch_size": 8, "parametrization": "mup"}
     wide = gpt.build(ck["model_args"], ARGS).double()
     wide.load_state_dict(ck["model"], strict=True)
     wide_opt = mup.MuAdamW(wide.parameters(), lr=1.0)  # the training script's own optimizer

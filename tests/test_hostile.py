@@ -82,7 +82,8 @@ def _gpt_ckpt() -> dict:
         gpt.loss(model, x, y).backward()
         opt.step()
     return copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(), "model_args": args,
-                          "iter_num": 2, "best_val_loss": 3.0, "config": {"learning_rate": 1e-3}})
+                          "iter_num": 2, "best_val_loss": 3.0,
+                          "config": {"learning_rate": 1e-3, "parametrization": "mup"}})
 
 
 def _mlp_sd() -> dict[str, torch.Tensor]:
@@ -137,7 +138,10 @@ class Ctx:
         return p
 
     def widen(self, inp: Path | str, *extra: str, out: Path | None = None) -> list[str]:
-        return ["widen", str(inp), "--k", "2", "-o", str(out or self.out), *extra]
+        # the MLP is a plain state dict: it cannot show its parametrization, so it is named (README, "Stacks")
+        spec = ["--spec", "mup-mlp"] if Path(inp) in (self.base.mlp_pt, self.base.mlp_st) and "--spec" not in extra \
+            else []
+        return ["widen", str(inp), "--k", "2", "-o", str(out or self.out), *extra, *spec]
 
     def spec(self, text: str, name: str = "spec.yaml") -> list[str]:
         return self.widen(self.base.mlp_pt, "--spec", str(self.write(name, text)))
@@ -181,7 +185,7 @@ def _untie(ck: dict) -> None:
 def _int_matrix(c: Ctx) -> list[str]:
     sd = dict(c.base.mlp)
     sd["hidden.0.weight"] = torch.ones(16, 16, dtype=torch.int64)
-    return c.widen(c.save("int.pt", sd))
+    return c.widen(c.save("int.pt", sd), "--spec", "mup-mlp")
 
 
 def _exists(c: Ctx) -> list[str]:
@@ -344,8 +348,8 @@ CASES: list[Case] = [
     Case("output-is-input-pt", _over_input_pt, "input", proc=False),
     Case("output-is-hard-link-to-input", _over_input_link, "input", proc=False),
     Case("output-suffix-txt", lambda c: c.widen(c.base.mlp_pt, out=c.d / "out" / "wide.txt"), ".safetensors"),
-    Case("output-dir-missing", lambda c: c.widen(c.base.mlp_pt, out=c.d / "nodir" / "w.safetensors"),
-         "does not exist"),
+    Case("output-dir-under-a-file", lambda c: c.widen(c.base.mlp_pt, out=c.write("afile", "x") / "d" / "w.safetensors"),
+         "is not a directory"),
     Case("output-is-directory", _out_dir, "directory", proc=False),
     Case("shards-into-a-directory-of-other-files", _shards_over_other_files, "(notes.txt)", proc=False),
     Case("output-missing", lambda c: ["widen", str(c.base.mlp_pt), "--k", "2"], "-o", proc=False),
@@ -540,7 +544,7 @@ CASES += [
          proc=False),
     # 8. one-line messages
     Case("newline-in-input-path", lambda c: c.widen(c.d / "a\nb.pt"), "a\\nb.pt"),
-    Case("escape-in-output-path", lambda c: c.widen(c.base.mlp_pt, out=c.d / "no\x1b[2Jdir\r" / "w.safetensors"),
+    Case("escape-in-output-path", lambda c: c.widen(c.base.mlp_pt, out=c.write("no\x1b[2Jdir\r", "x") / "w.safetensors"),
          "no\\x1b[2Jdir\\r", proc=False),
     Case("newline-in-spec-name", lambda c: c.spec(MLP_SPEC.replace("name: my-mlp", 'name: "my\\nmlp"').replace(
         "  readout.bias: [null]\n", "")), "my\\nmlp", proc=False),
@@ -692,8 +696,8 @@ def test_disk_check_counts_model_and_optimizer(base: Base, tmp_path: Path, monke
     size = opts.output.stat().st_size
     assert need <= size <= need + 2**20  # tensors + header
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(W.shutil, "disk_usage", lambda p: usage._replace(free=need))
-    with pytest.raises(MupscaleError, match="free; free some space"):
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=need))
+    with pytest.raises(MupscaleError, match=r"has only [0-9.]+ [KMG]?i?B free; free some space"):
         W.run_widen(W.WidenOptions(base.gpt_pt, tmp_path / "w2.safetensors"))
     assert not (tmp_path / "w2.safetensors").exists()
 
@@ -760,7 +764,7 @@ def test_widened_files_record_and_check_digests(base: Base, tmp_path: Path) -> N
 def test_inspect_cli_rejects_a_corrupted_file(base: Base, tmp_path: Path) -> None:
     out = tmp_path / "w.safetensors"
     from mupscale_cli.commands.widen import WidenOptions, run_widen
-    run_widen(WidenOptions(base.mlp_pt, out))
+    run_widen(WidenOptions(base.mlp_pt, out, spec="mup-mlp"))
     data = bytearray(out.read_bytes())
     data[-1] ^= 0x01
     out.write_bytes(bytes(data))
@@ -811,6 +815,18 @@ def test_claim_is_exclusive_and_leaves_no_lock(tmp_path: Path) -> None:
     assert not lock_path(dest).exists()
     with claim(dest):  # free again
         pass
+
+
+def test_environment_errors_are_one_line_naming_the_output() -> None:
+    """Every environment errno becomes one line naming the output (not the temporary) and the errno."""
+    import errno as E
+    from mupscale_cli.formats.target import ENV_ERRORS, env_error
+    for code in ENV_ERRORS:
+        e = env_error(OSError(code, os.strerror(code), f"/d/.w.safetensors{TMP_PT}1-ab"), "-o /d/w.safetensors")
+        assert str(e).startswith("-o /d/w.safetensors: ") and E.errorcode[code] in str(e) and "\n" not in str(e)
+    e = env_error(OSError(E.EMFILE, "Too many open files", "/d/in.pt"), "-o /d/w.safetensors")
+    assert str(e).startswith("/d/in.pt: too many open files")  # the file it could not open
+    assert env_error(OSError(E.ENOENT, "No such file"), "x") is None  # not the environment's: not mapped
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -32,9 +32,10 @@ def _train_save(path, args, dtype, steps=20, config=True):
         opt.zero_grad()
         mlp.loss(model, x, y).backward()
         opt.step()
-    ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "model_args": args}
+    ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "model_args": args,
+          "config": {"parametrization": "mup"}}
     if config:
-        ck["config"] = {"learning_rate": GAMMA, "batch_size": 16}
+        ck["config"] = {"learning_rate": GAMMA, "batch_size": 16, "parametrization": "mup"}
     torch.save(ck, path)
     return path
 

@@ -224,10 +224,11 @@ def small_fs(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def test_disk_full_mid_write_is_one_line_exit_2(big: Path, small_fs: Path) -> None:
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_disk_full_mid_write_is_one_line_exit_2(big: Path, small_fs: Path, suffix: str) -> None:
     """The free-space check passes, then the disk fills up (another writer) while widen writes: exit 2
     naming the output, its temporary removed."""
-    out = small_fs / "wide.safetensors"
+    out = small_fs / f"wide{suffix}"
     p = subprocess.Popen(widen_argv(big, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(p, lambda: temps(small_fs), "the temporary")
     with open(small_fs / "filler", "wb") as f:

@@ -110,3 +110,17 @@ def test_safetensors_state_of_an_unlisted_tensor_is_an_error(tmp):
     save_file(t, tmp / "edited.safetensors", metadata=meta)
     r = mupscale("widen", str(tmp / "edited.safetensors"), "--k", "2", "-o", str(tmp / "w2.safetensors"))
     assert r.returncode == 2 and "'no.such.tensor' belongs to no parameter" in r.stderr
+
+
+def test_widened_step_is_a_new_tensor(tmp):
+    """`step` is copied as a new tensor (the paper's reference code shares it: base and wide optimizers then
+    count steps together and diverge at the first step), also in memory (sweep, the Python API)."""
+    from mupscale_cli.commands.widen import WidenOptions, prepare
+    from mupscale_cli.core.optstate import widen_optimizer
+    src, _, _ = make_base(tmp, gpt, ARGS, "adam", "named", steps=2)
+    prep = prepare(WidenOptions(checkpoint=src, k="2"))
+    wide = widen_optimizer(prep.ckpt.optimizer, prep.plan, prep.omap)
+    given = {st["step"].untyped_storage().data_ptr() for st in prep.ckpt.optimizer["state"].values()}
+    steps = [st["step"] for st in wide["state"].values()]
+    assert len(steps) == len(given) and all(float(s) == 2 for s in steps)
+    assert not any(s.untyped_storage().data_ptr() in given for s in steps)

@@ -37,7 +37,7 @@ def proxy(tmp):
         opt.step()
     path = tmp / "proxy.pt"
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "model_args": ARGS,
-                "config": {"learning_rate": 1e-2}}, path)
+                "config": {"learning_rate": 1e-2, "parametrization": "mup"}}, path)
     return path
 
 

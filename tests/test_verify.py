@@ -69,7 +69,7 @@ def make_ck(tmp: Path, name: str, opt: str = "adam", steps: int = 3, save_optimi
         zoo.loss(model, x, y).backward()
         o.step()
     path = tmp / (file or f"{name}-{opt}.pt")
-    ck = {"model": model.state_dict(), "model_args": args, "iter_num": steps}
+    ck = {"model": model.state_dict(), "model_args": args, "iter_num": steps, "config": {"parametrization": "mup"}}
     if save_optimizer:
         ck["optimizer"] = o.state_dict()
     torch.save(ck, path)
@@ -319,7 +319,7 @@ def test_spec_code_runs_only_with_trust_spec_code(tmp):
         rep = verify(src, spec=str(spec), steps=1, trust_code=True)
         assert rep["result"] == "pass" and marker.exists()
         marker.unlink()
-        sys.modules.pop("marked_user", None)  # imported again: the marker shows it ran
+        sys.modules.pop("marked_user", None)  # imported once already in this process: import it afresh
         assert verify(src, spec=str(spec), steps=1, model="marked_user")["result"] == "pass" and marker.exists()
     finally:
         os.chdir(env_cwd)

@@ -68,3 +68,32 @@ def make_optimizer(kind: str, groups: list[dict]) -> torch.optim.Optimizer:
     if kind in ("adam", "adamw"):
         return torch.optim.Adam(groups, lr=groups[0]["lr"], decoupled_weight_decay=kind == "adamw")
     raise MupscaleError(f"unknown optimizer kind {kind!r}")
+
+
+def grad_scales(w: Widened | str | Path, spec: str | None = None) -> dict[str, tuple[float, int]]:
+    """{parameter name: (gradient scale g, copies)} of a widened file, for
+    `mupscale_cli.optim.clip_grad_norm_equivalent` (exact gradient clipping). Derived from the spec, k and
+    sizes its provenance records and the widened shapes; `spec` (a name or file) when the spec is not bundled."""
+    from mupscale_cli.core.clip import grad_scales as scales_of
+    from mupscale_cli.core.plan import make_plan
+    from mupscale_cli.core.spec import load_spec
+    if not isinstance(w, Widened):
+        w = load(w)
+    prov = w.provenance or {}
+    name = spec or prov.get("spec")
+    k = prov.get("k")
+    if not name or not isinstance(k, dict) or not k:
+        raise MupscaleError("the file records no spec or k (not written by mupscale widen): gradient scales "
+                            "cannot be derived; pass spec= and widen it with mupscale")
+    tied = set((prov.get("tied") or {}))
+    shapes = {n: (tuple(t.shape), t.dtype) for n, t in w.model.items()}
+    sizes = {n: v for n, v in (prov.get("sizes") or {}).items() if isinstance(v, int)}
+    # the rules, k and block sizes fix every tensor's g and copies; the widened shapes are multiples of the blocks
+    text = prov.get("spec_text")
+    if spec is None and isinstance(text, str) and text:  # the output records its spec's text
+        from mupscale_cli.core.spec import parse_spec
+        sp = parse_spec(text, f"recorded:{name}", name=str(name))
+    else:
+        sp = load_spec(name)
+    plan = make_plan(sp, shapes, dict(k), w.extra.get("model_args"), sizes, w.model)
+    return {n: v for n, v in scales_of(plan).items() if n not in tied}

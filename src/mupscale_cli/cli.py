@@ -120,7 +120,8 @@ def guard():
 
 K_HELP = "Width multiplier: one integer for every width axis (--k 4) or per axis (--k d_model=2,d_ff=4)."
 SPEC_HELP = ("Architecture spec: a bundled name (see `mupscale specs`), a YAML file or a mup .bsh file. "
-             "Default: the bundled spec that covers every tensor.")
+             "Default: the spec a mupscale output records, else the bundled spec that covers every tensor and "
+             "whose markers (model_args/config) the checkpoint shows; names and shapes alone never choose one.")
 TRUST_HELP = ("Import and run the model factory a spec file names outside mupscale (its model.factory): "
               "code named by a file runs only with this opt-in. --model on the command line needs none.")
 SIZE_HELP = "Base size used by a spec's block layout, NAME=INT (e.g. head_dim=64); repeatable."
@@ -244,6 +245,10 @@ def widen(
     size: Optional[list[str]] = typer.Option(None, "--size", help=SIZE_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Write weights only."),
+    untie: bool = typer.Option(False, "--untie", help="A tied readout under standard parametrization (HF "
+                               "tie_word_embeddings, nanoGPT's lm_head = wte) has no exact tied widening: write it "
+                               "as a separate tensor, readout = embedding / k (config: tie_word_embeddings false), "
+                               "for stacks that load an untied model (docs/stacks.md)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of the path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     strict: bool = typer.Option(False, "--strict", help="Treat NaN/Inf in the input as an error, not a warning."),
@@ -265,10 +270,19 @@ def widen(
                                             "learning rate γ̄ (default: its config.learning_rate, else the "
                                             "proxy's)."),
     chunk_size: str = typer.Option("8MiB", "--chunk-size", hidden=True, help="Unit of work for large tensors."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Output format: dcp (a torch.distributed.checkpoint "
+                                      "directory, the input's layout; the default for a DCP input and -o DIR), "
+                                      "safetensors, pt, or hf (Hugging Face shards, 5GB unless --shard-size)."),
 ) -> None:
     """Widen a checkpoint k times: weights, buffers, optimizer state and hyper-parameters (paper Table 1),
     plus optional μP-scaled noise. Prints the output path (or --json summary) on stdout. Inputs: .pt,
-    .safetensors, or a Hugging Face sharded checkpoint (directory or *.safetensors.index.json).
+    .safetensors, a Hugging Face sharded checkpoint (directory or *.safetensors.index.json), or a Hugging
+    Face model directory (config.json + weights; a Trainer checkpoint-N/ too): its output is a directory
+    that from_pretrained loads (config.json rewritten, tokenizer and other files copied).
+
+    Example: mupscale widen models/llama --k 2 -o models/llama-wide
+    A torch.distributed.checkpoint (DCP) directory too; under torchrun (torchrun --nproc-per-node N -m
+    mupscale_cli widen ...) the ranks share the work of a DCP output.
 
     Example: mupscale widen ckpt.pt --k 4 --sigma 0.75 -o wide.safetensors
     """
@@ -286,17 +300,18 @@ def widen(
                      strict)
         opts = replace(opts, dtype=dtype, shard_size=shard_size, threads=threads, noise_device=noise_device,
                        chunk_bytes=parse_size(chunk_size), source_digest=digest, hparams=hparams,
-                       base_lr=base_lr)
-        bar = _progress(quiet)
+                       base_lr=base_lr, untie=untie, format=fmt)
+        bar = _progress(quiet or os.environ.get("RANK", "0") != "0")
         try:
             res = run_widen(opts, bar)
         finally:
             if isinstance(bar, _Bar):
                 bar.stop()
-        for note in res["notes"]:
-            if not quiet:
-                say(f"mupscale: note: {note}")
-        typer.echo(json.dumps(res, indent=2) if as_json else res["output"])
+        if res.get("rank", 0) == 0:  # under torchrun: rank 0 speaks for all
+            for note in res["notes"]:
+                if not quiet:
+                    say(f"mupscale: note: {note}")
+            typer.echo(json.dumps(res, indent=2) if as_json else res["output"])
     _exit_now_if_program()
 
 
@@ -309,13 +324,16 @@ def inspect(
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd|adam|adamw, when ambiguous."),
     opt_layout: Optional[str] = typer.Option(None, "--opt-layout", help="Optimizer id layout, when ambiguous."),
     size: Optional[list[str]] = typer.Option(None, "--size", help=SIZE_HELP),
+    untie: bool = typer.Option(False, "--untie", help="As widen --untie: the tied readout as its own tensor."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Show, per tensor, the role, axes, shape before -> after, bytes and noise std, and the optimizer
     mapping; validates everything `widen` needs without writing anything."""
     with guard():
         from mupscale_cli.commands.inspect import run_inspect
-        rep = run_inspect(_opts(checkpoint, None, k, sigma, 0, spec, optimizer, opt_layout, size, False, False))
+        from dataclasses import replace
+        rep = run_inspect(replace(_opts(checkpoint, None, k, sigma, 0, spec, optimizer, opt_layout, size, False,
+                                        False), untie=untie))
         if as_json:
             typer.echo(json.dumps(rep, indent=2))
             return
@@ -378,13 +396,32 @@ def verify(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report to this file."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic batches."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd|adam|adamw: when the state cannot "
-                                                                       "tell, or (with --lr) BASE has none."),
+                                                                       "tell, or (with --lr) BASE has none. Or your "
+                                                                       "optimizer builder, pkg.module:fn or "
+                                                                       "FILE.py:fn, fn(model[, config]) -> "
+                                                                       "Optimizer: both states must load into it "
+                                                                       "(WIDE's not loading fails, exit 1)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of a fresh optimizer (BASE without "
-                                                          "optimizer state)."),
+                                                          "optimizer state); with --lr-rule lr_scale|uniform the "
+                                                          "script's (constant) lr."),
     opt_layout: Optional[str] = typer.Option(None, "--opt-layout", help="Optimizer id layout, when ambiguous."),
     size: Optional[list[str]] = typer.Option(None, "--size", help=SIZE_HELP),
-    model: Optional[str] = typer.Option(None, "--model", help="Model factory package.module[:function] (default: "
-                                                               "the spec's model section)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Your model code: path/to/model.py:GPT or "
+                                                               "pkg.module:GPT (a class, built as "
+                                                               "GPT(GPTConfig(**model_args)) or GPT(**model_args)), "
+                                                               "or a factory pkg.module[:function]. Default: the "
+                                                               "spec's model section (a bundled model)."),
+    lr_rule: str = typer.Option("stored", "--lr-rule", help="How the training script sets lrs each step: stored "
+                                                            "(the state's per-group lrs), lr_scale (schedule × "
+                                                            "group['lr_scale'], nanoGPT-mup), uniform (one lr for "
+                                                            "all groups, stock nanoGPT). Schedule: --lr, else "
+                                                            "BASE's config (nanoGPT's)."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip gradients by the global norm C "
+                                                                        "each step, as the training script does."),
+    clip_mode: str = typer.Option("plain", "--clip-mode", help="plain: torch's clip_grad_norm_ on both (breaks "
+                                                               "equivalence when active); equivalent: "
+                                                               "mupscale_cli.optim.clip_grad_norm_equivalent on the "
+                                                               "wide model."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Eval-mode outputs on a fixed batch "
                                                                          "every N steps (default 10, 1 with "
                                                                          "--hidden); loss, training outputs and "
@@ -404,9 +441,12 @@ def verify(
         opts = VerifyOptions(base=base, wide=wide, spec=spec, k=k, steps=steps, device=device, dtype=dtype,
                              tol=tol, batch_size=batch_size, data=data, hidden=hidden, seed=seed,
                              optimizer=optimizer, lr=lr, opt_layout=opt_layout, sizes=parse_sizes(size or []),
-                             model=model, eval_every=eval_every, trust_code=trust_spec_code)
+                             model=model, eval_every=eval_every, trust_code=trust_spec_code, lr_rule=lr_rule,
+                             grad_clip=grad_clip, clip_mode=clip_mode)
         if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
             raise MupscaleError(f"--json {json_path}: not a writable file path")
+        if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 prints and writes the report
+            quiet, json_path = True, None
         shown: list[tuple[dict, bool]] = []
         tty = sys.stderr.isatty() and not quiet
 
@@ -442,7 +482,8 @@ def verify(
                     say(f"mupscale: warning: {i['message']}")
             for line in rep["diagnosis"]:
                 say(f"mupscale: diagnosis: {line}")
-        typer.echo(_verify_line(rep))
+        if os.environ.get("RANK", "0") == "0":
+            typer.echo(_verify_line(rep))
         if rep["result"] != "pass":
             raise typer.Exit(1)
 
@@ -451,7 +492,7 @@ def _verify_line(rep: dict) -> str:
     m = rep["max"]
     worst = max((v for v in (m["loss_rel"], m["out_rel"]) if v is not None), default=None)
     tol = rep["tolerance"]["loss_output"]
-    where = f"{rep['dtype']} on {rep['device']}"
+    where = f"{rep['dtype']} on {rep['device']}; " + _model_text(rep)
     if rep["result"] == "pass":
         noise = f"; noise/cast re-derived bit for bit ({rep['noise']['checked']} tensors)" if rep.get("noise") else ""
         return f"PASS: {rep['steps_run']} steps in lockstep, max relative loss/output difference {_fmt(worst)} " \
@@ -460,6 +501,8 @@ def _verify_line(rep: dict) -> str:
     parts = []
     if f:
         s = f"diverged at step {f['step']}: {f['what']} relative difference {_fmt(f['value'])} > {f.get('tol', tol):.2g}"
+        if f.get("readout"):
+            s += f", readout {f['readout']!r} gives {_fmt(f.get('output_ratio'))} × BASE's outputs"
         if f.get("layer"):
             s += f", first diverging layer {f['layer']!r}"
         if f.get("tensor"):
@@ -472,10 +515,19 @@ def _verify_line(rep: dict) -> str:
         bad = [n for n, v in noise["tensors"].items() if v not in ("noised", "exact")]
         first = bad[0] if bad else next((i["tensor"] for i in rep["issues"] if i["kind"] == "noise"), None)
         parts.insert(0, f"noise check failed for {len(bad)} tensor(s) (first {first!r})")
+    builder = [i for i in rep["issues"] if i["kind"] == "builder"]
+    if builder:
+        parts.insert(0, builder[0]["message"])
     structure = [i for i in rep["issues"] if i["kind"] == "structure"]
     if structure:
         parts.insert(0, structure[0]["message"])
     return f"FAIL: {'; '.join(parts)} ({where})"
+
+
+def _model_text(rep: dict) -> str:
+    if rep.get("model_code") == "bundled":
+        return f"model: bundled {rep['model']}, not your training code (--model FILE.py:Class)"
+    return f"model: {rep['model']}"
 
 
 @app.command()
@@ -483,14 +535,17 @@ def specs(as_json: bool = typer.Option(False, "--json", help="JSON on stdout."))
     """List the bundled architecture specs."""
     with guard():
         from mupscale_cli.core.spec import bundled_paths, bundled_specs
-        items = [{"name": s.name, "axes": s.axes, "detect": s.detect, "readout": s.readout,
-                  "description": s.description, "path": str(p)} for s, p in zip(bundled_specs(), bundled_paths())]
+        items = [{"name": s.name, "axes": s.axes, "detect": s.detect and bool(s.evidence), "readout": s.readout,
+                  "evidence": s.evidence, "description": s.description, "path": str(p)}
+                 for s, p in zip(bundled_specs(), bundled_paths())]
         if as_json:
             typer.echo(json.dumps(items, indent=2))
             return
         for s in items:
+            ev = " or ".join(" and ".join(f"{k}={v!r}" for k, v in alt.items()) for alt in s["evidence"])
             typer.echo(f"{s['name']:24} axes={','.join(s['axes'])} readout={s['readout']}"
-                       f"{'' if s['detect'] else ' (not auto-detected)'}  {s['description']}")
+                       f"{f' (detected by {ev})' if s['detect'] else ' (not auto-detected: --spec)'}  "
+                       f"{s['description']}")
 
 
 @app.command()

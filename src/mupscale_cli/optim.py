@@ -99,3 +99,44 @@ def MuSGD(params: Any, lr: float = 1e-3, weight_decay: float = 0.0, **kw) -> tor
         return {"lr": 1 / r, "weight_decay": r} if ninf == 2 else {"lr": wm, "weight_decay": 1 / wm}
 
     return torch.optim.SGD(_split(params, {"lr": lr, "weight_decay": weight_decay}, factors), **kw)
+
+
+def clip_grad_norm_equivalent(params: Any, max_norm: float, scales: dict[str, tuple[float, int]],
+                              norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for a widened model, computed as the base model would compute it.
+
+        w = mupscale_cli.api.load("wide.pt"); scales = mupscale_cli.api.grad_scales(w)
+        loss.backward()
+        clip_grad_norm_equivalent(model, 1.0, scales)      # instead of clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    `params`: the model or its `named_parameters()`; `scales`: {name: (g, copies)} per parameter
+    (`mupscale_cli.api.grad_scales`; `{}` or all (1, 1) on the base model itself, where this is plain clipping).
+    Each gradient's norm is divided by g · copies^(1/p) (core/clip.py), giving the base's per-tensor norm;
+    the total is the base's total norm and the clip coefficient, max_norm / (total + 1e-6) capped at 1, is the
+    base's, so base and widened models stay in lockstep with clipping active. Returns the base-equivalent
+    total norm. Names may carry `_orig_mod.` / `module.` prefixes."""
+    from mupscale_cli.core.clip import norm_factor
+    if isinstance(params, nn.Module):
+        params = params.named_parameters()
+    pairs = [(n, p) for n, p in params if p.grad is not None]
+    norm_type = float(norm_type)
+    if not pairs:
+        return torch.tensor(0.0)
+    norms = []
+    for n, p in pairs:
+        key = n
+        while key.startswith(("_orig_mod.", "module.")):
+            key = key.removeprefix("_orig_mod.").removeprefix("module.")
+        if scales and key not in scales:
+            raise KeyError(f"clip_grad_norm_equivalent: no gradient scale for parameter {n!r} (scales come from "
+                           f"mupscale_cli.api.grad_scales of the widened checkpoint this model loaded)")
+        g, copies = scales.get(key, (1.0, 1))
+        norms.append(torch.linalg.vector_norm(p.grad.detach(), norm_type) / norm_factor(g, copies, norm_type))
+    total = torch.linalg.vector_norm(torch.stack([x.to(norms[0].device) for x in norms]), norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"the base-equivalent total norm of order {norm_type} is non-finite")
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for _, p in pairs:
+        p.grad.detach().mul_(coef.to(p.grad.device))
+    return total

@@ -1,12 +1,22 @@
-"""`mupscale widen` and the validation it shares with `inspect`."""
+"""`mupscale widen`: read → plan → validate → produce → write.
+
+    prepare()        read the checkpoint (formats.READERS), choose the spec, plan every tensor, map the
+                     optimizer ids, check layouts (core.checks)
+    run_widen()      check the target (formats.output), then produce range by range (core.widen) and write
+                     (formats.write, formats.hf), the value checks and input digest running beside the writer
+
+The helpers other commands import (WidenOptions, Prepared, prepare, value_checks, check_output, ...) stay
+importable from here."""
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,107 +24,106 @@ import torch
 from mupscale_cli import __version__
 from mupscale_cli.commands.hparams import resolve_hparams
 from mupscale_cli.core import noise as noise_mod
-from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, is_sharded, iter_chunks,
-                                         load_checkpoint, optimizer_prefix, read_rows, sharded_index, source_sha256,
-                                         strip_prefix, tensor_meta)
+from mupscale_cli.core.checks import (_check_elements, _nonfinite, _nonfinite_notes, _untracked_axes,  # noqa: F401
+                                      check_state_layout, check_tied, check_values, count_nonfinite, model_bytes,
+                                      state_refs, value_checks)
+from mupscale_cli.core.job import (DTYPES, Prepared, WidenOptions, out_dtype, parse_sizes,  # noqa: F401
+                                   sigma_of)
+from mupscale_cli.core.optstate import (STATE_POWER, map_optimizer, optimizer_layout, optimizer_notes, scale_lr,
+                                        widen_optimizer)
+from mupscale_cli.core.plan import make_plan, parse_k
+from mupscale_cli.core.spec import Spec, bundled_specs, load_spec, parse_spec, shows_evidence
 from mupscale_cli.core.checks import check_optimizer, check_widened, hparam_notes
-from mupscale_cli.core.optstate import (STATE_POWER, OptimizerMap, check_state_key, map_optimizer, optimizer_layout, scale_lr,
-                                       widen_optimizer)
-from mupscale_cli.formats.target import TMP_MARKER, InputWatch, claim, env_error, sigbus_names
-from mupscale_cli.formats.write import (DEFAULT_CHUNK_BYTES, SHARD_NAME, Background, OutTensor, Target,
-                                      clean_stale_temps, sharded_files, write_pt, write_streamed)
-from mupscale_cli.core.plan import Plan, is_float8, make_plan, parse_k, same_values
-from mupscale_cli.formats.safetensors import fmt_bytes, parse_size
-from mupscale_cli.core.spec import Spec, bundled_specs, load_spec
+from mupscale_cli.core.checks import _plain_step  # noqa: F401
 from mupscale_cli.core.widen import widen_noised, widen_range
-from mupscale_cli.bounded import int_text, loads_json, shown
+from mupscale_cli.bounded import int_text, loads_json, shown  # noqa: F401 (importable from here)
 from mupscale_cli.errors import MupscaleError
-
-OUT_SUFFIXES = (".safetensors", ".pt")
-MAX_BYTES = 2**60  # 1 EiB: a widened model larger than this is a mistaken --k
-
-
-@dataclass
-class WidenOptions:
-    checkpoint: Path
-    output: Path | None = None
-    k: str = "2"
-    sigma: float = 0.0
-    seed: int = 0
-    spec: str | None = None
-    optimizer: str | None = None  # sgd | adam | adamw, when the state cannot tell
-    opt_layout: str | None = None
-    sizes: dict[str, int] = field(default_factory=dict)
-    force: bool = False
-    no_optimizer: bool = False
-    strict: bool = False  # NaN/Inf in the input: error instead of a warning
-    dtype: str | None = None  # --dtype: cast the model's floating-point tensors (float32, bfloat16, float16)
-    shard_size: int | str | None = None  # --shard-size: Hugging Face shards of at most this many bytes
-    threads: int = 2  # worker threads making tensor ranges (0: all in the writing thread)
-    noise_device: str = "cpu"  # cpu | cuda: the generator of the noise (recorded in the provenance)
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # unit of work for large tensors
-    source_digest: Callable[[], str] | None = None  # the input file's sha256, if already being computed
-    hparams: Path | None = None  # --hparams: σ̄ and γ̄↑ from `mupscale sweep -o` (instead of --sigma)
-    base_lr: float | None = None  # --base-lr: the checkpoint's base learning rate γ̄ (for --hparams)
-    sigma_map: dict[str, float] | None = None  # per-tensor σ̄ (relative scheme), else `sigma` for all
-    lr_scale: float = 1.0  # multiplies every widened group's lr and initial_lr (γ̄↑ / γ̄)
-    hparams_record: dict | None = None  # provenance of --hparams
+from mupscale_cli.formats import hf, hf_trainer
+from mupscale_cli.formats.checkpoint import (META_PROV, OPTIM_NS, Checkpoint, LazyTensors, load_checkpoint, read_rows,
+                                             source_sha256, strip_prefix, tensor_meta)
+from mupscale_cli.formats.output import (MAX_BYTES, OUT_SUFFIXES, _check_sharded_output, _input_files,  # noqa: F401
+                                         _only_sharded_output, check_disk, check_output, check_size, clean_temps,
+                                         missing_dirs, output_bytes)
+from mupscale_cli.formats.target import InputWatch, claim, env_error, sigbus_names
+from mupscale_cli.formats.write import Background, OutTensor, Target, sharded_files, write_pt, write_streamed
 
 
-def sigma_of(opts: WidenOptions, name: str) -> float:
-    """σ̄ of canonical tensor `name`."""
-    return opts.sigma if opts.sigma_map is None else opts.sigma_map.get(name, opts.sigma)
+NO_EVIDENCE_DOC = "docs/stacks.md"
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def provenance_of(ckpt: Checkpoint) -> dict:
+    """The provenance our outputs carry ({} for other files)."""
+    if META_PROV in ckpt.metadata:
+        try:
+            prov = json.loads(ckpt.metadata[META_PROV])
+        except ValueError:
+            return {}
+        return prov if isinstance(prov, dict) else {}
+    prov = ckpt.extra.get("mupscale")
+    return prov if isinstance(prov, dict) else {}
 
 
-@dataclass
-class Prepared:
-    ckpt: Checkpoint
-    plan: Plan
-    omap: OptimizerMap | None
-    model_args: dict | None
-    notes: list[str] = field(default_factory=list)
+def recorded_spec(ckpt: Checkpoint) -> Spec | None:
+    """The spec an output of ours was widened with: its recorded text, else the bundled spec of its name."""
+    prov = provenance_of(ckpt)
+    text, name = prov.get("spec_text"), prov.get("spec")
+    if isinstance(text, str) and text:
+        return parse_spec(text, f"recorded:{name}", name=str(name) if name else None)
+    if isinstance(name, str):
+        by_name = {s.name: s for s in bundled_specs()}
+        if name in by_name:
+            return by_name[name]
+    return None
 
 
-def parse_sizes(items: list[str]) -> dict[str, int]:
-    out = {}
-    for it in items:
-        name, _, v = it.partition("=")
-        if not name.isidentifier() or not (v.isascii() and v.isdigit()) or int_text(v, f"--size {shown(it)}") < 1:
-            raise MupscaleError(f"--size {shown(it)}: expected NAME=INT, e.g. --size head_dim=64")
-        out[name] = int(v)
-    return out
+def evidence_places(ckpt: Checkpoint) -> dict[str, dict | None]:
+    cfg = ckpt.extra.get("config")
+    return {"model_args": ckpt.model_args, "config": cfg if isinstance(cfg, dict) else None,
+            "config_json": getattr(ckpt, "config_json", None)}
 
 
 def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> Spec:
-    """The bundled spec that covers every tensor of the checkpoint; exactly one must fit."""
+    """The spec of a checkpoint given no --spec: the one its provenance records (our outputs), else the one
+    bundled spec that covers every tensor AND whose evidence the checkpoint shows (model_args / config
+    markers). Names and shapes alone never choose a parametrization."""
+    rec = recorded_spec(ckpt)
+    if rec is not None:
+        return rec
     fits, why = [], {}
     for spec in bundled_specs():
         if not spec.detect:
             continue
         try:
-            make_plan(spec, ckpt.shapes(), {"*": 1}, ckpt.model_args, sizes)
+            # a tied summing readout is refused later, by prepare, with its own message
+            make_plan(spec, ckpt.shapes(), {"*": 1}, ckpt.model_args, sizes, untie=bool(spec.untie))
         except MupscaleError as e:
             why[spec.name] = str(e)
             continue
         fits.append(spec)
-    if len(fits) == 1:
-        return fits[0]
-    if not fits:
-        detail = "; ".join(f"{n}: {w}" for n, w in why.items())
-        raise MupscaleError(f"no bundled spec covers {ckpt.path.name} ({detail}); pass --spec FILE")
-    raise MupscaleError(f"several bundled specs cover {ckpt.path.name} ({', '.join(s.name for s in fits)}); "
-                        f"pass --spec NAME")
+    places = evidence_places(ckpt)
+    shown = [s for s in fits if shows_evidence(s, places)]
+    if len(shown) == 1:
+        if shown[0].refuse:
+            raise MupscaleError(f"{ckpt.path.name} is {shown[0].name}: {shown[0].refuse['reason']} "
+                                f"(see {shown[0].refuse.get('doc', NO_EVIDENCE_DOC)})")
+        return shown[0]
+    if len(shown) > 1:
+        raise MupscaleError(f"several bundled specs cover {ckpt.path.name} and its markers "
+                            f"({', '.join(s.name for s in shown)}); pass --spec NAME")
+    if fits:
+        cands = ", ".join(s.name + (f" (marker {_marker(s)})" if s.evidence else "") for s in fits)
+        raise MupscaleError(
+            f"{ckpt.path.name}: names and shapes fit {cands}, but it shows no evidence of its parametrization, and "
+            f"names and shapes alone cannot tell (standard nanoGPT and the μP GPT-2 look the same on disk): if it "
+            f"is μP, pass --spec {fits[0].name} (or your own spec); a tied readout under standard "
+            f"parametrization (stock nanoGPT, Hugging Face "
+            f"GPT-2) has no exact widening (see {NO_EVIDENCE_DOC})")
+    detail = "; ".join(f"{n}: {w}" for n, w in why.items())
+    raise MupscaleError(f"no bundled spec covers {ckpt.path.name} ({detail}); pass --spec FILE")
 
 
-def out_dtype(opts: WidenOptions) -> torch.dtype | None:
-    if opts.dtype is None:
-        return None
-    if opts.dtype not in DTYPES:
-        raise MupscaleError(f"--dtype {opts.dtype!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[opts.dtype]
+def _marker(spec: Spec) -> str:
+    return " and ".join(f"{k}={v!r}" for k, v in spec.evidence[0].items())
 
 
 def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) -> Prepared:
@@ -130,19 +139,32 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
         raise MupscaleError(f"--threads must be >= 0, got {opts.threads}")
     k = parse_k(opts.k)
     ckpt = load_checkpoint(opts.checkpoint, lazy=lazy)
-    spec = load_spec(opts.spec) if opts.spec else detect_spec(ckpt, k, opts.sizes)
-    plan = make_plan(spec, ckpt.shapes(), k, ckpt.model_args, opts.sizes, ckpt.tensors)
-    omap, notes = None, []
-    if ckpt.optimizer is not None and not opts.no_optimizer:
+    if isinstance(opts.spec, Spec):
+        spec = opts.spec
+    else:
+        spec = load_spec(opts.spec) if opts.spec else detect_spec(ckpt, k, opts.sizes)
+    cfg = ckpt.extra.get("config") if isinstance(ckpt.extra.get("config"), dict) else None
+    plan = make_plan(spec, ckpt.shapes(), k, ckpt.model_args, opts.sizes, ckpt.tensors, config=cfg,
+                     untie=opts.untie)
+    omap, notes = None, list(plan.notes)
+    if ckpt.optimizer is not None and opts.untie:
+        notes.append("--untie: the optimizer state of the tied tensor does not describe two untied ones (their "
+                     "training differs from the tied base's): weights only")
+    elif ckpt.optimizer is not None and not opts.no_optimizer:
         omap = map_optimizer(ckpt.optimizer, plan, opts.optimizer, opts.opt_layout, ckpt.strip)
+        notes += optimizer_notes(ckpt.optimizer, plan, omap)
         notes += hparam_notes(check_optimizer(ckpt.optimizer), opts.strict)
     elif ckpt.optimizer is None:
         notes.append("no optimizer state in the checkpoint: weights only")
     notes += _untracked_axes(plan, ckpt.model_args)
+    wide_args = plan.model_args(ckpt.model_args)
+    notes += [n for n in spec.notes]
+    if spec.resume_note:
+        notes.append(_fill(spec.resume_note, wide_args, plan.config(cfg)))
     notes += [f"warning: {k!r} looks like an LR scheduler's state: it is copied as it is, its base_lrs not "
               f"rescaled; rebuild the scheduler on the widened optimizer (base_lrs come from each group's "
               f"initial_lr, which is rescaled)" for k, v in ckpt.extra.items() if isinstance(v, dict) and "base_lrs" in v]
-    prep = Prepared(ckpt, plan, omap, plan.model_args(ckpt.model_args), notes)
+    prep = Prepared(ckpt, plan, omap, wide_args, notes, plan.config(cfg))
     check_size(prep, opts)
     check_state_layout(prep)
     if not defer_checks:
@@ -150,55 +172,13 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
     return prep
 
 
-def value_checks(prep: Prepared, opts: WidenOptions) -> list[str]:
-    """The checks that read the input's values, piece by piece: tied tensors equal, dtypes the rescale
-    needs, NaN/Inf (notes to add, or an error with --strict)."""
-    check_tied(prep, opts)
-    return check_values(prep, opts.strict, _check_elements(opts))
-
-
-def check_tied(prep: Prepared, opts: WidenOptions) -> None:
-    """Tied tensors hold the same values (compared piece by piece)."""
-    for n, p in prep.plan.tensors.items():
-        if p.alias_of and not same_values(prep.ckpt.tensors, n, p.alias_of, _check_elements(opts)):
-            raise MupscaleError(f"tied tensors {n!r} and {p.alias_of!r} differ; they must hold the same values")
-
-
-def _check_elements(opts: WidenOptions) -> int:
-    """Elements per piece when the value checks read the input."""
-    return max(1, min(opts.chunk_bytes, DEFAULT_CHUNK_BYTES) // 4)
-
-
-def state_refs(prep: Prepared):
-    """(tensor name, state key, state dict) of every mapped optimizer state entry; lazy entries unread."""
-    if prep.omap is None:
-        return
-    sd = prep.ckpt.optimizer
-    for g, names in zip(sd["param_groups"], prep.omap.names):
-        for pid, n in zip(g["params"], names):
-            st = sd["state"].get(pid, {})
-            if not isinstance(st, (dict, LazyTensors)):
-                raise MupscaleError(f"optimizer state of tensor {n!r} is a {type(st).__name__}, expected a dict "
-                                    f"of state tensors; re-save the optimizer with opt.state_dict()")
-            for key in st:
-                yield n, key, st
-
-
-def _nonfinite(m, name: str, chunk: int) -> int:
-    """NaN/Inf count of m[name], read piece by piece."""
-    _, dtype = tensor_meta(m, name)
-    if not (dtype.is_floating_point or dtype.is_complex):
-        return 0
-    return sum(count_nonfinite(x) for x in iter_chunks(m, name, chunk))
-
-
-def count_nonfinite(x: torch.Tensor) -> int:
-    """NaN/Inf values in x (0 for integer tensors; float8 looked at in float32: torch cannot sum it)."""
-    if is_float8(x.dtype):
-        x = x.float()
-    if not (x.dtype.is_floating_point or x.dtype.is_complex) or bool(torch.isfinite(x.sum())):
-        return 0  # a finite sum has no NaN/Inf term (fast); else count them
-    return int((~torch.isfinite(x)).sum())
+def _fill(text: str, args: dict | None, cfg: dict | None) -> str:
+    """A spec's note with {model_args.KEY} / {config.KEY} filled from the widened values."""
+    def sub(m):
+        place, key = m[1], m[2]
+        d = args if place == "model_args" else cfg
+        return str(d[key]) if isinstance(d, dict) and key in d else m[0]
+    return re.sub(r"\{(model_args|config)\.(\w+)\}", sub, text)
 
 
 def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
@@ -208,7 +188,7 @@ def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
     labels: dict[tuple, str] = {}
     if isinstance(prep.ckpt.tensors, LazyTensors):
         for n, p in prep.plan.tensors.items():
-            if not p.alias_of:
+            if not p.alias_of and not p.source:
                 labels[prep.ckpt.tensors.location(n)] = n
         for n, key, st in state_refs(prep):
             if key != "step" and isinstance(st, LazyTensors):
@@ -228,235 +208,22 @@ def scan_input(prep: Prepared, opts: WidenOptions) -> tuple[str, list[str]]:
     if given is not None:
         digest = given()
     check_tied(prep, opts)
-    order = [n for n, p in prep.plan.tensors.items() if not p.alias_of]
+    order = [n for n, p in prep.plan.tensors.items() if not p.alias_of and not p.source]
     order += [f"{n}/{key}" for n, key, _ in state_refs(prep) if key != "step"]
     return digest, _nonfinite_notes([(n, counts[n]) for n in order if counts.get(n)], opts.strict)
-
-
-def check_state_layout(prep: Prepared) -> None:
-    """Dtypes the rescale needs; optimizer state keys, dtypes and shapes (no values read)."""
-    for n, p in prep.plan.tensors.items():
-        _, dtype = tensor_meta(prep.ckpt.tensors, n)
-        if not p.alias_of and not p.buffer and p.s != 1 and not dtype.is_floating_point:
-            raise MupscaleError(f"tensor {n!r} has dtype {dtype} but its rule {p.rule!r} rescales it by {p.s}; "
-                                f"store it as a float tensor or mark the rule 'buffer: true'")
-        if not p.alias_of and not p.buffer and p.s != 1 and is_float8(dtype):
-            raise MupscaleError(f"tensor {n!r} is {dtype} and its rule {p.rule!r} rescales it by {p.s}: float8 "
-                                f"cannot hold the rescaled values exactly; cast the checkpoint to bfloat16 or "
-                                f"float32 first (duplication alone, scale 1, is exact)")
-    for n, key, st in state_refs(prep):
-        if key == "step":
-            continue
-        check_state_key(key, n)
-        if not isinstance(st, LazyTensors):
-            v = st[key]
-            if v is None:
-                continue
-            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-                raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is "
-                                    f"{v.dtype if isinstance(v, torch.Tensor) else type(v).__name__}, expected a "
-                                    f"float tensor; re-save the optimizer with opt.state_dict()")
-        shape, dtype = tensor_meta(st, key)
-        if not dtype.is_floating_point:
-            raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is {dtype}, expected a float tensor; "
-                                f"re-save the optimizer with opt.state_dict()")
-        p = prep.plan.tensors[n]
-        if is_float8(dtype) and not p.buffer and p.g != 1:
-            raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is {dtype} and moves like the gradient "
-                                f"(× {p.g ** STATE_POWER[key]}): float8 cannot hold that exactly; keep optimizer "
-                                f"state in float32")
-        if shape != prep.plan.tensors[n].shape:
-            raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} has shape {list(shape)}, the tensor "
-                                f"has {list(prep.plan.tensors[n].shape)}; the optimizer belongs to another model")
-
-
-def check_values(prep: Prepared, strict: bool, chunk: int = 1 << 22) -> list[str]:
-    """NaN/Inf in the input, read piece by piece: warnings (returned as notes), an error with --strict.
-    (Keys, dtypes and shapes: check_state_layout.)"""
-    found: list[tuple[str, int]] = []
-    for n, p in prep.plan.tensors.items():
-        if not p.alias_of and (bad := _nonfinite(prep.ckpt.tensors, n, chunk)):
-            found.append((n, bad))
-    for n, key, st in state_refs(prep):
-        if key == "step" or (not isinstance(st, LazyTensors) and st[key] is None):
-            continue
-        if bad := _nonfinite(st, key, chunk):
-            found.append((f"{n}/{key}", bad))
-    return _nonfinite_notes(found, strict)
-
-
-def _nonfinite_notes(found: list[tuple[str, int]], strict: bool) -> list[str]:
-    if found and strict:
-        n, bad = found[0]
-        more = f" (and {len(found) - 1} more tensors)" if len(found) > 1 else ""
-        raise MupscaleError(f"tensor {n!r} holds {bad} NaN/Inf value(s){more}; --strict refuses them: "
-                            f"widen an earlier checkpoint, or drop --strict to widen them as they are")
-    return [f"warning: tensor {n!r} holds {bad} NaN/Inf value(s), widened as they are (--strict makes this "
-            f"an error)" for n, bad in found]
-
-
-def output_bytes(prep: Prepared, out, dtype: torch.dtype | None = None) -> int:
-    """Bytes of the widened tensors written to `out` (a path or a Target): model (aliases again in
-    safetensors) + optimizer state; model tensors in `dtype` (--dtype) if given."""
-    plan = prep.plan
-    pt = (out.kind if isinstance(out, Target) else ("pt" if Path(out).suffix == ".pt" else "st")) == "pt"
-    total = model_bytes(plan, dtype, aliases=not pt)
-    for n, key, st in state_refs(prep):
-        if isinstance(st, LazyTensors) or isinstance(st[key], torch.Tensor):
-            shape, dt = tensor_meta(st, key)
-            total += dt.itemsize * (1 if len(shape) == 0 else math.prod(plan.tensors[n].out_shape))
-        elif key == "step" and not pt and _plain_step(st):
-            total += 4  # a plain-number step, stored as a float32 0-d tensor
-    return total
-
-
-def model_bytes(plan: Plan, dtype: torch.dtype | None = None, aliases: bool = True, widened: bool = True) -> int:
-    """Bytes of the model's tensors, widened (or as in the input), floating-point ones in `dtype` if given;
-    tied aliases counted again unless `aliases` is False (a .pt stores them once)."""
-    total = 0
-    for p in plan.tensors.values():
-        if p.alias_of and not aliases:
-            continue
-        size = dtype.itemsize if dtype is not None and p.dtype.is_floating_point else p.dtype.itemsize
-        total += math.prod(p.out_shape if widened else p.shape) * size
-    return total
-
-
-def check_size(prep: Prepared, opts: WidenOptions) -> None:
-    """A widened model no machine could hold (a --k far too large) is refused before anything else."""
-    need = model_bytes(prep.plan, out_dtype(opts))
-    if need > MAX_BYTES:
-        raise MupscaleError(f"--k {opts.k}: the widened model would need {fmt_bytes(need)} (more than "
-                            f"{fmt_bytes(MAX_BYTES)}); use a smaller --k")
-
-
-def check_disk(out, prep: Prepared, dtype: torch.dtype | None = None) -> None:
-    """Enough free space beside `out` for the whole output (plus 1 MiB for headers), before writing."""
-    need = output_bytes(prep, out, dtype) + 2**20
-    where = out.directory if isinstance(out, Target) else Path(out).parent
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    try:
-        free = shutil.disk_usage(where).free
-    except OSError:
-        return
-    if need > free:
-        raise MupscaleError(f"-o {out.shown if isinstance(out, Target) else out}: the output needs "
-                            f"{fmt_bytes(need)} but {where} has only {fmt_bytes(free)} free; free some "
-                            f"space, write elsewhere or use a smaller --k")
-
-
-def clean_temps(out: Path, also: Callable[[str], bool] | None = None) -> list[str]:
-    """Remove temporaries left beside `out` by killed runs; notes saying what was removed or kept."""
-    removed, kept = clean_stale_temps(out, also=also)
-    notes = [f"removed stale temporary {out.parent / n} (left by an interrupted run)" for n in removed]
-    notes += [f"kept temporary {out.parent / n}: another mupscale process may still be writing {out.name}"
-              for n in kept]
-    return notes
-
-
-def _untracked_axes(plan: Plan, model_args: dict | None) -> list[str]:
-    """Axes that grow differently from every axis the checkpoint's model_args record."""
-    if not model_args:
-        return []
-    tracked = {plan.k[a] for arg, a in plan.spec.model_args.items() if arg in model_args}
-    return [f"model_args has no {arg!r}: axis {a} grows by {plan.k[a]}, which model_args cannot record; "
-            f"the training script must build that width itself"
-            for arg, a in plan.spec.model_args.items() if arg not in model_args and plan.k[a] not in tracked]
-
-
-def check_output(opts: WidenOptions) -> Target:
-    """Where to write (-o, --shard-size), checked: never over the input, existing output only with --force."""
-    out = opts.output
-    if out is None:
-        raise MupscaleError("missing -o/--output PATH (.safetensors or .pt, or a directory with --shard-size)")
-    if opts.shard_size is not None:
-        return _check_sharded_output(opts, out)
-    if out.suffix not in OUT_SUFFIXES:
-        more = " (or a directory with --shard-size)" if not out.suffix else ""
-        raise MupscaleError(f"-o {out}: the output must end in .safetensors or .pt{more}")
-    if out.exists() and opts.checkpoint.exists() and os.path.samefile(out, opts.checkpoint):  # links too
-        raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint")
-    if out.exists() and is_sharded(opts.checkpoint) and any(
-            f.exists() and os.path.samefile(out, f) for f in _input_files(opts.checkpoint)):
-        raise MupscaleError(f"-o {out}: refusing to write over a file of the input checkpoint")
-    if out.is_dir():
-        raise MupscaleError(f"-o {out}: is a directory (pass --shard-size to write shards into it)")
-    if out.exists() and not opts.force:
-        raise MupscaleError(f"-o {out}: exists; pass --force to overwrite")
-    if not out.parent.is_dir():
-        raise MupscaleError(f"-o {out}: directory {out.parent} does not exist")
-    return Target("pt" if out.suffix == ".pt" else "safetensors", out)
-
-
-def _input_files(path: Path) -> list[Path]:
-    if not is_sharded(path):
-        return [path]
-    try:
-        index = sharded_index(path)
-        wm = loads_json(index.read_text(), str(index)).get("weight_map", {})
-        return [index] + [index.parent / f for f in sorted(set(wm.values())) if isinstance(f, str)]
-    except (MupscaleError, OSError, ValueError, AttributeError):
-        return []
-
-
-def _check_sharded_output(opts: WidenOptions, out: Path) -> Target:
-    size = parse_size(opts.shard_size) if isinstance(opts.shard_size, str) else opts.shard_size
-    if not isinstance(size, int) or size <= 0:
-        raise MupscaleError(f"--shard-size {opts.shard_size!r}: must be a positive size, e.g. 5GB or 500MiB")
-    if out.suffix == ".pt":
-        raise MupscaleError(f"-o {out}: --shard-size writes safetensors shards: give a directory or "
-                            f"DIR/NAME.safetensors")
-    if out.suffix == ".safetensors":
-        directory, prefix = out.parent, out.name.removesuffix(".safetensors")
-    else:
-        directory, prefix = out, "model"
-    if SHARD_NAME.match(f"{prefix}.safetensors") or not prefix:
-        raise MupscaleError(f"-o {out}: {prefix!r} is not a usable shard prefix; name the output e.g. "
-                            f"DIR/model.safetensors")
-    t = Target("sharded", directory, prefix, size)
-    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
-        raise MupscaleError(f"-o {out}: {directory} exists and is not a directory")
-    if not directory.exists() and not directory.parent.is_dir():
-        raise MupscaleError(f"-o {out}: directory {directory.parent} does not exist")
-    if not directory.exists():
-        return t
-    # The directory is the output: it is built beside and swapped in whole, so it may hold nothing else.
-    for f in _input_files(opts.checkpoint):
-        if f.exists() and os.path.samefile(f.parent, directory):
-            raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint ({f.name} is in "
-                                f"{directory}, which the sharded output replaces as a whole)")
-    ours = _only_sharded_output(t, out)
-    if ours and not opts.force:
-        raise MupscaleError(f"-o {out}: {t.index_path} exists; pass --force to overwrite")
-    return t
-
-
-def _only_sharded_output(t: Target, out: Path) -> set[str]:
-    """The files of an earlier sharded output in directory `t.path`; an error if it holds anything else
-    (the sharded output replaces the whole directory)."""
-    ours = sharded_files(t)
-    try:
-        others = sorted(p.name for p in t.path.iterdir() if p.name not in ours and TMP_MARKER not in p.name)
-    except FileNotFoundError:
-        return set()
-    if others:
-        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
-        raise MupscaleError(f"-o {out}: {t.path} holds files that are not part of a sharded output "
-                            f"({', '.join(others[:3])}{more}); a sharded output replaces its whole directory: "
-                            f"give a new or empty directory")
-    return ours
 
 
 def provenance(opts: WidenOptions, prep: Prepared, source_digest: str | None = None) -> dict:
     plan = prep.plan
     return {
         "tool": f"mupscale {__version__}",
-        "source": prep.ckpt.path.name if prep.ckpt.kind != "sharded" else
+        "source": prep.ckpt.path.name if prep.ckpt.kind not in ("sharded", "dcp") else
         f"{prep.ckpt.path.parent.name}/{prep.ckpt.path.name}",
         "source_sha256": source_digest if source_digest is not None else source_sha256(prep.ckpt),
         "spec": plan.spec.name,
         "spec_sha256": plan.spec.sha256,
+        "spec_text": plan.spec.text,  # the output describes itself: inspect/verify/widen need no --spec
+        **({"untie": plan.spec.untie} if plan.untied else {}),
         "readout": plan.spec.readout,
         "k": plan.k,
         "sizes": {n: plan.sizes[n] for n in plan.spec.sizes},
@@ -490,7 +257,8 @@ def widen_tensors(prep: Prepared, sigma: float, seed: int, noise_device: str = "
         if c in cache:
             return cache.pop(c) if p.alias_of else cache[c]
         s = sigma if sigma_map is None else sigma_map.get(c, sigma)
-        t = widen_noised(prep.ckpt.tensors[c], prep.plan.tensors[c], s, seed, noise_device, dtype)
+        t = widen_noised(prep.ckpt.tensors[prep.plan.tensors[c].source or c], prep.plan.tensors[c], s, seed,
+                         noise_device, dtype)
         if c in aliased:
             cache[c] = t
         return t
@@ -514,7 +282,8 @@ def model_out(prep: Prepared, opts: WidenOptions) -> list[OutTensor]:
 
         def make(a: int, b: int, alloc=None, n=n, p=p) -> torch.Tensor:
             alloc = alloc or _torch_empty
-            return widen_range(lambda i0, i1: read_rows(tensors, n, i0, i1, alloc), p, a, b, sigma=sigma_of(opts, n),
+            return widen_range(lambda i0, i1: read_rows(tensors, p.source or n, i0, i1, alloc), p, a, b,
+                               sigma=sigma_of(opts, n),
                                seed=opts.seed, noise_device=opts.noise_device, out_dtype=dtype, alloc=alloc)
         out.append(OutTensor(n, p.out_shape, dt, make))
     return out
@@ -568,12 +337,6 @@ def cap_threads(opts: WidenOptions) -> tuple[WidenOptions, list[str]]:
                                                   f"available (more threads would only hold more memory)"]
 
 
-def _plain_step(st) -> bool:
-    """A state dict whose `step` is a plain number (not a tensor): torch's Adam accepts a 0-d tensor instead."""
-    return not isinstance(st, LazyTensors) and isinstance(st.get("step"), (int, float)) and not isinstance(
-        st.get("step"), bool)
-
-
 def check_noise(prep: Prepared, opts: WidenOptions) -> None:
     """The noise std of every noised tensor must fit, with room, in the dtype it is drawn in (float32, or
     float64 for float64 tensors), the tensor's own and --dtype: else the output would hold Inf/NaN."""
@@ -599,12 +362,28 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     `progress(name, nbytes)` is called as bytes are written; `progress.start(total_bytes)`, if it exists,
     once before."""
     t_start = time.perf_counter()
+    from mupscale_cli.commands.widen_dcp import run_widen_dcp, wants_dcp
+    opts = _with_format(opts)
+    if wants_dcp(opts):
+        return run_widen_dcp(opts, progress)
     target = check_output(opts)
+    made = missing_dirs(target.path if target.kind == "sharded" else target.path.parent, f"-o {target.path}")
     try:
+        if made:  # -o into new directories (a run layout: out-wide/ckpt.pt); removed again if the write fails
+            made[-1].mkdir(parents=True)
         with claim(target.path):  # one writer per output
-            return _run_widen(opts, target, progress, t_start)
+            res = _run_widen(opts, target, progress, t_start)
+        if made:
+            res["notes"].append(f"created directory {made[0]}")
+        return res
     except OSError as e:
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)
         raise env_error(e, f"-o {target.shown}") or e from None
+    except BaseException:
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)
+        raise
 
 
 def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> dict:
@@ -614,7 +393,7 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
     watch = InputWatch(_input_files(opts.checkpoint))  # size, mtime, inode: compared before the commit
     replace = opts.force  # an existing empty directory is replaced too, if it still holds nothing then
     if target.kind == "sharded" and target.path.is_dir() and not opts.force:
-        replace = not any(target.path.iterdir())
+        replace = all(TMP_MARKER in p.name for p in target.path.iterdir())  # empty, or old temporaries
 
     def before_commit() -> None:
         watch.check()
@@ -640,6 +419,8 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
     extra = dict(ckpt.extra)
     if prep.model_args is not None:
         extra["model_args"] = prep.model_args
+    if prep.config is not None and "config" in extra:
+        extra["config"] = prep.config
     if opts.hparams_record and isinstance(extra.get("config"), dict) and "learning_rate" in extra["config"]:
         extra["config"] = {**extra["config"], "learning_rate": opts.hparams_record["lr"]}  # nanoGPT's schedule
     if hasattr(progress, "start"):
@@ -662,6 +443,8 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
             extra["mupscale"] = provenance(opts, prep, given() if given else None)
         write_pt(target.path, ckpt, model, osd, extra, replace=replace, before_commit=before_commit)
         groups = None if osd is None else osd["param_groups"]
+    elif target.kind == "hf":
+        groups = write_hf(target, prep, opts, progress, replace, before_commit)
     else:
         groups, optim = optimizer_out(prep, names_out, opts.lr_scale)
         check_widened(groups, found)
@@ -679,6 +462,75 @@ def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> 
     res["output_bytes"] = output_bytes(prep, target, dtype)
     res["time_s"] = round(time.perf_counter() - t_start, 3)  # in this process: start-up not counted
     return res
+
+
+FORMATS = ("dcp", "safetensors", "pt", "hf")
+
+
+def _with_format(opts: WidenOptions) -> WidenOptions:
+    """--format: dcp (a directory), safetensors or pt (-o's suffix must agree), hf (shards, 5GB unless
+    --shard-size)."""
+    fmt = opts.format
+    if fmt is None:
+        return opts
+    if fmt not in FORMATS:
+        raise MupscaleError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "hf":
+        return opts if opts.shard_size is not None else replace(opts, shard_size="5GB")
+    if fmt in ("safetensors", "pt") and opts.output is not None and opts.output.suffix != f".{fmt}":
+        raise MupscaleError(f"-o {opts.output}: --format {fmt} writes a .{fmt} file; name the output *.{fmt}")
+    if fmt == "dcp" and opts.shard_size is not None:
+        raise MupscaleError("--shard-size writes Hugging Face shards; it does not apply to --format dcp")
+    return opts
+
+
+def write_hf(target: Target, prep: Prepared, opts: WidenOptions, progress, replace: bool,
+             before_commit: Callable[[], None]) -> list[dict] | None:
+    """A Hugging Face directory: weights streamed (one file, or shards with --shard-size), config.json
+    rewritten, the other files copied; a Trainer checkpoint's optimizer.pt and scheduler.pt widened."""
+    scan = Background(lambda: scan_input(prep, opts), "mupscale-scan")  # digest + checks, while writing
+
+    def weights(tmp: Path) -> None:
+        inner = (Target("sharded", tmp, "model", target.shard_size) if target.shard_size else
+                 Target("safetensors", tmp / hf.WEIGHTS))
+        write_streamed(inner, model_out(prep, opts), [], None, None, provenance(opts, prep, source_digest=""), {},
+                       source_sha256=lambda: scan.result()[0], threads=opts.threads, chunk_bytes=opts.chunk_bytes,
+                       on_bytes=progress, poll=scan.poll)
+    files, groups = trainer_files(prep, opts)
+    try:
+        prep.notes += hf.write(target.path, weights, hf.out_config(prep.model_args, opts.dtype), prep.ckpt.hf,
+                               files, skip={hf.OPTIMIZER, hf.SCHEDULER}, replace=replace,
+                               before_commit=before_commit)
+    finally:
+        scan.stop()  # joined on every path: no thread may be left inside torch at exit
+    prep.notes += scan.result()[1]
+    return groups
+
+
+def trainer_files(prep: Prepared, opts: WidenOptions) -> tuple[dict, list[dict] | None]:
+    """optimizer.pt and scheduler.pt of a Trainer checkpoint, widened (none for a model directory)."""
+    src = prep.ckpt.hf
+    if not src.trainer:
+        return {}, None
+    if prep.omap is None:
+        prep.notes.append("optimizer.pt and scheduler.pt not written (no optimizer state widened): the output "
+                          "is a model directory")
+        return {}, None
+    mapped = {n for names in prep.omap.names for n in names}
+    if any(n not in mapped for n in prep.plan.params):
+        raise MupscaleError(f"{src.path}: --untie adds a parameter the Trainer's optimizer state has no entry for; "
+                            f"widen the model only (--no-optimizer) and start a new optimizer")
+    osd = widen_optimizer(prep.ckpt.optimizer, prep.plan, prep.omap)
+    osd["param_groups"] = scale_lr(osd["param_groups"], opts.lr_scale)
+    sched = hf_trainer.widen_scheduler(src.path, osd["param_groups"]) if (src.path / hf.SCHEDULER).is_file() else None
+    files = {hf.OPTIMIZER: lambda p: torch.save(osd, p)}
+    if sched is not None:
+        files[hf.SCHEDULER] = lambda p: torch.save(sched, p)
+    if len(osd["param_groups"]) != len(prep.ckpt.optimizer["param_groups"]):
+        prep.notes.append(f"optimizer groups split {len(prep.ckpt.optimizer['param_groups'])} -> "
+                          f"{len(osd['param_groups'])} for per-tensor Table-1 factors: resume with a "
+                          f"create_optimizer built from optimizer.pt (README 'Trainer checkpoints')")
+    return files, osd["param_groups"]
 
 
 def with_hparams(opts: WidenOptions, prep: Prepared) -> WidenOptions:

@@ -17,6 +17,11 @@ KINDS = ("sgd", "adam", "adamw")
 LAYOUTS = ("named", "single", "nanogpt", "mup", "mup-corrected")
 STATE_POWER = {"momentum_buffer": 1, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}
 SCALED = ("lr", "initial_lr", "eps", "weight_decay")
+TORCH_KEYS = {"params", "param_names", "lr", "initial_lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
+              "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay", "momentum", "dampening",
+              "nesterov"}
+BUILDERS = ("mupscale_cli.optim (MuSGD, MuAdam, MuAdamW) or torch's optimizer over "
+            "mupscale_cli.api.optimizer_groups(model, state)")
 
 
 @dataclass
@@ -82,6 +87,18 @@ def _layout_names(layout: str, sd: dict, plan: Plan, strip) -> list[list[str]] |
                     return f"param_names has {raw!r}, which is not a tensor of the checkpoint"
                 names.append(plan.tensors[n].alias_of or n)
             out.append(names)
+        return out
+    if layout in plan.spec.layouts:  # the spec's stack builds its groups this way
+        out = [[] for _ in plan.spec.layouts[layout]]
+        for n in params:
+            dim = len(plan.tensors[n].shape)
+            for i, f in enumerate(plan.spec.layouts[layout]):
+                if (not f["regex"] or any(r.fullmatch(n) for r in f["regex"])) and dim >= f.get(
+                        "min_dim", 0) and dim <= f.get("max_dim", 99):
+                    out[i].append(n)
+                    break
+            else:
+                return f"tensor {n!r} fits no group of layout {layout!r}"
         return out
     if layout == "single":
         return [params]
@@ -176,10 +193,11 @@ def map_optimizer(sd: dict, plan: Plan, kind: str | None = None, layout: str | N
     check_optimizer(sd)  # types, ranges and ids of the hyper-parameters and state (non-finite: prepare's notes)
     check_state_ids(sd)
     kind = detect_kind(sd, kind)
-    if layout and layout not in LAYOUTS:
-        raise MupscaleError(f"--opt-layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    layouts = (*plan.spec.layouts, *LAYOUTS)
+    if layout and layout not in layouts:
+        raise MupscaleError(f"--opt-layout {layout!r}: choose one of {', '.join(layouts)}")
     fits, why = {}, {}
-    for lay in [layout] if layout else LAYOUTS:
+    for lay in [layout] if layout else layouts:
         cand = _layout_names(lay, sd, plan, strip)
         reason = cand if isinstance(cand, str) else _check(cand, sd, plan)
         if reason:
@@ -192,6 +210,9 @@ def map_optimizer(sd: dict, plan: Plan, kind: str | None = None, layout: str | N
                             f"from model.named_parameters() so it stores param_names")
     if "named" in fits:
         return OptimizerMap(kind, "named", fits["named"])
+    own = [lay for lay in plan.spec.layouts if lay in fits]
+    if len(own) == 1:  # the layout of the stack the spec describes
+        return OptimizerMap(kind, own[0], fits[own[0]])
     distinct = {str(v): k for k, v in fits.items()}
     if len(distinct) > 1:
         raise MupscaleError(f"optimizer ids fit several layouts ({', '.join(fits)}) that map them differently; "
@@ -232,8 +253,12 @@ def optimizer_layout(sd: dict, plan: Plan, omap: OptimizerMap, names_out=None) -
         for pid, n in zip(g["params"], names):
             p = plan.tensors[n]
             f = factors(omap.kind, p.s, p.g)
-            key = tuple((h, f[h]) for h in SCALED if h in f and h in g and _nonzero(g[h]) and f[h] != 1)
+            f.update({gk: f[hp] for gk, hp in plan.spec.group_keys.items() if hp in f})
+            key = tuple((h, f[h]) for h in (*SCALED, *plan.spec.group_keys)
+                        if h in f and h in g and _nonzero(g[h]) and f[h] != 1)
             parts.setdefault(key, []).append((pid, n))
+        if not parts:  # an empty group stays (torch's load_state_dict wants the same group count)
+            parts[()] = []
         for key, members in parts.items():
             ng = {h: v for h, v in g.items() if h not in ("params", "param_names")}
             for h, f in key:
@@ -274,6 +299,24 @@ def widen_optimizer(sd: dict, plan: Plan, omap: OptimizerMap, names_out=None) ->
     for e in lay.entries:
         state[e.pid][e.key] = widen_entry(e, plan)
     return {"state": state, "param_groups": lay.groups}
+
+
+def optimizer_notes(sd: dict, plan: Plan, omap: OptimizerMap) -> list[str]:
+    """What the user must know before loading the widened state: group keys copied without a rule, and
+    groups that Table 1 forces to split (an optimizer built like the input's will not load them)."""
+    notes = []
+    known = TORCH_KEYS | set(plan.spec.group_keys)
+    unknown = sorted({k for g in sd["param_groups"] for k in g if k not in known})
+    for k in unknown:
+        notes.append(f"param-group key {k!r} is not a torch hyper-parameter and spec {plan.spec.name} does not "
+                     f"say how it scales (optimizer group_keys): copied unchanged")
+    lay = optimizer_layout(sd, plan, omap)
+    if len(lay.groups) != len(sd["param_groups"]):
+        notes.append(f"the optimizer's {len(sd['param_groups'])} param groups become {len(lay.groups)}: tensors "
+                     f"of one group need different Table-1 factors (e.g. eps × 1/k for vector-like, × 1 for "
+                     f"scalar-like tensors; mup 1.0.0's MuAdam groups them together and never scales eps), so an "
+                     f"optimizer built like the input's will not load this state: build it with {BUILDERS}")
+    return notes
 
 
 def _nonzero(v) -> bool:

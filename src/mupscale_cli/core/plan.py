@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import torch
 
 from mupscale_cli.core.source import LazyTensors, iter_chunks, tensor_meta
-from mupscale_cli.core.spec import Dim, Rule, Spec, eval_size
+from mupscale_cli.core.spec import Dim, Rule, Spec, eval_expr, eval_size
 from mupscale_cli.bounded import int_text, shown
 from mupscale_cli.errors import MupscaleError
 
@@ -36,6 +36,7 @@ class TensorPlan:
     g: Fraction = ONE  # gradient scale
     noise_unit: float = 0.0  # noise std at sigma = 1
     alias_of: str | None = None
+    source: str | None = None  # read from this tensor instead (--untie: the readout made from the embedding)
 
     @property
     def n_width(self) -> int:
@@ -70,18 +71,56 @@ class Plan:
         """Parameter names in checkpoint order, tied aliases left out (named_parameters() order)."""
         return [n for n, t in self.tensors.items() if not t.buffer and t.alias_of is None]
 
+    untied: bool = False  # --untie: the spec's tied readout is written as its own tensor
+    notes: list[str] = field(default_factory=list)
+
     def model_args(self, args: dict | None) -> dict | None:
         if args is None:
             return None
         out = dict(args)
         for arg, axis in self.spec.model_args.items():
-            if arg in out:
+            if arg in out and out[arg] is not None:  # None (GPT-2's n_inner: 4 n_embd) follows the others
                 v = out[arg]
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise MupscaleError(f"model_args[{arg!r}] is {v!r} ({type(v).__name__}), not an integer "
                                         f"width; store it as an int in the checkpoint")
                 out[arg] = v * self.k[axis]
-        return out
+        return rewrite(out, self.spec.rewrites, self.k, self._untie_set("model_args"))
+
+    def config(self, cfg: dict | None) -> dict | None:
+        """The checkpoint's `config` (a training script's settings) rewritten by the spec's 'config' rules."""
+        if not isinstance(cfg, dict) or not (self.spec.config or self._untie_set("config")):
+            return cfg
+        return rewrite(dict(cfg), self.spec.config, self.k, self._untie_set("config"))
+
+    def _untie_set(self, place: str) -> dict:
+        if not self.untied:
+            return {}
+        sets = self.spec.untie.get("set") or {}
+        return {k.partition(".")[2]: v for k, v in sets.items() if k.partition(".")[0] == place}
+
+
+def rewrite(d: dict, rules: dict[str, tuple], k: dict[str, int], sets: dict | None = None) -> dict:
+    """d with rules applied to the keys it has: ('times', axis) × k, ('divide', axis) ÷ k (exact for ints),
+    ('keep', _), ('set', value)."""
+    for key, (op, arg) in rules.items():
+        if key not in d:
+            continue
+        v = d[key]
+        if op == "times" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            d[key] = v * k[arg]
+        elif op == "divide" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if isinstance(v, int) and v % k[arg] == 0:
+                d[key] = v // k[arg]
+            else:
+                d[key] = v / k[arg]
+        elif op == "set":
+            d[key] = arg
+        elif op != "keep":
+            raise MupscaleError(f"{key!r} = {v!r} is not a number, but the spec rescales it ({op} {arg})")
+    for key, v in (sets or {}).items():
+        d[key] = v
+    return d
 
 
 def parse_k(text: str) -> dict[str, int]:
@@ -123,7 +162,7 @@ def resolve_sizes(spec: Spec, model_args: dict | None, overrides: dict[str, int]
     env = {k: v for k, v in (model_args or {}).items() if isinstance(v, int) and not isinstance(v, bool)}
     env.update(overrides)
     for name, expr in spec.sizes.items():
-        if name in overrides:
+        if name in overrides or name in env:  # the checkpoint's own record (config.json head_dim) wins
             continue
         try:
             env[name] = eval_size(expr, env)
@@ -166,10 +205,18 @@ def _match(spec: Spec, names: list[str]) -> dict[str, Rule]:
     return found
 
 
-def _bsh_extra(spec: Spec, tensors, names: list[str]) -> tuple[dict[str, str], dict]:
-    """For base-shape files: tied aliases (shared storage or equal values) and BatchNorm buffers."""
+def _bsh_extra(spec: Spec, tensors, names: list[str], shapes: dict) -> tuple[dict[str, str], dict]:
+    """For base-shape files (they list parameters only): tied aliases (shared storage or equal values),
+    BatchNorm buffers (their module's weight axes) and other buffers (a dimension whose size is the
+    checkpoint's width of exactly one axis is that axis, e.g. a positional-encoding table's last dimension)."""
     listed = {r.pattern for r in spec.rules}
     tied, buffers = {}, {}
+    widths: dict[int, set[str]] = {}  # size in the checkpoint -> axes that have it
+    for r in spec.rules:
+        if r.pattern in shapes:
+            for n, d in zip(shapes[r.pattern][0], r.dims):
+                if d.axis:
+                    widths.setdefault(n, set()).add(d.axis)
     for n in names:
         if n in listed:
             continue
@@ -186,6 +233,17 @@ def _bsh_extra(spec: Spec, tensors, names: list[str]) -> tuple[dict[str, str], d
             if same_values(tensors, n, m):
                 tied[n] = m
                 break
+        if n in tied:
+            continue
+        dims = []
+        for i, size in enumerate(shapes[n][0]):
+            axes = widths.get(size, set())
+            if len(axes) > 1:
+                raise MupscaleError(f"buffer {n!r} (not in the base-shape file): dimension {i} of size {size} is the "
+                                    f"width of axes {', '.join(sorted(axes))}; list it in the .bsh "
+                                    f"(name: [base or null, ...]) or write a spec with 'buffer: true'")
+            dims.append(Dim(next(iter(axes)) if axes else None))
+        buffers[n] = tuple(dims)
     return tied, buffers
 
 
@@ -211,24 +269,48 @@ def _comparable(x: torch.Tensor) -> torch.Tensor:
 
 def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], k: dict[str, int],
               model_args: dict | None = None, size_overrides: dict[str, int] | None = None,
-              tensors=None) -> Plan:
+              tensors=None, config: dict | None = None, untie: bool = False) -> Plan:
     names = list(shapes)
     tied, bsh_buffers = dict(spec.tied), {}
     if spec.bsh:
-        tied, bsh_buffers = _bsh_extra(spec, tensors or {}, names)
+        tied, bsh_buffers = _bsh_extra(spec, tensors or {}, names, shapes)
         # model_args entries equal to a width axis's base size grow with it (e.g. n_embd: 256 -> w256)
         spec = replace(spec, model_args={a: f"w{v}" for a, v in (model_args or {}).items()
                                          if isinstance(v, int) and f"w{v}" in spec.axes})
+    if spec.tied_if is not None and not (model_args or {}).get(spec.tied_if, True):
+        tied = {}  # HF: tie_word_embeddings false, the readout is its own tensor
+    untied, untie_note = None, None
+    if untie and spec.tied_if is not None and not tied:
+        untie, untie_note = False, f"--untie: nothing to untie ({spec.tied_if} is false: the readout is its own tensor)"
+    if untie:
+        if not spec.untie:
+            raise MupscaleError(f"--untie: spec {spec.name} says nothing about untying (add 'untie: {{readout, "
+                                f"from}}', docs/spec-format.md)")
+        untied = spec.untie["readout"]
+        if tied.get(untied) != spec.untie["from"]:
+            raise MupscaleError(f"--untie: spec {spec.name} does not tie {untied!r} to {spec.untie['from']!r}")
+        del tied[untied]
+        if spec.untie["from"] not in shapes:
+            raise MupscaleError(f"--untie: the checkpoint has no tensor {spec.untie['from']!r}")
+        shapes = {**shapes, untied: shapes[spec.untie["from"]]}
+        names = list(shapes)
     for alias, canon in tied.items():
         if alias in shapes and canon not in shapes:
             raise MupscaleError(f"tied tensor {alias!r} is in the checkpoint but its canonical "
                                 f"{canon!r} is not; rename it or fix 'tied' in spec {spec.name}")
         if alias in shapes and shapes[alias] != shapes[canon]:
             raise MupscaleError(f"tied tensors {alias!r} and {canon!r} have different shapes")
-    plain = [n for n in names if n not in tied and n not in bsh_buffers]
+    plain = [n for n in names if n not in tied and n not in bsh_buffers and n != untied]
     rules = _match(spec, plain)
+    if untied:
+        src = rules[spec.untie["from"]]
+        rules[untied] = replace(src, pattern=untied, fan_in=int(spec.untie.get("fan_in", 1)), k_power=0.0)
     kk = resolve_k(k, spec.axes)
     sizes = resolve_sizes(spec, model_args, size_overrides or {})
+    plan = Plan(spec, kk, sizes, {}, untied=bool(untied))
+    if untie_note:
+        plan.notes.append(untie_note)
+    env = {**spec.init, **_numbers(plan.config(config)), **_numbers(plan.model_args(model_args))}
     plans: dict[str, TensorPlan] = {}
     for n in names:
         shape, dtype = shapes[n]
@@ -238,7 +320,23 @@ def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
             rule = Rule(n, None, bsh_buffers[n], buffer=True)  # type: ignore[arg-type]
         else:
             rule = rules[n]
-        plans[n] = _tensor_plan(spec, rule, n, tuple(shape), dtype, kk, sizes)
+        plans[n] = _tensor_plan(spec, rule, n, tuple(shape), dtype, kk, sizes, env)
+    if untied:
+        plans[untied].source = spec.untie["from"]
+    for n, dims in bsh_buffers.items():
+        if any(d.axis for d in dims) and not n.endswith(("running_mean", "running_var")):
+            plan.notes.append(f"buffer {n!r} is not in the base-shape file: widened along "
+                              f"{plans[n].axes_text} (its dimensions that have the checkpoint's width)")
+    for alias, canon in tied.items():
+        c = plans.get(canon)
+        # tied_if: a tied HF readout is not in the file (save_pretrained drops it) but tied all the same
+        if (alias in shapes or spec.tied_if) and c is not None and spec.readout == "sum" and c.n_width == 1 and (
+                not c.buffer):
+            raise MupscaleError(
+                f"{alias!r} is tied to {canon!r} under a summing readout (standard parametrization): no exact "
+                f"widening by duplication exists (the embedding must stay unscaled, the readout needs 1/k); "
+                f"see docs/stacks.md" + ("; pass --untie to write a separate readout = embedding / k"
+                                         if spec.untie else ""))
     out = {}
     for n in names:  # keep checkpoint order, aliases included
         if n in tied:
@@ -246,11 +344,16 @@ def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
             out[n] = TensorPlan(**{**c.__dict__, "name": n, "alias_of": tied[n]})
         else:
             out[n] = plans[n]
-    return Plan(spec, kk, sizes, out)
+    plan.tensors = out
+    return plan
+
+
+def _numbers(d: dict | None) -> dict:
+    return {k: v for k, v in (d or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _tensor_plan(spec: Spec, rule: Rule, name: str, shape: tuple[int, ...], dtype: torch.dtype,
-                 k: dict[str, int], sizes: dict[str, int]) -> TensorPlan:
+                 k: dict[str, int], sizes: dict[str, int], env: dict | None = None) -> TensorPlan:
     if len(rule.dims) != len(shape):
         raise MupscaleError(f"tensor {name!r} has shape {list(shape)} but rule {rule.pattern!r} gives "
                             f"{len(rule.dims)} axes: give one entry per dimension")
@@ -290,14 +393,39 @@ def _tensor_plan(spec: Spec, rule: Rule, name: str, shape: tuple[int, ...], dtyp
             t.s, t.g = Fraction(1, kw), ONE
         else:
             t.s, t.g = ONE, Fraction(1, kw)
-    t.noise_unit = _noise_unit(t, rule)
+    if rule.k_power and width:  # a constant of the model's forward grows with width (Gemma's sqrt(hidden))
+        c = Fraction(dims[width[0]].k ** rule.k_power)  # the float's exact value (k^p itself if rational)
+        t.s, t.g = t.s * c, t.g / c
+    t.noise_unit = _noise_unit(t, rule, env or {})
     return t
 
 
-def _noise_unit(t: TensorPlan, rule: Rule) -> float:
-    """Std of the noise at sigma = 1: a fresh μP init's std (README, 'Noise convention')."""
+def _fan_in(t: TensorPlan) -> int:
+    out = t.out_shape
+    if len(out) < 2:
+        return out[0] if out else 1
+    return math.prod(out) // out[1 if t.fan_in == 0 else 0]
+
+
+def _noise_unit(t: TensorPlan, rule: Rule, env: dict) -> float:
+    """Std of the noise at sigma = 1: the stack's own init std of the widened tensor when the rule gives
+    one ('std'), else a fresh μP init's std (README, 'Noise convention')."""
     on = t.n_width > 0 and len(t.shape) >= 2
     mult = 1.0
+    if rule.std is not None:
+        on = t.n_width > 0
+        if rule.noise is False or rule.noise == 0:
+            return 0.0
+        try:
+            std = eval_expr(rule.std, {**env, "fan_in": _fan_in(t)})
+        except KeyError as e:
+            raise MupscaleError(f"tensor {t.name!r}: its init std {rule.std!r} needs {e.args[0]!r}, which neither "
+                                f"the checkpoint's model_args/config nor the spec's 'init' give") from None
+        except (ValueError, ZeroDivisionError, OverflowError) as e:
+            raise MupscaleError(f"tensor {t.name!r}: init std {rule.std!r} cannot be evaluated ({e})") from None
+        if not (math.isfinite(std) and std >= 0):
+            raise MupscaleError(f"tensor {t.name!r}: init std {rule.std!r} = {std}, expected a finite number >= 0")
+        return std * (rule.noise if isinstance(rule.noise, float) else 1.0) if (on or rule.noise) else 0.0
     if isinstance(rule.noise, bool):
         on = rule.noise
     elif isinstance(rule.noise, float):

@@ -1,7 +1,9 @@
 """Architecture specs: which axes of each tensor grow with width (docs/spec-format.md)."""
 from __future__ import annotations
 
+import ast
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +14,13 @@ from mupscale_cli.bounded import BoundedLoader, int_text, load_yaml, shown
 from mupscale_cli.errors import MupscaleError
 
 BUNDLED_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[3] / "configs")
-SPEC_KEYS = {"name", "description", "detect", "readout", "sizes", "model_args", "tied", "tensors", "model"}
-RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional"}
+SPEC_KEYS = {"name", "description", "detect", "readout", "sizes", "model_args", "tied", "tensors", "model",
+             "evidence", "refuse", "config", "optimizer", "init", "untie", "notes", "tied_if"}
+RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "std", "k_power"}
+EVIDENCE_PLACES = ("model_args", "config", "config_json")  # where a checkpoint shows its parametrization
+REWRITES = ("times", "divide", "keep", "set")
+OPTIM_KEYS = {"layouts", "group_keys", "resume_note"}
+HPARAMS = ("lr", "eps", "weight_decay")
 DIM_KEYS = {"axis", "block"}
 READOUTS = ("mup", "sum")
 
@@ -34,6 +41,8 @@ class Rule:
     buffer: bool = False
     noise: bool | float | None = None  # None: default by role
     optional: bool = False
+    std: str | None = None  # the stack's own init std of this tensor: an expression (init_std below)
+    k_power: float = 0.0  # weights × k^p, gradients × k^-p: the model multiplies this tensor by c ∝ width^-p
 
 
 @dataclass
@@ -50,6 +59,18 @@ class Spec:
     rules: list[Rule] = field(default_factory=list)
     model: dict = field(default_factory=dict)
     bsh: bool = False  # a mup base-shape file: tied aliases and BatchNorm buffers are inferred
+    text: str = ""  # the spec's own text (recorded in outputs, so they describe themselves)
+    evidence: list[dict[str, object]] = field(default_factory=list)  # alternatives of {place.key: value}
+    refuse: dict = field(default_factory=dict)  # {reason, doc}: why a checkpoint that fits is refused
+    config: dict[str, tuple] = field(default_factory=dict)  # config key -> rewrite (see Rewrite)
+    rewrites: dict[str, tuple] = field(default_factory=dict)  # model_args key -> rewrite (non-axis ones)
+    layouts: dict[str, list[dict]] = field(default_factory=dict)  # optimizer layouts: name -> group filters
+    group_keys: dict[str, str] = field(default_factory=dict)  # param-group key -> hyper-parameter it scales as
+    resume_note: str = ""  # shown after widening: how to resume in the stack's own script
+    init: dict[str, object] = field(default_factory=dict)  # defaults of names the std expressions use
+    untie: dict = field(default_factory=dict)  # {readout, from, fan_in, set}: --untie
+    notes: list[str] = field(default_factory=list)
+    tied_if: str | None = None  # model_args key saying whether `tied` applies (HF: tie_word_embeddings)
 
     @property
     def axes(self) -> list[str]:
@@ -167,6 +188,11 @@ def _parse_rule(pattern: str, body) -> Rule:
     fan_in = body.get("fan_in", 1)
     if not isinstance(fan_in, int) or isinstance(fan_in, bool) or fan_in < 0:
         raise _fail(where, f"'fan_in' must be a dimension index, got {fan_in!r}")
+    std = body.get("std")
+    if std is not None:
+        if not isinstance(std, (str, int, float)) or isinstance(std, bool):
+            raise _fail(where, f"'std' must be an expression, got {std!r}")
+        check_expr(str(std), where)
     noise = body.get("noise")
     if noise is not None and not isinstance(noise, (bool, int, float)):
         raise _fail(where, f"'noise' must be true, false or a multiplier, got {noise!r}")
@@ -175,8 +201,12 @@ def _parse_rule(pattern: str, body) -> Rule:
     for key in ("buffer", "optional"):
         if not isinstance(body.get(key, False), bool):
             raise _fail(where, f"'{key}' must be true or false")
+    kp = body.get("k_power", 0)
+    if not isinstance(kp, (int, float)) or isinstance(kp, bool):
+        raise _fail(where, f"'k_power' must be a number (e.g. -0.5), got {kp!r}")
     return Rule(pattern, compile_pattern(pattern), dims, fan_in, body.get("buffer", False),
-                noise if isinstance(noise, bool) or noise is None else float(noise), body.get("optional", False))
+                noise if isinstance(noise, bool) or noise is None else float(noise), body.get("optional", False),
+                None if std is None else str(std), float(kp))
 
 
 class _UniqueKeyLoader(BoundedLoader):
@@ -199,13 +229,17 @@ class _UniqueKeyLoader(BoundedLoader):
         return super().construct_mapping(node, deep)
 
 
-def parse_spec(text: str, source: str) -> Spec:
+def parse_spec(text: str, source: str, name: str | None = None) -> Spec:
     d = load_yaml(text, f"spec {source}", _UniqueKeyLoader)
     if not isinstance(d, dict):
         raise MupscaleError(f"spec {source}: expected a mapping at the top level")
     sha = hashlib.sha256(text.encode()).hexdigest()
     if "tensors" not in d and all(isinstance(v, list) for v in d.values()):
-        return _from_bsh(d, source, sha)
+        spec = _from_bsh(d, source, sha)
+        spec.text = text
+        if name:
+            spec.name = name
+        return spec
     _check_keys(source, d, SPEC_KEYS)
     for key in ("name", "tensors"):
         if key not in d:
@@ -219,7 +253,7 @@ def parse_spec(text: str, source: str) -> Spec:
         if not isinstance(v, dict):
             raise _fail(source, f"{key!r} must be a mapping")
         maps[key] = v
-    for key in ("sizes", "model_args", "tied"):
+    for key in ("sizes", "tied"):
         for a, b in maps[key].items():
             if not isinstance(a, str) or not isinstance(b, (str, int)) or isinstance(b, bool):
                 raise _fail(source, f"{key}: bad entry {a!r}: {b!r}")
@@ -231,12 +265,16 @@ def parse_spec(text: str, source: str) -> Spec:
     rules = [_parse_rule(str(p), body) for p, body in maps["tensors"].items()]
     if not rules:
         raise _fail(source, "'tensors' is empty")
+    axis_args = {k: v for k, v in maps["model_args"].items() if isinstance(v, str)}
     spec = Spec(name=str(d["name"]), source=source, sha256=sha, readout=readout,
                 description=str(d.get("description", "")), detect=bool(d.get("detect", True)),
                 sizes={k: str(v) for k, v in maps["sizes"].items()},
-                model_args={k: str(v) for k, v in maps["model_args"].items()},
-                tied={k: str(v) for k, v in maps["tied"].items()}, rules=rules, model=maps["model"])
-    for arg, axis in spec.model_args.items():
+                model_args={k: str(v) for k, v in axis_args.items()},
+                tied={k: str(v) for k, v in maps["tied"].items()}, rules=rules, model=maps["model"], text=text)
+    _parse_extras(spec, d, maps["model_args"])
+    for arg, axis in [*spec.model_args.items(), *[(a, r[1]) for a, r in [*spec.rewrites.items(),
+                                                                           *spec.config.items()]
+                                                    if r[0] in ("times", "divide")]]:
         if axis not in spec.axes:
             raise _fail(source, f"model_args: {arg!r} refers to axis {axis!r}, which no tensor uses "
                                 f"(axes: {', '.join(spec.axes) or 'none'})")
@@ -308,3 +346,152 @@ def eval_size(expr: str, env: dict[str, int]) -> int:
         else:
             raise ValueError(f"size expression {expr!r} is not an exact product/quotient")
     return acc
+
+
+def _rewrite(where: str, v) -> tuple:
+    """A model_args/config rewrite: an axis name or {times: AXIS} (× its k), {divide: AXIS}, {keep: true},
+    {set: VALUE}; returned as (op, arg)."""
+    if isinstance(v, str):
+        return ("times", v)
+    if isinstance(v, dict) and len(v) == 1:
+        (op, arg), = v.items()
+        if op in ("times", "divide") and isinstance(arg, str) and arg.isidentifier():
+            return (op, arg)
+        if op == "keep":
+            return ("keep", None)
+        if op == "set" and (arg is None or isinstance(arg, (bool, int, float, str))):
+            return ("set", arg)
+    raise _fail(where, f"a rewrite is an axis name or one of {{times: AXIS}}, {{divide: AXIS}}, {{keep: true}}, "
+                       f"{{set: VALUE}}, got {v!r}")
+
+
+def _parse_extras(spec: Spec, d: dict, model_args: dict) -> None:
+    """The stack-level sections: evidence, refuse, config/model_args rewrites, optimizer, init, untie."""
+    src = spec.source
+    for a, v in model_args.items():
+        if not isinstance(a, str):
+            raise _fail(src, f"model_args: bad entry {a!r}: {v!r}")
+        if not isinstance(v, str):
+            spec.rewrites[a] = _rewrite(f"{src} model_args {a!r}", v)
+    cfg = d.get("config") or {}
+    if not isinstance(cfg, dict):
+        raise _fail(src, "'config' must be a mapping of config key -> rewrite")
+    spec.config = {str(a): _rewrite(f"{src} config {a!r}", v) for a, v in cfg.items()}
+    ev = d.get("evidence")
+    if ev is not None:
+        alts = ev if isinstance(ev, list) else [ev]
+        for alt in alts:
+            if not isinstance(alt, dict) or not alt:
+                raise _fail(src, "'evidence' is a mapping {PLACE.KEY: VALUE} or a list of them (alternatives)")
+            for key, val in alt.items():
+                place, _, k = str(key).partition(".")
+                if place not in EVIDENCE_PLACES or not k:
+                    raise _fail(src, f"evidence key {key!r} must be PLACE.KEY with PLACE one of "
+                                     f"{', '.join(EVIDENCE_PLACES)}")
+                if isinstance(val, (list, dict)):
+                    raise _fail(src, f"evidence {key!r}: the value must be a plain value, got {val!r}")
+            spec.evidence.append({str(k): v for k, v in alt.items()})
+    ref = d.get("refuse")
+    if ref is not None:
+        if not isinstance(ref, dict) or not isinstance(ref.get("reason"), str) or set(ref) - {"reason", "doc"}:
+            raise _fail(src, "'refuse' is {reason: TEXT, doc: PATH}")
+        spec.refuse = dict(ref)
+    opt = d.get("optimizer")
+    if opt is not None:
+        if not isinstance(opt, dict):
+            raise _fail(src, "'optimizer' must be a mapping")
+        _check_keys(f"{src} optimizer", opt, OPTIM_KEYS)
+        for name, groups in (opt.get("layouts") or {}).items():
+            if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+                raise _fail(src, f"optimizer layout {name!r}: a list of group filters {{match, min_dim, max_dim}}")
+            for g in groups:
+                _check_keys(f"{src} optimizer layout {name!r}", g, {"match", "min_dim", "max_dim"})
+                if not isinstance(g.get("match", []), list):
+                    raise _fail(src, f"optimizer layout {name!r}: 'match' is a list of name patterns")
+            spec.layouts[str(name)] = [{**g, "regex": [compile_pattern(str(p)) for p in g.get("match", [])]}
+                                       for g in groups]
+        for key, hp in (opt.get("group_keys") or {}).items():
+            if hp not in HPARAMS:
+                raise _fail(src, f"optimizer group_keys {key!r}: scales like one of {', '.join(HPARAMS)}, got {hp!r}")
+            spec.group_keys[str(key)] = hp
+        spec.resume_note = str(opt.get("resume_note", ""))
+    init = d.get("init") or {}
+    if not isinstance(init, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             for v in init.values()):
+        raise _fail(src, "'init' is a mapping NAME: number (defaults of names the 'std' expressions use)")
+    spec.init = dict(init)
+    untie = d.get("untie")
+    if untie is not None:
+        if not isinstance(untie, dict) or not isinstance(untie.get("readout"), str) or not isinstance(
+                untie.get("from"), str):
+            raise _fail(src, "'untie' is {readout: NAME, from: NAME, fan_in: INT, set: {PLACE.KEY: VALUE}}")
+        _check_keys(f"{src} untie", untie, {"readout", "from", "fan_in", "set"})
+        spec.untie = dict(untie)
+    notes = d.get("notes") or []
+    spec.notes = [str(n) for n in (notes if isinstance(notes, list) else [notes])]
+    tied_if = d.get("tied_if")
+    if tied_if is not None and not isinstance(tied_if, str):
+        raise _fail(src, f"'tied_if' must be a model_args key, got {tied_if!r}")
+    spec.tied_if = tied_if
+
+
+# ---- init-std expressions: numbers, names, + - * / **, sqrt(), parentheses -----------------------------
+_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+        ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b}
+
+
+def check_expr(expr: str, where: str) -> None:
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        raise _fail(where, f"std {expr!r} is not an expression") from None
+    for node in ast.walk(tree):
+        ok = isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.USub, ast.UAdd, ast.Name, ast.Load,
+                               ast.Constant, ast.Call, *_OPS))
+        if isinstance(node, ast.Constant) and not isinstance(node.value, (int, float)):
+            ok = False
+        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id == "sqrt"
+                                               and len(node.args) == 1 and not node.keywords):
+            ok = False
+        if not ok:
+            raise _fail(where, f"std {expr!r}: only numbers, names, + - * / **, sqrt() and parentheses")
+
+
+def eval_expr(expr: str, env: dict) -> float:
+    """Value of a std expression; a name missing from env raises KeyError(name)."""
+    def ev(n):
+        if isinstance(n, ast.Expression):
+            return ev(n.body)
+        if isinstance(n, ast.Constant):
+            return float(n.value)
+        if isinstance(n, ast.Name):
+            if n.id not in env:
+                raise KeyError(n.id)
+            v = env[n.id]
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise KeyError(n.id)
+            return float(v)
+        if isinstance(n, ast.UnaryOp):
+            return -ev(n.operand) if isinstance(n.op, ast.USub) else ev(n.operand)
+        if isinstance(n, ast.BinOp):
+            return _OPS[type(n.op)](ev(n.left), ev(n.right))
+        if isinstance(n, ast.Call):
+            return math.sqrt(ev(n.args[0]))
+        raise ValueError(expr)
+    return ev(ast.parse(expr, mode="eval"))
+
+
+def shows_evidence(spec: Spec, places: dict[str, dict | None]) -> bool:
+    """Whether a checkpoint's model_args / config / config.json hold one alternative of the spec's evidence."""
+    def holds(key: str, want) -> bool:
+        place, _, k = key.partition(".")
+        d = places.get(place)
+        return isinstance(d, dict) and k in d and _same(d[k], want)
+    return any(all(holds(k, v) for k, v in alt.items()) for alt in spec.evidence)
+
+
+def _same(a, b) -> bool:
+    """Equal, with booleans never equal to numbers (True is not 1 here)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    return a == b

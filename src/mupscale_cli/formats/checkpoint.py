@@ -53,11 +53,18 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     shard_files: list[str] = field(default_factory=list)  # sharded: the other files read, beside the index
     readers: dict = field(default_factory=dict)  # safetensors inputs: file path -> LazySafetensors
+    hf: object | None = None  # a Hugging Face directory: formats.hf.HfDir (config.json, other files, Trainer)
+    source: object = None  # DCP inputs: (DcpReader, DcpLayout), for the DCP writer
 
     @property
     def model_args(self) -> dict | None:
         args = self.extra.get("model_args")
         return args if isinstance(args, dict) else None
+
+    @property
+    def config_json(self) -> dict | None:
+        """A Hugging Face directory's config.json (evidence for the spec: its model_type)."""
+        return getattr(self.hf, "config", None)
 
     def strip(self, name: str) -> str:
         return strip_prefix(name)
@@ -122,20 +129,14 @@ def optimizer_prefix(prefix: str) -> str:
 
 
 def load_checkpoint(path: str | Path, lazy: bool = False) -> Checkpoint:
-    """Read a checkpoint. lazy=True: no tensor data is read (see the module docstring)."""
+    """Read a checkpoint with the first reader of `formats.READERS` that claims it. lazy=True: no tensor
+    data is read (see the module docstring)."""
+    from mupscale_cli.formats import reader_for
+
     path = Path(path)
-    if path.exists() and is_sharded(path):
-        return _load_sharded(path, lazy)
-    _check_path(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path, lazy)
-    if zipfile.is_zipfile(path) or path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        return _load_pt(path)
-    if len(head) == 8 and int.from_bytes(head, "little") < path.stat().st_size:
-        return _load_safetensors(path, lazy)
-    return _load_pt(path)
+    if not path.is_dir():
+        _check_path(path)
+    return reader_for(path)(path, lazy)
 
 
 def source_sha256(ckpt: Checkpoint, on_piece: Callable[[Path, str, torch.Tensor], None] | None = None,
@@ -153,7 +154,7 @@ def source_sha256(ckpt: Checkpoint, on_piece: Callable[[Path, str, torch.Tensor]
         if r is None or on_piece is None:
             return sha256_file(p)
         return r.scan(lambda name, values: on_piece(p, name, values), hashing=hashing)
-    if ckpt.kind != "sharded":
+    if ckpt.kind not in ("sharded", "dcp"):
         return one(ckpt.path)
     if not hashing:
         for p in ckpt.files:
@@ -307,70 +308,6 @@ def _canonical(sd: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict]:
                                 f"their '_orig_mod.'/'module.' prefixes")
         tensors[n], original[n] = t, key
     return tensors, original
-
-
-def _load_pt(path: Path) -> Checkpoint:
-    obj = _torch_load(path)
-    if _is_state_dict(obj):
-        tensors, original = _canonical(obj, path)
-        return Checkpoint(path, "state_dict", tensors, original)
-    if not isinstance(obj, dict):
-        raise MupscaleError(f"{path}: expected a dict (state dict or checkpoint), found {type(obj).__name__}")
-    model_key = next((k for k in MODEL_KEYS if _is_state_dict(obj.get(k))), None)
-    if model_key is None:
-        raise MupscaleError(f"{path}: no model state dict found (looked for a tensor dict at the top level or "
-                            f"under {', '.join(repr(k) for k in MODEL_KEYS)})")
-    opt_key = next((k for k in OPTIM_KEYS if k in obj), None)
-    tensors, original = _canonical(obj[model_key], path)
-    extra = {k: v for k, v in obj.items() if k not in (model_key, opt_key)}
-    check_tree({k: v for k, v in obj.items() if k != model_key}, str(path))  # entries beside the tensors
-    kind = "nanogpt" if "model_args" in obj and model_key == "model" else "wrapped"
-    optimizer = canonical_ids(obj.get(opt_key)) if opt_key else None
-    return Checkpoint(path, kind, tensors, original, optimizer, extra, model_key, opt_key)
-
-
-def _load_safetensors(path: Path, lazy: bool = False) -> Checkpoint:
-    from mupscale_cli.formats.safetensors import LazySafetensors
-
-    src = LazySafetensors(path)
-    ckpt = _from_reader(src, path, "safetensors", lazy)
-    ckpt.readers = {path: src}
-    return ckpt
-
-
-def _load_sharded(path: Path, lazy: bool) -> Checkpoint:
-    from mupscale_cli.formats.safetensors import INDEX_SUFFIX, open_sharded
-
-    index = sharded_index(path)
-    src = open_sharded(index)
-    meta = src.metadata() or {}
-    files = list(src.shards)
-    opt_src = None
-    if META_OPTIM_INDEX in meta or META_OPTIM in meta:
-        name = meta.get(META_OPTIM_INDEX) or (
-            optimizer_prefix(index.name.removesuffix(INDEX_SUFFIX)) + INDEX_SUFFIX)
-        opt_index = index.parent / name
-        if Path(name).name != name or not opt_index.is_file():
-            if META_OPTIM_INDEX in meta:
-                raise MupscaleError(f"{index}: its optimizer state index {name} is missing from {index.parent}")
-        else:
-            opt_src = open_sharded(opt_index)
-            files += [opt_index.name, *opt_src.shards]
-    digests: dict[str, str] = {}
-    for reader in [*src.shards.values(), *(opt_src.shards.values() if opt_src else [])]:
-        d = reader.metadata().get(META_DIGESTS)
-        if d is not None:
-            try:
-                digests.update(loads_json(d, f"{reader.path}: metadata {META_DIGESTS!r}"))
-            except (json.JSONDecodeError, TypeError, ValueError):
-                raise MupscaleError(f"{reader.path}: metadata {META_DIGESTS!r} is not a JSON object") from None
-    meta = {k: v for k, v in meta.items() if k != META_DIGESTS}
-    if digests:
-        meta[META_DIGESTS] = json.dumps(digests, sort_keys=True)
-    ckpt = _from_reader(src, index, "sharded", lazy, opt_src, meta)
-    ckpt.shard_files = files
-    ckpt.readers = {r.path: r for r in [*src.shards.values(), *(opt_src.shards.values() if opt_src else [])]}
-    return ckpt
 
 
 def _from_reader(src, path: Path, kind: str, lazy: bool, opt_src=None, meta: dict | None = None) -> Checkpoint:

@@ -282,7 +282,8 @@ _SIGBUS_ONCE = threading.Lock()  # one faulting thread reports (two at once prin
 
 def sigbus_names(what: str) -> None:
     """Name the input in the SIGBUS message (the handler cannot know which file shrank)."""
-    _SIGBUS["what"] = what
+    from mupscale_cli.errors import one_line
+    _SIGBUS["what"] = one_line(what)
 
 
 def _on_sigbus(signum: int) -> None:  # runs in the faulting thread; no return (the fault would repeat)

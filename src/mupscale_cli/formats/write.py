@@ -34,7 +34,7 @@ from mupscale_cli.formats.target import (OLD_MARKER, TMP_MARKER, atomic_dir, com
                                          track, untrack)
 from mupscale_cli.errors import Cancelled, MupscaleError
 
-DEFAULT_CHUNK_BYTES = 8 << 20  # one unit of work: a range of a tensor's output of about this size
+from mupscale_cli.core.job import DEFAULT_CHUNK_BYTES  # noqa: E402,F401
 SHARD_NAME = re.compile(r"^(?P<prefix>.+)-\d{5}-of-\d{5}\.safetensors$")
 
 TMP_PT = TMP_MARKER  # temporaries: .<dest name>.mupscale-tmp-<pid>-<random> (files and directories)
@@ -590,17 +590,37 @@ def write_pt(dest: Path, ckpt: Checkpoint, model: dict[str, torch.Tensor], osd: 
         if osd is not None:
             obj[ckpt.optimizer_key or "optimizer"] = osd
     with atomic_path(dest, replace) as tmp:
+        f = None
         try:
-            torch.save(obj, tmp)
+            with open(tmp, "wb") as raw:
+                f = _Recording(raw)
+                torch.save(obj, f)
         except OSError as e:
             raise env_error(e, dest) or MupscaleError(f"{dest}: cannot write: {e.strerror or e}") from None
-        except RuntimeError as e:  # torch's zip writer reports a failed write (disk full, ...) this way
-            if "write" not in str(e).lower():
+        except RuntimeError as e:  # torch's zip writer turns a failed write into "unexpected pos ..."
+            if f is None or f.error is None:
                 raise
-            raise MupscaleError(f"{dest}: cannot write: {_first_line(e)}; is the disk full?") from None
+            raise env_error(f.error, dest) or MupscaleError(f"{dest}: cannot write: {f.error.strerror}") from None
         if before_commit is not None:
             before_commit()
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+class _Recording:
+    """A file for torch.save that keeps the OSError of a failed write (torch reports only a position)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = e
+            raise

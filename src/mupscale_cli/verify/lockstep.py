@@ -50,12 +50,13 @@ def norm_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def tensor_diffs(base: nn.Module, wide: nn.Module, plan: Plan) -> tuple[str | None, float]:
     """The tensor of `wide` furthest (normwise relative) from the exact widening of `base`'s."""
+    from mupscale_cli.verify.dist import full  # FSDP2 (verify under torchrun): gather the shards
     bsd, wsd = base.state_dict(), wide.state_dict()
     worst, worst_rel = None, 0.0
     for n, p in plan.tensors.items():
         if n not in bsd or n not in wsd or p.alias_of or not bsd[n].is_floating_point():
             continue
-        r = norm_rel(widen(bsd[n], p), wsd[n])
+        r = norm_rel(widen(full(bsd[n]), p), full(wsd[n]))
         if r > worst_rel:
             worst, worst_rel = n, r
     return worst, worst_rel
@@ -132,12 +133,15 @@ def run_lockstep(zoo: ModuleType, args: dict, base: nn.Module, base_opt: torch.o
                  seed: int = 0, dtype: torch.dtype = torch.float64, plan: Plan | None = None,
                  hidden: bool = False, data: Callable[[int], tuple] | None = None,
                  on_step: Callable[[StepDiff], bool] | None = None, eval_every: int = 1,
-                 tensor_tol: float | None = None) -> list[StepDiff]:
+                 tensor_tol: float | None = None,
+                 before_step: Callable[[int, int, nn.Module, torch.optim.Optimizer], None] | None = None
+                 ) -> list[StepDiff]:
     """Train both models on the same batches; after every step compare the loss, the training forward
     pass's outputs and (with a plan) every tensor; the eval-mode outputs on a fixed batch (and, with
     `hidden`, every layer's activations) at step 0, every `eval_every` steps, at the last step, and at any
     step where a tensor is further than `tensor_tol` from the widened base. `on_step` returning True
-    stops early."""
+    stops early. `before_step(t, i, model, opt)` runs between backward and `opt.step()` (i: 0 base, 1 wide):
+    the training script's per-step rule (learning-rate schedule, gradient clipping)."""
     device = next(base.parameters()).device
     gen = torch.Generator().manual_seed(seed)
 
@@ -182,11 +186,13 @@ def run_lockstep(zoo: ModuleType, args: dict, base: nn.Module, base_opt: torch.o
             losses = []
             captured.clear()
             capturing[0] = True
-            for model, opt in ((base, base_opt), (wide, wide_opt)):
+            for i, (model, opt) in enumerate(((base, base_opt), (wide, wide_opt))):
                 model.train()
                 opt.zero_grad(set_to_none=True)
                 loss = zoo.loss(model, x, y)
                 loss.backward()
+                if before_step is not None:
+                    before_step(t, i, model, opt)
                 opt.step()
                 losses.append(loss.detach().double())
             capturing[0] = False

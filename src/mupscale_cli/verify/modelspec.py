@@ -13,13 +13,23 @@ come from `inputs`, its loss is cross-entropy on its output (logits; a tuple's f
 Importing the factory runs its code, so a factory named by a spec file that lies outside the mupscale_cli
 package is imported only with `trust_code=True` (`--trust-spec-code`, like transformers'
 `trust_remote_code`); `--model` on the command line is explicit already.
+
+`--model` also takes the user's own model code: `path/to/model.py:GPT` (a file) or `pkg.module:GPT`. A
+class whose `__init__` takes one config object is built as `GPT(GPTConfig(**model_args))` (the config class:
+the `__init__` annotation, else `<Class>Config`, `GPTConfig` or `Config` in the same module); any other class
+as `Cls(**model_args)`. Base and wide are each built from their own model_args. Without batch/loss/output
+in its module or `inputs` in the spec, token batches are drawn from `vocab_size` and `block_size` (at most
+32 positions); a forward that takes `targets` is called as `model(x, targets)` and its `(logits, loss)` used.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
+from pathlib import Path
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +57,7 @@ class ModelDef:
     batch: Callable[[dict, int, torch.Generator, torch.dtype], tuple]
     loss: Callable[[nn.Module, Any, Any], torch.Tensor]
     output: Callable[[nn.Module, Any], torch.Tensor]
+    user: bool = True  # False: a bundled zoo model (not the user's training code)
 
 
 def logits_of(out) -> torch.Tensor:
@@ -75,6 +86,130 @@ def _import(modname: str, factory: str):
     except Exception as e:  # noqa: BLE001 - user code failing on import
         raise MupscaleError(f"model factory {factory!r}: importing {modname!r} failed: "
                             f"{type(e).__name__}: {e}") from None
+
+
+def _import_file(path_text: str, factory: str):
+    """Import a model file by path (its directory goes on sys.path, so its own imports work)."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise MupscaleError(f"--model {factory!r}: no such file {path_text!r}")
+    path = path.resolve()
+    name = f"mupscale_user_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    if os.getcwd() not in sys.path:  # as `python train.py` run here would find its packages
+        sys.path.append(os.getcwd())
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise MupscaleError(f"--model {factory!r}: cannot import {path_text!r} (not a Python file?)")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the file runs
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # noqa: BLE001 - user code failing on import
+        del sys.modules[name]
+        raise MupscaleError(f"--model {factory!r}: importing {path_text!r} failed: {type(e).__name__}: {e}") from None
+    return mod
+
+
+def split_ref(ref: str, where: str) -> tuple[str, str, bool]:
+    """'pkg.module[:name]' or 'path/to/file.py[:name]' -> (module or path, name, is_file)."""
+    modname, _, fname = ref.rpartition(":") if ":" in ref else (ref, "", "")
+    is_file = modname.endswith(".py") or "/" in modname or os.sep in modname
+    if (not is_file and not all(p.isidentifier() for p in modname.split("."))) or (fname and not fname.isidentifier()):
+        raise MupscaleError(f"{where}: expected 'package.module[:name]' or 'path/to/file.py[:name]', got {ref!r}")
+    return modname, fname, is_file
+
+
+def import_ref(ref: str, where: str, default: str = "build"):
+    """The object a 'pkg.module:name' or 'path/to/file.py:name' reference names (importing runs its code)."""
+    modname, fname, is_file = split_ref(ref, where)
+    try:
+        mod = _import_file(modname, ref) if is_file else _import(modname, ref)
+    except MupscaleError as e:
+        raise MupscaleError(str(e).replace("model factory", where).replace("--model", where)) from None
+    obj = getattr(mod, fname or default, None)
+    if obj is None:
+        raise MupscaleError(f"{where} {ref!r}: {modname} has no {fname or default!r}")
+    return obj
+
+
+def _config_class(mod, cls: type, param: inspect.Parameter):
+    """The config class a `Cls(config)` model takes: its annotation, else <Cls>Config, GPTConfig, Config."""
+    ann = param.annotation
+    if isinstance(ann, str):
+        ann = getattr(mod, ann.split(".")[-1].strip("'\""), None)
+    if inspect.isclass(ann) and ann is not inspect.Parameter.empty:
+        return ann
+    for n in (f"{cls.__name__}Config", "GPTConfig", "Config"):
+        if inspect.isclass(c := getattr(mod, n, None)):
+            return c
+    return None
+
+
+def class_builder(cls: type, mod, factory: str) -> Callable[..., nn.Module]:
+    """build(model_args) for a model class: Cls(Config(**model_args)) or Cls(**model_args)."""
+    try:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        params = []
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    cfg = None
+    if len(named) == 1 and named[0].name not in ("kwargs",):
+        cfg = _config_class(mod, cls, named[0])
+        if cfg is None and named[0].name in ("config", "cfg", "conf", "args"):
+            raise MupscaleError(f"--model {factory!r}: {cls.__name__}.__init__ takes a config object but the "
+                                f"module has no {cls.__name__}Config, GPTConfig or Config class; pass a "
+                                f"function instead (pkg.module:fn, fn(model_args) -> nn.Module)")
+
+    def build(args: dict, base_args: dict | None = None) -> nn.Module:
+        try:
+            m = cls(cfg(**args)) if cfg is not None else cls(**args)
+        except MupscaleError:
+            raise
+        except TypeError as e:
+            what = f"{cfg.__name__}(**model_args)" if cfg is not None else f"{cls.__name__}(**model_args)"
+            raise MupscaleError(f"--model {factory!r}: {what} failed on model_args {args}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - user code
+            raise MupscaleError(f"model {factory!r} failed on model_args {args}: {type(e).__name__}: {e}") from None
+        return m
+    return build
+
+
+def _takes_targets(cls_or_fn) -> bool:
+    fwd = getattr(cls_or_fn, "forward", None)
+    try:
+        ps = list(inspect.signature(fwd).parameters) if fwd is not None else []
+    except (TypeError, ValueError):
+        return False
+    return "targets" in ps
+
+
+def token_io(takes_targets: bool):
+    """(batch, loss, output) for a token model without batch/loss/output: tokens from vocab_size and
+    block_size; a forward with `targets` gives (logits, loss) (nanoGPT: full logits only with targets)."""
+    def batch(args: dict, batch_size: int, gen: torch.Generator, dtype=torch.float32):
+        for key in ("vocab_size", "block_size"):
+            if not isinstance(args.get(key), int) or isinstance(args.get(key), bool):
+                raise MupscaleError(f"model_args have no int {key!r}: verify cannot draw token batches for this "
+                                    f"model; describe them in the spec (model: {{inputs: ...}}) or pass --data")
+        t = min(args["block_size"], 32)
+        x = torch.randint(args["vocab_size"], (batch_size, t), generator=gen)
+        return x, torch.roll(x, 1, dims=1)  # predict the previous token: learnable through attention
+
+    def output(model, x):
+        return logits_of(model(x, x) if takes_targets else model(x))
+
+    def loss(model, x, y):
+        out = model(x, y) if takes_targets else model(x)
+        if isinstance(out, (tuple, list)) and len(out) > 1 and isinstance(out[1], torch.Tensor) and out[1].dim() == 0:
+            return out[1]
+        logits = logits_of(out)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+    return batch, loss, output
 
 
 def _inputs(where: str, d) -> tuple[str, dict]:
@@ -212,21 +347,29 @@ def resolve(model: dict | None, spec_name: str, override: str | None = None, tru
         raise MupscaleError(f"spec {spec_name} names no model (a 'model: {{factory: ...}}' section): verify needs "
                             f"one to build the models; pass --model package.module[:function] "
                             f"(docs/verify.md)")
-    if not isinstance(factory, str) or factory.count(":") > 1:
+    if not isinstance(factory, str):
         raise MupscaleError(f"{where}: factory must be 'package.module' or 'package.module:function', "
                             f"got {factory!r}")
-    modname, _, fname = factory.partition(":")
-    if not all(p.isidentifier() for p in modname.split(".")) or (fname and not fname.isidentifier()):
-        raise MupscaleError(f"{where}: factory must be 'package.module' or 'package.module:function', "
-                            f"got {factory!r}")
-    if not override and not trust_code and modname.split(".")[0] != "mupscale_cli":
+    modname, fname, is_file = split_ref(factory, where)
+    if not override and not trust_code and (is_file or modname.split(".")[0] != "mupscale_cli"):
         raise MupscaleError(f"spec {spec_name}: model.factory {factory!r} is code outside mupscale that verify "
                             f"would import and run; pass --trust-spec-code if you trust this spec (or name the "
                             f"factory yourself with --model)")
-    mod = _import(modname, factory)
+    mod = _import_file(modname, factory) if is_file else _import(modname, factory)
     fn = getattr(mod, fname or "build", None)
     if not callable(fn):
-        raise MupscaleError(f"model factory {factory!r}: {modname} has no function {fname or 'build'!r}")
+        raise MupscaleError(f"model factory {factory!r}: {modname} has no function or class {fname or 'build'!r}")
+    user = not (modname == "mupscale_cli.zoo" or modname.startswith("mupscale_cli.zoo."))
+    own_io = all(callable(getattr(mod, a, None)) for a in ("batch", "loss", "output"))
+    if inspect.isclass(fn) and issubclass(fn, nn.Module):
+        build = class_builder(fn, mod, factory)
+        if "inputs" in model:
+            batch, loss, output = generic(*_inputs(where, model["inputs"]))
+        elif own_io:
+            batch, loss, output = mod.batch, mod.loss, mod.output
+        else:
+            batch, loss, output = token_io(_takes_targets(fn))
+        return ModelDef(factory, build, batch, loss, output, user)
     if "inputs" in model:
         batch, loss, output = generic(*_inputs(where, model["inputs"]))
     elif all(callable(getattr(mod, a, None)) for a in ("batch", "loss", "output")):
@@ -235,4 +378,4 @@ def resolve(model: dict | None, spec_name: str, override: str | None = None, tru
         raise MupscaleError(f"{where}: {modname} defines no batch/loss/output, so the spec must describe the "
                             f"inputs: model: {{factory: {factory}, inputs: {{kind: tokens|vectors|images, ...}}}} "
                             f"(docs/verify.md)")
-    return ModelDef(factory, _two_arg(fn, factory), batch, loss, output)
+    return ModelDef(factory, _two_arg(fn, factory), batch, loss, output, user)

@@ -1,0 +1,104 @@
+"""Widen a random Hugging Face Llama (≈1.2 GB float32) k=2: `mupscale widen DIR -o OUT` (streamed) against the
+in-memory way (from_pretrained, widen every tensor in memory, save_pretrained), time and peak RSS side by
+side, each in its own process (`/usr/bin/time -v`). Prints one table (README 'Hugging Face').
+
+    python scripts/bench_hf.py [--tiny] [--keep DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BIG = dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=12,
+           num_key_value_heads=4, max_position_embeddings=2048)
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+
+
+def make(path: Path, cfg: dict) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(**cfg)).save_pretrained(path)
+
+
+def in_memory(src: Path, out: Path) -> None:
+    """The in-memory way: load, widen each tensor with mupscale's own rules, build and save the wide model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mupscale_cli.core.plan import make_plan
+    from mupscale_cli.core.spec import load_spec
+    from mupscale_cli.core.widen import widen
+    base = AutoModelForCausalLM.from_pretrained(src)
+    sd = base.state_dict()
+    cfg = base.config.to_dict()
+    plan = make_plan(load_spec("hf-llama"), {n: (tuple(t.shape), t.dtype) for n, t in sd.items()}, {"*": 2}, cfg)
+    wide_sd = {n: widen(t, plan.tensors[n]) for n, t in sd.items()}
+    del base, sd
+    wcfg = AutoConfig.from_pretrained(src, **{a: cfg[a] * 2 for a in ("hidden_size", "intermediate_size",
+                                                                       "num_attention_heads", "num_key_value_heads")})
+    with torch.device("meta"):
+        wide = AutoModelForCausalLM.from_config(wcfg)
+    wide.load_state_dict(wide_sd, assign=True)
+    wide.save_pretrained(out)
+
+
+def timed(argv: list[str]) -> dict:
+    t = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        sys.exit(f"{argv}: exit {r.returncode}\n{r.stderr[-2000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)[1])
+    return {"wall_s": round(wall, 1), "peak_rss_mib": round(rss / 1024)}
+
+
+def size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--in-memory":
+        in_memory(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="a tiny model (a smoke test of this script)")
+    ap.add_argument("--keep", type=Path, help="work here instead of a temporary directory, and keep it")
+    a = ap.parse_args()
+    work = a.keep or Path(tempfile.mkdtemp(prefix="bench_hf-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        base = work / "base"
+        if not (base / "config.json").exists():
+            make(base, TINY if a.tiny else BIG)
+        rows = {}
+        for name, argv, out in [
+                ("mupscale widen (streamed)", [sys.executable, "-m", "mupscale_cli", "widen", str(base), "--k", "2",
+                                               "-o", str(work / "wide-mupscale"), "-q", "--force"], work / "wide-mupscale"),
+                ("in memory (from_pretrained, widen, save_pretrained)",
+                 [sys.executable, __file__, "--in-memory", str(base), str(work / "wide-memory")], work / "wide-memory")]:
+            if out.exists():
+                shutil.rmtree(out)
+            rows[name] = {**timed(argv), "output_mib": round(size(out) / 2**20)}
+        print(f"base: {size(base) / 2**20:.0f} MiB ({json.dumps(TINY if a.tiny else BIG)}), k = 2, "
+              f"{os.cpu_count()} CPUs")
+        print(f"| way | wall s | peak RSS MiB | output MiB |\n|---|---|---|---|")
+        for name, r in rows.items():
+            print(f"| {name} | {r['wall_s']} | {r['peak_rss_mib']} | {r['output_mib']} |")
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,513 @@
+"""PyTorch distributed checkpoints (torch.distributed.checkpoint, "DCP"): a directory of `.distcp` files and
+a `.metadata` file, as FSDP2 jobs (torchtitan and others) save them.
+
+Reading goes through DCP's own machinery, tensor by tensor: `FileSystemReader.read_data` with a load plan
+from `create_read_items_for_chunk_list` for just the rows wanted, so only the saved chunks that overlap them
+are read. Two things differ from `dcp.load`, both for untrusted inputs: `.metadata` is unpickled with an
+allow-list (DCP's own reader calls `pickle.load`, which can run code), and non-tensor entries are read with
+`torch.load(weights_only=True)`. Before any output is made, the metadata is checked: every chunk inside its
+tensor, chunks tiling each tensor exactly, every stored item inside an existing file.
+
+Layouts (`DcpLayout`): the model under `model.` (`dcp.save({"model": sd, "optim": osd})`) or at the top
+(torchtitan flattens its ModelWrapper), the optimizer under `optim.` or `optimizer.`, its state either
+nested (`state.<fqn>.<key>`, `param_groups.<i>.<hp>`, from `get_optimizer_state_dict`) or flattened
+per tensor (`state.<fqn>.<key>`, `param_groups.<fqn>.<hp>`, from
+`StateDictOptions(flatten_optimizer_state_dict=True)`, torchtitan's OptimizersContainer). Every other entry
+(lr_scheduler, dataloader, train_state, ...) is carried over.
+
+Writing (`save_lazy`) is `dcp.save` with a planner that makes each tensor when the writer asks for it, so
+memory holds one tensor at a time; under torch.distributed each rank saves its share and DCP's coordinator
+writes the one `.metadata` (the collective commit)."""
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mupscale_cli.errors import MupscaleError
+
+METADATA = ".metadata"
+MODEL_ROOTS = ("model",)
+OPTIM_ROOTS = ("optim", "optimizer")
+PROVENANCE_KEY = "mupscale"  # top-level entry of our outputs: provenance JSON (a string)
+
+
+def is_dcp(path: Path) -> bool:
+    """A DCP checkpoint: a directory holding `.metadata` (or that file itself)."""
+    path = Path(path)
+    return (path.is_dir() and (path / METADATA).is_file()) or (path.name == METADATA and path.is_file())
+
+
+def dcp_dir(path: Path) -> Path:
+    path = Path(path)
+    return path.parent if path.name == METADATA else path
+
+
+# --- metadata, read safely -------------------------------------------------------------------------------
+
+_ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata",)
+_ALLOWED = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _ALLOWED or (module in _ALLOWED_MODULES and not name.startswith("__")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it needs {module}.{name}")
+
+
+def read_metadata(root: Path):
+    """The checkpoint's `Metadata`, unpickled with an allow-list of DCP's own classes."""
+    from torch.distributed.checkpoint.metadata import Metadata
+    path = root / METADATA
+    try:
+        with open(path, "rb") as f:
+            md = _Unpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise MupscaleError(f"{path}: refusing to unpickle DCP metadata ({e}); it holds objects other than "
+                            f"DCP's metadata classes") from None
+    except Exception as e:  # noqa: BLE001 - any failure of a foreign file is an input error
+        raise MupscaleError(f"{path}: not readable DCP metadata ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) or not isinstance(
+            getattr(md, "storage_data", None), dict):
+        raise MupscaleError(f"{path}: not DCP metadata (found {type(md).__name__}); is this a checkpoint saved "
+                            f"by torch.distributed.checkpoint?")
+    return md
+
+
+def check_metadata(root: Path, md) -> None:
+    """Everything a read relies on, before the first byte of output: each tensor's chunks lie inside it and
+    tile it exactly, each stored item is named in storage_data and lies inside an existing file."""
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, MetadataIndex,
+                                                       TensorStorageMetadata)
+    where = root / METADATA
+    sizes: dict[str, int] = {}
+    for idx, info in md.storage_data.items():
+        rel = getattr(info, "relative_path", None)
+        off, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not isinstance(rel, str) or not rel or Path(rel).name != rel or rel in (".", ".."):
+            raise MupscaleError(f"{where}: item {getattr(idx, 'fqn', idx)!r} is stored in {rel!r}, not a file "
+                                f"name inside the checkpoint directory")
+        if rel not in sizes:
+            f = root / rel
+            if not f.is_file():
+                raise MupscaleError(f"{where}: names {rel}, which is missing from {root}; copy the whole "
+                                    f"checkpoint directory")
+            sizes[rel] = f.stat().st_size
+        if not (isinstance(off, int) and isinstance(length, int) and off >= 0 and length >= 0):
+            raise MupscaleError(f"{where}: item {idx.fqn!r} has offset {off!r} and length {length!r}")
+        if off + length > sizes[rel]:
+            raise MupscaleError(f"{root / rel}: is {sizes[rel]} bytes but item {idx.fqn!r} ends at byte "
+                                f"{off + length}: the file is truncated; copy it again")
+    for fqn, m in md.state_dict_metadata.items():
+        if not isinstance(fqn, str):
+            raise MupscaleError(f"{where}: a key is a {type(fqn).__name__}, expected a string")
+        if isinstance(m, BytesStorageMetadata):
+            if MetadataIndex(fqn) not in md.storage_data:
+                raise MupscaleError(f"{where}: entry {fqn!r} has no stored item")
+            continue
+        if not isinstance(m, TensorStorageMetadata):
+            raise MupscaleError(f"{where}: entry {fqn!r} is a {type(m).__name__}")
+        shape = tuple(m.size)
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(m.properties.dtype,
+                                                                                   torch.dtype):
+            raise MupscaleError(f"{where}: tensor {fqn!r} has shape {list(shape)} and dtype "
+                                f"{m.properties.dtype!r}")
+        covered = 0
+        boxes = []
+        for c in m.chunks:
+            o, s = tuple(c.offsets), tuple(c.sizes)
+            if len(o) != len(shape) or len(s) != len(shape) or any(
+                    a < 0 or b < 0 or a + b > d for a, b, d in zip(o, s, shape)):
+                raise MupscaleError(f"{where}: tensor {fqn!r} of shape {list(shape)} has a chunk at {list(o)} "
+                                    f"of size {list(s)}, outside the tensor")
+            if MetadataIndex(fqn, c.offsets) not in md.storage_data:
+                raise MupscaleError(f"{where}: chunk {list(o)} of tensor {fqn!r} has no stored item")
+            covered += math.prod(s)
+            boxes.append((o, s))
+        if covered != math.prod(shape) or (len(boxes) <= 256 and _overlap(boxes)):
+            raise MupscaleError(f"{where}: the chunks of tensor {fqn!r} do not tile its shape {list(shape)} "
+                                f"({covered} elements in {len(boxes)} chunks for {math.prod(shape)})")
+
+
+def _overlap(boxes) -> bool:
+    for i in range(len(boxes)):
+        for j in range(i):
+            (a, s), (b, t) = boxes[i], boxes[j]
+            if all(x < y + v and y < x + u for x, u, y, v in zip(a, s, b, t)) and math.prod(s) and math.prod(t):
+                return True
+    return False
+
+
+# --- reading ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Info:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _planner(dest: torch.Tensor | None = None, out: dict | None = None):
+    """A load planner that puts tensor reads into `dest` and byte reads into `out` (weights_only)."""
+    from torch.distributed._shard._utils import narrow_tensor_by_index
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class Into(DefaultLoadPlanner):
+        def resolve_tensor(self, read_item):
+            return narrow_tensor_by_index(dest, read_item.dest_offsets, read_item.lengths)
+
+        def commit_tensor(self, read_item, tensor) -> None:
+            pass
+
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            out[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+    return Into()
+
+
+class DcpReader:
+    """The tensors and entries of one DCP checkpoint, read on demand (the reader interface of LazyTensors:
+    info, read, read_rows, location)."""
+
+    def __init__(self, root: Path):
+        from torch.distributed.checkpoint import FileSystemReader
+        self.root = Path(root)
+        self.md = read_metadata(self.root)
+        check_metadata(self.root, self.md)
+        self._fs = FileSystemReader(self.root)
+        self._fs.storage_data = self.md.storage_data
+        self.paths = {k: tuple(self.md.planner_data.get(k, (k,))) if isinstance(
+            getattr(self.md, "planner_data", None), dict) else (k,) for k in self.md.state_dict_metadata}
+
+    def tensors(self) -> list[str]:
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        return [k for k, m in self.md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)]
+
+    def is_tensor(self, key: str) -> bool:
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        return isinstance(self.md.state_dict_metadata.get(key), TensorStorageMetadata)
+
+    def info(self, key: str) -> Info:
+        m = self.md.state_dict_metadata[key]
+        return Info(key, m.properties.dtype, tuple(m.size))
+
+    def files(self) -> list[str]:
+        return sorted({i.relative_path for i in self.md.storage_data.values()})
+
+    def location(self, key: str) -> tuple[Path, str]:
+        return self.root / METADATA, key
+
+    def read_rows(self, key: str, r0: int, r1: int, alloc=None) -> torch.Tensor:
+        """Rows [r0, r1) of tensor `key` (the whole of a 0-d one), reading only the chunks that overlap."""
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+        info = self.info(key)
+        shape = info.shape
+        want = () if not shape else (r1 - r0, *shape[1:])
+        dest = alloc(want, info.dtype) if alloc is not None else torch.empty(want, dtype=info.dtype)
+        if dest.numel() == 0:
+            return dest
+        offsets = () if not shape else (r0,) + (0,) * (len(shape) - 1)
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(want))
+        items = create_read_items_for_chunk_list(key, self.md.state_dict_metadata[key], [chunk])
+        self._read(LoadPlan(items), _planner(dest=dest), key)
+        return dest
+
+    def read(self, key: str, start: int = 0, count: int | None = None, alloc=None) -> torch.Tensor:
+        shape = self.info(key).shape
+        t = self.read_rows(key, 0, shape[0] if shape else 1).reshape(-1)
+        return t[start:] if count is None else t[start:start + count]
+
+    def get(self, key: str) -> torch.Tensor:
+        shape = self.info(key).shape
+        return self.read_rows(key, 0, shape[0] if shape else 1)
+
+    def value(self, key: str):
+        """A non-tensor entry (param group values, train_state, ...), read with weights_only."""
+        from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+        if self.is_tensor(key):
+            return self.get(key)
+        out: dict = {}
+        item = ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex(key), dest_offsets=torch.Size([0]),
+                        storage_index=MetadataIndex(key), storage_offsets=torch.Size([0]),
+                        lengths=torch.Size([0]))
+        self._read(LoadPlan([item]), _planner(out=out), key)
+        return out[key]
+
+    def _read(self, plan, planner, key: str) -> None:
+        try:
+            self._fs.read_data(plan, planner).wait()
+        except MupscaleError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged file: one line naming it
+            files = sorted({self.md.storage_data[i.storage_index].relative_path for i in plan.items})
+            text = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
+                text = "not a torch.save record torch.load(weights_only=True) accepts"
+            raise MupscaleError(f"{self.root}/{files[0] if files else '?'}: cannot read {key!r} "
+                                f"({type(e).__name__}: {text}); the checkpoint is damaged") from None
+
+
+# --- layout: which entries are model, optimizer, other ----------------------------------------------------
+
+@dataclass
+class DcpLayout:
+    model_root: str | None  # "model", or None: model tensors at the top (torchtitan)
+    optim_root: str | None  # "optim" | "optimizer" | None
+    flat_optim: bool  # per-tensor param groups (flatten_optimizer_state_dict=True)
+    model: dict[str, str] = field(default_factory=dict)  # fqn -> key
+    state: dict[str, dict[str, str]] = field(default_factory=dict)  # fqn -> {state key -> key}
+    groups: list[dict] = field(default_factory=list)  # {"hp": {name: key}, "params": [fqn]} (nested)
+    flat_hp: dict[str, dict[str, str]] = field(default_factory=dict)  # fqn -> {hp -> key} (flattened)
+    other: list[str] = field(default_factory=list)  # keys carried over
+
+
+def layout_of(reader: DcpReader) -> DcpLayout:
+    paths = reader.paths
+    where = reader.root / METADATA
+    nested_model = any(len(p) == 2 and p[0] in MODEL_ROOTS and reader.is_tensor(k) for k, p in paths.items())
+    roots = {p[0] for p in paths.values()}
+    optim_root = next((r for r in OPTIM_ROOTS if r in roots), None)
+    lay = DcpLayout("model" if nested_model else None, optim_root, False)
+    groups: dict[int, dict] = {}
+    for k, p in paths.items():
+        if nested_model and p[0] == "model" and len(p) == 2 and reader.is_tensor(k):
+            lay.model[str(p[1])] = k
+        elif not nested_model and len(p) == 1 and reader.is_tensor(k) and p[0] != PROVENANCE_KEY:
+            lay.model[str(p[0])] = k
+        elif optim_root is not None and p[0] == optim_root:
+            rest = p[1:]
+            if len(rest) == 1 and isinstance(rest[0], str) and rest[0].startswith("state."):
+                fqn, _, sk = rest[0].removeprefix("state.").rpartition(".")
+                lay.state.setdefault(fqn, {})[sk] = k
+                continue
+            if len(rest) == 1 and isinstance(rest[0], str) and rest[0].startswith("param_groups."):
+                fqn, _, hp = rest[0].removeprefix("param_groups.").rpartition(".")
+                lay.flat_hp.setdefault(fqn, {})[hp] = k
+                lay.flat_optim = True
+                continue
+            if len(rest) == 3 and rest[0] == "state":
+                lay.state.setdefault(str(rest[1]), {})[str(rest[2])] = k
+                continue
+            if len(rest) == 3 and rest[0] == "param_groups" and isinstance(rest[1], int):
+                groups.setdefault(rest[1], {"hp": {}})["hp"][str(rest[2])] = k
+                continue
+            raise MupscaleError(f"{where}: optimizer entry {k!r} is neither state.<name>.<key> nor "
+                                f"param_groups.<...>; mupscale reads torch optimizer state dicts "
+                                f"(get_optimizer_state_dict)")
+        elif p[0] != PROVENANCE_KEY:
+            lay.other.append(k)
+    if not lay.model:
+        raise MupscaleError(f"{where}: no model tensors (looked under 'model.' and at the top level)")
+    if groups and lay.flat_optim:
+        raise MupscaleError(f"{where}: mixes per-tensor (flattened) and per-group optimizer param_groups")
+    for i in sorted(groups):
+        g = groups[i]
+        pk = g["hp"].pop("params", None)
+        if pk is None:
+            raise MupscaleError(f"{where}: optimizer param group {i} has no 'params'")
+        params = reader.value(pk)
+        if not isinstance(params, list) or not all(isinstance(x, str) for x in params):
+            raise MupscaleError(f"{where}: optimizer param group {i}'s params is not a list of tensor names")
+        g["params"] = params
+        g["params_key"] = pk
+        lay.groups.append(g)
+    return lay
+
+
+def optimizer_state_dict(reader: DcpReader, lay: DcpLayout, lazy_state) -> dict | None:
+    """A torch optimizer state dict (ids in group order, `param_names` = fqns) whose state entries are
+    `lazy_state({state key: dcp key})` mappings; None without optimizer state."""
+    if lay.optim_root is None:
+        return None
+    where = reader.root / METADATA
+    groups: list[dict] = []
+    if lay.flat_optim:  # one group per run of tensors with the same hyper-parameters, in saved order
+        for fqn, hps in lay.flat_hp.items():
+            vals = {hp: reader.value(k) for hp, k in hps.items()}
+            vals.pop("params", None)
+            vals.pop("param_names", None)
+            if groups and _same(groups[-1]["hp"], vals):
+                groups[-1]["params"].append(fqn)
+            else:
+                groups.append({"hp": vals, "params": [fqn]})
+    else:
+        for g in lay.groups:
+            vals = {hp: reader.value(k) for hp, k in g["hp"].items()}
+            vals.pop("param_names", None)
+            groups.append({"hp": vals, "params": list(g["params"])})
+    named = {fqn for g in groups for fqn in g["params"]}
+    for fqn in lay.state:
+        if fqn not in named:
+            raise MupscaleError(f"{where}: optimizer state of {fqn!r} has no param group")
+    out_groups, state, nid = [], {}, 0
+    for g in groups:
+        ng = dict(g["hp"])
+        if isinstance(ng.get("betas"), list):
+            ng["betas"] = tuple(ng["betas"])
+        ng["params"], ng["param_names"] = [], []
+        for fqn in g["params"]:
+            if fqn in lay.state:
+                state[nid] = lazy_state(dict(lay.state[fqn]))
+            ng["params"].append(nid)
+            ng["param_names"].append(fqn)
+            nid += 1
+        out_groups.append(ng)
+    return {"state": state, "param_groups": out_groups}
+
+
+def _same(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(_eq(a[k], b[k]) for k in a)
+
+
+def _eq(x, y) -> bool:
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and bool(
+            torch.equal(x, y))
+    return type(x) is type(y) and x == y
+
+
+def load_dcp(path: Path, lazy: bool):
+    """A `Checkpoint` of a DCP directory: model tensors (canonical names), optimizer state dict (param_names
+    = fqns, lazy state), `source` = (reader, layout) for the DCP writer."""
+    from mupscale_cli.core.source import LazyTensors
+    from mupscale_cli.formats.checkpoint import Checkpoint, _canonical
+    root = dcp_dir(path)
+    reader = DcpReader(root)
+    lay = layout_of(reader)
+    _, original = _canonical({fqn: fqn for fqn in lay.model}, root)
+    if lazy:
+        tensors = LazyTensors(reader, {n: lay.model[fqn] for n, fqn in original.items()})
+        osd = optimizer_state_dict(reader, lay, lambda keys: LazyTensors(reader, keys))
+    else:
+        tensors = {n: reader.get(lay.model[fqn]) for n, fqn in original.items()}
+        osd = optimizer_state_dict(reader, lay, lambda keys: {sk: reader.get(k) for sk, k in keys.items()})
+    ckpt = Checkpoint(root / METADATA, "dcp", tensors, original, osd, model_key=lay.model_root,
+                      optimizer_key=lay.optim_root)
+    ckpt.shard_files = reader.files()
+    ckpt.source = (reader, lay)
+    return ckpt
+
+
+def source_files(root: Path) -> list[str]:
+    """`.metadata` then the data files, for the input digest."""
+    md = read_metadata(root)
+    return [METADATA] + sorted({i.relative_path for i in md.storage_data.values()})
+
+
+# --- writing ----------------------------------------------------------------------------------------------
+
+def set_path(tree: dict, path: tuple, value) -> None:
+    """tree[path[0]][path[1]]... = value, making dicts (str keys) and lists (int keys) on the way."""
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        fresh = [] if isinstance(nxt, int) else {}
+        if isinstance(node, list):
+            while len(node) <= part:
+                node.append(None)
+            if node[part] is None:
+                node[part] = fresh
+            node = node[part]
+        else:
+            node = node.setdefault(part, fresh)
+    last = path[-1]
+    if isinstance(node, list):
+        while len(node) <= last:
+            node.append(None)
+    node[last] = value
+
+
+def row_blocks(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1) of about `max_bytes` each (at least one row) covering a tensor; [(0, 1)] if 0-d."""
+    if not shape:
+        return [(0, 1)]
+    row = max(1, math.prod(shape[1:])) * itemsize
+    step = max(1, max_bytes // row)
+    return [(r0, min(shape[0], r0 + step)) for r0 in range(0, max(shape[0], 1), step)] if shape[0] else [(0, 0)]
+
+
+def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable[[str, int, int], torch.Tensor],
+              out_dir: Path, distributed: bool, rank: int = 0,
+              on_tensor: Callable[[str, torch.Tensor], None] = lambda k, t: None) -> None:
+    """dcp.save of `tree` into `out_dir`. Its tensors are meta placeholders: this rank writes the row blocks
+    `mine[key]` of each (one DCP chunk per block; a key absent from `mine` is written by another rank), each
+    made by `make(key, r0, r1)` when the writer reaches it (one block in memory at a time) and shown to
+    `on_tensor(key, block)`. Non-tensor entries are written by rank 0. distributed=True: a collective save
+    over the default process group; DCP's coordinator (rank 0) writes `.metadata` once every rank has
+    written, listing every rank's chunks."""
+    import dataclasses
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+    class Lazy(DefaultSavePlanner):
+        _last = None
+
+        def create_local_plan(self):
+            plan = super().create_local_plan()
+            items = []
+            for it in plan.items:
+                if it.type == WriteItemType.BYTE_IO:
+                    if rank == 0:
+                        items.append(it)
+                    continue
+                size = it.tensor_data.size
+                for r0, r1 in mine.get(it.index.fqn, []):
+                    off = torch.Size([r0] + [0] * (len(size) - 1)) if len(size) else torch.Size([])
+                    sizes = torch.Size([r1 - r0, *size[1:]]) if len(size) else torch.Size([])
+                    items.append(WriteItem(index=MetadataIndex(it.index.fqn, off), type=WriteItemType.SHARD,
+                                           tensor_data=TensorWriteData(ChunkStorageMetadata(off, sizes),
+                                                                       it.tensor_data.properties, size)))
+            self.plan = dataclasses.replace(plan, items=items)
+            return self.plan
+
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            key, chunk = write_item.index.fqn, write_item.tensor_data.chunk
+            r0 = chunk.offsets[0] if len(chunk.offsets) else 0
+            r1 = r0 + chunk.sizes[0] if len(chunk.sizes) else 1
+            if self._last is not None:  # written by now (the serial loader resolves the next item after
+                self._last.untyped_storage().resize_(0)  # writing one): free it, though DCP's writer
+            made = make(key, r0, r1)  # keeps a reference to every tensor until its file is done
+            t = torch.empty(made.shape, dtype=made.dtype)  # our own storage (`made` may share the input's):
+            t.copy_(made)  # a memory copy, cheap next to the disk
+            del made
+            on_tensor(key, t)
+            self._last = t
+            return t
+
+    writer = FileSystemWriter(out_dir, thread_count=1, sync_files=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "torch.distributed is disabled ... single process"
+        dcp.save(tree, storage_writer=writer, planner=Lazy(), no_dist=not distributed)
+
+
+def placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")

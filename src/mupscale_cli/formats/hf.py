@@ -1,0 +1,107 @@
+"""Hugging Face model directories: `config.json` + `model.safetensors` (or shards + index), tokenizer and
+other files; a Trainer's `checkpoint-N/` adds `optimizer.pt`, `scheduler.pt`, `trainer_state.json`,
+`rng_state.pth`, `training_args.bin`.
+
+Reading: the weights through st.py / shards.py (lazy), `config.json` as the checkpoint's model_args (every
+size comes from it). Writing: the widened weights, `config.json` rewritten, every other file copied as
+bytes (never unpickled), into a temporary directory beside the target that is then renamed. No
+transformers import: JSON and safetensors only."""
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mupscale_cli.errors import MupscaleError
+from mupscale_cli.formats import shards, st
+from mupscale_cli.formats.checkpoint import Checkpoint
+from mupscale_cli.formats.target import atomic_dir
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+
+
+@dataclass
+class HfDir:
+    path: Path
+    config: dict
+    weights: list[str]  # file names of the weights (one file, or index + shards)
+    others: list[str] = field(default_factory=list)  # every other file, copied as bytes
+    trainer: bool = False  # a Trainer checkpoint (optimizer.pt / scheduler.pt / trainer_state.json)
+
+
+def claims(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG).is_file()
+
+
+def read_config(path: Path) -> dict:
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MupscaleError(f"{path / CONFIG}: not readable JSON ({e}); is it a Hugging Face config?") from None
+    if not isinstance(config, dict):
+        raise MupscaleError(f"{path / CONFIG}: expected a JSON object")
+    return config
+
+
+def read(path: Path, lazy: bool = False) -> Checkpoint:
+    config = read_config(path)
+    if (path / INDEX).is_file():
+        ckpt = shards.read(path / INDEX, lazy)
+    elif (path / WEIGHTS).is_file():
+        ckpt = st.read(path / WEIGHTS, lazy)
+    else:
+        found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.safetensors*"))
+        hint = (" (pytorch_model.bin is a pickle mupscale does not load: re-save with "
+                "save_pretrained(..., safe_serialization=True))") if found else ""
+        raise MupscaleError(f"{path}: a Hugging Face directory without {WEIGHTS} or {INDEX}{hint}")
+    weights = [f.name for f in ckpt.files]
+    others = sorted(p.name for p in path.iterdir() if p.name not in weights and p.name != CONFIG)
+    trainer = any((path / n).is_file() for n in (OPTIMIZER, SCHEDULER, "trainer_state.json"))
+    ckpt.extra = {**ckpt.extra, "model_args": config}
+    ckpt.hf = HfDir(path, config, weights, others, trainer)
+    if trainer:
+        from mupscale_cli.formats import hf_trainer
+        ckpt.optimizer = hf_trainer.read_optimizer(path, config)
+    return ckpt
+
+
+def write(dest: Path, weights: Callable[[Path], None], config: dict, src: HfDir,
+          files: dict[str, Callable[[Path], None]] | None = None, skip: set[str] = frozenset(),
+          replace: bool = False, before_commit: Callable[[], None] = lambda: None) -> list[str]:
+    """Write a Hugging Face directory at `dest`, whole or not at all (target.atomic_dir): `weights(tmp)`
+    writes the weights into the temporary directory, then config.json, then `files` (name -> writer of that
+    file), then every other file of the source copied as bytes (names in `skip` left out); `before_commit()`
+    may still stop it. Returns notes."""
+    files = files or {}
+    notes = []
+    with atomic_dir(dest, replace) as tmp:
+        weights(tmp)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, make in files.items():
+            make(tmp / name)
+        for name in src.others:
+            if name in files or name in skip:
+                continue
+            p = src.path / name
+            if p.is_file():
+                shutil.copyfile(p, tmp / name)
+            elif p.is_dir():
+                notes.append(f"{p}: a directory, not copied")
+        before_commit()
+    return notes
+
+
+def out_config(config: dict, dtype: str | None) -> dict:
+    """The widened config.json: `config` (sizes already rewritten by the spec) with --dtype recorded."""
+    out = dict(config)
+    if dtype is not None:
+        for key in ("dtype", "torch_dtype"):
+            if key in out or key == "dtype":
+                out[key] = dtype
+    return out

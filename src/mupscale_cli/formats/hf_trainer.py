@@ -1,0 +1,88 @@
+"""Hugging Face Trainer checkpoints (`checkpoint-N/`): the model directory plus optimizer.pt, scheduler.pt,
+trainer_state.json, rng_state.pth and training_args.bin.
+
+optimizer.pt and scheduler.pt are read with torch.load(weights_only=True); training_args.bin (a pickle) and
+rng_state.pth are never loaded, only copied as bytes. The Trainer's optimizer has two groups (weight decay,
+then none), each in `model.named_parameters()` order, and stores no names: the order is taken from the
+model transformers builds from config.json on the meta device (no weights, no memory), and the decay split
+from `Trainer.get_decay_parameter_names` itself, so this one path imports transformers (the [hf] extra).
+
+Widening splits a group whose tensors need different Table-1 factors; the Trainer's own `create_optimizer`
+makes two groups and cannot load that. Resume with the few lines of README 'Trainer checkpoints':
+a `create_optimizer` that builds the groups from the widened optimizer.pt (`mupscale_cli.api.optimizer_groups`).
+The scheduler's `base_lrs` and `_last_lr` become the widened groups' `initial_lr` and `lr`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mupscale_cli.errors import MupscaleError
+
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+
+
+def _load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a foreign file: one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise MupscaleError(f"{path}: not loadable with torch.load(weights_only=True) ({first})") from None
+
+
+def parameter_names(config: dict, where: Path) -> tuple[list[str], set[str]]:
+    """(named_parameters() order, the names the Trainer decays) of the model config.json describes."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, Trainer
+    except ImportError:
+        raise MupscaleError(f"{where}: a Trainer checkpoint's optimizer ids follow the model's parameter order, "
+                            f"which needs transformers: pip install 'mupscale[hf]'") from None
+    args = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    cfg = AutoConfig.for_model(config["model_type"], **args)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return names, set(Trainer.get_decay_parameter_names(None, model))
+
+
+def read_optimizer(directory: Path, config: dict) -> dict | None:
+    """optimizer.pt with `param_names` added to its groups (decay, then no decay, named_parameters order)."""
+    path = directory / OPTIMIZER
+    if not path.is_file():
+        return None
+    sd = _load(path)
+    if not isinstance(sd, dict) or not isinstance(sd.get("param_groups"), list):
+        raise MupscaleError(f"{path}: not a torch optimizer state_dict")
+    groups = sd["param_groups"]
+    if all("param_names" in g for g in groups):
+        return sd
+    names, decay = parameter_names(config, directory)
+    cand = [[n for n in names if n in decay], [n for n in names if n not in decay]]
+    if len(groups) == 1:
+        cand = [names]
+    sizes = [len(g["params"]) for g in groups]
+    if len(groups) > 2 or sizes != [len(c) for c in cand]:
+        raise MupscaleError(f"{path}: groups of {sizes} parameters, the Trainer's decay/no-decay groups of this "
+                            f"model have {[len(c) for c in cand]}; a custom create_optimizer: save its state with "
+                            f"param_names (torch.optim.AdamW(model.named_parameters(), ...))")
+    return {**sd, "param_groups": [{**g, "param_names": c} for g, c in zip(groups, cand)]}
+
+
+def widen_scheduler(directory: Path, groups: list[dict]) -> dict:
+    """scheduler.pt with base_lrs / _last_lr of the widened groups (their initial_lr and lr)."""
+    path = directory / SCHEDULER
+    sd = _load(path)
+    if not isinstance(sd, dict) or "base_lrs" not in sd:
+        raise MupscaleError(f"{path}: not an LR scheduler state_dict with base_lrs")
+    out = dict(sd)
+    out["base_lrs"] = [g.get("initial_lr", g["lr"]) for g in groups]
+    if "_last_lr" in sd:
+        out["_last_lr"] = [g["lr"] for g in groups]
+    if isinstance(sd.get("lr_lambdas"), list):
+        lams = sd["lr_lambdas"]
+        if any(x is not None for x in lams) and len(set(map(repr, lams))) > 1:
+            raise MupscaleError(f"{path}: per-group lr_lambdas with state differ; mupscale widens a scheduler whose "
+                                f"groups share one lambda")
+        out["lr_lambdas"] = [lams[0] if lams else None] * len(groups)
+    return out

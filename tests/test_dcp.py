@@ -1,0 +1,326 @@
+"""torch.distributed.checkpoint (DCP) in and out, widen under torchrun.
+
+A 2-rank FSDP2 job (tests/dcp_job.py, gloo on CPU, float64) trains a μP MLP, saves model + AdamW state (+
+scheduler, train_state) with dcp.save and records 50 more steps. mupscale widens the checkpoint in one
+process and under torchrun with 2 ranks; the widened checkpoints load into FSDP2 jobs at width ×2 with 2
+ranks and with 1 rank, which must follow the base trajectory to 1e-12 relative."""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import mupscale
+from mupscale_cli.formats.dcp import METADATA, DcpReader
+
+JOB = Path(__file__).with_name("dcp_job.py")
+SRC = Path(__file__).resolve().parents[1] / "src"
+TOL = 1e-12
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(SRC), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def torchrun(n: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env())
+    if check and r.returncode:
+        raise AssertionError(f"torchrun {' '.join(args)} failed ({r.returncode}): {r.stderr[-3000:]}")
+    return r
+
+
+def widen_cli(src: Path, out: Path, ranks: int = 1, *extra: str) -> subprocess.CompletedProcess:
+    args = ["widen", str(src), "-o", str(out), "--k", "2", "--spec", "mup-mlp", *extra]
+    if ranks == 1:
+        return mupscale(*args, check=True)
+    return torchrun(ranks, "-m", "mupscale_cli", *args)
+
+
+def same_tensors(a: Path, b: Path) -> None:
+    ra, rb = DcpReader(a), DcpReader(b)
+    assert set(ra.paths) == set(rb.paths)
+    for k in ra.paths:
+        if ra.is_tensor(k):
+            assert torch.equal(ra.get(k), rb.get(k)), k
+        elif k != "mupscale":
+            assert ra.value(k) == rb.value(k), k
+
+
+def follows(base: Path, wide: Path) -> None:
+    a, b = torch.load(base), torch.load(wide)
+    assert len(a["loss"]) == len(b["loss"]) == 50
+    rel = max(abs(x - y) / abs(x) for x, y in zip(a["loss"], b["loss"]))
+    out = float((a["out"] - b["out"]).abs().max() / a["out"].abs().max())
+    assert rel <= TOL and out <= TOL, (rel, out)
+    assert b["lr"][0] == pytest.approx(a["lr"][0] / 2, rel=1e-15)  # the matrix group's lr × 1/k, schedule on
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dcp")
+    torchrun(2, str(JOB), "base", str(d / "base"), str(d / "base.pt"))
+    return d
+
+
+def test_fsdp2_resume_plain_layout(plain):
+    """1-process and 2-rank widen give the same tensors; both resume exactly at 2 and at 1 rank."""
+    d = plain
+    widen_cli(d / "base", d / "w1")
+    widen_cli(d / "base", d / "w2", 2, "--chunk-size", "16")  # DCP chunks of 1 KiB: matrices in 2 chunks
+    assert sorted(p.name for p in (d / "w2").iterdir()) == [METADATA, "__0_0.distcp", "__1_0.distcp"]
+    md = DcpReader(d / "w2").md
+    assert len(md.state_dict_metadata["model.hidden.0.weight"].chunks) == 2
+    assert {i.relative_path for i in md.storage_data.values()} == {"__0_0.distcp", "__1_0.distcp"}
+    same_tensors(d / "w1", d / "w2")
+    torchrun(2, str(JOB), "wide", str(d / "w1"), str(d / "t2.pt"))
+    follows(d / "base.pt", d / "t2.pt")
+    torchrun(1, str(JOB), "wide", str(d / "w2"), str(d / "t1.pt"))
+    follows(d / "base.pt", d / "t1.pt")
+    assert not [p for p in d.iterdir() if ".mupscale-tmp-" in p.name]
+
+
+def test_fsdp2_resume_torchtitan_layout(tmp_path):
+    """Model at the top level, optimizer flattened per tensor under `optimizer.`, lr_scheduler, dataloader,
+    train_state carried over."""
+    torchrun(2, str(JOB), "base", str(tmp_path / "base"), str(tmp_path / "base.pt"), "--layout", "titan")
+    r = widen_cli(tmp_path / "base", tmp_path / "w")
+    assert "3 param groups" in r.stderr
+    keys = set(DcpReader(tmp_path / "w").paths)
+    assert {"input.weight", "optimizer.state.hidden.0.weight.exp_avg", "optimizer.param_groups.readout.bias.eps",
+            "dataloader.sample", "train_state.step", "lr_scheduler.last_epoch"} <= keys
+    torchrun(1, str(JOB), "wide", str(tmp_path / "w"), str(tmp_path / "t.pt"), "--layout", "titan")
+    follows(tmp_path / "base.pt", tmp_path / "t.pt")
+
+
+def test_rows_read_only_overlapping_chunks(plain):
+    """A 2-rank checkpoint stores each sharded tensor in 2 chunks; a row range reads the right values."""
+    r = DcpReader(plain / "base")
+    key = "model.hidden.0.weight"
+    assert len(r.md.state_dict_metadata[key].chunks) == 2
+    full = r.get(key)
+    for r0, r1 in [(0, 3), (2, 7), (5, 8), (3, 4)]:
+        assert torch.equal(r.read_rows(key, r0, r1), full[r0:r1])
+    sd = torch.load(plain / "base.pt")
+    assert sd["world"] == 2
+
+
+def test_dcp_to_safetensors_and_hf(plain, tmp_path):
+    """--format safetensors / hf publish a DCP checkpoint: the same widened tensors."""
+    from safetensors.torch import load_file
+    widen_cli(plain / "base", tmp_path / "w.safetensors", 1, "--no-optimizer")
+    widen_cli(plain / "base", tmp_path / "hf", 1, "--format", "hf", "--no-optimizer")
+    st = load_file(tmp_path / "w.safetensors")
+    ref = DcpReader(plain / "w1") if (plain / "w1").exists() else None
+    hf = {}
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        hf.update(load_file(f))
+    assert set(st) == set(hf) == {"input.weight", "input.bias", "hidden.0.weight", "hidden.0.bias",
+                                  "readout.weight", "readout.bias"}
+    for n in st:
+        assert torch.equal(st[n], hf[n])
+        if ref is not None:
+            assert torch.equal(st[n], ref.get(f"model.{n}"))
+
+
+# --- killing a rank, hostile inputs -----------------------------------------------------------------------
+
+def _small_dcp(d: Path, width: int = 8) -> Path:
+    """A single-process DCP checkpoint in the plain layout (mup-mlp names, AdamW state)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch import nn
+    torch.manual_seed(0)
+    m = nn.ModuleDict({"input": nn.Linear(6, width), "hidden": nn.ModuleList([nn.Linear(width, width)]),
+                       "readout": nn.Linear(width, 4)}).double()
+    o = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    m["readout"](m["hidden"][0](m["input"](x))).sum().backward()
+    o.step()
+    msd, osd = get_state_dict(m, o)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=d, no_dist=True)
+    return d
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(p.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _rank_pid(root: int, rank: int) -> int | None:
+    for c in _children(root):
+        try:
+            envs = (Path("/proc") / str(c) / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in envs:
+            return c
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
+def test_killing_one_rank_leaves_nothing(tmp_path):
+    base = _small_dcp(tmp_path / "base", width=1024)  # 8 MiB hidden matrix; widened ×2 with AdamW: ~100 MiB
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "mupscale_cli", "widen", str(base), "-o", str(out), "--k", "2", "--spec", "mup-mlp"]
+    p = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed, deadline = False, time.time() + 300
+    while time.time() < deadline and p.poll() is None and not killed:
+        tmps = [t for t in tmp_path.glob(".out.mupscale-tmp-*") if any(t.glob("__1_*.distcp"))]
+        if tmps:
+            pid = _rank_pid(p.pid, 1)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+        time.sleep(0.005)
+    p.communicate(timeout=300)
+    assert killed, "rank 1 never started writing"
+    assert p.returncode != 0
+    assert not out.exists()
+
+
+def _hostile(tmp_path: Path, name: str) -> Path:
+    d = _small_dcp(tmp_path / name)
+    data = sorted(d.glob("*.distcp"))[0]
+    if name == "truncated":
+        with open(data, "r+b") as f:
+            f.truncate(data.stat().st_size - 100)
+    elif name == "missing-file":
+        data.unlink()
+    elif name == "garbled":
+        raw = bytearray(data.read_bytes())
+        raw[:64] = b"\xff" * 64  # the first stored item's torch.save header
+        data.write_bytes(bytes(raw))
+    else:
+        md = pickle.loads((d / METADATA).read_bytes())
+        if name == "chunk-shape":
+            m = md.state_dict_metadata["model.hidden.0.weight"]
+            c = m.chunks[0]
+            m.chunks[0] = type(c)(offsets=c.offsets, sizes=torch.Size([c.sizes[0], c.sizes[1] + 1]))
+        elif name == "tensor-shape":
+            m = md.state_dict_metadata["optim.state.hidden.0.weight.exp_avg"]
+            m.size = torch.Size([m.size[0] * 2, m.size[1]])
+        elif name == "pickle-code":
+            md = _Evil()
+        (d / METADATA).write_bytes(pickle.dumps(md))
+    return d
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/mupscale-dcp-pwned",))
+
+
+HOSTILE = ["truncated", "missing-file", "chunk-shape", "tensor-shape", "garbled", "pickle-code"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_dcp(tmp_path, name):
+    """In process (the command's own error path): one line, nothing at -o, no temporaries."""
+    from mupscale_cli.commands.widen import WidenOptions, run_widen
+    from mupscale_cli.errors import MupscaleError
+    src = _hostile(tmp_path, name)
+    out = tmp_path / "out"
+    with pytest.raises(MupscaleError) as e:
+        run_widen(WidenOptions(checkpoint=src, output=out, k="2", spec="mup-mlp"))
+    assert "\n" not in str(e.value) and str(src.name) in str(e.value)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    assert not Path("/tmp/mupscale-dcp-pwned").exists()
+
+
+@pytest.mark.parametrize("name", ["truncated", "pickle-code"])
+def test_hostile_dcp_cli(tmp_path, name):
+    """Through the command: exit 2, one line on stderr, no traceback, nothing at -o."""
+    src = _hostile(tmp_path, name)
+    out = tmp_path / "out"
+    r = mupscale("widen", str(src), "-o", str(out), "--k", "2", "--spec", "mup-mlp")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mupscale: error: "), r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    assert not Path("/tmp/mupscale-dcp-pwned").exists()
+
+
+# --- verify under torchrun ------------------------------------------------------------------------------
+
+def test_verify_under_torchrun_same_figures(tmp_path):
+    """2 ranks, both models sharded with FSDP2 (gloo): an exact widening passes and one whose eps was not
+    rescaled fails at step 1, with every per-step figure equal to the single-process verify's."""
+    import json
+    from test_verify import edit_pt, make_ck, widen_to
+    src = make_ck(tmp_path, "mlp", "adamw")
+    wide = widen_to(src, tmp_path / "wide.pt")
+
+    def unscale(ck):
+        for g in ck["optimizer"]["param_groups"]:
+            g["eps"] = 1e-6
+    bad = edit_pt(wide, tmp_path / "bad.pt", unscale)
+    for w, rc in [(wide, 0), (bad, 1)]:
+        one, two = tmp_path / f"{w.stem}-1.json", tmp_path / f"{w.stem}-2.json"
+        args = ["verify", str(src), str(w), "--steps", "12", "-q"]
+        r1 = mupscale(*args, "--json", str(one))
+        r2 = torchrun(2, "-m", "mupscale_cli", *args, "--json", str(two), check=False)
+        assert r1.returncode == rc and (r2.returncode != 0) == bool(rc), (r1.stderr, r2.stderr[-2000:])
+        a, b = json.loads(one.read_text()), json.loads(two.read_text())
+        assert b["ranks"] == 2 and "ranks" not in a
+        assert a["result"] == b["result"] == ("pass" if rc == 0 else "fail")
+        assert a["rows"] == b["rows"] and len(a["rows"]) == (13 if rc == 0 else 2)
+        assert a.get("first_failure") == b.get("first_failure")
+        if rc:
+            assert b["first_failure"]["step"] == 1
+        assert r2.stdout.count("PASS" if rc == 0 else "FAIL") == 1  # rank 0 speaks
+
+
+def test_pt_to_dcp_matches_pt_output(tmp_path):
+    """--format dcp from a nanoGPT-style .pt: the same tensors and optimizer state as the .pt output."""
+    from test_verify import make_ck
+    src = make_ck(tmp_path, "mlp", "adamw")
+    mupscale("widen", str(src), "-o", str(tmp_path / "w.pt"), check=True)
+    mupscale("widen", str(src), "-o", str(tmp_path / "w"), "--format", "dcp", check=True)
+    ref = torch.load(tmp_path / "w.pt", weights_only=True)
+    r = DcpReader(tmp_path / "w")
+    assert {k for k in r.paths if k.startswith("model.")} == {f"model.{n}" for n in ref["model"]}
+    for n, t in ref["model"].items():
+        assert torch.equal(r.get(f"model.{n}"), t)
+    names = [n for g in ref["optimizer"]["param_groups"] for n in g["param_names"]]
+    ids = [i for g in ref["optimizer"]["param_groups"] for i in g["params"]]
+    for n, i in zip(names, ids):
+        for key, v in ref["optimizer"]["state"][i].items():
+            assert torch.equal(r.get(f"optim.state.{n}.{key}"), v), (n, key)
+    assert len(ref["optimizer"]["param_groups"]) == len({k.split(".")[2] for k in r.paths
+                                                           if k.startswith("optim.param_groups.")})
+
+
+def test_noise_is_the_same_in_any_block_split(tmp_path):
+    """σ̄ > 0: DCP output in 1 KiB blocks (what ranks share) holds the same noised tensors as the streamed
+    .safetensors output (noise depends only on seed, name, shape)."""
+    from safetensors.torch import load_file
+    src = _small_dcp(tmp_path / "base", width=64)
+    widen_cli(src, tmp_path / "w", 1, "--sigma", "0.5", "--seed", "3", "--chunk-size", "16")
+    widen_cli(src, tmp_path / "w.safetensors", 1, "--sigma", "0.5", "--seed", "3")
+    r, st = DcpReader(tmp_path / "w"), load_file(tmp_path / "w.safetensors")
+    assert len(r.md.state_dict_metadata["model.hidden.0.weight"].chunks) == 128  # one 1 KiB row each
+    model = [n for n in st if not n.startswith("__")]
+    assert len(model) == 6
+    for n in model:
+        assert torch.equal(r.get(f"model.{n}"), st[n]), n
+    base = DcpReader(src).get("model.hidden.0.weight")
+    assert not torch.equal(st["hidden.0.weight"][::2, ::2] * 2, base)  # noised indeed
