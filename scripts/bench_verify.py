@@ -57,7 +57,8 @@ def make_checkpoint(path: Path, zoo, args: dict, opt: str, steps: int = 3, batch
         o.zero_grad()
         zoo.loss(model, x, y).backward()
         o.step()
-    torch.save({"model": model.state_dict(), "optimizer": o.state_dict(), "model_args": args, "iter_num": steps},
+    torch.save({"model": model.state_dict(), "optimizer": o.state_dict(), "model_args": args, "iter_num": steps,
+                "config": {"parametrization": "mup"}},
                path)
     return path
 

@@ -36,7 +36,7 @@ def test_rebuilt_scheduler_follows_the_base_schedule(tmp, opt):
         sched.step()
     assert all("initial_lr" in grp for grp in base_opt.state_dict()["param_groups"])
     torch.save({"model": base.state_dict(), "optimizer": base_opt.state_dict(), "model_args": ARGS,
-                "lr_scheduler": sched.state_dict()}, tmp / "base.pt")
+                "lr_scheduler": sched.state_dict(), "config": {"parametrization": "mup"}}, tmp / "base.pt")
     r = mupscale("widen", str(tmp / "base.pt"), "--k", "4", "-o", str(tmp / "wide.pt"), check=True)
     assert "'lr_scheduler' looks like an LR scheduler's state" in r.stderr  # its base_lrs are not rescaled
     wide, wide_opt, _ = load_wide(mlp, tmp / "wide.pt", ARGS, opt)

@@ -155,7 +155,7 @@ def test_weights_only_checkpoint(tmp):
     src = tmp / "sd.pt"
     torch.save(model.state_dict(), src)
     out = tmp / "wide.pt"
-    res = run_widen(WidenOptions(checkpoint=src, output=out, k="4"))
+    res = run_widen(WidenOptions(checkpoint=src, output=out, k="4", spec="mup-mlp"))  # a bare state dict shows no evidence
     assert res["optimizer"] is None and res["notes"]
     wide_sd = torch.load(out, weights_only=True)
     assert set(wide_sd) == set(model.state_dict())  # a plain state dict stays a plain state dict
