@@ -23,11 +23,13 @@ import secrets
 import shutil
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mupscale_cli.errors import MupscaleError
+from mupscale_cli.errors import MupscaleError, one_line
 
 TMP_MARKER = ".mupscale-tmp-"
 """Part of every temporary name: `.<dest name>.mupscale-tmp-<pid>-<random>` (files and directories)."""
@@ -275,6 +277,7 @@ def env_error(e: BaseException, path) -> MupscaleError | None:
 # --- SIGBUS ------------------------------------------------------------------------------------------
 
 _SIGBUS = {"what": "an input file", "handler": None}
+_SIGBUS_ONCE = threading.Lock()  # one faulting thread reports (two at once printed the line twice)
 
 
 def sigbus_names(what: str) -> None:
@@ -284,8 +287,10 @@ def sigbus_names(what: str) -> None:
 
 
 def _on_sigbus(signum: int) -> None:  # runs in the faulting thread; no return (the fault would repeat)
+    if not _SIGBUS_ONCE.acquire(blocking=False):  # another thread faulted too: it reports and exits
+        time.sleep(60)
     try:
-        os.write(2, f"mupscale: error: {_SIGBUS['what']} shrank or vanished while it was read (bus error); "
+        os.write(2, f"mupscale: error: {one_line(_SIGBUS['what'])} shrank or vanished while it was read (bus error); "
                     f"nothing was written: rerun once the input is stable\n".encode(errors="replace"))
         for p in list(_live):
             if p.is_dir() and not p.is_symlink():
