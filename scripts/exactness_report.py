@@ -34,7 +34,8 @@ def case(zoo, args, kind, k, tmp: Path) -> tuple[float, float]:
         zoo.loss(base, x, y).backward()
         opt.step()
     src, out = tmp / "base.pt", tmp / "wide.safetensors"
-    torch.save({"model": base.state_dict(), "optimizer": opt.state_dict(), "model_args": args}, src)
+    torch.save({"model": base.state_dict(), "optimizer": opt.state_dict(), "model_args": args,
+                "config": {"parametrization": "mup"}}, src)
     run_widen(WidenOptions(checkpoint=src, output=out, k=k, force=True))
     w = load(out)
     wide = zoo.build(w.extra["model_args"], args).double()

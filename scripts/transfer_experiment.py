@@ -41,7 +41,7 @@ def make_proxy(zoo, args: dict, lr: float, steps: int, path: Path, base: dict) -
         zoo.loss(model, x, y).backward()
         opt.step()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "model_args": args,
-                "config": {"learning_rate": lr}}, path)
+                "config": {"learning_rate": lr, "parametrization": "mup"}}, path)
 
 
 def grid_step(values: list[float], a: float, b: float) -> int:
