@@ -121,14 +121,18 @@ def test_signal_at_any_moment_never_aborts_and_leaves_nothing(big: Path, tmp_pat
     """From Python start-up through imports, loading, the background digest and value checks, to the
     write: the exit code is 130/143 (or 0 if it finished first), one line, never an abort (-6/134)."""
     out = tmp_path / "wide.safetensors"
+    t0 = time.monotonic()  # the whole run's length on this machine: the signals land at fractions of it
+    subprocess.run(widen_argv(big, out), check=True, capture_output=True)
+    whole = time.monotonic() - t0
+    out.unlink()
     landed = []
-    for delay in (0.5, 1.5, 2.5):
+    for delay in (0.1 * whole, 0.45 * whole, 0.8 * whole):
         p = subprocess.Popen(widen_argv(big, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
         writing = bool(temps(tmp_path))
         p.send_signal(sig)
         stdout, stderr = p.communicate(timeout=120)
-        where = f"signal after {delay} s: exit {p.returncode}, stderr {stderr!r}"
+        where = f"signal after {delay:.2f} s of {whole:.2f} s: exit {p.returncode}, stderr {stderr!r}"
         if p.returncode == 0:  # finished before the signal
             out.unlink()
             continue
