@@ -134,3 +134,22 @@ def test_fmt_bytes():
     from mupscale_cli.formats.safetensors import fmt_bytes
     assert fmt_bytes(512) == "512 B" and fmt_bytes(3 * 2**20 // 2) == "1.5 MiB" and fmt_bytes(2**60) == "1.0 EiB"
     assert fmt_bytes(10**40) == "8.7e+21 EiB"
+
+
+def test_model_arg_values_and_manners(tmp):
+    """--model-arg KEY=VALUE: integers, floats, booleans, strings; a malformed or non-finite one is exit 2,
+    one line naming it; one that replaces a different stored value says so, and the output records it."""
+    from mupscale_cli.core.job import parse_model_args
+    assert parse_model_args(["n=-3", "lr=2.5e-3", "bias=false", "name=gpt", "x=null", "n_embd=64"]) == {
+        "n": -3, "lr": 2.5e-3, "bias": False, "name": "gpt", "x": None, "n_embd": 64}
+    src, _, _ = make_base(tmp, gpt, ARGS, "adamw", "mup")
+    for bad, why in [("3=4", "expected KEY=VALUE"), ("n_embd", "expected KEY=VALUE"), ("dropout=1e999", "finite"),
+                     ("dropout=nan", "finite"), ("n_embd=" + "9" * 5000, "digits")]:
+        r = runner.invoke(app, ["widen", str(src), "-o", str(tmp / "x.pt"), "--model-arg", bad])
+        assert r.exit_code == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, (bad, r.stderr)
+        assert "--model-arg" in r.stderr and why in r.stderr, (bad, r.stderr)
+    assert not (tmp / "x.pt").exists()
+    r = mupscale("widen", str(src), "-o", str(tmp / "w.pt"), "--model-arg", "dropout=0.25", "--json", check=True)
+    assert any(f"--model-arg dropout=0.25 replaces the checkpoint's model_args dropout = {ARGS['dropout']!r}" in n
+               for n in json.loads(r.stdout)["notes"]), r.stdout
+    assert torch.load(tmp / "w.pt", weights_only=True)["model_args"]["dropout"] == 0.25

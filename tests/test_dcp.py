@@ -289,6 +289,35 @@ def test_verify_under_torchrun_same_figures(tmp_path):
         assert r2.stdout.count("PASS" if rc == 0 else "FAIL") == 1  # rank 0 speaks
 
 
+def test_verify_dcp_checkpoints_given_their_model_args(tmp_path):
+    """DCP stores no model_args: verify names --model-arg when the model cannot be built without them; with
+    them, a DCP base and its DCP widening pass in float64 (1 process and 2 ranks, the same rows); the output
+    records them, so widening it again and verifying that pair needs no flag."""
+    import json
+    base = _small_dcp(tmp_path / "base")
+    args = ["--model-arg", "d_in=6", "--model-arg", "d_out=4", "--model-arg", "width=8", "--model-arg", "depth=3"]
+    wide = tmp_path / "wide"
+    widen_cli(base, wide, 1, *args)
+    r = mupscale("verify", str(base), str(wide), "--steps", "5", "-q")
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "stores no model_args" in r.stderr and "--model-arg KEY=VALUE" in r.stderr, r.stderr
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    v = ["verify", str(base), str(wide), "--steps", "50", "-q", *args]
+    r1 = mupscale(*v, "--json", str(one))
+    r2 = torchrun(2, "-m", "mupscale_cli", *v, "--json", str(two), check=False)
+    assert r1.returncode == 0 and r2.returncode == 0, (r1.stderr, r2.stderr[-2000:])
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["result"] == b["result"] == "pass" and b["ranks"] == 2 and a["rows"] == b["rows"]
+    assert a["model_args"] == {"base": {"d_in": 6, "d_out": 4, "width": 8, "depth": 3},
+                               "wide": {"d_in": 6, "d_out": 4, "width": 16, "depth": 3}}
+    assert a["steps_run"] == 50 and a["max"]["out_rel"] <= TOL and a["max"]["loss_rel"] <= TOL, a["max"]
+    assert not any("records no model_args" in n for n in a["notes"]), a["notes"]
+    r = mupscale("widen", str(wide), "-o", str(tmp_path / "wide2"), "--k", "2", "--json", check=True)
+    assert json.loads(r.stdout)["model_args"]["width"] == 32
+    r = mupscale("verify", str(wide), str(tmp_path / "wide2"), "--steps", "10", "-q")
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stderr
+
+
 def test_pt_to_dcp_matches_pt_output(tmp_path):
     """--format dcp from a nanoGPT-style .pt: the same tensors and optimizer state as the .pt output."""
     from test_verify import make_ck

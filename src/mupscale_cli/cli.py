@@ -125,14 +125,17 @@ SPEC_HELP = ("Architecture spec: a bundled name (see `mupscale specs`), a YAML f
 TRUST_HELP = ("Import and run the model factory a spec file names outside mupscale (its model.factory): "
               "code named by a file runs only with this opt-in. --model on the command line needs none.")
 SIZE_HELP = "Base size used by a spec's block layout, NAME=INT (e.g. head_dim=64); repeatable."
+ARG_HELP = ("The checkpoint's model_args entry KEY=VALUE (an integer, float, true/false or a string), over "
+            "what it stores: for checkpoints that store none (DCP, plain safetensors); repeatable.")
 
 
 def _opts(checkpoint, output, k, sigma, seed, spec, optimizer, opt_layout, size, force, no_optimizer,
-          strict=False):
-    from mupscale_cli.commands.widen import WidenOptions, parse_sizes
+          strict=False, model_arg=None):
+    from mupscale_cli.core.job import WidenOptions, parse_model_args, parse_sizes
     return WidenOptions(checkpoint=checkpoint, output=output, k=k, sigma=sigma, seed=seed, spec=spec,
                         optimizer=optimizer, opt_layout=opt_layout, sizes=parse_sizes(size or []),
-                        force=force, no_optimizer=no_optimizer, strict=strict)
+                        force=force, no_optimizer=no_optimizer, strict=strict,
+                        model_args=parse_model_args(model_arg or []))
 
 
 class _Bar:
@@ -243,6 +246,7 @@ def widen(
         None, "--opt-layout", help="How optimizer ids map to names: named|single|nanogpt|mup|mup-corrected "
                                    "(only when ambiguous)."),
     size: Optional[list[str]] = typer.Option(None, "--size", help=SIZE_HELP),
+    model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help=ARG_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Write weights only."),
     untie: bool = typer.Option(False, "--untie", help="A tied readout under standard parametrization (HF "
@@ -297,7 +301,7 @@ def widen(
         from mupscale_cli.commands.widen import run_widen
         from mupscale_cli.formats.safetensors import parse_size
         opts = _opts(checkpoint, output, k, sigma, seed, spec, optimizer, opt_layout, size, force, no_optimizer,
-                     strict)
+                     strict, model_arg)
         opts = replace(opts, dtype=dtype, shard_size=shard_size, threads=threads, noise_device=noise_device,
                        chunk_bytes=parse_size(chunk_size), source_digest=digest, hparams=hparams,
                        base_lr=base_lr, untie=untie, format=fmt)
@@ -324,6 +328,7 @@ def inspect(
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd|adam|adamw, when ambiguous."),
     opt_layout: Optional[str] = typer.Option(None, "--opt-layout", help="Optimizer id layout, when ambiguous."),
     size: Optional[list[str]] = typer.Option(None, "--size", help=SIZE_HELP),
+    model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help=ARG_HELP),
     untie: bool = typer.Option(False, "--untie", help="As widen --untie: the tied readout as its own tensor."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
@@ -333,7 +338,7 @@ def inspect(
         from mupscale_cli.commands.inspect import run_inspect
         from dataclasses import replace
         rep = run_inspect(replace(_opts(checkpoint, None, k, sigma, 0, spec, optimizer, opt_layout, size, False,
-                                        False), untie=untie))
+                                        False, model_arg=model_arg), untie=untie))
         if as_json:
             typer.echo(json.dumps(rep, indent=2))
             return
@@ -406,6 +411,8 @@ def verify(
                                                           "script's (constant) lr."),
     opt_layout: Optional[str] = typer.Option(None, "--opt-layout", help="Optimizer id layout, when ambiguous."),
     size: Optional[list[str]] = typer.Option(None, "--size", help=SIZE_HELP),
+    model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help=ARG_HELP + " The wide model's: "
+                                                  "these, rewritten by the spec (or WIDE's recorded ones)."),
     model: Optional[str] = typer.Option(None, "--model", help="Your model code: path/to/model.py:GPT or "
                                                                "pkg.module:GPT (a class, built as "
                                                                "GPT(GPTConfig(**model_args)) or GPT(**model_args)), "
@@ -437,10 +444,11 @@ def verify(
     """
     with guard():
         from mupscale_cli.commands.verify import VerifyOptions, run_verify
-        from mupscale_cli.commands.widen import parse_sizes
+        from mupscale_cli.core.job import parse_model_args, parse_sizes
         opts = VerifyOptions(base=base, wide=wide, spec=spec, k=k, steps=steps, device=device, dtype=dtype,
                              tol=tol, batch_size=batch_size, data=data, hidden=hidden, seed=seed,
                              optimizer=optimizer, lr=lr, opt_layout=opt_layout, sizes=parse_sizes(size or []),
+                             model_args=parse_model_args(model_arg or []),
                              model=model, eval_every=eval_every, trust_code=trust_spec_code, lr_rule=lr_rule,
                              grad_clip=grad_clip, clip_mode=clip_mode)
         if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):

@@ -72,6 +72,7 @@ class VerifyOptions:
     lr: float | None = None
     opt_layout: str | None = None
     sizes: dict[str, int] = field(default_factory=dict)
+    model_args: dict = field(default_factory=dict)  # --model-arg: over BASE's stored model_args
     model: str | None = None  # factory override
     trust_code: bool = False  # --trust-spec-code: import a factory that the spec names outside mupscale_cli
     eval_every: int | None = None  # eval-mode output check every N steps (default 10; 1 with hidden)
@@ -187,8 +188,9 @@ def _load_model(md: ModelDef, args: dict, base_args: dict | None, sd: dict[str, 
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         first = " ".join(str(e).split())[:300]
-        raise MupscaleError(f"{who} does not fit the model that {md.factory} builds from model_args {args}: "
-                            f"{first}") from None
+        hint = "" if args else " (it stores no model_args: pass them, --model-arg KEY=VALUE)"
+        raise MupscaleError(f"{who} does not fit the model that {md.factory} builds from model_args {args}"
+                            f"{hint}: {first}") from None
     return model
 
 
@@ -255,7 +257,7 @@ def _prepare(o: VerifyOptions, prov: dict) -> tuple[Prepared, list[str]]:
     sizes = o.sizes or {n: v for n, v in (prov.get("sizes") or {}).items() if isinstance(v, int)}
     kind = o.optimizer if o.optimizer in KINDS else None  # not a builder (module:fn)
     prep = prepare(WidenOptions(checkpoint=o.base, k=k, spec=spec, optimizer=kind, opt_layout=o.opt_layout,
-                                sizes=sizes))
+                                sizes=sizes, model_args=o.model_args))
     return prep, notes + [n for n in prep.notes if not n.startswith("no optimizer state")]
 
 
@@ -361,6 +363,11 @@ def plan_and_check(r: Run) -> bool:
         r.notes.append(msg)
     r.issues += _structure(w.model, plan)
     wa = w.extra.get("model_args")
+    if wa is None and isinstance(prov.get("model_args"), dict):  # a safetensors or DCP WIDE: its provenance
+        wa = prov["model_args"]
+    if isinstance(wa, dict) and wa and not r.base_args:
+        raise MupscaleError(f"{o.base} stores no model_args and WIDE records the widened ones: pass BASE's, "
+                            f"--model-arg KEY=VALUE (e.g. {_arg_example(wa)})")
     if isinstance(wa, dict) and wa != r.wide_args:
         diff = {a: (wa.get(a), r.wide_args.get(a)) for a in set(wa) | set(r.wide_args)
                 if wa.get(a) != r.wide_args.get(a)}
@@ -379,6 +386,10 @@ def plan_and_check(r: Run) -> bool:
             if not p.alias_of and (i := compare_tensor(n, p, widen(ckpt.tensors[n], p), w.model[n], r.ttol)):
                 r.issues.append(i)
     return True
+
+
+def _arg_example(args: dict) -> str:
+    return " ".join(f"--model-arg {a}=..." for a in list(args)[:2])
 
 
 def build_models(r: Run) -> None:

@@ -139,6 +139,7 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
         raise MupscaleError(f"--threads must be >= 0, got {opts.threads}")
     k = parse_k(opts.k)
     ckpt = load_checkpoint(opts.checkpoint, lazy=lazy)
+    given = _given_args(ckpt, opts.model_args)
     if isinstance(opts.spec, Spec):
         spec = opts.spec
     else:
@@ -146,7 +147,7 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
     cfg = ckpt.extra.get("config") if isinstance(ckpt.extra.get("config"), dict) else None
     plan = make_plan(spec, ckpt.shapes(), k, ckpt.model_args, opts.sizes, ckpt.tensors, config=cfg,
                      untie=opts.untie)
-    omap, notes = None, list(plan.notes)
+    omap, notes = None, given + list(plan.notes)
     if ckpt.optimizer is not None and opts.untie:
         notes.append("--untie: the optimizer state of the tied tensor does not describe two untied ones (their "
                      "training differs from the tied base's): weights only")
@@ -170,6 +171,18 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
     if not defer_checks:
         prep.notes += value_checks(prep, opts)
     return prep
+
+
+def _given_args(ckpt, args: dict) -> list[str]:
+    """--model-arg entries laid over the checkpoint's model_args (a DCP or plain safetensors checkpoint stores
+    none; a user who gives one is believed); a note for each that replaces a different stored value."""
+    if not args:
+        return []
+    stored = dict(ckpt.model_args or {})
+    notes = [f"--model-arg {a}={v!r} replaces the checkpoint's model_args {a} = {stored[a]!r}"
+             for a, v in args.items() if a in stored and stored[a] != v]
+    ckpt.extra = {**ckpt.extra, "model_args": {**stored, **args}}
+    return notes
 
 
 def _fill(text: str, args: dict | None, cfg: dict | None) -> str:
@@ -240,6 +253,7 @@ def provenance(opts: WidenOptions, prep: Prepared, source_digest: str | None = N
         "optimizer": prep.omap.kind if prep.omap else None,
         "opt_layout": prep.omap.layout if prep.omap else None,
         "tied": {n: p.alias_of for n, p in plan.tensors.items() if p.alias_of},
+        **({"model_args": prep.model_args} if prep.model_args is not None else {}),
     }
 
 

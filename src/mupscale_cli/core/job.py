@@ -2,6 +2,7 @@
 `prepare` found (checkpoint, plan, optimizer mapping, notes)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ class WidenOptions:
     lr_scale: float = 1.0  # multiplies every widened group's lr and initial_lr (γ̄↑ / γ̄)
     hparams_record: dict | None = None  # provenance of --hparams
     format: str | None = None  # --format dcp|safetensors|pt|hf (default: from -o and the input)
+    model_args: dict = field(default_factory=dict)  # --model-arg: over the checkpoint's own (DCP stores none)
 
 
 def sigma_of(opts: WidenOptions, name: str) -> float:
@@ -75,6 +77,34 @@ def parse_sizes(items: list[str]) -> dict[str, int]:
         if not name.isidentifier() or not (v.isascii() and v.isdigit()) or int_text(v, f"--size {shown(it)}") < 1:
             raise MupscaleError(f"--size {shown(it)}: expected NAME=INT, e.g. --size head_dim=64")
         out[name] = int(v)
+    return out
+
+
+def parse_model_args(items: list[str]) -> dict:
+    """--model-arg KEY=VALUE (repeatable): VALUE an integer, a float, true/false, null, or else a string."""
+    out: dict = {}
+    for it in items:
+        key, eq, v = it.partition("=")
+        if not eq or not key.isidentifier():
+            raise MupscaleError(f"--model-arg {shown(it)}: expected KEY=VALUE, e.g. --model-arg n_embd=256")
+        digits = v[1:] if v[:1] in "+-" else v
+        if digits.isascii() and digits.isdigit():
+            out[key] = int_text(digits, f"--model-arg {shown(it)}") * (-1 if v[0] == "-" else 1)
+        elif v in ("true", "false", "True", "False"):
+            out[key] = v in ("true", "True")
+        elif v in ("null", "None"):
+            out[key] = None
+        else:
+            try:
+                f = float(v)
+            except ValueError:
+                f = None
+            if f is None or v.strip() != v:
+                out[key] = v
+            elif math.isfinite(f):
+                out[key] = f
+            else:
+                raise MupscaleError(f"--model-arg {shown(it)}: not a finite number")
     return out
 
 

@@ -408,6 +408,17 @@ def load_dcp(path: Path, lazy: bool):
                       optimizer_key=lay.optim_root)
     ckpt.shard_files = reader.files()
     ckpt.source = (reader, lay)
+    if PROVENANCE_KEY in reader.paths and not reader.is_tensor(PROVENANCE_KEY):  # one of our outputs
+        from mupscale_cli.formats.checkpoint import META_PROV
+        prov = reader.value(PROVENANCE_KEY)
+        if not isinstance(prov, str):
+            raise MupscaleError(f"{root / METADATA}: entry {PROVENANCE_KEY!r} is a {type(prov).__name__}, "
+                                f"expected mupscale's provenance (a JSON string)")
+        ckpt.metadata = {META_PROV: prov}
+        from mupscale_cli.formats.checkpoint import provenance_of
+        args = provenance_of(ckpt).get("model_args")
+        if isinstance(args, dict):  # DCP has no place for them: our output records them (widen it again)
+            ckpt.extra = {"model_args": args}
     return ckpt
 
 
