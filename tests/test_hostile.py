@@ -531,6 +531,7 @@ CASES += [
          proc=False),
     Case("st-deep-json-header", _deep_st_header, "nested"),
     Case("st-deep-json-metadata", lambda c: _st_meta(c, {"mupscale.extra": _deep()}), "nested", proc=False),
+    Case("st-deep-json-provenance", lambda c: _st_meta(c, {"mupscale": _deep()}), "nested", proc=False),
     Case("hf-index-deep-json", _deep_index, "nested", proc=False),
     Case("st-metadata-huge-int", lambda c: _st_meta(c, {"mupscale.extra": f'{{"iter_num": {BIG_INT}}}'}),
          "digits", proc=False),

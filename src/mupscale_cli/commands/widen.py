@@ -9,7 +9,6 @@ The helpers other commands import (WidenOptions, Prepared, prepare, value_checks
 importable from here."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -39,7 +38,7 @@ from mupscale_cli.core.widen import widen_noised, widen_range
 from mupscale_cli.bounded import int_text, loads_json, shown  # noqa: F401 (importable from here)
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats import hf, hf_trainer
-from mupscale_cli.formats.checkpoint import (META_PROV, OPTIM_NS, Checkpoint, LazyTensors, load_checkpoint, read_rows,
+from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, load_checkpoint, provenance_of, read_rows,
                                              source_sha256, strip_prefix, tensor_meta)
 from mupscale_cli.formats.output import (MAX_BYTES, OUT_SUFFIXES, _check_sharded_output, _input_files,  # noqa: F401
                                          _only_sharded_output, check_disk, check_output, check_size, clean_temps,
@@ -49,18 +48,6 @@ from mupscale_cli.formats.write import Background, OutTensor, Target, sharded_fi
 
 
 NO_EVIDENCE_DOC = "docs/stacks.md"
-
-
-def provenance_of(ckpt: Checkpoint) -> dict:
-    """The provenance our outputs carry ({} for other files)."""
-    if META_PROV in ckpt.metadata:
-        try:
-            prov = json.loads(ckpt.metadata[META_PROV])
-        except ValueError:
-            return {}
-        return prov if isinstance(prov, dict) else {}
-    prov = ckpt.extra.get("mupscale")
-    return prov if isinstance(prov, dict) else {}
 
 
 def recorded_spec(ckpt: Checkpoint) -> Spec | None:
