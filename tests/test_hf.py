@@ -117,3 +117,23 @@ def test_verify_builds_the_hf_model(tmp_path):
     assert r.returncode == 0 and "PASS" in r.stdout + r.stderr, r.stderr
     r = subprocess.run(cmd, capture_output=True, text=True)  # float64's default 1e-10: the float32 norm shows
     assert r.returncode == 1 and "FAIL" in r.stdout + r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("config,why", [
+    ("[" * 100_000 + "]" * 100_000, "nested more than"),
+    ('{"model_type": "llama", "hidden_size": ' + "7" * 5000 + "}", "digits"),
+    ('{"model_type": "llama", "pad": "' + "x" * (17 << 20) + '"}', "more than a Hugging Face config holds"),
+    ('{"model_type": "llama",', "not readable JSON"),
+    ("[1, 2]", "expected a JSON object"),
+], ids=["deep", "huge-int", "huge-file", "truncated", "list"])
+def test_hostile_config_json_is_one_line_exit_2(tmp_path, config, why):
+    """config.json is untrusted input too: read within the same bounds as every other JSON."""
+    from safetensors.torch import save_file
+    d = tmp_path / "m"
+    d.mkdir()
+    save_file({"model.embed_tokens.weight": torch.zeros(8, 4)}, d / "model.safetensors")
+    (d / "config.json").write_text(config)
+    r = widen(d, "--k", "2", "-o", tmp_path / "out", check=False)
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr[-500:]
+    assert "config.json" in r.stderr and why in r.stderr, r.stderr[-500:]
+    assert not (tmp_path / "out").exists()

@@ -39,11 +39,19 @@ def claims(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG).is_file()
 
 
+MAX_CONFIG_BYTES = 16 << 20  # a config.json is a few KiB; a larger one is not one
+
+
 def read_config(path: Path) -> dict:
+    from mupscale_cli.bounded import loads_json
+    where = path / CONFIG
     try:
-        config = json.loads((path / CONFIG).read_text())
+        if where.stat().st_size > MAX_CONFIG_BYTES:
+            raise MupscaleError(f"{where}: {where.stat().st_size} bytes, more than a Hugging Face config holds "
+                                f"(at most {MAX_CONFIG_BYTES})")
+        config = loads_json(where.read_text(), str(where))  # bounded: depth and integer digits
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MupscaleError(f"{path / CONFIG}: not readable JSON ({e}); is it a Hugging Face config?") from None
+        raise MupscaleError(f"{where}: not readable JSON ({e}); is it a Hugging Face config?") from None
     if not isinstance(config, dict):
         raise MupscaleError(f"{path / CONFIG}: expected a JSON object")
     return config
