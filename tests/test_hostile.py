@@ -929,3 +929,24 @@ def test_verify_refuses_model_args_that_blow_up_the_model_fast(base: Base, tmp_p
         run_verify(VerifyOptions(tmp_path / "c.pt", k="2", steps=1, device="cpu"))
     assert time.perf_counter() - t < 3, time.perf_counter() - t
     assert "\n" not in str(e.value)
+
+
+def test_verify_checks_shapes_on_the_meta_device_before_building(base: Base, tmp_path: Path) -> None:
+    """model_args within every budget but describing other shapes (block_size 3/2 x): verify names the
+    first tensor and both shapes, from a model built on the meta device, before building it for real."""
+    from mupscale_cli.commands.verify import VerifyOptions, run_verify
+    ck = copy.deepcopy(base.gpt)
+    ck["model_args"]["block_size"] = ck["model_args"]["block_size"] * 3 // 2
+    torch.save(ck, tmp_path / "c.pt")
+    built = []
+    hook = torch.nn.modules.module.register_module_parameter_registration_hook(
+        lambda m, n, p: built.append(p.device.type) if p is not None else None)
+    try:
+        with pytest.raises(MupscaleError) as e:
+            run_verify(VerifyOptions(tmp_path / "c.pt", k="2", steps=1, device="cpu"))
+    finally:
+        hook.remove()
+    wpe = list(base.gpt["model"]["transformer.wpe.weight"].shape)
+    msg = str(e.value)
+    assert f"BASE: tensor 'transformer.wpe.weight' is {wpe} but the model its model_args describe has" in msg, msg
+    assert set(built) == {"meta"}, "a real parameter was made before the shapes were checked"

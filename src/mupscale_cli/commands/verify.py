@@ -30,7 +30,7 @@ from mupscale_cli.formats.checkpoint import source_sha256, strip_prefix
 from mupscale_cli.verify.diagnose import (Issue, compare_tensor, finite, groups_by_name, hyper_issues,
                                         shared_steps, state_by_name, state_issues)
 from mupscale_cli.verify.lockstep import StepDiff, run_lockstep
-from mupscale_cli.verify.modelspec import ModelDef, check_args_scale, param_budget, resolve
+from mupscale_cli.verify.modelspec import ModelDef, check_args_scale, check_shapes, param_budget, resolve
 from mupscale_cli.core.checks import check_optimizer
 from mupscale_cli.core.optstate import KINDS, OptimizerMap, detect_kind, scale_lr, widen_optimizer
 from mupscale_cli.core.widen import widen, widen_noised
@@ -181,8 +181,12 @@ def _load_model(md: ModelDef, args: dict, base_args: dict | None, sd: dict[str, 
                 device: torch.device, dtype: torch.dtype) -> nn.Module:
     check_args_scale(args, [tuple(t.shape) for t in sd.values()], f"{who}")
     budget = 2 * sum(t.numel() for t in sd.values()) + (1 << 16)  # the checkpoint's elements, with room
+
+    def build() -> nn.Module:
+        return md.build(args) if base_args is None else md.build(args, base_args)
+    check_shapes(build, sd, 4 * budget, who)  # on the meta device first: mup's shape models count there
     with param_budget(budget, who):
-        model = md.build(args) if base_args is None else md.build(args, base_args)
+        model = build()
     model = model.to(device=device, dtype=dtype)
     try:
         model.load_state_dict(sd, strict=True)

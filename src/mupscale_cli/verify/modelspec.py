@@ -297,14 +297,14 @@ class OverBudget(MupscaleError):
 
 
 @contextmanager
-def param_budget(limit: int, what: str):
+def param_budget(limit: int, what: str, meta: bool = False):
     """While building `what`: stop as soon as its parameters (real ones: mup's shape-only models on the meta
-    device do not count) exceed `limit` elements, before a model that model_args blow up (n_layer 20000,
-    vocab_size 1e8) takes minutes or all memory to build."""
+    device do not count, unless `meta`) exceed `limit` elements, before a model that model_args blow up
+    (n_layer 20000, vocab_size 1e8) takes minutes or all memory to build."""
     count, seen = [0], set()
 
     def hook(module, name, param):
-        if param is None or param.device.type == "meta" or id(param) in seen:
+        if param is None or (param.device.type == "meta" and not meta) or id(param) in seen:
             return None
         seen.add(id(param))
         count[0] += param.numel()
@@ -379,3 +379,21 @@ def resolve(model: dict | None, spec_name: str, override: str | None = None, tru
                             f"inputs: model: {{factory: {factory}, inputs: {{kind: tokens|vectors|images, ...}}}} "
                             f"(docs/verify.md)")
     return ModelDef(factory, _two_arg(fn, factory), batch, loss, output, user)
+
+
+def check_shapes(build: Callable[[], nn.Module], tensors: dict, limit: int, what: str) -> None:
+    """The model that model_args describe, built first on the meta device (no memory, no init, within a
+    budget of `limit` elements counting shape-only models): every tensor it shares a name with must have
+    the checkpoint's shape, else stop before building it for real. A factory that cannot build on the
+    meta device is skipped here (the strict load after the real build checks it)."""
+    try:
+        with torch.device("meta"), param_budget(limit, what, meta=True):
+            model = build()
+    except OverBudget:
+        raise
+    except Exception:  # noqa: BLE001 - user code that needs real tensors to build
+        return
+    for n, t in model.state_dict().items():
+        if n in tensors and tuple(t.shape) != tuple(tensors[n].shape):
+            raise MupscaleError(f"{what}: tensor {n!r} is {list(tensors[n].shape)} but the model its model_args "
+                                f"describe has {list(t.shape)}: its model_args do not describe it")
