@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from mupscale_cli.errors import MupscaleError
+from mupscale_cli.formats.safetensors import TensorInfo
 
 METADATA = ".metadata"
 MODEL_ROOTS = ("model",)
@@ -155,17 +156,6 @@ def _overlap(boxes) -> bool:
 
 # --- reading ----------------------------------------------------------------------------------------------
 
-@dataclass
-class Info:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
 def _planner(dest: torch.Tensor | None = None, out: dict | None = None):
     """A load planner that puts tensor reads into `dest` and byte reads into `out` (weights_only)."""
     from torch.distributed._shard._utils import narrow_tensor_by_index
@@ -205,9 +195,9 @@ class DcpReader:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
         return isinstance(self.md.state_dict_metadata.get(key), TensorStorageMetadata)
 
-    def info(self, key: str) -> Info:
+    def info(self, key: str) -> TensorInfo:
         m = self.md.state_dict_metadata[key]
-        return Info(key, m.properties.dtype, tuple(m.size))
+        return TensorInfo(key, m.properties.dtype, tuple(m.size))
 
     def files(self) -> list[str]:
         return sorted({i.relative_path for i in self.md.storage_data.values()})
