@@ -199,15 +199,19 @@ def _run(opts: WidenOptions, progress, out: Path, rank: int, world: int, distrib
     if rank == 0:
         track(tmp)
     try:
-        save_lazy(tree, mine, lambda key, r0, r1: rows[key][2](r0, r1), tmp, distributed, rank, seen)
-        if distributed:
+        short = save_lazy(tree, mine, lambda key, r0, r1: rows[key][2](r0, r1), tmp, distributed, rank, seen)
+        if distributed:  # every rank learns every rank's counts, and whether its files hold what it made
             import torch.distributed as td
             every: list = [None] * world
-            td.all_gather_object(every, counts)
+            td.all_gather_object(every, (counts, short))
             counts = {}
-            for c in every:
+            for c, why in every:
+                short = short or why
                 for k, v in c.items():
                     counts[k] = counts.get(k, 0) + v
+        if short:
+            raise MupscaleError(f"-o {out}: the DCP checkpoint came out short ({short}); nothing was written; "
+                                f"report it with your torch version ({torch.__version__})")
         order = [labels[k] for k in labels if labels[k] in counts]
         prep.notes += _nonfinite_notes([(n, counts[n]) for n in order], opts.strict)
         watch.check()

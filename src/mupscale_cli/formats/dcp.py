@@ -452,13 +452,18 @@ def row_blocks(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> list[tu
 
 def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable[[str, int, int], torch.Tensor],
               out_dir: Path, distributed: bool, rank: int = 0,
-              on_tensor: Callable[[str, torch.Tensor], None] = lambda k, t: None) -> None:
+              on_tensor: Callable[[str, torch.Tensor], None] = lambda k, t: None) -> str | None:
     """dcp.save of `tree` into `out_dir`. Its tensors are meta placeholders: this rank writes the row blocks
     `mine[key]` of each (one DCP chunk per block; a key absent from `mine` is written by another rank), each
     made by `make(key, r0, r1)` when the writer reaches it (one block in memory at a time) and shown to
     `on_tensor(key, block)`. Non-tensor entries are written by rank 0. distributed=True: a collective save
     over the default process group; DCP's coordinator (rank 0) writes `.metadata` once every rank has
-    written, listing every rank's chunks."""
+    written, listing every rank's chunks.
+
+    Each block's memory is released when the writer asks for the next one, which holds only while DCP writes
+    an item before it resolves the next: its serial loader, chosen by `per_thread_copy_ahead=0` (on a
+    machine with CUDA, the default copy-ahead loader resolves items ahead of writing them). Returns None, or
+    why this rank's files hold fewer bytes than it made (then the output must not be committed)."""
     import dataclasses
 
     import torch.distributed.checkpoint as dcp
@@ -502,12 +507,20 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
             del made
             on_tensor(key, t)
             self._last = t
+            nbytes[0] += t.numel() * t.element_size()
             return t
 
-    writer = FileSystemWriter(out_dir, thread_count=1, sync_files=True)
+    nbytes = [0]
+    writer = FileSystemWriter(out_dir, thread_count=1, sync_files=True, per_thread_copy_ahead=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "torch.distributed is disabled ... single process"
         dcp.save(tree, storage_writer=writer, planner=Lazy(), no_dist=not distributed)
+    files = sorted(out_dir.glob(f"__{rank}_*.distcp"))
+    held = sum(f.stat().st_size for f in files)
+    if held < nbytes[0]:  # a block released before it was written (torch's writer resolved items ahead)
+        return (f"rank {rank}'s files hold {held} bytes for {nbytes[0]} bytes of tensors: this torch's DCP "
+                f"writer resolved items before writing the previous ones")
+    return None
 
 
 def placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
