@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from mupscale_cli.formats import digest
 from mupscale_cli.bounded import loads_json
-from mupscale_cli.formats.target import TMP_MARKER, commit_path, temp_name, track, untrack  # noqa: F401
+from mupscale_cli.formats.target import TMP_MARKER, commit_path, fsync_dir, temp_name, track, untrack  # noqa: F401
 from mupscale_cli.errors import MupscaleError, check_cancelled
 
 MAX_HEADER_BYTES = 100_000_000
@@ -82,14 +82,6 @@ class TensorInfo:
 
 def _temp_path(dest: Path) -> Path:
     return temp_name(dest)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_metadata(metadata: dict[str, str] | None, where: Path) -> dict[str, str]:
@@ -405,7 +397,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class ShardedWriter:
