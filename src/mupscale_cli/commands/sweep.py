@@ -176,7 +176,7 @@ def load_proxy(o: SweepOptions) -> Proxy:
                             "checkpoint): pass --base-lr")
     data = None
     if o.data:
-        from mupscale_cli.commands.verify import load_data
+        from mupscale_cli.verify.setup import load_data
         data = load_data(o.data, o.batch_size)
     return Proxy(o, prep, md, gamma, widen_optimizer(prep.ckpt.optimizer, prep.plan, prep.omap), data)
 
