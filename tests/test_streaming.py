@@ -169,6 +169,12 @@ def test_sharded_output_is_replaced_cleanly_and_needs_force(base, tmp):
             run_widen(WidenOptions(base, o, k="2", shard_size="1GB", force=True))
     assert (tmp / "t" / "notes.txt").read_text() == "mine"
     assert [p.name for p in tmp.iterdir() if ".mupscale-" in p.name] == []
+    # a directory holding only an old run's temporaries is empty for a sharded output (no --force needed);
+    # this path once named an unimported TMP_MARKER: exit 3
+    (tmp / "u").mkdir()
+    (tmp / "u" / ".model-00001-of-00001.safetensors.mupscale-tmp-1-x").write_bytes(b"old")
+    res = run_widen(WidenOptions(base, tmp / "u", k="2", shard_size="10GB"))
+    assert sorted(p.name for p in (tmp / "u").iterdir()) == sorted(p.name for p in out.iterdir())
 
 
 def test_input_formats_give_identical_output(base, tmp):

@@ -43,7 +43,7 @@ from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, 
 from mupscale_cli.formats.output import (MAX_BYTES, OUT_SUFFIXES, _check_sharded_output, _input_files,  # noqa: F401
                                          _only_sharded_output, check_disk, check_output, check_size, clean_temps,
                                          missing_dirs, output_bytes)
-from mupscale_cli.formats.target import InputWatch, claim, env_error, sigbus_names
+from mupscale_cli.formats.target import TMP_MARKER, InputWatch, claim, env_error, sigbus_names
 from mupscale_cli.formats.write import Background, OutTensor, Target, sharded_files, write_pt, write_streamed
 
 
