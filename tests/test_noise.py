@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_base
 from mupscale_cli.commands.widen import WidenOptions, prepare, run_widen
-from mupscale_cli.formats.checkpoint import load_checkpoint
+from mupscale_cli.formats import load_checkpoint
 from mupscale_cli.core.noise import CHUNK, noise
 from mupscale_cli.core.spec import bundled_paths
 from mupscale_cli.core.widen import widen

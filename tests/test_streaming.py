@@ -19,7 +19,8 @@ from mupscale_cli.api import load
 from mupscale_cli.commands.inspect import run_inspect
 from mupscale_cli.commands.widen import WidenOptions, prepare, run_widen
 from mupscale_cli.formats import safetensors as safetensors_io
-from mupscale_cli.formats.checkpoint import LazyTensors, load_checkpoint
+from mupscale_cli.formats import load_checkpoint
+from mupscale_cli.formats.checkpoint import LazyTensors
 from mupscale_cli.core.noise import CHUNK
 from mupscale_cli.formats.write import DEFAULT_CHUNK_BYTES
 from mupscale_cli.formats.safetensors import ShardedWriter, TensorInfo

@@ -14,7 +14,7 @@ import yaml
 from conftest import mupscale
 from mupscale_cli.commands.sweep import SweepOptions, run_sweep, spearman
 from mupscale_cli.commands.widen import WidenOptions, prepare
-from mupscale_cli.formats.checkpoint import load_checkpoint
+from mupscale_cli.formats import load_checkpoint
 from mupscale_cli.core.noise import noise
 from mupscale_cli.core.schemes import effective_sigma, noised, spectral_norm
 from mupscale_cli.core.widen import widen, widen_noised

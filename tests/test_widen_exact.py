@@ -7,7 +7,7 @@ import torch
 
 from conftest import kind_of, load_wide, make_base
 from mupscale_cli.commands.widen import WidenOptions, prepare, run_widen
-from mupscale_cli.formats.checkpoint import load_checkpoint
+from mupscale_cli.formats import load_checkpoint
 from mupscale_cli.verify.lockstep import run_lockstep
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.zoo import gpt, mlp

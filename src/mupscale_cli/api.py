@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mupscale_cli.formats.checkpoint import load_checkpoint, provenance_of
+from mupscale_cli.formats import load_checkpoint
+from mupscale_cli.formats.checkpoint import provenance_of
 from mupscale_cli.errors import MupscaleError
 
 

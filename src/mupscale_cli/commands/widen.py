@@ -37,8 +37,8 @@ from mupscale_cli.core.checks import _plain_step  # noqa: F401
 from mupscale_cli.core.widen import widen_noised, widen_range
 from mupscale_cli.bounded import int_text, loads_json, shown  # noqa: F401 (importable from here)
 from mupscale_cli.errors import MupscaleError
-from mupscale_cli.formats import hf, hf_trainer
-from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, load_checkpoint, provenance_of, read_rows,
+from mupscale_cli.formats import hf, hf_trainer, load_checkpoint
+from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, provenance_of, read_rows,
                                              source_sha256, strip_prefix, tensor_meta)
 from mupscale_cli.formats.output import (MAX_BYTES, OUT_SUFFIXES, _check_sharded_output, _input_files,  # noqa: F401
                                          _only_sharded_output, check_disk, check_output, check_size, clean_temps,

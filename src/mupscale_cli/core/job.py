@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from mupscale_cli.core.plan import Plan
+from mupscale_cli.core.source import Source
 from mupscale_cli.core.spec import Spec
 from mupscale_cli.bounded import int_text, shown
 from mupscale_cli.errors import MupscaleError
 
 if TYPE_CHECKING:
     from mupscale_cli.core.optstate import OptimizerMap
-    from mupscale_cli.formats.checkpoint import Checkpoint
 
 DEFAULT_CHUNK_BYTES = 8 << 20  # one unit of work: a range of a tensor's output of about this size
 
@@ -62,7 +62,7 @@ def sigma_of(opts: WidenOptions, name: str) -> float:
 
 @dataclass
 class Prepared:
-    ckpt: Checkpoint
+    ckpt: Source  # a formats.checkpoint.Checkpoint (core reads its tensors and optimizer only)
     plan: Plan
     omap: OptimizerMap | None
     model_args: dict | None

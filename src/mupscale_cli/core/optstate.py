@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import torch
 
-from mupscale_cli.core.checks import check_optimizer
+from mupscale_cli.core.optcheck import check_optimizer
 from mupscale_cli.core.source import LazyTensors, tensor_meta
 from mupscale_cli.core.plan import Plan
 from mupscale_cli.core.widen import widen

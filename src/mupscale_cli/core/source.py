@@ -6,10 +6,18 @@ import math
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from mupscale_cli.errors import check_cancelled
+
+
+class Source(Protocol):
+    """What the widening math reads of a checkpoint: its tensors by canonical name (a dict or `LazyTensors`)
+    and its optimizer state dict, if any. `formats.checkpoint.Checkpoint` is one; core never imports formats."""
+    tensors: Mapping[str, torch.Tensor]
+    optimizer: dict | None
 
 
 class LazyTensors(Mapping):

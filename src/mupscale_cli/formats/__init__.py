@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats import dcp, hf, pt, shards, st
+from mupscale_cli.formats.checkpoint import Checkpoint, _check_path
 
 READERS: list[tuple[str, Callable[[Path], bool], Callable]] = [
     ("dcp", dcp.is_dcp, dcp.load_dcp),  # a directory with .metadata (or that file)
@@ -38,3 +39,12 @@ def reader_for(path: Path) -> Callable:
             return read
     raise MupscaleError(f"{path}: not a checkpoint mupscale reads (a .pt or .safetensors file, a directory of "
                         f"shards with their index, or a Hugging Face model directory with config.json, or a torch.distributed.checkpoint directory)")
+
+
+def load_checkpoint(path: str | Path, lazy: bool = False) -> Checkpoint:
+    """Read a checkpoint with the first reader of READERS that claims it. lazy=True: no tensor data is read
+    (see formats/checkpoint.py)."""
+    path = Path(path)
+    if not path.is_dir():
+        _check_path(path)
+    return reader_for(path)(path, lazy)

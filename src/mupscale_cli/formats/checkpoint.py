@@ -128,15 +128,6 @@ def optimizer_prefix(prefix: str) -> str:
     return "optimizer" if prefix == "model" else f"{prefix}-optimizer"
 
 
-def load_checkpoint(path: str | Path, lazy: bool = False) -> Checkpoint:
-    """Read a checkpoint with the first reader of `formats.READERS` that claims it. lazy=True: no tensor
-    data is read (see the module docstring)."""
-    from mupscale_cli.formats import reader_for
-
-    path = Path(path)
-    if not path.is_dir():
-        _check_path(path)
-    return reader_for(path)(path, lazy)
 
 
 def source_sha256(ckpt: Checkpoint, on_piece: Callable[[Path, str, torch.Tensor], None] | None = None,

@@ -222,7 +222,7 @@ def _digest_note(path: Path) -> str | None:
     """A note when WIDE's recorded tensor digests say it was modified after widening."""
     try:
         from mupscale_cli.commands.inspect import check_digests
-        from mupscale_cli.formats.checkpoint import load_checkpoint
+        from mupscale_cli.formats import load_checkpoint
         check_digests(load_checkpoint(path))
     except MupscaleError as e:
         return f"WIDE was modified after widening: {str(e).split(': ', 1)[-1]}"
