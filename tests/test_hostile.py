@@ -267,6 +267,17 @@ def _rand(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
+def _dcp_payload(c: Ctx, name: str, opcode: str = "stack") -> list[str]:
+    """A DCP directory whose .metadata names a callable through DCP's own metadata module (protocol 4 walks
+    dotted names through that module's globals: it imports os and torch)."""
+    from test_unpicklers import DCPM, payloads
+    d = c.d / "dcp"
+    d.mkdir()
+    form = {"stack": "p4-stack-global", "global": "p4-global", "inst": "p0-inst", "obj": "p1-obj"}[opcode]
+    (d / ".metadata").write_bytes(payloads(DCPM, name, f"touch {shlex.quote(str(c.marker))}")[form])
+    return c.widen(d)
+
+
 CASES: list[Case] = [
     # files that are not checkpoints
     Case("missing-file", lambda c: c.widen(c.d / "nope.pt"), "no such file"),
@@ -313,6 +324,13 @@ CASES: list[Case] = [
          "refusing to unpickle"),
     Case("pickle-open-torch-zip", lambda c: c.widen(c.save("p.pt", OpenPayload(str(c.marker)))),
          "refusing to unpickle"),
+    Case("pickle-dcp-metadata-dotted-os-system", lambda c: _dcp_payload(c, "os.system"), "os.system"),
+    Case("pickle-dcp-metadata-dotted-global-opcode", lambda c: _dcp_payload(c, "os.system", "global"), "os.system"),
+    Case("pickle-dcp-metadata-walk-globals", lambda c: _dcp_payload(c, "Metadata.__init__.__globals__.os.system"),
+         "refusing to unpickle", proc=False),
+    Case("pickle-dcp-metadata-torch-load", lambda c: _dcp_payload(c, "torch.load", "inst"), "torch.load", proc=False),
+    Case("pickle-dcp-metadata-obj-opcode", lambda c: _dcp_payload(c, "pickle.loads", "obj"), "pickle.loads",
+         proc=False),
     Case("pickle-nested-in-nanogpt", lambda c: c.widen(c.gpt_with(
         lambda ck: ck.__setitem__("config", SystemPayload(str(c.marker))))), "refusing to unpickle"),
     Case("pickle-torch-legacy-format", lambda c: c.widen(c.save(

@@ -52,8 +52,12 @@ def dcp_dir(path: Path) -> Path:
 
 # --- metadata, read safely -------------------------------------------------------------------------------
 
-_ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata",)
-_ALLOWED = {
+_METADATA_CLASSES = ("Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
+                     "BytesStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")
+# Exactly the (module, name) pairs DCP's metadata pickles name, and nothing reached through them: a name is
+# looked up in this table as a whole, so a dotted name (protocol 4 resolves `os.system` in a module's globals,
+# `Metadata.__init__.__globals__`, ...) never matches and nothing is imported or walked.
+_ALLOWED = {("torch.distributed.checkpoint.metadata", n) for n in _METADATA_CLASSES} | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
     ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict"),
@@ -61,13 +65,35 @@ _ALLOWED = {
 }
 
 
+def _allowed_object(module: str, name: str):
+    """The object an allowed (module, name) pair names: an attribute of an already imported module, read with
+    the module's own __dict__ (no __getattr__ hooks), or None. torch dtypes (torch.float32, ...) by name."""
+    import importlib
+    import sys
+    if module == "torch" and name.isidentifier() and isinstance(torch.__dict__.get(name), torch.dtype):
+        return torch.__dict__[name]
+    if (module, name) not in _ALLOWED:
+        return None
+    mod = sys.modules.get(module) or importlib.import_module(module)  # one of the modules named above
+    return mod.__dict__.get(name)
+
+
 class _Unpickler(pickle.Unpickler):
+    """DCP's `.metadata` pickle with nothing but DCP's own metadata classes and the plain values they hold."""
+
     def find_class(self, module: str, name: str):
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if (module, name) in _ALLOWED or (module in _ALLOWED_MODULES and not name.startswith("__")):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it needs {module}.{name}")
+        obj = _allowed_object(module, name)
+        if obj is None:
+            raise pickle.UnpicklingError(f"it needs {_shown_name(module, name)}")
+        return obj
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds a persistent id")
+
+
+def _shown_name(module: str, name: str) -> str:
+    text = f"{module}.{name}"
+    return repr(text[:80] + "...") if len(text) > 80 or not text.isprintable() else text
 
 
 def read_metadata(root: Path):
