@@ -29,7 +29,7 @@ from mupscale_cli.core.plan import same_values
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats.checkpoint import OPTIM_NS, strip_prefix
 from mupscale_cli.formats.dcp import PROVENANCE_KEY, DcpLayout, is_dcp, placeholder, row_blocks, save_lazy, set_path
-from mupscale_cli.formats.target import InputWatch, claim, commit_path, fsync_dir, temp_name, track, untrack
+from mupscale_cli.formats.target import InputWatch, check_not_over_input, claim, commit_path, fsync_dir, temp_name, track, untrack
 
 SCHED_LISTS = ("base_lrs", "_last_lr")
 BLOCK_CHUNKS = 64  # a DCP chunk (one write, one read unit) is 64 × --chunk-size: 512 MiB by default
@@ -74,10 +74,7 @@ def _check_target(opts: WidenOptions) -> Path:
     if out.suffix in OUT_SUFFIXES:
         raise MupscaleError(f"-o {out}: a DCP output is a directory; drop the suffix, or pass --format "
                             f"safetensors|pt|hf for a file output")
-    if out.exists() and opts.checkpoint.exists() and os.path.samefile(out, opts.checkpoint.parent
-                                                                      if opts.checkpoint.is_file() else
-                                                                      opts.checkpoint):
-        raise MupscaleError(f"-o {out}: refusing to write over the input checkpoint")
+    check_not_over_input(out, opts.checkpoint)
     if out.exists() and not out.is_dir():
         raise MupscaleError(f"-o {out}: exists and is not a directory")
     if out.exists() and not opts.force:

@@ -18,7 +18,7 @@ from mupscale_cli.bounded import loads_json
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats.checkpoint import LazyTensors, is_sharded, sharded_index, tensor_meta
 from mupscale_cli.formats.safetensors import fmt_bytes, parse_size
-from mupscale_cli.formats.target import TMP_MARKER
+from mupscale_cli.formats.target import TMP_MARKER, check_not_over_input
 from mupscale_cli.formats.write import SHARD_NAME, Target, clean_stale_temps, sharded_files
 
 
@@ -82,6 +82,7 @@ def check_output(opts: WidenOptions) -> Target:
     if out is None:
         raise MupscaleError("missing -o/--output PATH (.safetensors or .pt, or a directory with --shard-size)")
     from mupscale_cli.formats import hf
+    check_not_over_input(out, opts.checkpoint)
     if hf.claims(opts.checkpoint) and out.suffix not in OUT_SUFFIXES:
         return _check_hf_output(opts, out)
     if opts.shard_size is not None:

@@ -170,6 +170,52 @@ def atomic_dir(dest: Path, replace: bool = False) -> Iterator[Path]:
 
 # --- one writer per output ---------------------------------------------------------------------------
 
+def input_root(path: Path) -> Path:
+    """What an input occupies on disk: its directory for a directory input (Hugging Face, DCP, shards) or for
+    a file that stands for one (a DCP `.metadata`, a shard index); else the file itself."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.name == ".metadata" or path.name.endswith(".safetensors.index.json"):
+        return path.parent
+    return path
+
+
+def _chain(p: Path) -> list[tuple[int, int]]:
+    """(st_dev, st_ino) of `p` (if it exists) and of each existing ancestor, innermost first."""
+    out = []
+    for q in [p, *p.parents]:
+        try:
+            st = q.stat()
+        except OSError:
+            continue
+        out.append((st.st_dev, st.st_ino))
+    return out
+
+
+def check_not_over_input(out: Path, inp: Path) -> None:
+    """-o never equals the input, contains it (an ancestor directory, which a directory output would replace)
+    or lies inside an input directory, whatever the spelling: symlinks resolved, `..` removed, and compared by
+    device and inode too (a hard link, a bind mount, a second path to the same directory)."""
+    root = input_root(inp)
+    try:
+        r_out, r_in = Path(os.path.realpath(out)), Path(os.path.realpath(root))
+        out_chain, in_chain = _chain(r_out), _chain(r_in)
+        out_id = out_chain[0] if os.path.lexists(r_out) and out_chain else None
+        in_id = in_chain[0] if in_chain and r_in.exists() else None
+    except (OSError, ValueError) as e:
+        raise MupscaleError(f"-o {one_line(str(out))}: cannot compare it with the input ({e.__class__.__name__}: "
+                            f"{one_line(str(e))[:120]})") from None
+    shown = one_line(str(out))
+    if r_out == r_in or (out_id is not None and out_id == in_id):
+        raise MupscaleError(f"-o {shown}: is the input {one_line(str(inp))}; refusing to write over it")
+    if r_in.is_relative_to(r_out) or (out_id is not None and out_id in in_chain[1:]):
+        raise MupscaleError(f"-o {shown}: contains the input {one_line(str(inp))}; writing there would replace "
+                            f"it: give a path outside the input")
+    if root.is_dir() and (r_out.is_relative_to(r_in) or (in_id is not None and in_id in out_chain[1:])):
+        raise MupscaleError(f"-o {shown}: lies inside the input directory {one_line(str(root))}; write beside it")
+
+
 def lock_path(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}{LOCK_SUFFIX}")
 

@@ -1,0 +1,129 @@
+"""-o never equals, contains or lies inside the input, for every format, however it is spelled (issue 17 §2).
+
+Each case builds a project directory holding the input and a file of the user's, runs the installed `mupscale
+widen ... --force` in a subprocess, and requires exit 2, one line naming why, and every file of the project
+unchanged (before the guard, `-o` an ancestor of the input replaced the directory: input and user files gone,
+exit 0)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from conftest import MUPSCALE
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nanogpt-tiny.pt"
+
+
+@dataclass
+class PathCase:
+    id: str
+    make: Callable[[Path, dict], list[str]]  # (case dir, inputs) -> argv after `widen`
+    match: str
+
+
+def _proj(d: Path, kind: str, inputs: dict) -> Path:
+    """d/proj holding the input (as proj/model or proj/ckpt.pt) and proj/notes.txt."""
+    proj = d / "proj"
+    proj.mkdir()
+    (proj / "notes.txt").write_text("mine")
+    src = inputs[kind]
+    if kind == "pt":
+        shutil.copy(src, proj / "ckpt.pt")
+        return proj / "ckpt.pt"
+    shutil.copytree(src, proj / "model")
+    return proj / "model"
+
+
+def _link(d: Path, target: Path) -> Path:
+    (d / "link").symlink_to(target)
+    return d / "link"
+
+
+def _hardlink(d: Path, inputs: dict) -> list[str]:
+    inp = _proj(d, "pt", inputs)
+    os.link(inp, d / "same.pt")
+    return [str(inp), "-o", str(d / "same.pt"), "--force"]
+
+
+CASES = [
+    # -o an ancestor of the input (the reported data loss), each format
+    PathCase("pt-sharded-out-ancestor", lambda d, i: [str(_proj(d, "pt", i)), "-o", str(d / "proj"),
+                                                       "--shard-size", "1GB", "--force"], "contains the input"),
+    PathCase("hf-out-parent", lambda d, i: [str(_proj(d, "hf", i)), "-o", str(d / "proj"), "--force"],
+             "contains the input"),
+    PathCase("hf-out-grandparent", lambda d, i: [str(_proj(d, "hf", i)), "-o", str(d), "--force"],
+             "contains the input"),
+    PathCase("dcp-out-parent", lambda d, i: [str(_proj(d, "dcp", i)), "-o", str(d / "proj"), "--force",
+                                              "--spec", "mup-mlp"], "contains the input"),
+    PathCase("dcp-metadata-file-out-parent", lambda d, i: [str(_proj(d, "dcp", i) / ".metadata"), "-o",
+                                                            str(d / "proj"), "--force", "--spec", "mup-mlp"],
+             "contains the input"),
+    # spelled another way: a symlink to the ancestor, `..`, a relative path
+    PathCase("hf-out-symlink-to-parent", lambda d, i: [str(_proj(d, "hf", i)), "-o",
+                                                        str(_link(d, d / "proj")), "--force"], "contains the input"),
+    PathCase("hf-out-dotdot", lambda d, i: [str(_proj(d, "hf", i)), "-o", str(d / "proj" / "model" / ".."),
+                                             "--force"], "contains the input"),
+    PathCase("hf-out-relative-dot", lambda d, i: [str(_proj(d, "hf", i).relative_to(d)), "-o", ".", "--force"],
+             "contains the input"),
+    # -o is the input, or inside it
+    PathCase("hf-out-is-input-via-symlink", lambda d, i: [str(_proj(d, "hf", i)), "-o",
+                                                           str(_link(d, d / "proj" / "model")), "--force"],
+             "is the input"),
+    PathCase("dcp-out-is-input", lambda d, i: [str(_proj(d, "dcp", i)), "-o", str(d / "proj" / "model"), "--force",
+                                                "--spec", "mup-mlp"], "is the input"),
+    PathCase("dcp-out-inside-input", lambda d, i: [str(_proj(d, "dcp", i)), "-o", str(d / "proj" / "model" / "w"),
+                                                    "--spec", "mup-mlp"], "inside the input"),
+    PathCase("hf-out-inside-input", lambda d, i: [str(_proj(d, "hf", i)), "-o", str(d / "proj" / "model" / "w")],
+             "inside the input"),
+    PathCase("pt-out-hard-link-of-input", _hardlink, "is the input"),
+]
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    from hf_tiny import make
+    from test_dcp import _small_dcp
+    d = tmp_path_factory.mktemp("inputs")
+    make("llama", d / "hf")
+    _small_dcp(d / "dcp")
+    return {"pt": EXAMPLE, "hf": d / "hf", "dcp": d / "dcp"}
+
+
+@pytest.fixture(scope="module")
+def results(inputs, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("paths")
+    runs = []
+    for c in CASES:
+        d = root / c.id
+        d.mkdir()
+        argv = c.make(d, inputs)
+        runs.append((c, d, argv, _snapshot(d)))
+
+    def run(item):
+        c, d, argv, snap = item
+        p = subprocess.run([*MUPSCALE, "widen", *argv, "--k", "2"], capture_output=True, text=True, cwd=d,
+                           timeout=300)
+        return c.id, (p, snap, d)
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        return dict(ex.map(run, runs))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_output_over_input_refused(case: PathCase, results) -> None:
+    p, snap, d = results[case.id]
+    where = f"{p.args}\nstderr: {p.stderr!r}"
+    assert p.returncode == 2, where
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mupscale: error: ") and case.match in lines[0], where
+    assert _snapshot(d) == snap, where  # the input and the user's notes are untouched, nothing added
