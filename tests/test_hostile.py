@@ -267,6 +267,11 @@ def _rand(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
+def _empty_dir(c: Ctx) -> Path:
+    (c.d / "empty").mkdir()
+    return c.d / "empty"
+
+
 def _dcp_payload(c: Ctx, name: str, opcode: str = "stack") -> list[str]:
     """A DCP directory whose .metadata names a callable through DCP's own metadata module (protocol 4 walks
     dotted names through that module's globals: it imports os and torch)."""
@@ -281,7 +286,8 @@ def _dcp_payload(c: Ctx, name: str, opcode: str = "stack") -> list[str]:
 CASES: list[Case] = [
     # files that are not checkpoints
     Case("missing-file", lambda c: c.widen(c.d / "nope.pt"), "no such file"),
-    Case("directory", lambda c: c.widen(c.d), "is a directory"),
+    Case("directory", lambda c: c.widen(_empty_dir(c)), "is a directory"),
+    Case("output-inside-input-directory", lambda c: c.widen(c.d), "inside the input directory"),
     Case("empty-pt", lambda c: c.widen(c.write("e.pt", b"")), "empty file"),
     Case("empty-safetensors", lambda c: c.widen(c.write("e.safetensors", b"")), "empty file", proc=False),
     Case("random-bytes-pt", lambda c: c.widen(c.write("r.pt", _rand(4096))), "not a readable PyTorch checkpoint"),

@@ -83,11 +83,66 @@ CASES = [
     PathCase("hf-out-inside-input", lambda d, i: [str(_proj(d, "hf", i)), "-o", str(d / "proj" / "model" / "w")],
              "inside the input"),
     PathCase("pt-out-hard-link-of-input", _hardlink, "is the input"),
+    # -o a symbolic link: to an earlier output directory (was a traceback, exit 1), to a file, dangling (was
+    # "written meanwhile by another run?")
+    PathCase("hf-out-link-to-earlier-output", lambda d, i: [str(_proj(d, "hf", i)), "-o",
+                                                             str(_earlier_output_link(d)), "--force"],
+             "is a symbolic link (to earlier)"),
+    PathCase("pt-out-link-to-file", lambda d, i: [str(EXAMPLE), "-o", str(_file_link(d)), "--force"],
+             "is a symbolic link"),
+    PathCase("pt-out-dangling-link", lambda d, i: [str(EXAMPLE), "-o", str(_dangling(d))],
+             "which does not exist"),
+    PathCase("sharded-out-dangling-link", lambda d, i: [str(EXAMPLE), "-o", str(_dangling(d, "dang")),
+                                                         "--shard-size", "1GB"], "which does not exist"),
+    # what the operating system refuses is one line, exit 2 (was a traceback, exit 1)
+    PathCase("out-name-too-long", lambda d, i: [str(EXAMPLE), "-o", str(d / ("x" * 300 + ".pt"))],
+             "ENAMETOOLONG"),
+    PathCase("input-name-too-long", lambda d, i: [str(d / ("y" * 300 + ".pt")), "-o", str(d / "w.pt")],
+             "ENAMETOOLONG"),
+    PathCase("out-in-proc", lambda d, i: [str(EXAMPLE), "-o", "/proc/self/x.pt"], "/proc/self/"),
+    PathCase("out-parent-is-a-file", lambda d, i: [str(EXAMPLE), "-o", str(_file(d) / "w.pt")], "not a directory"),
+    # inputs that are not files: refused at once, never read (a FIFO would block, /dev/zero never end)
+    PathCase("input-fifo", lambda d, i: [str(_fifo(d)), "-o", str(d / "w.pt")], "is a FIFO"),
+    PathCase("input-dev-zero", lambda d, i: ["/dev/zero", "-o", str(d / "w.pt")], "is a device"),
 ]
 
 
+def _earlier_output_link(d: Path) -> Path:
+    (d / "earlier").mkdir()
+    (d / "earlier" / "config.json").write_text("{}")
+    (d / "latest").symlink_to("earlier")
+    return d / "latest"
+
+
+def _file_link(d: Path) -> Path:
+    (d / "target.pt").write_bytes(b"old")
+    (d / "link.pt").symlink_to("target.pt")
+    return d / "link.pt"
+
+
+def _dangling(d: Path, name: str = "dang.pt") -> Path:
+    (d / name).symlink_to("nowhere")
+    return d / name
+
+
+def _file(d: Path) -> Path:
+    (d / "afile").write_text("x")
+    return d / "afile"
+
+
+def _fifo(d: Path) -> Path:
+    os.mkfifo(d / "fifo.pt")
+    return d / "fifo.pt"
+
+
 def _snapshot(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(d)): p.read_bytes() if not p.is_symlink() else os.readlink(p).encode()
+            for p in sorted(d.rglob("*")) if (p.is_file() and not _special(p)) or p.is_symlink()}
+
+
+def _special(p: Path) -> bool:
+    import stat
+    return not stat.S_ISREG(p.stat().st_mode)
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +168,9 @@ def results(inputs, tmp_path_factory) -> dict:
     def run(item):
         c, d, argv, snap = item
         p = subprocess.run([*MUPSCALE, "widen", *argv, "--k", "2"], capture_output=True, text=True, cwd=d,
-                           timeout=300)
+                           timeout=120)
         return c.id, (p, snap, d)
-    with ThreadPoolExecutor(max_workers=4) as ex:
+    with ThreadPoolExecutor(max_workers=4) as ex:  # a hang (a FIFO read) fails by subprocess's timeout
         return dict(ex.map(run, runs))
 
 

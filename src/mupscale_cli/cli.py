@@ -92,12 +92,12 @@ def guard():
         raise
     except typer.Exit:
         raise
-    except OSError as e:
-        from mupscale_cli.formats.target import env_error
-        me = env_error(e, "mupscale")
-        if me is None:
+    except OSError as e:  # the environment (a path too long, not a directory, a /proc file, ...): exit 2
+        if os.environ.get("MUPSCALE_DEBUG"):
             raise
-        err.print(f"mupscale: error: {me}", markup=False, soft_wrap=True)
+        from mupscale_cli.formats.target import env_error, os_error
+        me = env_error(e, "mupscale") or os_error(e)
+        say(f"mupscale: error: {me}")
         raise typer.Exit(2) from None
     except ImportError as e:
         me = missing_package(e)
@@ -618,7 +618,12 @@ def main() -> None:
             err.print("mupscale: interrupted", markup=False)
             sys.exit(130)
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
-            raise
+            # outside a command's guard (typer itself): a bug, exit 3 in one line; never a traceback, never 1
+            if os.environ.get("MUPSCALE_DEBUG"):
+                raise
+            msg = str(e).splitlines()[0] if str(e) else ""
+            say(f"mupscale: internal error: {type(e).__name__}: {msg} (rerun with MUPSCALE_DEBUG=1 and report it)")
+            sys.exit(3)
         ctx = getattr(e, "ctx", None)
         if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
             err.print(ctx.get_help(), markup=False)

@@ -100,6 +100,12 @@ def sha256_file(path: Path) -> str:
 def _check_path(path: Path) -> None:
     if not path.exists():
         raise MupscaleError(f"{path}: no such file")
+    import stat
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        raise MupscaleError(f"{path}: is {kind}; give a checkpoint file or directory")
     if path.stat().st_size == 0:
         raise MupscaleError(f"{path}: empty file")
 

@@ -194,7 +194,7 @@ def _chain(p: Path) -> list[tuple[int, int]]:
 
 
 def check_not_over_input(out: Path, inp: Path) -> None:
-    """-o never equals the input, contains it (an ancestor directory, which a directory output would replace)
+    """-o is not a symbolic link (check_output_link) and never equals the input, contains it (an ancestor directory, which a directory output would replace)
     or lies inside an input directory, whatever the spelling: symlinks resolved, `..` removed, and compared by
     device and inode too (a hard link, a bind mount, a second path to the same directory)."""
     root = input_root(inp)
@@ -214,6 +214,7 @@ def check_not_over_input(out: Path, inp: Path) -> None:
                             f"it: give a path outside the input")
     if root.is_dir() and (r_out.is_relative_to(r_in) or (in_id is not None and in_id in out_chain[1:])):
         raise MupscaleError(f"-o {shown}: lies inside the input directory {one_line(str(root))}; write beside it")
+    check_output_link(out)
 
 
 def lock_path(dest: Path) -> Path:
@@ -318,6 +319,24 @@ def env_error(e: BaseException, path) -> MupscaleError | None:
         return None
     where = e.filename if e.filename and TMP_MARKER not in str(e.filename) else path
     return MupscaleError(f"{where}: {ENV_ERRORS[e.errno]} ({errno.errorcode.get(e.errno, e.errno)})")
+
+
+def os_error(e: OSError) -> MupscaleError:
+    """Any other OSError as one line naming its file(s) and the system's reason (exit 2: the environment)."""
+    names = [one_line(str(f)) for f in (e.filename, e.filename2) if f and TMP_MARKER not in str(f)]
+    what = " -> ".join(n if len(n) <= 120 else n[:60] + "..." + n[-40:] for n in names) or "mupscale"
+    code = errno.errorcode.get(e.errno, e.errno) if e.errno else type(e).__name__
+    return MupscaleError(f"{what}: {one_line(e.strerror or str(e))} ({code})")
+
+
+def check_output_link(out: Path) -> None:
+    """-o that is a symbolic link is refused: replacing the link or what it points to are both plausible and
+    either surprises someone (an earlier output reached through `latest -> run-17`)."""
+    if out.is_symlink():
+        target = os.readlink(out)
+        state = "" if out.exists() else ", which does not exist"
+        raise MupscaleError(f"-o {one_line(str(out))}: is a symbolic link (to {one_line(target)}{state}); pass the "
+                            f"path it should write itself, or remove the link")
 
 
 # --- SIGBUS ------------------------------------------------------------------------------------------
