@@ -116,6 +116,23 @@ def wait_for(p: subprocess.Popen, cond, what: str, timeout: float = 120) -> None
         time.sleep(0.002)
 
 
+def handles(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler of its own for `sig` (the SigCgt mask of /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next((int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:")), 0)
+    return bool(mask >> (int(sig) - 1) & 1)
+
+
+def wait_for_handlers(p: subprocess.Popen) -> None:
+    """Until mupscale's first code has run (`mupscale_cli._early_signals` catches SIGTERM, which Python leaves
+    at its default): a signal before that, during the interpreter's own start-up, ends the process the
+    default way (killed by the signal; a shell shows 130/143), which no code of the program can change."""
+    wait_for(p, lambda: handles(p.pid, signal.SIGTERM), "mupscale's signal handlers")
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_signal_at_any_moment_never_aborts_and_leaves_nothing(big: Path, tmp_path: Path, sig, code) -> None:
     """From Python start-up through imports, loading, the background digest and value checks, to the
@@ -128,6 +145,7 @@ def test_signal_at_any_moment_never_aborts_and_leaves_nothing(big: Path, tmp_pat
     landed = []
     for delay in (0.1 * whole, 0.45 * whole, 0.8 * whole):
         p = subprocess.Popen(widen_argv(big, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for_handlers(p)  # the signals land from mupscale's first line of code on, at fractions of the run
         time.sleep(delay)
         writing = bool(temps(tmp_path))
         p.send_signal(sig)
