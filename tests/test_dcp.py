@@ -387,3 +387,54 @@ def test_a_writer_that_runs_ahead_is_caught_before_the_commit(tmp_path, monkeypa
     with pytest.raises(MupscaleError, match="came out short"):
         run_widen(WidenOptions(base, out, k="2", spec="mup-mlp"))
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "mupscale-tmp" in p.name]
+
+
+# --- the tiling check, whatever the chunk count -----------------------------------------------------------
+
+def _many_chunks(tmp_path: Path, n: int = 300):
+    """A saved DCP checkpoint whose metadata says tensor `model.hidden.0.weight` (8 x 8, float64) is n row
+    chunks of a (n, 8) tensor, each stored item a 64-byte range of the same file: (dir, metadata)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    d = _small_dcp(tmp_path / "many")
+    md = pickle.loads((d / METADATA).read_bytes())
+    fqn = "model.hidden.0.weight"
+    m = md.state_dict_metadata[fqn]
+    old = md.storage_data.pop(MetadataIndex(fqn, m.chunks[0].offsets))
+    m.size = torch.Size([n, 8])
+    m.chunks = [ChunkStorageMetadata(offsets=torch.Size([i, 0]), sizes=torch.Size([1, 8])) for i in range(n)]
+    for i in range(n):
+        md.storage_data[MetadataIndex(fqn, torch.Size([i, 0]))] = _StorageInfo(old.relative_path, 0, 64)
+    return d, md
+
+
+def test_tiling_checked_for_any_chunk_count(tmp_path):
+    """300 chunks (more than the 256 the old pairwise check stopped at): a relabelled chunk (two at the same
+    rows, one row in none) is refused; the exact tiling passes; in time linear in the chunks."""
+    from mupscale_cli.errors import MupscaleError
+    from mupscale_cli.formats.dcp import check_metadata
+    d, md = _many_chunks(tmp_path)
+    check_metadata(d, md)  # the exact tiling
+    c = md.state_dict_metadata["model.hidden.0.weight"].chunks
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    info = md.storage_data.pop(MetadataIndex("model.hidden.0.weight", c[7].offsets))
+    c[7] = ChunkStorageMetadata(offsets=torch.Size([8, 0]), sizes=torch.Size([1, 8]))  # row 7 now in no chunk
+    md.storage_data[MetadataIndex("model.hidden.0.weight", torch.Size([8, 0]))] = info
+    with pytest.raises(MupscaleError, match="do not tile.*overlap"):
+        check_metadata(d, md)
+    (d / METADATA).write_bytes(pickle.dumps(md))
+    r = mupscale("widen", str(d), "-o", str(tmp_path / "out"), "--k", "2", "--spec", "mup-mlp")
+    assert r.returncode == 2 and "do not tile" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_tiling_of_grids_and_irregular_layouts():
+    from mupscale_cli.formats.dcp import _tiling_error
+    grid = [((2 * i, 3 * j), (2, 3)) for i in range(40) for j in range(4)]  # FSDP rows x TP columns
+    assert _tiling_error((80, 12), grid, 80 * 12) is None
+    assert "overlap" in _tiling_error((80, 12), grid[:-1] + [((0, 0), (2, 3))], 80 * 12)
+    assert _tiling_error((), [((), ())], 1) is None  # a scalar
+    brick = [((i, i % 2), (1, 5)) for i in range(3000)] + [((i, 5 * (1 - i % 2)), (1, 1)) for i in range(3000)]
+    assert _tiling_error((3000, 6), brick, 3000 * 6) is None  # exact, and still a small grid
+    stairs = [((i, 0), (1, i + 1)) for i in range(200)] + [((i, i + 1), (1, 200 - i)) for i in range(200)]
+    assert "not a grid" in _tiling_error((200, 201), stairs, 200 * 201)  # refused, not checked in n^2

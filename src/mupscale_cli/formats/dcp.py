@@ -166,18 +166,44 @@ def check_metadata(root: Path, md) -> None:
                 raise MupscaleError(f"{where}: chunk {list(o)} of tensor {fqn!r} has no stored item")
             covered += math.prod(s)
             boxes.append((o, s))
-        if covered != math.prod(shape) or (len(boxes) <= 256 and _overlap(boxes)):
-            raise MupscaleError(f"{where}: the chunks of tensor {fqn!r} do not tile its shape {list(shape)} "
-                                f"({covered} elements in {len(boxes)} chunks for {math.prod(shape)})")
+        why = _tiling_error(shape, boxes, covered)
+        if why:
+            raise MupscaleError(f"{where}: the chunks of tensor {fqn!r} do not tile its shape {list(shape)}: {why}")
 
 
-def _overlap(boxes) -> bool:
-    for i in range(len(boxes)):
-        for j in range(i):
-            (a, s), (b, t) = boxes[i], boxes[j]
-            if all(x < y + v and y < x + u for x, u, y, v in zip(a, s, b, t)) and math.prod(s) and math.prod(t):
-                return True
-    return False
+GRID_CELLS_PER_CHUNK = 8  # DCP's layouts (FSDP rows, TP columns, both) cut a tensor into a grid of its chunks
+
+
+def _tiling_error(shape: tuple[int, ...], boxes: list[tuple[tuple, tuple]], covered: int) -> str | None:
+    """Why `boxes` (offsets, sizes), already inside `shape`, do not tile it exactly, or None. Every tensor,
+    whatever its chunk count, in time linear in its chunks: the chunk edges cut each axis into intervals, and
+    each cell of that grid must be covered by exactly one chunk. A layout that is not a grid of its chunks
+    (more than GRID_CELLS_PER_CHUNK cells a chunk) is refused rather than checked slowly."""
+    total = math.prod(shape)
+    if covered != total:
+        return f"{covered} elements in {len(boxes)} chunks for {total}"
+    if total == 0:
+        return None
+    cuts = [sorted({0, d, *(o[i] for o, _ in boxes), *(o[i] + s[i] for o, s in boxes)}) for i, d in enumerate(shape)]
+    cells = math.prod(len(c) - 1 for c in cuts)
+    if cells > GRID_CELLS_PER_CHUNK * len(boxes) + 1024:
+        return (f"its {len(boxes)} chunks cut it into {cells} pieces, not a grid of chunks as DCP lays tensors out; "
+                f"save it again with torch.distributed.checkpoint")
+    where = [{x: j for j, x in enumerate(c)} for c in cuts]
+    strides = [math.prod(len(c) - 1 for c in cuts[i + 1:]) for i in range(len(cuts))]
+    seen = bytearray(cells)
+    for o, s in boxes:
+        if not math.prod(s):
+            continue
+        ranges = [range(where[i][o[i]], where[i][o[i] + s[i]]) for i in range(len(shape))]
+        starts = [0]
+        for r, st in zip(ranges, strides):
+            starts = [a + j * st for a in starts for j in r]
+        for c in starts:
+            if seen[c]:
+                return f"chunks at {list(o)} and another overlap, so part of it is never read"
+            seen[c] = 1
+    return None if all(seen) else "part of it lies in no chunk"
 
 
 # --- reading ----------------------------------------------------------------------------------------------
