@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from mupscale_cli.errors import MupscaleError
+from mupscale_cli.formats.target import check_inside
 from mupscale_cli.formats.safetensors import TensorInfo
 
 METADATA = ".metadata"
@@ -131,6 +132,7 @@ def check_metadata(root: Path, md) -> None:
                                 f"name inside the checkpoint directory")
         if rel not in sizes:
             f = root / rel
+            check_inside(root, f)
             if not f.is_file():
                 raise MupscaleError(f"{where}: names {rel}, which is missing from {root}; copy the whole "
                                     f"checkpoint directory")

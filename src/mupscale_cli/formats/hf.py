@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from fnmatch import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats import shards, st
 from mupscale_cli.formats.checkpoint import Checkpoint
-from mupscale_cli.formats.target import atomic_dir
+from mupscale_cli.formats.target import atomic_dir, check_inside
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -57,7 +58,14 @@ def read_config(path: Path) -> dict:
     return config
 
 
+STALE_WEIGHTS = ("pytorch_model*.bin", "model*.bin", "tf_model.h5", "flax_model.msgpack", "*.safetensors",
+                 "*.safetensors.index.json", "*.pt", "*.pth", "*.ckpt")
+TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin", "scaler.pt")
+
+
 def read(path: Path, lazy: bool = False) -> Checkpoint:
+    for p in path.iterdir():
+        check_inside(path, p)
     config = read_config(path)
     if (path / INDEX).is_file():
         ckpt = shards.read(path / INDEX, lazy)
@@ -70,6 +78,13 @@ def read(path: Path, lazy: bool = False) -> Checkpoint:
         raise MupscaleError(f"{path}: a Hugging Face directory without {WEIGHTS} or {INDEX}{hint}")
     weights = [f.name for f in ckpt.files]
     others = sorted(p.name for p in path.iterdir() if p.name not in weights and p.name != CONFIG)
+    stale = [n for n in others if any(fnmatch(n, g) for g in STALE_WEIGHTS)
+             and not any(fnmatch(n, g) for g in TRAINER_FILES)]
+    if stale:
+        which = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        raise MupscaleError(f"{path}: besides its weights ({', '.join(weights[:2])}{', ...' if len(weights) > 2 else ''}) "
+                            f"it holds {which}, weights mupscale would not widen (copied, they would be the narrow "
+                            f"model's, or a second model): remove or move them aside")
     trainer = any((path / n).is_file() for n in (OPTIMIZER, SCHEDULER, "trainer_state.json"))
     ckpt.extra = {**ckpt.extra, "model_args": config}
     ckpt.hf = HfDir(path, config, weights, others, trainer)

@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from mupscale_cli.formats import digest
 from mupscale_cli.bounded import loads_json
-from mupscale_cli.formats.target import TMP_MARKER, commit_path, fsync_dir, temp_name, track, untrack  # noqa: F401
+from mupscale_cli.formats.target import TMP_MARKER, check_inside, commit_path, fsync_dir, temp_name, track, untrack  # noqa: F401
 from mupscale_cli.errors import MupscaleError, check_cancelled
 
 MAX_HEADER_BYTES = 100_000_000
@@ -760,6 +760,7 @@ class ShardedSafetensors:
                 raise MupscaleError(f"{index_path}: weight_map file {file!r} is not a plain file name in {directory}; fix the index")
             if not (directory / file).is_file():
                 raise MupscaleError(f"{index_path}: shard {file} listed in weight_map does not exist in {directory}")
+            check_inside(directory, directory / file)
         for file in files:
             shard = LazySafetensors(directory / file)
             self.shards[file] = shard

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from mupscale_cli.errors import MupscaleError
+from mupscale_cli.formats.target import check_inside
 from mupscale_cli.formats.checkpoint import (META_DIGESTS, loads_json, META_OPTIM, META_OPTIM_INDEX, Checkpoint, _from_reader,
                                              is_sharded, optimizer_prefix, sharded_index)
 
@@ -18,7 +19,8 @@ def read(path: Path, lazy: bool = False) -> Checkpoint:
     from mupscale_cli.formats.safetensors import INDEX_SUFFIX, open_sharded
 
     index = sharded_index(path)
-    src = open_sharded(index)
+    check_inside(index.parent, index)
+    src = open_sharded(index)  # each shard checked inside the index's directory before it is opened
     meta = src.metadata() or {}
     files = list(src.shards)
     opt_src = None

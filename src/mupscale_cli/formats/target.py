@@ -217,6 +217,24 @@ def check_not_over_input(out: Path, inp: Path) -> None:
     check_output_link(out)
 
 
+def check_inside(root: Path, p: Path) -> None:
+    """A file of the input directory `root` that is a symbolic link must stay inside it; the one exception is
+    the Hugging Face cache layout, where models--ORG--NAME/snapshots/REV/FILE links to that repository's own
+    blobs/. Anything else (`tokenizer.model -> ../secret/id_rsa`) is refused: never read, never published."""
+    if not p.is_symlink():
+        return
+    real_root, target = Path(os.path.realpath(root)), Path(os.path.realpath(p))
+    if target.is_relative_to(real_root):
+        return
+    repo = real_root.parent.parent
+    if real_root.parent.name == "snapshots" and repo.name.startswith("models--") and \
+            target.is_relative_to(repo / "blobs") and target.is_file():
+        return
+    raise MupscaleError(f"{one_line(str(p))}: is a symbolic link leading out of {one_line(str(root))} (to "
+                        f"{one_line(os.readlink(p))}); mupscale follows links only inside the input (and a Hugging "
+                        f"Face cache snapshot's own blobs/): copy the file in, or remove the link")
+
+
 def lock_path(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}{LOCK_SUFFIX}")
 
