@@ -1,0 +1,71 @@
+"""Issue 18 §2/§3: the Hugging Face families added to the bundled specs, each widened exactly with its AdamW
+state and trained 20 steps in float64 lockstep beside the base (hf_lockstep.py), its noise measured against the
+family's own init; the families that cannot be widened exactly are refused in one line naming model_type."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from hf_lockstep import build, check_noise, float64_norm, lockstep, noise_vs_init, widen_cli
+
+torch.set_num_threads(1)
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=None, bos_token_id=0, eos_token_id=0,
+            tie_word_embeddings=False)
+
+# model_type -> (tiny config, [(modeling module, norm class, one_plus)] computed in float32 by transformers)
+FAMILIES = {
+    "smollm3": ({**TINY, "no_rope_layer_interval": 2}, [("smollm3", "SmolLM3RMSNorm", False)]),
+}
+EXACT = 1e-12  # float64 round-off; never loosened
+
+
+def _patched(model_type: str):
+    restore = []
+    for mod, cls, one_plus in FAMILIES[model_type][1]:
+        m = importlib.import_module(f"transformers.models.{mod}.modeling_{mod}")
+        restore.append(float64_norm(getattr(m, cls), one_plus))
+    return restore
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    restore = _patched(request.param)
+    yield request.param
+    for r in restore:
+        r()
+
+
+def test_family_exact_with_adamw_state_through_20_steps(tmp_path, family):
+    cfg = FAMILIES[family][0]
+    r = lockstep(tmp_path, family, cfg)
+    assert r["static"] < EXACT and r["lockstep_max"] < EXACT, r
+    cb, cw = r["base_config"], r["wide_config"]
+    assert cw["model_type"] == family
+    assert cw["hidden_size"] == 2 * cb["hidden_size"]
+    assert cw["num_attention_heads"] == 2 * cb["num_attention_heads"]
+
+
+def test_family_noise_is_its_own_init(tmp_path, family):
+    check_noise(noise_vs_init(tmp_path, family, FAMILIES[family][0]))
+
+
+def test_smollm3_tied_needs_untie(tmp_path):
+    """SmolLM3 ties lm_head to the embeddings by default: refused in one line, exact with --untie."""
+    from hf_lockstep import load, rel
+    base = build("smollm3", {**FAMILIES["smollm3"][0], "tie_word_embeddings": True})
+    base.save_pretrained(tmp_path / "base")
+    r = widen_cli(tmp_path / "base", "--k", "2", "-o", tmp_path / "wide", check=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--untie" in r.stderr, r.stderr
+    assert not (tmp_path / "wide").exists()
+    restore = _patched("smollm3")
+    try:
+        widen_cli(tmp_path / "base", "--k", "2", "-o", tmp_path / "wide", "--untie")
+        x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert rel(base.eval()(x).logits, load(tmp_path / "wide").eval()(x).logits) < EXACT
+    finally:
+        for f in restore:
+            f()
