@@ -66,6 +66,12 @@ MUTATIONS = [
     Mutation("NaN/Inf not counted", "NaN/Inf: a warning; an error with --strict", "src/mupscale_cli/core/checks.py",
              "if not (x.dtype.is_floating_point or x.dtype.is_complex) or bool(torch.isfinite(x.sum())):",
              "if True:", ["tests/test_hostile.py", "-k", "test_nan_is_a_warning"]),
+    Mutation("fused segments as one block", "a fused dimension's segments are duplicated each on its own",
+             "src/mupscale_cli/core/plan.py", "for size, b in self.segments or ((n, self.block),):",
+             "for size, b in ((n, self.block),):", ["tests/test_segments.py"]),
+    Mutation("phi3 query heads one by one", "GQA: query heads duplicated with their group (lockstep, not just forward)",
+             "configs/hf-phi3.yaml", "[q_dim, group_dim]", "[q_dim, head_dim]",
+             ["tests/test_hf_families.py", "-k", "phi3 and adamw"]),
 ]
 
 

@@ -18,6 +18,8 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
 # model_type -> (tiny config, [(modeling module, norm class, one_plus)] computed in float32 by transformers)
 FAMILIES = {
     "smollm3": ({**TINY, "no_rope_layer_interval": 2}, [("smollm3", "SmolLM3RMSNorm", False)]),
+    "phi3": ({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+             [("phi3", "Phi3RMSNorm", False)]),
 }
 EXACT = 1e-12  # float64 round-off; never loosened
 

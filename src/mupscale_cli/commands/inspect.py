@@ -60,7 +60,9 @@ def run_inspect(opts: WidenOptions) -> dict:
             "name": n, "role": p.role, "axes": p.axes_text, "shape": list(p.shape),
             "widened": list(p.out_shape), "bytes": p.out_bytes, "s": str(p.s), "g": str(p.g),
             "noise_std": opts.sigma * p.noise_unit, "tied_to": p.alias_of,
-            "layout": ",".join(f"{d.axis}/{d.block}" for d in p.dims if d.axis and d.block > 1) or None,
+            "layout": ",".join(f"{d.axis}/" + ("+".join(f"{a}:{b}" for a, b in d.segments) if d.segments
+                                                  else str(d.block))
+                               for d in p.dims if d.axis and (d.block > 1 or d.segments)) or None,
         })
     optim = None
     if prep.omap is not None:

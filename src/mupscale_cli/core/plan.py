@@ -20,6 +20,16 @@ class DimPlan:
     axis: str | None
     k: int
     block: int
+    segments: tuple[tuple[int, int], ...] = ()  # (size, block) parts of a fused dimension, each duplicated alone
+
+    def source(self, n: int) -> torch.Tensor:
+        """For a dimension of input size n: the input coordinate each output coordinate copies (length n k)."""
+        parts, off = [], 0
+        for size, b in self.segments or ((n, self.block),):
+            r = torch.arange(size * self.k)
+            parts.append(off + (r // (self.k * b)) * b + r % b)
+            off += size
+        return torch.cat(parts)
 
 
 @dataclass
@@ -175,11 +185,15 @@ def resolve_sizes(spec: Spec, model_args: dict | None, overrides: dict[str, int]
 
 
 def _block(dim: Dim, sizes: dict[str, int], name: str) -> int:
-    if isinstance(dim.block, int):
-        return dim.block
-    if dim.block not in sizes:
-        raise MupscaleError(f"{name}: block size {dim.block!r} is unknown: pass --size {dim.block}=N")
-    return sizes[dim.block]
+    return _size(dim.block, sizes, name)
+
+
+def _size(v: int | str, sizes: dict[str, int], name: str) -> int:
+    if isinstance(v, int):
+        return v
+    if v not in sizes:
+        raise MupscaleError(f"{name}: block size {v!r} is unknown: pass --size {v}=N")
+    return sizes[v]
 
 
 def _match(spec: Spec, names: list[str]) -> dict[str, Rule]:
@@ -361,6 +375,18 @@ def _tensor_plan(spec: Spec, rule: Rule, name: str, shape: tuple[int, ...], dtyp
     for i, (n, d) in enumerate(zip(shape, rule.dims)):
         if d.axis is None:
             dims.append(DimPlan(None, 1, 1))
+            continue
+        if d.segments:
+            segs = tuple((_size(a, sizes, name), _size(b, sizes, name)) for a, b in d.segments)
+            if sum(a for a, _ in segs) != n:
+                raise MupscaleError(f"tensor {name!r}: dimension {i} of size {n} is not the sum of its segments "
+                                    f"{' + '.join(f'{a} ({sa})' for (a, _), (sa, _) in zip(segs, d.segments))}; "
+                                    f"check --size or the spec")
+            for (a, b), (sa, sb) in zip(segs, d.segments):
+                if b < 1 or a % b:
+                    raise MupscaleError(f"tensor {name!r}: segment {sa} of size {a} is not a multiple of its "
+                                        f"block size {b} ({sb}); check --size or the spec")
+            dims.append(DimPlan(d.axis, k[d.axis], 1, segs))
             continue
         b = _block(d, sizes, name)
         if b < 1 or n % b:

@@ -21,15 +21,18 @@ EVIDENCE_PLACES = ("model_args", "config", "config_json")  # where a checkpoint 
 REWRITES = ("times", "divide", "keep", "set")
 OPTIM_KEYS = {"layouts", "group_keys", "resume_note"}
 HPARAMS = ("lr", "eps", "weight_decay")
-DIM_KEYS = {"axis", "block"}
+DIM_KEYS = {"axis", "block", "segments"}
 READOUTS = ("mup", "sum")
 
 
 @dataclass(frozen=True)
 class Dim:
-    """One tensor dimension: fixed (axis None) or a width axis duplicated in blocks of `block`."""
+    """One tensor dimension: fixed (axis None) or a width axis duplicated in blocks of `block`; or, for a
+    fused dimension whose parts have different blocks (Phi-3's [q | k | v] under GQA: query groups, then key
+    and value heads), `segments`: consecutive (size, block) parts, each duplicated in place on its own."""
     axis: str | None
     block: int | str = 1
+    segments: tuple[tuple[int | str, int | str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,11 +170,21 @@ def _parse_dim(where: str, x) -> Dim:
         axis, block = x.get("axis"), x.get("block", 1)
         if not (isinstance(axis, str) and axis.isidentifier()):
             raise _fail(where, f"'axis' must be an axis name, got {axis!r}")
-        ok = (isinstance(block, int) and not isinstance(block, bool) and block >= 1) or (
-            isinstance(block, str) and block.isidentifier())
-        if not ok:
+
+        def size_ok(v) -> bool:
+            return (isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (
+                isinstance(v, str) and v.isidentifier())
+        if not size_ok(block):
             raise _fail(where, f"'block' must be a positive int or a size name, got {block!r}")
-        return Dim(axis, block)
+        segs = x.get("segments")
+        if segs is None:
+            return Dim(axis, block)
+        if "block" in x:
+            raise _fail(where, "give 'block' or 'segments', not both")
+        if not (isinstance(segs, list) and segs and all(
+                isinstance(g, list) and len(g) == 2 and all(map(size_ok, g)) for g in segs)):
+            raise _fail(where, f"'segments' is a list of [SIZE, BLOCK] pairs (ints or size names), got {segs!r}")
+        return Dim(axis, 1, tuple((a, b) for a, b in segs))
     raise _fail(where, f"an axis entry must be null, an axis name or {{axis, block}}, got {x!r}")
 
 
