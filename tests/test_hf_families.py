@@ -20,6 +20,7 @@ FAMILIES = {
     "smollm3": ({**TINY, "no_rope_layer_interval": 2}, [("smollm3", "SmolLM3RMSNorm", False)]),
     "phi3": ({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
              [("phi3", "Phi3RMSNorm", False)]),
+    "olmo2": ({**TINY, "attention_bias": True}, [("olmo2", "Olmo2RMSNorm", False)]),
 }
 EXACT = 1e-12  # float64 round-off; never loosened
 
