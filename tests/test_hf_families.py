@@ -15,12 +15,17 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=None, bos_token_id=0, eos_token_id=0,
             tie_word_embeddings=False)
 
-# model_type -> (tiny config, [(modeling module, norm class, one_plus)] computed in float32 by transformers)
+# case (model_type[-variant]) -> (tiny config, [(modeling module, norm class, one_plus)] computed in float32 by transformers)
 FAMILIES = {
     "smollm3": ({**TINY, "no_rope_layer_interval": 2}, [("smollm3", "SmolLM3RMSNorm", False)]),
     "phi3": ({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
              [("phi3", "Phi3RMSNorm", False)]),
     "olmo2": ({**TINY, "attention_bias": True}, [("olmo2", "Olmo2RMSNorm", False)]),
+    "stablelm": ({**TINY, "use_qkv_bias": True, "use_parallel_residual": True,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}},
+                 []),  # LayerNorm computes in the input's dtype
+    "stablelm-seq": ({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                  "partial_rotary_factor": 0.5}}, []),
 }
 EXACT = 1e-12  # float64 round-off; never loosened
 
@@ -43,6 +48,7 @@ def family(request):
 
 def test_family_exact_with_adamw_state_through_20_steps(tmp_path, family):
     cfg = FAMILIES[family][0]
+    family = family.partition("-")[0]  # case name -> model_type
     r = lockstep(tmp_path, family, cfg)
     assert r["static"] < EXACT and r["lockstep_max"] < EXACT, r
     cb, cw = r["base_config"], r["wide_config"]
@@ -52,7 +58,7 @@ def test_family_exact_with_adamw_state_through_20_steps(tmp_path, family):
 
 
 def test_family_noise_is_its_own_init(tmp_path, family):
-    check_noise(noise_vs_init(tmp_path, family, FAMILIES[family][0]))
+    check_noise(noise_vs_init(tmp_path, family.partition("-")[0], FAMILIES[family][0]))
 
 
 def test_smollm3_tied_needs_untie(tmp_path):
@@ -72,3 +78,22 @@ def test_smollm3_tied_needs_untie(tmp_path):
     finally:
         for f in restore:
             f()
+
+
+# case -> (model_type, tiny config, words the one-line refusal must hold besides "model_type <model_type>")
+REFUSED = {
+    "stablelm-qk-layernorm": ("stablelm", {**TINY, "qk_layernorm": True}, ["qk_layernorm", "norms.{h}"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_family_refused_in_one_line_naming_model_type(tmp_path, case):
+    model_type, cfg, words = REFUSED[case]
+    build(model_type, cfg, dtype=torch.float32).save_pretrained(tmp_path / "base")
+    for extra in ([], ["--untie"]):
+        r = widen_cli(tmp_path / "base", "--k", "2", "-o", tmp_path / "wide", *extra, check=False)
+        assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mupscale: error: "), r.stderr
+        assert f"model_type {model_type}" in lines[0] and all(w in lines[0] for w in words), lines[0]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
