@@ -72,6 +72,12 @@ MUTATIONS = [
     Mutation("phi3 query heads one by one", "GQA: query heads duplicated with their group (lockstep, not just forward)",
              "configs/hf-phi3.yaml", "[q_dim, group_dim]", "[q_dim, head_dim]",
              ["tests/test_hf_families.py", "-k", "phi3 and adamw"]),
+    Mutation("saved_as ignored for optimizer names", "a parameter saved under another name (GPT-NeoX embed_out) "
+             "keeps its optimizer state", "src/mupscale_cli/core/optstate.py",
+             "n = plan.spec.saved_as.get(n, n)", "n = n", ["tests/test_hf_families.py", "-k", "gpt_neox and adamw"]),
+    Mutation("neox heads split q|k|v", "GPT-NeoX query_key_value: whole per-head [q|k|v] blocks",
+             "configs/hf-gpt-neox.yaml", "block: qkv_block}, d_model]", "block: head_dim}, d_model]",
+             ["tests/test_hf_families.py", "-k", "gpt_neox and adamw"]),
 ]
 
 

@@ -125,12 +125,13 @@ def noise_vs_init(tmp: Path, model_type: str, cfg: dict, sigma: float = 0.5, wid
     cw = json.loads((tmp / "nexact" / "config.json").read_text())
     wcfg = {k: v for k, v in cw.items() if k not in ("model_type", "transformers_version", "architectures")}
     from transformers import AutoModelForCausalLM
-    torch.manual_seed(5)
-    fresh = dict(AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **wcfg)).named_parameters())
+    torch.manual_seed(5)  # saved, so its tensors carry the file's names (GPT-NeoX: lm_head saved as embed_out)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **wcfg)).save_pretrained(tmp / "nfresh")
+    fresh = load_file(tmp / "nfresh" / "model.safetensors")
     out = {}
     for n in a:
         noise = float((b[n].double() - a[n].double()).std()) / sigma if a[n].numel() > 1 else 0.0
-        out[n] = (noise, float(fresh[n].detach().double().std()) if n in fresh else float("nan"))
+        out[n] = (noise, float(fresh[n].double().std()) if n in fresh else float("nan"))
     return out
 
 

@@ -24,6 +24,11 @@ FAMILIES = {
     "stablelm": ({**TINY, "use_qkv_bias": True, "use_parallel_residual": True,
                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}},
                  []),  # LayerNorm computes in the input's dtype
+    "gpt_neox": ({**{k: v for k, v in TINY.items() if k != "num_key_value_heads"},
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+                 []),
+    "gpt_neox-sequential": ({**{k: v for k, v in TINY.items() if k != "num_key_value_heads"},
+                             "use_parallel_residual": False}, []),
     "stablelm-seq": ({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                   "partial_rotary_factor": 0.5}}, []),
 }
@@ -97,3 +102,16 @@ def test_family_refused_in_one_line_naming_model_type(tmp_path, case):
         assert len(lines) == 1 and lines[0].startswith("mupscale: error: "), r.stderr
         assert f"model_type {model_type}" in lines[0] and all(w in lines[0] for w in words), lines[0]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+@pytest.mark.parametrize("saved,why", [
+    ("[a, b]", "mapping PARAMETER_NAME"),
+    ("{a: a}", "two different names"),
+    ("{a: x, b: x}", "each file name once"),
+    ("{a: b, b: c}", "both a parameter and a file name"),
+])
+def test_saved_as_is_checked(saved, why):
+    from mupscale_cli.core.spec import parse_spec
+    from mupscale_cli.errors import MupscaleError
+    with pytest.raises(MupscaleError, match=why):
+        parse_spec(f"name: s\nsaved_as: {saved}\ntensors:\n  w: [d]\n", "s.yaml")

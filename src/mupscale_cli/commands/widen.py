@@ -521,7 +521,8 @@ def trainer_files(prep: Prepared, opts: WidenOptions) -> tuple[dict, list[dict] 
     if any(n not in mapped for n in prep.plan.params):
         raise MupscaleError(f"{src.path}: --untie adds a parameter the Trainer's optimizer state has no entry for; "
                             f"widen the model only (--no-optimizer) and start a new optimizer")
-    osd = widen_optimizer(prep.ckpt.optimizer, prep.plan, prep.omap)
+    module = {f: m for m, f in prep.plan.spec.saved_as.items()}  # param_names as the model names them
+    osd = widen_optimizer(prep.ckpt.optimizer, prep.plan, prep.omap, names_out=lambda n: module.get(n, n))
     osd["param_groups"] = scale_lr(osd["param_groups"], opts.lr_scale)
     sched = hf_trainer.widen_scheduler(src.path, osd["param_groups"]) if (src.path / hf.SCHEDULER).is_file() else None
     files = {hf.OPTIMIZER: lambda p: torch.save(osd, p)}

@@ -83,6 +83,7 @@ def _layout_names(layout: str, sd: dict, plan: Plan, strip) -> list[list[str]] |
             names = []
             for raw in g["param_names"]:
                 n = strip(raw)
+                n = plan.spec.saved_as.get(n, n)  # the module's name of a tensor saved under another name
                 if n not in plan.tensors:
                     return f"param_names has {raw!r}, which is not a tensor of the checkpoint"
                 names.append(plan.tensors[n].alias_of or n)

@@ -15,7 +15,7 @@ from mupscale_cli.errors import MupscaleError
 
 BUNDLED_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[3] / "configs")
 SPEC_KEYS = {"name", "description", "detect", "readout", "sizes", "model_args", "tied", "tensors", "model",
-             "evidence", "refuse", "config", "optimizer", "init", "untie", "notes", "tied_if"}
+             "evidence", "refuse", "config", "optimizer", "init", "untie", "notes", "tied_if", "saved_as"}
 RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "std", "k_power"}
 EVIDENCE_PLACES = ("model_args", "config", "config_json")  # where a checkpoint shows its parametrization
 REWRITES = ("times", "divide", "keep", "set")
@@ -74,6 +74,7 @@ class Spec:
     untie: dict = field(default_factory=dict)  # {readout, from, fan_in, set}: --untie
     notes: list[str] = field(default_factory=list)
     tied_if: str | None = None  # model_args key saying whether `tied` applies (HF: tie_word_embeddings)
+    saved_as: dict[str, str] = field(default_factory=dict)  # the model's parameter name -> its name in the file
 
     @property
     def axes(self) -> list[str]:
@@ -446,6 +447,13 @@ def _parse_extras(spec: Spec, d: dict, model_args: dict) -> None:
     if tied_if is not None and not isinstance(tied_if, str):
         raise _fail(src, f"'tied_if' must be a model_args key, got {tied_if!r}")
     spec.tied_if = tied_if
+    saved = d.get("saved_as") or {}
+    if not isinstance(saved, dict) or not all(isinstance(a, str) and isinstance(b, str) and a != b
+                                              for a, b in saved.items()):
+        raise _fail(src, "'saved_as' is a mapping PARAMETER_NAME: NAME_IN_THE_FILE (two different names)")
+    if len(set(saved.values())) != len(saved) or set(saved) & set(saved.values()):
+        raise _fail(src, "'saved_as': each file name once, and no name both a parameter and a file name")
+    spec.saved_as = dict(saved)
 
 
 # ---- init-std expressions: numbers, names, + - * / **, sqrt(), parentheses -----------------------------
