@@ -78,6 +78,10 @@ MUTATIONS = [
     Mutation("neox heads split q|k|v", "GPT-NeoX query_key_value: whole per-head [q|k|v] blocks",
              "configs/hf-gpt-neox.yaml", "block: qkv_block}, d_model]", "block: head_dim}, d_model]",
              ["tests/test_hf_families.py", "-k", "gpt_neox and adamw"]),
+    Mutation("huge factors as integers", "k_power factors (Gemma) widen optimizer state (exp_avg_sq) without an "
+             "internal error", "src/mupscale_cli/core/widen.py",
+             "return f.numerator > EXACT_INT or f.denominator > EXACT_INT", "return False",
+             ["tests/test_segments.py", "-k", "irrational"]),
 ]
 
 

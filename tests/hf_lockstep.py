@@ -25,13 +25,13 @@ def widen_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
     return r
 
 
-def float64_norm(cls, one_plus: bool = False, eps: str = "variance_epsilon") -> None:
+def float64_norm(cls, one_plus: bool = False):
     """Make an RMSNorm class compute in its input's dtype (transformers casts to float32): w * x / rms(x),
     or (1 + w) * x / rms(x) for Gemma's norms. Undo with the returned restore()."""
     old = cls.forward
 
     def forward(self, h):
-        e = getattr(self, eps)
+        e = getattr(self, "variance_epsilon", None) or self.eps
         n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + e)
         return (1 + self.weight) * n if one_plus else self.weight * n
     cls.forward = forward
@@ -42,7 +42,8 @@ def build(model_type: str, cfg: dict, dtype=torch.float64, seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
+    # built in `dtype` (constants such as Gemma's embed_scale buffer are made in it, not rounded to float32 first)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype).to(dtype)
     with torch.no_grad():  # trained-looking norms and biases (init leaves them 1 and 0)
         for _, p in model.named_parameters():
             if p.dim() == 1:

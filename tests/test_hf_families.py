@@ -29,6 +29,11 @@ FAMILIES = {
                  []),
     "gpt_neox-sequential": ({**{k: v for k, v in TINY.items() if k != "num_key_value_heads"},
                              "use_parallel_residual": False}, []),
+    # bundled before issue 18; here for its optimizer state: k_power's sqrt(k) squared (exp_avg_sq) was an
+    # internal error (an integer too big for torch) before widening applied such factors as one float
+    "gemma": ({**TINY, "head_dim": 8}, [("gemma", "GemmaRMSNorm", True)]),
+    "gemma2": ({**TINY, "head_dim": 8, "query_pre_attn_scalar": 6, "sliding_window": 4,
+                "final_logit_softcapping": 3.0, "attn_logit_softcapping": 2.0}, [("gemma2", "Gemma2RMSNorm", True)]),
     "stablelm-seq": ({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                   "partial_rotary_factor": 0.5}}, []),
 }

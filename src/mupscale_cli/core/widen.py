@@ -48,10 +48,22 @@ def _gathered(x: torch.Tensor, p: TensorPlan, first: int = 0) -> tuple[torch.Ten
     return x, dups
 
 
+EXACT_INT = 1 << 53  # integers a float64 multiplier holds exactly
+
+
+def _as_float(f: Fraction) -> bool:
+    """Whether f is applied as one float multiplication: its numerator or denominator is beyond what a float64
+    (or torch's integer scalars) holds exactly, as for k_power's k^(1/2) (Gemma's sqrt(hidden_size)) squared
+    for exp_avg_sq. Otherwise t × numerator ÷ denominator, one rounding each (exact for powers of two)."""
+    return f.numerator > EXACT_INT or f.denominator > EXACT_INT
+
+
 def scale(t: torch.Tensor, f: Fraction) -> torch.Tensor:
     """t * f with one rounding per integer factor (exact for powers of two)."""
     if f == 1:
         return t
+    if _as_float(f):
+        return t * float(f)
     t = t * f.numerator if f.numerator != 1 else t.clone()
     return t.div_(f.denominator) if f.denominator != 1 else t
 
@@ -95,7 +107,9 @@ def _widen_view(x: torch.Tensor, dups: list[tuple[int, int]], f: Fraction, alloc
     out = alloc(tuple(expand), x.dtype)
     if f == 1:
         return out.copy_(v).reshape(out_shape)
-    if f.numerator != 1:  # the same roundings as scale(): t * numerator, then / denominator
+    if _as_float(f):  # the same rounding as scale()
+        torch.mul(v, float(f), out=out)
+    elif f.numerator != 1:  # the same roundings as scale(): t * numerator, then / denominator
         torch.mul(v, f.numerator, out=out)
         if f.denominator != 1:
             out.div_(f.denominator)
