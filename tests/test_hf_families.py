@@ -34,6 +34,9 @@ FAMILIES = {
     "gemma": ({**TINY, "head_dim": 8}, [("gemma", "GemmaRMSNorm", True)]),
     "gemma2": ({**TINY, "head_dim": 8, "query_pre_attn_scalar": 6, "sliding_window": 4,
                 "final_logit_softcapping": 3.0, "attn_logit_softcapping": 2.0}, [("gemma2", "Gemma2RMSNorm", True)]),
+    "gemma3_text": ({**TINY, "head_dim": 8, "query_pre_attn_scalar": 6, "sliding_window": 4,
+                     "final_logit_softcapping": 3.0, "attn_logit_softcapping": 2.0,
+                     "layer_types": ["sliding_attention", "full_attention"]}, [("gemma3", "Gemma3RMSNorm", True)]),
     "stablelm-seq": ({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                   "partial_rotary_factor": 0.5}}, []),
 }
