@@ -82,6 +82,14 @@ MUTATIONS = [
              "internal error", "src/mupscale_cli/core/widen.py",
              "return f.numerator > EXACT_INT or f.denominator > EXACT_INT", "return False",
              ["tests/test_segments.py", "-k", "irrational"]),
+    Mutation("moe optimizer state not refused", "Mixtral / Qwen3-MoE optimizer state refused in one line",
+             "src/mupscale_cli/commands/widen.py",
+             "elif ckpt.optimizer is not None and not opts.no_optimizer and spec.optimizer_refuse:",
+             "elif False:", ["tests/test_hf_families.py", "-k", "moe_weights"]),
+    Mutation("router duplicated, not divided", "MoE router is a readout: ÷ k",
+             "configs/hf-mixtral.yaml", '"model.layers.{i}.block_sparse_moe.gate.weight": {axes: [null, d_model], ',
+             '"model.layers.{i}.block_sparse_moe.gate.weight": {axes: [null, d_model], fan_in: 0, ',
+             ["tests/test_hf_families.py", "-k", "moe_weights and mixtral"]),
 ]
 
 

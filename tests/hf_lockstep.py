@@ -43,7 +43,8 @@ def build(model_type: str, cfg: dict, dtype=torch.float64, seed: int = 0):
     config = AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(seed)
     # built in `dtype` (constants such as Gemma's embed_scale buffer are made in it, not rounded to float32 first)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype).to(dtype)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype,
+                                             experts_implementation="eager").to(dtype)
     with torch.no_grad():  # trained-looking norms and biases (init leaves them 1 and 0)
         for _, p in model.named_parameters():
             if p.dim() == 1:
@@ -54,6 +55,7 @@ def build(model_type: str, cfg: dict, dtype=torch.float64, seed: int = 0):
 def load(path: Path, dtype=torch.float64):
     from transformers import AutoModelForCausalLM
     model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                       experts_implementation="eager",
                                                        attn_implementation="eager")
     bad = {k: v for k, v in info.items() if v}
     assert not bad, bad
@@ -145,3 +147,20 @@ def check_noise(figures: dict, tol: float = 0.15) -> None:
             assert noise == 0.0, (n, noise, init)
         else:
             assert abs(noise / init - 1) < tol, (n, noise, init)
+
+
+def float64_router(cls, renormalize: str | None = "norm_topk_prob"):
+    """Make a top-k MoE router compute its softmax in its input's dtype (transformers uses float32): softmax of
+    x W^T, the top k probabilities, renormalized to sum 1 when `renormalize` is true on the module (or None:
+    always, as Mixtral). Undo with the returned restore()."""
+    old = cls.forward
+
+    def forward(self, h):
+        h = h.reshape(-1, self.hidden_dim)
+        logits = torch.nn.functional.linear(h, self.weight)
+        top, idx = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+        if renormalize is None or getattr(self, renormalize):
+            top = top / top.sum(dim=-1, keepdim=True)
+        return logits, top, idx
+    cls.forward = forward
+    return lambda: setattr(cls, "forward", old)

@@ -138,6 +138,9 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
     if ckpt.optimizer is not None and opts.untie:
         notes.append("--untie: the optimizer state of the tied tensor does not describe two untied ones (their "
                      "training differs from the tied base's): weights only")
+    elif ckpt.optimizer is not None and not opts.no_optimizer and spec.optimizer_refuse:
+        raise MupscaleError(f"{spec.optimizer_refuse}: the optimizer state cannot be widened; pass --no-optimizer "
+                            f"to widen the weights only (exact) and start a new optimizer")
     elif ckpt.optimizer is not None and not opts.no_optimizer:
         omap = map_optimizer(ckpt.optimizer, plan, opts.optimizer, opts.opt_layout, ckpt.strip)
         notes += optimizer_notes(ckpt.optimizer, plan, omap)

@@ -19,7 +19,7 @@ SPEC_KEYS = {"name", "description", "detect", "readout", "sizes", "model_args", 
 RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "std", "k_power"}
 EVIDENCE_PLACES = ("model_args", "config", "config_json")  # where a checkpoint shows its parametrization
 REWRITES = ("times", "divide", "keep", "set")
-OPTIM_KEYS = {"layouts", "group_keys", "resume_note"}
+OPTIM_KEYS = {"layouts", "group_keys", "resume_note", "refuse"}
 HPARAMS = ("lr", "eps", "weight_decay")
 DIM_KEYS = {"axis", "block", "segments"}
 READOUTS = ("mup", "sum")
@@ -70,6 +70,7 @@ class Spec:
     layouts: dict[str, list[dict]] = field(default_factory=dict)  # optimizer layouts: name -> group filters
     group_keys: dict[str, str] = field(default_factory=dict)  # param-group key -> hyper-parameter it scales as
     resume_note: str = ""  # shown after widening: how to resume in the stack's own script
+    optimizer_refuse: str = ""  # why this stack's optimizer state cannot be widened (weights still can)
     init: dict[str, object] = field(default_factory=dict)  # defaults of names the std expressions use
     untie: dict = field(default_factory=dict)  # {readout, from, fan_in, set}: --untie
     notes: list[str] = field(default_factory=list)
@@ -429,6 +430,10 @@ def _parse_extras(spec: Spec, d: dict, model_args: dict) -> None:
                 raise _fail(src, f"optimizer group_keys {key!r}: scales like one of {', '.join(HPARAMS)}, got {hp!r}")
             spec.group_keys[str(key)] = hp
         spec.resume_note = str(opt.get("resume_note", ""))
+        ref = opt.get("refuse", "")
+        if not isinstance(ref, str):
+            raise _fail(src, "optimizer 'refuse' is a one-line reason")
+        spec.optimizer_refuse = ref
     init = d.get("init") or {}
     if not isinstance(init, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                              for v in init.values()):
