@@ -90,6 +90,13 @@ MUTATIONS = [
              "configs/hf-mixtral.yaml", '"model.layers.{i}.block_sparse_moe.gate.weight": {axes: [null, d_model], ',
              '"model.layers.{i}.block_sparse_moe.gate.weight": {axes: [null, d_model], fan_in: 0, ',
              ["tests/test_hf_families.py", "-k", "moe_weights and mixtral"]),
+    Mutation("refusal does not win", "a refusing spec whose markers hold is chosen over its exact sibling",
+             "src/mupscale_cli/commands/widen.py", "if refusing and len(shown) > 1:", "if False:",
+             ["tests/test_hf_families.py", "-k", "refused and minicpm3"]),
+    Mutation("minicpm3 latent projection as mup readout", "MiniCPM3 q_a/kv_a: summing projections (÷ k)",
+             "configs/hf-minicpm3.yaml", "kv_a_proj_with_mqa.weight\": {axes: [null, d_model], k_power: -1,",
+             "kv_a_proj_with_mqa.weight\": {axes: [null, d_model],",
+             ["tests/test_hf_families.py", "-k", "minicpm3 and adamw"]),
 ]
 
 

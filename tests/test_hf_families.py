@@ -37,6 +37,12 @@ FAMILIES = {
     "gemma3_text": ({**TINY, "head_dim": 8, "query_pre_attn_scalar": 6, "sliding_window": 4,
                      "final_logit_softcapping": 3.0, "attn_logit_softcapping": 2.0,
                      "layer_types": ["sliding_attention", "full_attention"]}, [("gemma3", "Gemma3RMSNorm", True)]),
+    "minicpm3": ({**TINY, "num_key_value_heads": 4, "tie_word_embeddings": True, "q_lora_rank": 12,
+                  "kv_lora_rank": 10, "qk_nope_head_dim": 6, "qk_rope_head_dim": 4, "v_head_dim": 5,
+                  "scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 8}, [("minicpm3", "MiniCPM3RMSNorm", False)]),
+    "minicpm3-untied": ({**TINY, "num_key_value_heads": 4, "q_lora_rank": None, "kv_lora_rank": 10,
+                         "qk_nope_head_dim": 6, "qk_rope_head_dim": 4, "scale_emb": 3.0, "dim_model_base": 8},
+                        [("minicpm3", "MiniCPM3RMSNorm", False)]),
     "stablelm-seq": ({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                   "partial_rotary_factor": 0.5}}, []),
 }
@@ -96,13 +102,20 @@ def test_smollm3_tied_needs_untie(tmp_path):
 # case -> (model_type, tiny config, words the one-line refusal must hold besides "model_type <model_type>")
 REFUSED = {
     "stablelm-qk-layernorm": ("stablelm", {**TINY, "qk_layernorm": True}, ["qk_layernorm", "norms.{h}"]),
+    "minicpm3-no-base": ("minicpm3", {**FAMILIES["minicpm3"][0], "config_json": {"dim_model_base": None}},
+                         ["dim_model_base null"]),
 }
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_family_refused_in_one_line_naming_model_type(tmp_path, case):
+    import json
     model_type, cfg, words = REFUSED[case]
+    edit = cfg.pop("config_json", {}) if "config_json" in cfg else {}
     build(model_type, cfg, dtype=torch.float32).save_pretrained(tmp_path / "base")
+    if edit:  # values save_pretrained never writes (a hand-edited config.json)
+        c = json.loads((tmp_path / "base" / "config.json").read_text())
+        (tmp_path / "base" / "config.json").write_text(json.dumps({**c, **edit}))
     for extra in ([], ["--untie"]):
         r = widen_cli(tmp_path / "base", "--k", "2", "-o", tmp_path / "wide", *extra, check=False)
         assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stderr)

@@ -89,6 +89,9 @@ def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> S
         fits.append(spec)
     places = evidence_places(ckpt)
     shown = [s for s in fits if shows_evidence(s, places)]
+    refusing = [s for s in shown if s.refuse]
+    if refusing and len(shown) > 1:  # a refusal's markers are narrower than its exact sibling's (model_type)
+        shown = refusing[:1]
     if len(shown) == 1:
         if shown[0].refuse:
             raise MupscaleError(f"{ckpt.path.name} is {shown[0].name}: {shown[0].refuse['reason']} "

@@ -339,7 +339,10 @@ def load_spec(arg: str) -> Spec:
 
 
 def eval_size(expr: str, env: dict[str, int]) -> int:
-    """`NAME|INT ((*|/) NAME|INT)*`, left to right; division must be exact."""
+    """`TERM (+ TERM)*`, each TERM `NAME|INT ((*|/) NAME|INT)*` left to right; division must be exact
+    (MiniCPM3's kv_b_proj head: `qk_nope_head_dim + v_head_dim`)."""
+    if "+" in expr:
+        return sum(eval_size(term, env) for term in expr.split("+"))
     tokens = expr.replace("*", " * ").replace("/", " / ").split()
 
     def value(tok: str) -> int:
