@@ -97,6 +97,9 @@ MUTATIONS = [
              "configs/hf-minicpm3.yaml", "kv_a_proj_with_mqa.weight\": {axes: [null, d_model], k_power: -1,",
              "kv_a_proj_with_mqa.weight\": {axes: [null, d_model],",
              ["tests/test_hf_families.py", "-k", "minicpm3 and adamw"]),
+    Mutation("cohere logit_scale kept", "Cohere: logit_scale ÷ k keeps the tied readout exact",
+             "configs/hf-cohere.yaml", "  logit_scale: {divide: d_model}\n", "",
+             ["tests/test_hf_families.py", "-k", "cohere and adamw"]),
 ]
 
 

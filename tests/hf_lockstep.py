@@ -38,6 +38,17 @@ def float64_norm(cls, one_plus: bool = False):
     return lambda: setattr(cls, "forward", old)
 
 
+def float64_layernorm(cls):
+    """Cohere's bias-free LayerNorm (transformers casts to float32) in its input's dtype."""
+    old = cls.forward
+
+    def forward(self, h):
+        c = h - h.mean(-1, keepdim=True)
+        return self.weight * (c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+    cls.forward = forward
+    return lambda: setattr(cls, "forward", old)
+
+
 def build(model_type: str, cfg: dict, dtype=torch.float64, seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.for_model(model_type, **cfg)

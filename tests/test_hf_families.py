@@ -8,14 +8,15 @@ import importlib
 import pytest
 import torch
 
-from hf_lockstep import build, check_noise, float64_norm, lockstep, noise_vs_init, widen_cli
+from hf_lockstep import build, check_noise, float64_layernorm, float64_norm, lockstep, noise_vs_init, widen_cli
 
 torch.set_num_threads(1)
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=None, bos_token_id=0, eos_token_id=0,
             tie_word_embeddings=False)
 
-# case (model_type[-variant]) -> (tiny config, [(modeling module, norm class, one_plus)] computed in float32 by transformers)
+# case (model_type[-variant]) -> (tiny config, [(modeling module, norm class, one_plus | "layernorm")] that
+# transformers computes in float32)
 FAMILIES = {
     "smollm3": ({**TINY, "no_rope_layer_interval": 2}, [("smollm3", "SmolLM3RMSNorm", False)]),
     "phi3": ({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
@@ -43,6 +44,9 @@ FAMILIES = {
     "minicpm3-untied": ({**TINY, "num_key_value_heads": 4, "q_lora_rank": None, "kv_lora_rank": 10,
                          "qk_nope_head_dim": 6, "qk_rope_head_dim": 4, "scale_emb": 3.0, "dim_model_base": 8},
                         [("minicpm3", "MiniCPM3RMSNorm", False)]),
+    "cohere": ({**TINY, "tie_word_embeddings": True, "logit_scale": 0.25, "use_qk_norm": True},
+               [("cohere", "CohereLayerNorm", "layernorm")]),
+    "cohere-untied": ({**TINY, "logit_scale": 0.5}, [("cohere", "CohereLayerNorm", "layernorm")]),
     "stablelm-seq": ({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                   "partial_rotary_factor": 0.5}}, []),
 }
@@ -53,7 +57,8 @@ def _patched(model_type: str):
     restore = []
     for mod, cls, one_plus in FAMILIES[model_type][1]:
         m = importlib.import_module(f"transformers.models.{mod}.modeling_{mod}")
-        restore.append(float64_norm(getattr(m, cls), one_plus))
+        patch = float64_layernorm if one_plus == "layernorm" else lambda c: float64_norm(c, one_plus)
+        restore.append(patch(getattr(m, cls)))
     return restore
 
 
@@ -74,6 +79,8 @@ def test_family_exact_with_adamw_state_through_20_steps(tmp_path, family):
     assert cw["model_type"] == family
     assert cw["hidden_size"] == 2 * cb["hidden_size"]
     assert cw["num_attention_heads"] == 2 * cb["num_attention_heads"]
+    if family == "cohere":  # a tied readout kept exact by its multiplier
+        assert cw["logit_scale"] == cb["logit_scale"] / 2 and cw["tie_word_embeddings"] == cb["tie_word_embeddings"]
 
 
 def test_family_noise_is_its_own_init(tmp_path, family):
