@@ -142,17 +142,20 @@ def noise_vs_init(tmp: Path, model_type: str, cfg: dict, sigma: float = 0.5, wid
     torch.manual_seed(5)  # saved, so its tensors carry the file's names (GPT-NeoX: lm_head saved as embed_out)
     AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **wcfg)).save_pretrained(tmp / "nfresh")
     fresh = load_file(tmp / "nfresh" / "model.safetensors")
+    base_sd = load_file(tmp / "nbase" / "model.safetensors")
     out = {}
     for n in a:
         noise = float((b[n].double() - a[n].double()).std()) / sigma if a[n].numel() > 1 else 0.0
-        out[n] = (noise, float(fresh[n].double().std()) if n in fresh else float("nan"))
+        widened = n not in base_sd or base_sd[n].shape != a[n].shape
+        # a tensor with no width axis is copied, never noised (nothing of it is new)
+        out[n] = (noise, float(fresh[n].double().std()) if n in fresh and widened else float("nan"))
     return out
 
 
 def check_noise(figures: dict, tol: float = 0.15) -> None:
-    """Each tensor's noise std / sigma is the family's own init std of that tensor (within `tol`, sampling
-    error of a few hundred draws); a tensor the family initializes to a constant (norm gains, zero biases)
-    gets no noise."""
+    """Each widened tensor's noise std / sigma is the family's own init std of that tensor (within `tol`, sampling
+    error of a few hundred draws); a tensor the family initializes to a constant (norm gains, zero biases), or
+    one with no width axis, gets no noise."""
     for n, (noise, init) in figures.items():
         if init == 0.0 or init != init:
             assert noise == 0.0, (n, noise, init)

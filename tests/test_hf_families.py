@@ -47,6 +47,11 @@ FAMILIES = {
     "cohere": ({**TINY, "tie_word_embeddings": True, "logit_scale": 0.25, "use_qk_norm": True},
                [("cohere", "CohereLayerNorm", "layernorm")]),
     "cohere-untied": ({**TINY, "logit_scale": 0.5}, [("cohere", "CohereLayerNorm", "layernorm")]),
+    "opt": ({**{k: v for k, v in TINY.items() if k not in ("intermediate_size", "num_key_value_heads")},
+             "ffn_dim": 48, "dropout": 0.0, "init_std": 0.05}, []),
+    "opt-post-ln-proj": ({**{k: v for k, v in TINY.items() if k not in ("intermediate_size", "num_key_value_heads")},
+                          "ffn_dim": 48, "dropout": 0.0, "do_layer_norm_before": False, "word_embed_proj_dim": 16,
+                          "tie_word_embeddings": True}, []),
     "stablelm-seq": ({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                   "partial_rotary_factor": 0.5}}, []),
 }
