@@ -100,6 +100,10 @@ MUTATIONS = [
     Mutation("cohere logit_scale kept", "Cohere: logit_scale ÷ k keeps the tied readout exact",
              "configs/hf-cohere.yaml", "  logit_scale: {divide: d_model}\n", "",
              ["tests/test_hf_families.py", "-k", "cohere and adamw"]),
+    Mutation("falcon dense per head", "Falcon new decoder: dense reads heads in whole groups",
+             "configs/hf-falcon.yaml", "{axes: [d_model, {axis: d_model, block: group_dim}]",
+             "{axes: [d_model, {axis: d_model, block: head_dim}]",
+             ["tests/test_hf_families.py", "-k", "falcon and adamw"]),
 ]
 
 

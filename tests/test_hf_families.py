@@ -52,6 +52,10 @@ FAMILIES = {
     "opt-post-ln-proj": ({**{k: v for k, v in TINY.items() if k not in ("intermediate_size", "num_key_value_heads")},
                           "ffn_dim": 48, "dropout": 0.0, "do_layer_norm_before": False, "word_embed_proj_dim": 16,
                           "tie_word_embeddings": True}, []),
+    "falcon": ({**{k: v for k, v in TINY.items() if k != "num_key_value_heads"}, "new_decoder_architecture": True,
+                "num_kv_heads": 2, "bias": True, "ffn_hidden_size": 48, "alibi": False}, []),
+    "falcon-mha-sequential": ({**{k: v for k, v in TINY.items() if k != "num_key_value_heads"},
+                               "multi_query": False, "parallel_attn": False, "alibi": False}, []),
     "stablelm-seq": ({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                   "partial_rotary_factor": 0.5}}, []),
 }
@@ -114,6 +118,8 @@ def test_smollm3_tied_needs_untie(tmp_path):
 # case -> (model_type, tiny config, words the one-line refusal must hold besides "model_type <model_type>")
 REFUSED = {
     "stablelm-qk-layernorm": ("stablelm", {**TINY, "qk_layernorm": True}, ["qk_layernorm", "norms.{h}"]),
+    "falcon-alibi": ("falcon", {**TINY, "alibi": True, "multi_query": False}, ["alibi", "slope"]),
+    "falcon-multi-query": ("falcon", {**TINY, "multi_query": True}, ["multi_query", "one key/value head"]),
     "minicpm3-no-base": ("minicpm3", {**FAMILIES["minicpm3"][0], "config_json": {"dim_model_base": None}},
                          ["dim_model_base null"]),
 }
