@@ -56,6 +56,9 @@ FAMILIES = {
                 "num_kv_heads": 2, "bias": True, "ffn_hidden_size": 48, "alibi": False}, []),
     "falcon-mha-sequential": ({**{k: v for k, v in TINY.items() if k != "num_key_value_heads"},
                                "multi_query": False, "parallel_attn": False, "alibi": False}, []),
+    "gpt_bigcode": (dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=48, multi_query=False,
+                         bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                         tie_word_embeddings=False), []),
     "stablelm-seq": ({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                   "partial_rotary_factor": 0.5}}, []),
 }
@@ -86,8 +89,8 @@ def test_family_exact_with_adamw_state_through_20_steps(tmp_path, family):
     assert r["static"] < EXACT and r["lockstep_max"] < EXACT, r
     cb, cw = r["base_config"], r["wide_config"]
     assert cw["model_type"] == family
-    assert cw["hidden_size"] == 2 * cb["hidden_size"]
-    assert cw["num_attention_heads"] == 2 * cb["num_attention_heads"]
+    width, heads = ("n_embd", "n_head") if "n_embd" in cb else ("hidden_size", "num_attention_heads")
+    assert cw[width] == 2 * cb[width] and cw[heads] == 2 * cb[heads]
     if family == "cohere":  # a tied readout kept exact by its multiplier
         assert cw["logit_scale"] == cb["logit_scale"] / 2 and cw["tie_word_embeddings"] == cb["tie_word_embeddings"]
 
@@ -120,6 +123,9 @@ REFUSED = {
     "stablelm-qk-layernorm": ("stablelm", {**TINY, "qk_layernorm": True}, ["qk_layernorm", "norms.{h}"]),
     "falcon-alibi": ("falcon", {**TINY, "alibi": True, "multi_query": False}, ["alibi", "slope"]),
     "falcon-multi-query": ("falcon", {**TINY, "multi_query": True}, ["multi_query", "one key/value head"]),
+    "gpt_bigcode-multi-query": ("gpt_bigcode", dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                     multi_query=True, bos_token_id=0, eos_token_id=0),
+                                ["multi_query", "one key/value head"]),
     "minicpm3-no-base": ("minicpm3", {**FAMILIES["minicpm3"][0], "config_json": {"dim_model_base": None}},
                          ["dim_model_base null"]),
 }
