@@ -104,6 +104,9 @@ MUTATIONS = [
              "configs/hf-falcon.yaml", "{axes: [d_model, {axis: d_model, block: group_dim}]",
              "{axes: [d_model, {axis: d_model, block: head_dim}]",
              ["tests/test_hf_families.py", "-k", "falcon and adamw"]),
+    Mutation("granite sinks per head", "Granite SWA: a sink moves with its query head (whole query groups)",
+             "configs/hf-granite-swa.yaml", '"model.layers.{i}.self_attn.sinks": [{axis: heads, block: group_heads}]',
+             '"model.layers.{i}.self_attn.sinks": [heads]', ["tests/test_hf_families.py", "-k", "granite and adamw"]),
 ]
 
 

@@ -59,6 +59,10 @@ FAMILIES = {
     "gpt_bigcode": (dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=48, multi_query=False,
                          bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                          tie_word_embeddings=False), []),
+    "granite_swa": ({**TINY, "embedding_multiplier": 3.0, "attention_multiplier": 0.1, "residual_multiplier": 0.5,
+                     "logits_scaling": 2.0, "tie_word_embeddings": True, "sliding_window": 4,
+                     "layer_types": ["sliding_attention", "full_attention"]},
+                    [("granite_swa", "GraniteSWARMSNorm", False)]),
     "stablelm-seq": ({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                   "partial_rotary_factor": 0.5}}, []),
 }
