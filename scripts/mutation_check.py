@@ -82,14 +82,10 @@ MUTATIONS = [
              "internal error", "src/mupscale_cli/core/widen.py",
              "return f.numerator > EXACT_INT or f.denominator > EXACT_INT", "return False",
              ["tests/test_segments.py", "-k", "irrational"]),
-    Mutation("moe optimizer state not refused", "Mixtral / Qwen3-MoE optimizer state refused in one line",
-             "src/mupscale_cli/commands/widen.py",
-             "elif ckpt.optimizer is not None and not opts.no_optimizer and spec.optimizer_refuse:",
-             "elif False:", ["tests/test_hf_families.py", "-k", "moe_weights"]),
     Mutation("router duplicated, not divided", "MoE router is a readout: ÷ k",
              "configs/hf-mixtral.yaml", '"model.layers.{i}.block_sparse_moe.gate.weight": {axes: [null, d_model], ',
              '"model.layers.{i}.block_sparse_moe.gate.weight": {axes: [null, d_model], fan_in: 0, ',
-             ["tests/test_hf_families.py", "-k", "moe_weights and mixtral"]),
+             ["tests/test_hf_families.py", "-k", "router_is_a_readout"]),
     Mutation("refusal does not win", "a refusing spec whose markers hold is chosen over its exact sibling",
              "src/mupscale_cli/commands/widen.py", "if refusing and len(shown) > 1:", "if False:",
              ["tests/test_hf_families.py", "-k", "refused and minicpm3"]),
@@ -107,6 +103,12 @@ MUTATIONS = [
     Mutation("granite sinks per head", "Granite SWA: a sink moves with its query head (whole query groups)",
              "configs/hf-granite-swa.yaml", '"model.layers.{i}.self_attn.sinks": [{axis: heads, block: group_heads}]',
              '"model.layers.{i}.self_attn.sinks": [heads]', ["tests/test_hf_families.py", "-k", "granite and adamw"]),
+    Mutation("moe state_only ignored", "Mixtral's fused experts: optimizer state widened as the fused parameter",
+             "src/mupscale_cli/core/plan.py", "rules = [r for r in self.spec.rules if r.state_only and r.regex.fullmatch(name)]",
+             "rules = []", ["tests/test_hf_families.py", "-k", "mixtral and adamw"]),
+    Mutation("saved_as placeholders ignored", "a parameter saved under another name per layer (Mixtral's router)",
+             "src/mupscale_cli/core/spec.py", "            return out\n    return name", "            return b\n    return name",
+             ["tests/test_hf_families.py", "-k", "mixtral and adamw"]),
 ]
 
 

@@ -89,15 +89,21 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def lockstep(tmp: Path, model_type: str, cfg: dict, pre: int = 3, steps: int = 20,
-             widen_args: tuple = ()) -> dict:
+             widen_args: tuple = (), trainer: bool = False) -> dict:
     """Train `pre` AdamW steps, save model + optimizer.pt (named groups: decay / no decay), widen k=2, train
     both `steps` more steps on the same batches. Returns the figures: static and worst lockstep relative
     logit gap, config.json before and after."""
     base = build(model_type, cfg).train()
     named = list(base.named_parameters())
-    opt = torch.optim.AdamW([{"params": [(n, p) for n, p in named if p.dim() >= 2], "weight_decay": 0.1},
-                             {"params": [(n, p) for n, p in named if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=3e-3, eps=1e-6, betas=(0.9, 0.95))
+    if trainer:  # as the Trainer builds it: decay / no decay, no names stored (mupscale takes them from the model)
+        from transformers import Trainer
+        decay = set(Trainer.get_decay_parameter_names(None, base))
+        groups = [{"params": [p for n, p in named if n in decay], "weight_decay": 0.1},
+                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [(n, p) for n, p in named if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [(n, p) for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=3e-3, eps=1e-6, betas=(0.9, 0.95))
     batches = _batches(pre + steps + 1)
     probe = batches[-1]
     for x in batches[:pre]:

@@ -8,7 +8,8 @@ import importlib
 import pytest
 import torch
 
-from hf_lockstep import build, check_noise, float64_layernorm, float64_norm, lockstep, noise_vs_init, widen_cli
+from hf_lockstep import (build, check_noise, float64_layernorm, float64_norm, float64_router, lockstep, noise_vs_init,
+                         widen_cli)
 
 torch.set_num_threads(1)
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -63,6 +64,11 @@ FAMILIES = {
                      "logits_scaling": 2.0, "tie_word_embeddings": True, "sliding_window": 4,
                      "layer_types": ["sliding_attention", "full_attention"]},
                     [("granite_swa", "GraniteSWARMSNorm", False)]),
+    "mixtral": ({**TINY, "num_local_experts": 4, "num_experts_per_tok": 2},
+                [("mixtral", "MixtralRMSNorm", False), ("mixtral", "MixtralTopKRouter", "router")]),
+    "qwen3_moe": ({**TINY, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "head_dim": 8,
+                   "mlp_only_layers": [1], "norm_topk_prob": True},
+                  [("qwen3_moe", "Qwen3MoeRMSNorm", False), ("qwen3_moe", "Qwen3MoeTopKRouter", "router-norm")]),
     "stablelm-seq": ({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                   "partial_rotary_factor": 0.5}}, []),
 }
@@ -73,7 +79,8 @@ def _patched(model_type: str):
     restore = []
     for mod, cls, one_plus in FAMILIES[model_type][1]:
         m = importlib.import_module(f"transformers.models.{mod}.modeling_{mod}")
-        patch = float64_layernorm if one_plus == "layernorm" else lambda c: float64_norm(c, one_plus)
+        patch = {"layernorm": float64_layernorm, "router": lambda c: float64_router(c, None),
+                 "router-norm": float64_router}.get(one_plus, lambda c: float64_norm(c, one_plus))
         restore.append(patch(getattr(m, cls)))
     return restore
 
@@ -158,6 +165,8 @@ def test_family_refused_in_one_line_naming_model_type(tmp_path, case):
     ("{a: a}", "two different names"),
     ("{a: x, b: x}", "each file name once"),
     ("{a: b, b: c}", "both a parameter and a file name"),
+    ("{'l.{i}.g': 'm.g'}", "same {word} placeholders"),
+    ("{'l.*.g': 'm.*.g'}", "no '\\*'"),
 ])
 def test_saved_as_is_checked(saved, why):
     from mupscale_cli.core.spec import parse_spec
@@ -166,54 +175,46 @@ def test_saved_as_is_checked(saved, why):
         parse_spec(f"name: s\nsaved_as: {saved}\ntensors:\n  w: [d]\n", "s.yaml")
 
 
-MOE = {  # model_type -> (tiny config, norm class, router class, renormalize)
-    "mixtral": ({**TINY, "num_local_experts": 4, "num_experts_per_tok": 2}, "MixtralRMSNorm", "MixtralTopKRouter",
-                None),
-    "qwen3_moe": ({**TINY, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "head_dim": 8,
-                   "mlp_only_layers": [1], "norm_topk_prob": True}, "Qwen3MoeRMSNorm", "Qwen3MoeTopKRouter",
-                  "norm_topk_prob"),
-}
+def test_saved_as_maps_both_ways_per_layer():
+    from mupscale_cli.core.spec import parse_spec, saved_name
+    spec = parse_spec("name: s\nsaved_as: {'l.{i}.mlp.gate.weight': 'l.{i}.moe.gate.weight', a: b}\n"
+                      "tensors:\n  w: [d]\n", "s.yaml")
+    assert saved_name(spec, "l.12.mlp.gate.weight") == "l.12.moe.gate.weight"
+    assert saved_name(spec, "l.12.moe.gate.weight", reverse=True) == "l.12.mlp.gate.weight"
+    assert saved_name(spec, "a") == "b" and saved_name(spec, "b", reverse=True) == "a"
+    assert saved_name(spec, "l.x.mlp.gate.weight") == "l.x.mlp.gate.weight"  # {i} is a layer index only
+    assert saved_name(spec, "l.1.mlp.gate.weightX") == "l.1.mlp.gate.weightX"
 
 
-@pytest.mark.parametrize("model_type", list(MOE))
-def test_moe_weights_exact_router_a_readout_optimizer_refused(tmp_path, model_type):
-    """Experts widen like dense MLPs; the router ([experts, hidden]) is a readout, divided by k, so the router
-    logits, the experts chosen and their weights are the same: float64 logits agree to round-off. The optimizer
-    state (fused in transformers, per expert in the file) is refused in one line naming model_type, so there is
-    no lockstep from a widened state (issue 18 §3 not met for MoE: see the report)."""
-    from hf_lockstep import float64_router, load, rel
-    from safetensors.torch import load_file
-    cfg, norm, router, renorm = MOE[model_type]
-    m = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    restore = [float64_norm(getattr(m, norm)), float64_router(getattr(m, router), renorm)]
+def test_mixtral_trainer_checkpoint_state_by_model_names(tmp_path):
+    """A Trainer-style optimizer.pt (no names: mupscale takes them from the model transformers builds) of Mixtral:
+    the fused experts and the renamed router are matched, widened, and the output names them as the model does."""
+    restore = _patched("mixtral")
     try:
-        base = build(model_type, cfg).eval()
-        base.save_pretrained(tmp_path / "base")
-        widen_cli(tmp_path / "base", "--k", "2", "-o", tmp_path / "wide")
-        wide = load(tmp_path / "wide").eval()
-        x = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            gap = rel(base(x).logits, wide(x).logits)
-        print({"family": model_type, "static": gap})
-        assert gap < EXACT
-        a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("base", "wide"))
-        gate = next(n for n in a if n.endswith("gate.weight") and "proj" not in n)
-        assert torch.equal(b[gate], a[gate].repeat_interleave(2, 1) / 2)  # the router: duplicated, ÷ k
+        r = lockstep(tmp_path, "mixtral", FAMILIES["mixtral"][0], steps=5, trainer=True)
     finally:
-        for r in restore:
-            r()
-    opt = torch.optim.AdamW(base.named_parameters(), lr=1e-3)
-    base.train()(input_ids=x, labels=x).loss.backward()
-    opt.step()
-    torch.save(opt.state_dict(), tmp_path / "base" / "optimizer.pt")
-    r = widen_cli(tmp_path / "base", "--k", "2", "-o", tmp_path / "wide2", check=False)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and f"model_type {model_type}" in lines[0], r.stderr
-    assert "--no-optimizer" in lines[0] and not (tmp_path / "wide2").exists()
-    widen_cli(tmp_path / "base", "--k", "2", "-o", tmp_path / "wide2", "--no-optimizer")
-    assert not (tmp_path / "wide2" / "optimizer.pt").exists()
+        for f in restore:
+            f()
+    assert r["static"] < EXACT and r["lockstep_max"] < EXACT, r
+    sd = torch.load(tmp_path / "wide" / "optimizer.pt", weights_only=True)
+    names = {n for g in sd["param_groups"] for n in g["param_names"]}
+    assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.gate.weight"} <= names
 
 
-@pytest.mark.parametrize("model_type", list(MOE))
-def test_moe_noise_is_its_own_init(tmp_path, model_type):
-    check_noise(noise_vs_init(tmp_path, model_type, MOE[model_type][0]))
+def test_moe_router_is_a_readout(tmp_path):
+    """The router ([experts, hidden]) reads a fixed expert axis from the width: duplicated and divided by k, so
+    its logits, the experts chosen and their weights do not change."""
+    from safetensors.torch import load_file
+    build("mixtral", FAMILIES["mixtral"][0], dtype=torch.float32).save_pretrained(tmp_path / "base")
+    widen_cli(tmp_path / "base", "--k", "2", "-o", tmp_path / "wide")
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("base", "wide"))
+    gate = "model.layers.0.block_sparse_moe.gate.weight"
+    assert torch.equal(b[gate], a[gate].repeat_interleave(2, 1) / 2)
+
+
+@pytest.mark.parametrize("key", ["state_only", "state"])
+def test_state_flags_are_booleans(key):
+    from mupscale_cli.core.spec import parse_spec
+    from mupscale_cli.errors import MupscaleError
+    with pytest.raises(MupscaleError, match=f"'{key}' must be true or false"):
+        parse_spec(f"name: s\ntensors:\n  w: {{axes: [d], {key}: 1}}\n", "s.yaml")

@@ -31,7 +31,7 @@ from mupscale_cli.core.job import (DTYPES, Prepared, WidenOptions, out_dtype, pa
 from mupscale_cli.core.optstate import (STATE_POWER, map_optimizer, optimizer_layout, optimizer_notes, scale_lr,
                                         widen_optimizer)
 from mupscale_cli.core.plan import make_plan, parse_k
-from mupscale_cli.core.spec import Spec, bundled_specs, load_spec, parse_spec, shows_evidence
+from mupscale_cli.core.spec import Spec, bundled_specs, load_spec, parse_spec, saved_name, shows_evidence
 from mupscale_cli.core.checks import check_optimizer, check_widened, hparam_notes
 from mupscale_cli.core.checks import _plain_step  # noqa: F401
 from mupscale_cli.core.widen import widen_noised, widen_range
@@ -141,9 +141,6 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
     if ckpt.optimizer is not None and opts.untie:
         notes.append("--untie: the optimizer state of the tied tensor does not describe two untied ones (their "
                      "training differs from the tied base's): weights only")
-    elif ckpt.optimizer is not None and not opts.no_optimizer and spec.optimizer_refuse:
-        raise MupscaleError(f"{spec.optimizer_refuse}: the optimizer state cannot be widened; pass --no-optimizer "
-                            f"to widen the weights only (exact) and start a new optimizer")
     elif ckpt.optimizer is not None and not opts.no_optimizer:
         omap = map_optimizer(ckpt.optimizer, plan, opts.optimizer, opts.opt_layout, ckpt.strip)
         notes += optimizer_notes(ckpt.optimizer, plan, omap)
@@ -315,7 +312,7 @@ def optimizer_out(prep: Prepared, names_out, lr_scale: float = 1.0) -> tuple[lis
         if not isinstance(st, LazyTensors) and not isinstance(st[e.key], torch.Tensor):
             continue  # None: not stored, as torch would not need it
         shape, dtype = tensor_meta(st, e.key)
-        p = prep.plan.tensors[e.name]
+        p = prep.plan.state_plan(e.name)
         name = f"{OPTIM_NS}{strip_prefix(names_out(e.name))}/{e.key}"
         if e.key == "step" or len(shape) == 0:
             def make(a: int, b: int, alloc=None, st=st, key=e.key) -> torch.Tensor:
@@ -524,11 +521,12 @@ def trainer_files(prep: Prepared, opts: WidenOptions) -> tuple[dict, list[dict] 
                           "is a model directory")
         return {}, None
     mapped = {n for names in prep.omap.names for n in names}
-    if any(n not in mapped for n in prep.plan.params):
+    if any(n not in mapped and not prep.plan.tensors[n].stateless for n in prep.plan.params):
         raise MupscaleError(f"{src.path}: --untie adds a parameter the Trainer's optimizer state has no entry for; "
                             f"widen the model only (--no-optimizer) and start a new optimizer")
-    module = {f: m for m, f in prep.plan.spec.saved_as.items()}  # param_names as the model names them
-    osd = widen_optimizer(prep.ckpt.optimizer, prep.plan, prep.omap, names_out=lambda n: module.get(n, n))
+    spec = prep.plan.spec  # param_names as the model names them
+    osd = widen_optimizer(prep.ckpt.optimizer, prep.plan, prep.omap,
+                          names_out=lambda n: saved_name(spec, n, reverse=True))
     osd["param_groups"] = scale_lr(osd["param_groups"], opts.lr_scale)
     sched = hf_trainer.widen_scheduler(src.path, osd["param_groups"]) if (src.path / hf.SCHEDULER).is_file() else None
     files = {hf.OPTIMIZER: lambda p: torch.save(osd, p)}

@@ -16,10 +16,10 @@ from mupscale_cli.errors import MupscaleError
 BUNDLED_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[3] / "configs")
 SPEC_KEYS = {"name", "description", "detect", "readout", "sizes", "model_args", "tied", "tensors", "model",
              "evidence", "refuse", "config", "optimizer", "init", "untie", "notes", "tied_if", "saved_as"}
-RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "std", "k_power"}
+RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "std", "k_power", "state_only", "state"}
 EVIDENCE_PLACES = ("model_args", "config", "config_json")  # where a checkpoint shows its parametrization
 REWRITES = ("times", "divide", "keep", "set")
-OPTIM_KEYS = {"layouts", "group_keys", "resume_note", "refuse"}
+OPTIM_KEYS = {"layouts", "group_keys", "resume_note"}
 HPARAMS = ("lr", "eps", "weight_decay")
 DIM_KEYS = {"axis", "block", "segments"}
 READOUTS = ("mup", "sum")
@@ -46,6 +46,8 @@ class Rule:
     optional: bool = False
     std: str | None = None  # the stack's own init std of this tensor: an expression (init_std below)
     k_power: float = 0.0  # weights × k^p, gradients × k^-p: the model multiplies this tensor by c ∝ width^-p
+    state_only: bool = False  # names a parameter of the model that the file stores split (optimizer state only)
+    stateless: bool = False  # a file tensor whose optimizer state lives in a state_only parameter
 
 
 @dataclass
@@ -70,7 +72,6 @@ class Spec:
     layouts: dict[str, list[dict]] = field(default_factory=dict)  # optimizer layouts: name -> group filters
     group_keys: dict[str, str] = field(default_factory=dict)  # param-group key -> hyper-parameter it scales as
     resume_note: str = ""  # shown after widening: how to resume in the stack's own script
-    optimizer_refuse: str = ""  # why this stack's optimizer state cannot be widened (weights still can)
     init: dict[str, object] = field(default_factory=dict)  # defaults of names the std expressions use
     untie: dict = field(default_factory=dict)  # {readout, from, fan_in, set}: --untie
     notes: list[str] = field(default_factory=list)
@@ -219,9 +220,13 @@ def _parse_rule(pattern: str, body) -> Rule:
     kp = body.get("k_power", 0)
     if not isinstance(kp, (int, float)) or isinstance(kp, bool):
         raise _fail(where, f"'k_power' must be a number (e.g. -0.5), got {kp!r}")
+    for key in ("state_only", "state"):
+        if not isinstance(body.get(key, key == "state"), bool):
+            raise _fail(where, f"'{key}' must be true or false")
     return Rule(pattern, compile_pattern(pattern), dims, fan_in, body.get("buffer", False),
                 noise if isinstance(noise, bool) or noise is None else float(noise), body.get("optional", False),
-                None if std is None else str(std), float(kp))
+                None if std is None else str(std), float(kp), body.get("state_only", False),
+                not body.get("state", True))
 
 
 class _UniqueKeyLoader(BoundedLoader):
@@ -433,10 +438,6 @@ def _parse_extras(spec: Spec, d: dict, model_args: dict) -> None:
                 raise _fail(src, f"optimizer group_keys {key!r}: scales like one of {', '.join(HPARAMS)}, got {hp!r}")
             spec.group_keys[str(key)] = hp
         spec.resume_note = str(opt.get("resume_note", ""))
-        ref = opt.get("refuse", "")
-        if not isinstance(ref, str):
-            raise _fail(src, "optimizer 'refuse' is a one-line reason")
-        spec.optimizer_refuse = ref
     init = d.get("init") or {}
     if not isinstance(init, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                              for v in init.values()):
@@ -462,6 +463,28 @@ def _parse_extras(spec: Spec, d: dict, model_args: dict) -> None:
     if len(set(saved.values())) != len(saved) or set(saved) & set(saved.values()):
         raise _fail(src, "'saved_as': each file name once, and no name both a parameter and a file name")
     spec.saved_as = dict(saved)
+    for a, b in saved.items():
+        if re.findall(r"\{\w+\}", a) != re.findall(r"\{\w+\}", b) or "*" in a + b:
+            raise _fail(src, f"'saved_as' {a!r}: {b!r}: both names must hold the same {{word}} placeholders, in "
+                             f"the same order, and no '*'")
+
+
+def saved_name(spec: Spec, name: str, reverse: bool = False) -> str:
+    """The file's name of the model's parameter `name` (spec 'saved_as', whose {word} placeholders match layer
+    indices), else `name` itself; reverse=True: the model's name of a file's tensor."""
+    for a, b in spec.saved_as.items():
+        if reverse:
+            a, b = b, a
+        keys = re.findall(r"\{(\w+)\}", a)
+        rx = "".join("([0-9]+)" if re.fullmatch(r"\{\w+\}", part) else re.escape(part)
+                     for part in re.split(r"(\{\w+\})", a))
+        m = re.fullmatch(rx, name)
+        if m:
+            out = b
+            for key, value in zip(keys, m.groups()):
+                out = out.replace("{" + key + "}", value, 1)
+            return out
+    return name
 
 
 # ---- init-std expressions: numbers, names, + - * / **, sqrt(), parentheses -----------------------------
