@@ -199,6 +199,11 @@ def test_mixtral_trainer_checkpoint_state_by_model_names(tmp_path):
     sd = torch.load(tmp_path / "wide" / "optimizer.pt", weights_only=True)
     names = {n for g in sd["param_groups"] for n in g["param_names"]}
     assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.gate.weight"} <= names
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "mupscale_cli", "inspect", str(tmp_path / "base"), "--k", "2"],
+                       capture_output=True, text=True)  # its optimizer groups' factors (was an internal error)
+    assert r.returncode == 0 and "experts" in r.stdout, r.stderr[-400:]
 
 
 def test_moe_router_is_a_readout(tmp_path):

@@ -68,9 +68,9 @@ def run_inspect(opts: WidenOptions) -> dict:
     if prep.omap is not None:
         groups = []
         for i, (g, names) in enumerate(zip(prep.ckpt.optimizer["param_groups"], prep.omap.names)):
-            fs = sorted({", ".join(f"{h}×{f}" for h, f in factors(prep.omap.kind, plan.tensors[n].s,
-                                                                   plan.tensors[n].g).items() if h in g)
-                         for n in names})
+            fs = sorted({", ".join(f"{h}×{f}" for h, f in factors(prep.omap.kind, plan.state_plan(n).s,
+                                                                   plan.state_plan(n).g).items() if h in g)
+                         for n in names})  # state_plan: a parameter the file splits (fused experts) too
             groups.append({"group": i, "tensors": len(names), "factors": fs})
         optim = {"kind": prep.omap.kind, "layout": prep.omap.layout, "groups": groups}
     prov = {k: v for k, v in provenance_of(prep.ckpt).items() if k != PROV_DIGESTS}
