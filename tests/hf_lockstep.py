@@ -6,6 +6,7 @@ to float64 in this process only (the widening never runs the model)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -163,7 +164,7 @@ def check_noise(figures: dict, tol: float = 0.15) -> None:
     error of a few hundred draws); a tensor the family initializes to a constant (norm gains, zero biases), or
     one with no width axis, gets no noise."""
     for n, (noise, init) in figures.items():
-        if init == 0.0 or init != init:
+        if init == 0.0 or math.isnan(init):
             assert noise == 0.0, (n, noise, init)
         else:
             assert abs(noise / init - 1) < tol, (n, noise, init)
