@@ -114,6 +114,10 @@ MUTATIONS = [
              "if any(n not in mapped and not prep.plan.tensors[n].stateless for n in prep.plan.params):",
              "if any(n not in mapped for n in prep.plan.params):",
              ["tests/test_hf_families.py", "-k", "trainer_checkpoint"]),
+    Mutation("forced spec against config.json", "--spec NAME never widens a layout config.json contradicts",
+             "src/mupscale_cli/commands/widen.py", "        if opts.spec:\n            _check_config_json_markers(spec, ckpt)",
+             "        if False:\n            _check_config_json_markers(spec, ckpt)",
+             ["tests/test_hf_families.py", "-k", "forced_spec"]),
 ]
 
 

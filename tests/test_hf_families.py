@@ -223,3 +223,20 @@ def test_state_flags_are_booleans(key):
     from mupscale_cli.errors import MupscaleError
     with pytest.raises(MupscaleError, match=f"'{key}' must be true or false"):
         parse_spec(f"name: s\ntensors:\n  w: {{axes: [d], {key}: 1}}\n", "s.yaml")
+
+
+def test_a_forced_spec_never_widens_another_layout(tmp_path):
+    """--spec NAME on a Hugging Face directory whose config.json contradicts the spec's markers (a multi_query
+    Falcon forced through the multi-head spec, whose shapes happen to fit): one line, exit 2, nothing written;
+    a refusing spec given by name still refuses."""
+    build("falcon", {**TINY, "multi_query": True}, dtype=torch.float32).save_pretrained(tmp_path / "base")
+    for spec, words in (("hf-falcon-mha", ["--spec hf-falcon-mha", "multi_query True", "omit --spec"]),
+                        ("hf-falcon-mq", ["model_type falcon with multi_query"]),
+                        ("hf-llama", ["--spec hf-llama", "model_type 'falcon'"])):
+        r = widen_cli(tmp_path / "base", "--k", "2", "-o", tmp_path / "wide", "--spec", spec, check=False)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and all(w in lines[0] for w in words), r.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    build("falcon", {**TINY, "multi_query": False, "alibi": False}, dtype=torch.float32).save_pretrained(
+        tmp_path / "mha")
+    widen_cli(tmp_path / "mha", "--k", "2", "-o", tmp_path / "wide", "--spec", "hf-falcon-mha")  # its own: fine

@@ -112,6 +112,25 @@ def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> S
     raise MupscaleError(f"no bundled spec covers {ckpt.path.name} ({detail}); pass --spec FILE")
 
 
+def _check_config_json_markers(spec: Spec, ckpt: Checkpoint) -> None:
+    """--spec NAME on a Hugging Face directory: a spec whose markers are all config.json's (model_type,
+    multi_query, alibi, ...) describes only the layouts they name; config.json is the model transformers builds,
+    so a spec whose markers it contradicts would widen another architecture (exit 0, not the same function)."""
+    cj = getattr(ckpt, "config_json", None)
+    alts = spec.evidence
+    if not isinstance(cj, dict) or not alts or not all(k.startswith("config_json.") for a in alts for k in a):
+        return
+    if spec.refuse and shows_evidence(spec, evidence_places(ckpt)):
+        raise MupscaleError(f"{ckpt.path.name} is {spec.name}: {spec.refuse['reason']} "
+                            f"(see {spec.refuse.get('doc', NO_EVIDENCE_DOC)})")
+    if not shows_evidence(spec, evidence_places(ckpt)):
+        raise MupscaleError(f"--spec {spec.name} describes config.json with {_marker(spec)}, but "
+                            f"{ckpt.path.name}'s config.json has model_type {cj.get('model_type')!r}"
+                            + "".join(f", {k.partition('.')[2]} {cj.get(k.partition('.')[2])!r}"
+                                      for k in spec.evidence[0] if k != "config_json.model_type")
+                            + "; that is another architecture: omit --spec to let config.json choose")
+
+
 def _marker(spec: Spec) -> str:
     return " and ".join(f"{k}={v!r}" for k, v in spec.evidence[0].items())
 
@@ -134,6 +153,8 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
         spec = opts.spec
     else:
         spec = load_spec(opts.spec) if opts.spec else detect_spec(ckpt, k, opts.sizes)
+        if opts.spec:
+            _check_config_json_markers(spec, ckpt)
     cfg = ckpt.extra.get("config") if isinstance(ckpt.extra.get("config"), dict) else None
     plan = make_plan(spec, ckpt.shapes(), k, ckpt.model_args, opts.sizes, ckpt.tensors, config=cfg,
                      untie=opts.untie)
