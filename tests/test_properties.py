@@ -141,6 +141,9 @@ def test_parse_k_round_trip(ks, single) -> None:
 def test_eval_size_is_exact(x, y, z) -> None:
     assert eval_size("x * y / y", {"x": x, "y": y}) == x
     assert eval_size(f"x*{z}/x", {"x": x}) == z
+    assert eval_size("x * y + z / z + 3", {"x": x, "y": y, "z": z}) == x * y + 4  # sums of products
+    with pytest.raises(ValueError):
+        eval_size("x +", {"x": x})
     if x % z:
         with pytest.raises(ValueError):
             eval_size(f"x / {z}", {"x": x})

@@ -60,15 +60,17 @@ def run_inspect(opts: WidenOptions) -> dict:
             "name": n, "role": p.role, "axes": p.axes_text, "shape": list(p.shape),
             "widened": list(p.out_shape), "bytes": p.out_bytes, "s": str(p.s), "g": str(p.g),
             "noise_std": opts.sigma * p.noise_unit, "tied_to": p.alias_of,
-            "layout": ",".join(f"{d.axis}/{d.block}" for d in p.dims if d.axis and d.block > 1) or None,
+            "layout": ",".join(f"{d.axis}/" + ("+".join(f"{a}:{b}" for a, b in d.segments) if d.segments
+                                                  else str(d.block))
+                               for d in p.dims if d.axis and (d.block > 1 or d.segments)) or None,
         })
     optim = None
     if prep.omap is not None:
         groups = []
         for i, (g, names) in enumerate(zip(prep.ckpt.optimizer["param_groups"], prep.omap.names)):
-            fs = sorted({", ".join(f"{h}×{f}" for h, f in factors(prep.omap.kind, plan.tensors[n].s,
-                                                                   plan.tensors[n].g).items() if h in g)
-                         for n in names})
+            fs = sorted({", ".join(f"{h}×{f}" for h, f in factors(prep.omap.kind, plan.state_plan(n).s,
+                                                                   plan.state_plan(n).g).items() if h in g)
+                         for n in names})  # state_plan: a parameter the file splits (fused experts) too
             groups.append({"group": i, "tensors": len(names), "factors": fs})
         optim = {"kind": prep.omap.kind, "layout": prep.omap.layout, "groups": groups}
     prov = {k: v for k, v in provenance_of(prep.ckpt).items() if k != PROV_DIGESTS}

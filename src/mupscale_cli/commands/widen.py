@@ -31,7 +31,7 @@ from mupscale_cli.core.job import (DTYPES, Prepared, WidenOptions, out_dtype, pa
 from mupscale_cli.core.optstate import (STATE_POWER, map_optimizer, optimizer_layout, optimizer_notes, scale_lr,
                                         widen_optimizer)
 from mupscale_cli.core.plan import make_plan, parse_k
-from mupscale_cli.core.spec import Spec, bundled_specs, load_spec, parse_spec, shows_evidence
+from mupscale_cli.core.spec import Spec, bundled_specs, load_spec, parse_spec, saved_name, shows_evidence
 from mupscale_cli.core.checks import check_optimizer, check_widened, hparam_notes
 from mupscale_cli.core.checks import _plain_step  # noqa: F401
 from mupscale_cli.core.widen import widen_noised, widen_range
@@ -89,6 +89,9 @@ def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> S
         fits.append(spec)
     places = evidence_places(ckpt)
     shown = [s for s in fits if shows_evidence(s, places)]
+    refusing = [s for s in shown if s.refuse]
+    if refusing and len(shown) > 1:  # a refusal's markers are narrower than its exact sibling's (model_type)
+        shown = refusing[:1]
     if len(shown) == 1:
         if shown[0].refuse:
             raise MupscaleError(f"{ckpt.path.name} is {shown[0].name}: {shown[0].refuse['reason']} "
@@ -107,6 +110,25 @@ def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> S
             f"GPT-2) has no exact widening (see {NO_EVIDENCE_DOC})")
     detail = "; ".join(f"{n}: {w}" for n, w in why.items())
     raise MupscaleError(f"no bundled spec covers {ckpt.path.name} ({detail}); pass --spec FILE")
+
+
+def _check_config_json_markers(spec: Spec, ckpt: Checkpoint) -> None:
+    """--spec NAME on a Hugging Face directory: a spec whose markers are all config.json's (model_type,
+    multi_query, alibi, ...) describes only the layouts they name; config.json is the model transformers builds,
+    so a spec whose markers it contradicts would widen another architecture (exit 0, not the same function)."""
+    cj = getattr(ckpt, "config_json", None)
+    alts = spec.evidence
+    if not isinstance(cj, dict) or not alts or not all(k.startswith("config_json.") for a in alts for k in a):
+        return
+    if spec.refuse and shows_evidence(spec, evidence_places(ckpt)):
+        raise MupscaleError(f"{ckpt.path.name} is {spec.name}: {spec.refuse['reason']} "
+                            f"(see {spec.refuse.get('doc', NO_EVIDENCE_DOC)})")
+    if not shows_evidence(spec, evidence_places(ckpt)):
+        raise MupscaleError(f"--spec {spec.name} describes config.json with {_marker(spec)}, but "
+                            f"{ckpt.path.name}'s config.json has model_type {cj.get('model_type')!r}"
+                            + "".join(f", {k.partition('.')[2]} {cj.get(k.partition('.')[2])!r}"
+                                      for k in spec.evidence[0] if k != "config_json.model_type")
+                            + "; that is another architecture: omit --spec to let config.json choose")
 
 
 def _marker(spec: Spec) -> str:
@@ -131,6 +153,8 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
         spec = opts.spec
     else:
         spec = load_spec(opts.spec) if opts.spec else detect_spec(ckpt, k, opts.sizes)
+        if opts.spec:
+            _check_config_json_markers(spec, ckpt)
     cfg = ckpt.extra.get("config") if isinstance(ckpt.extra.get("config"), dict) else None
     plan = make_plan(spec, ckpt.shapes(), k, ckpt.model_args, opts.sizes, ckpt.tensors, config=cfg,
                      untie=opts.untie)
@@ -309,7 +333,7 @@ def optimizer_out(prep: Prepared, names_out, lr_scale: float = 1.0) -> tuple[lis
         if not isinstance(st, LazyTensors) and not isinstance(st[e.key], torch.Tensor):
             continue  # None: not stored, as torch would not need it
         shape, dtype = tensor_meta(st, e.key)
-        p = prep.plan.tensors[e.name]
+        p = prep.plan.state_plan(e.name)
         name = f"{OPTIM_NS}{strip_prefix(names_out(e.name))}/{e.key}"
         if e.key == "step" or len(shape) == 0:
             def make(a: int, b: int, alloc=None, st=st, key=e.key) -> torch.Tensor:
@@ -518,10 +542,12 @@ def trainer_files(prep: Prepared, opts: WidenOptions) -> tuple[dict, list[dict] 
                           "is a model directory")
         return {}, None
     mapped = {n for names in prep.omap.names for n in names}
-    if any(n not in mapped for n in prep.plan.params):
+    if any(n not in mapped and not prep.plan.tensors[n].stateless for n in prep.plan.params):
         raise MupscaleError(f"{src.path}: --untie adds a parameter the Trainer's optimizer state has no entry for; "
                             f"widen the model only (--no-optimizer) and start a new optimizer")
-    osd = widen_optimizer(prep.ckpt.optimizer, prep.plan, prep.omap)
+    spec = prep.plan.spec  # param_names as the model names them
+    osd = widen_optimizer(prep.ckpt.optimizer, prep.plan, prep.omap,
+                          names_out=lambda n: saved_name(spec, n, reverse=True))
     osd["param_groups"] = scale_lr(osd["param_groups"], opts.lr_scale)
     sched = hf_trainer.widen_scheduler(src.path, osd["param_groups"]) if (src.path / hf.SCHEDULER).is_file() else None
     files = {hf.OPTIMIZER: lambda p: torch.save(osd, p)}

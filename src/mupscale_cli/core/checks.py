@@ -107,15 +107,15 @@ def check_state_layout(prep: Prepared) -> None:
         if not dtype.is_floating_point:
             raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is {dtype}, expected a float tensor; "
                                 f"re-save the optimizer with opt.state_dict()")
-        p = prep.plan.tensors[n]
+        p = prep.plan.state_plan(n)
         if is_float8(dtype) and not p.buffer and p.g != 1:
             from mupscale_cli.core.optstate import STATE_POWER
             raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is {dtype} and moves like the gradient "
                                 f"(× {p.g ** STATE_POWER[key]}): float8 cannot hold that exactly; keep optimizer "
                                 f"state in float32")
-        if shape != prep.plan.tensors[n].shape:
+        if shape != p.shape:
             raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} has shape {list(shape)}, the tensor "
-                                f"has {list(prep.plan.tensors[n].shape)}; the optimizer belongs to another model")
+                                f"has {list(p.shape)}; the optimizer belongs to another model")
 
 
 def check_values(prep: Prepared, strict: bool, chunk: int = 1 << 22) -> list[str]:

@@ -10,6 +10,7 @@ import torch
 from mupscale_cli.core.optcheck import check_optimizer
 from mupscale_cli.core.source import LazyTensors, tensor_meta
 from mupscale_cli.core.plan import Plan
+from mupscale_cli.core.spec import saved_name
 from mupscale_cli.core.widen import widen
 from mupscale_cli.errors import MupscaleError
 
@@ -81,11 +82,12 @@ def _layout_names(layout: str, sd: dict, plan: Plan, strip) -> list[list[str]] |
         out = []
         for g in groups:
             names = []
-            for raw in g["param_names"]:
+            for pid, raw in zip(g["params"], g["param_names"]):
                 n = strip(raw)
-                if n not in plan.tensors:
+                n = saved_name(plan.spec, n)  # the file's name of a parameter saved under another name
+                if n not in plan.tensors and plan.state_plan(n, _state_meta(sd["state"].get(pid))) is None:
                     return f"param_names has {raw!r}, which is not a tensor of the checkpoint"
-                names.append(plan.tensors[n].alias_of or n)
+                names.append(plan.state_plan(n).alias_of or n)
             out.append(names)
         return out
     if layout in plan.spec.layouts:  # the spec's stack builds its groups this way
@@ -115,6 +117,24 @@ def _layout_names(layout: str, sd: dict, plan: Plan, strip) -> list[list[str]] |
     return out
 
 
+def _state_meta(st) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """Shape and dtype of a parameter as its optimizer state shows them (its first non-scalar entry)."""
+    if not isinstance(st, (dict, LazyTensors)):
+        return None
+    for key in st:
+        if key == "step":
+            continue
+        if isinstance(st, LazyTensors):
+            shape, dtype = tensor_meta(st, key)
+        elif isinstance(st[key], torch.Tensor):
+            shape, dtype = tuple(st[key].shape), st[key].dtype
+        else:
+            continue
+        if len(shape) > 0:
+            return tuple(shape), dtype
+    return None
+
+
 def _check(cand: list[list[str]], sd: dict, plan: Plan) -> str | None:
     groups = sd["param_groups"]
     if len(cand) != len(groups):
@@ -126,9 +146,9 @@ def _check(cand: list[list[str]], sd: dict, plan: Plan) -> str | None:
             st = sd["state"].get(pid, {})
             for key in st:
                 shape = state_shape(st, key)
-                if shape is not None and len(shape) > 0 and shape != plan.tensors[n].shape:
+                if shape is not None and len(shape) > 0 and shape != plan.state_plan(n).shape:
                     return f"state {key!r} of id {pid} has shape {list(shape)}, tensor {n!r} has " \
-                           f"{list(plan.tensors[n].shape)}"
+                           f"{list(plan.state_plan(n).shape)}"
     return None
 
 
@@ -251,7 +271,7 @@ def optimizer_layout(sd: dict, plan: Plan, omap: OptimizerMap, names_out=None) -
     for g, names in zip(sd["param_groups"], omap.names):
         parts: dict[tuple, list[tuple[int, str]]] = {}
         for pid, n in zip(g["params"], names):
-            p = plan.tensors[n]
+            p = plan.state_plan(n)
             f = factors(omap.kind, p.s, p.g)
             f.update({gk: f[hp] for gk, hp in plan.spec.group_keys.items() if hp in f})
             key = tuple((h, f[h]) for h in (*SCALED, *plan.spec.group_keys)
@@ -285,7 +305,7 @@ def widen_entry(e: StateEntry, plan: Plan):
     v = e.source[e.key]
     if e.key == "step":
         return v.clone() if isinstance(v, torch.Tensor) else v
-    return None if v is None else widen(v, plan.tensors[e.name], STATE_POWER[e.key])
+    return None if v is None else widen(v, plan.state_plan(e.name), STATE_POWER[e.key])
 
 
 def widen_optimizer(sd: dict, plan: Plan, omap: OptimizerMap, names_out=None) -> dict:

@@ -20,6 +20,16 @@ class DimPlan:
     axis: str | None
     k: int
     block: int
+    segments: tuple[tuple[int, int], ...] = ()  # (size, block) parts of a fused dimension, each duplicated alone
+
+    def source(self, n: int) -> torch.Tensor:
+        """For a dimension of input size n: the input coordinate each output coordinate copies (length n k)."""
+        parts, off = [], 0
+        for size, b in self.segments or ((n, self.block),):
+            r = torch.arange(size * self.k)
+            parts.append(off + (r // (self.k * b)) * b + r % b)
+            off += size
+        return torch.cat(parts)
 
 
 @dataclass
@@ -37,6 +47,7 @@ class TensorPlan:
     noise_unit: float = 0.0  # noise std at sigma = 1
     alias_of: str | None = None
     source: str | None = None  # read from this tensor instead (--untie: the readout made from the embedding)
+    stateless: bool = False  # its optimizer state lives in a state_only parameter (experts the file splits)
 
     @property
     def n_width(self) -> int:
@@ -73,6 +84,24 @@ class Plan:
 
     untied: bool = False  # --untie: the spec's tied readout is written as its own tensor
     notes: list[str] = field(default_factory=list)
+    state_tensors: dict[str, TensorPlan] = field(default_factory=dict)  # state_only parameters met so far
+    env: dict = field(default_factory=dict)  # names the std expressions use
+
+    def state_plan(self, name: str, meta: tuple | None = None) -> TensorPlan | None:
+        """The plan of a parameter the optimizer state names: a tensor of the checkpoint, or a parameter the
+        model holds whole and the file splits (a spec rule with state_only: true; Mixtral's fused experts),
+        planned from its state's shape `meta` = (shape, dtype) the first time. None when neither."""
+        if name in self.tensors:
+            return self.tensors[name]
+        if name in self.state_tensors:
+            return self.state_tensors[name]
+        rules = [r for r in self.spec.rules if r.state_only and r.regex.fullmatch(name)]
+        if meta is None or len(rules) != 1:
+            return None
+        shape, dtype = meta
+        self.state_tensors[name] = _tensor_plan(self.spec, rules[0], name, tuple(shape), dtype, self.k, self.sizes,
+                                                self.env)
+        return self.state_tensors[name]
 
     def model_args(self, args: dict | None) -> dict | None:
         if args is None:
@@ -175,17 +204,21 @@ def resolve_sizes(spec: Spec, model_args: dict | None, overrides: dict[str, int]
 
 
 def _block(dim: Dim, sizes: dict[str, int], name: str) -> int:
-    if isinstance(dim.block, int):
-        return dim.block
-    if dim.block not in sizes:
-        raise MupscaleError(f"{name}: block size {dim.block!r} is unknown: pass --size {dim.block}=N")
-    return sizes[dim.block]
+    return _size(dim.block, sizes, name)
+
+
+def _size(v: int | str, sizes: dict[str, int], name: str) -> int:
+    if isinstance(v, int):
+        return v
+    if v not in sizes:
+        raise MupscaleError(f"{name}: block size {v!r} is unknown: pass --size {v}=N")
+    return sizes[v]
 
 
 def _match(spec: Spec, names: list[str]) -> dict[str, Rule]:
     found, missing = {}, []
     for n in names:
-        rules = spec.matches(n)
+        rules = [r for r in spec.matches(n) if not r.state_only]  # those name the model's parameters
         if len(rules) > 1:
             raise MupscaleError(f"tensor {n!r} matches two rules of spec {spec.name}: "
                                 f"{rules[0].pattern!r} and {rules[1].pattern!r}; make the patterns disjoint")
@@ -199,7 +232,7 @@ def _match(spec: Spec, names: list[str]) -> dict[str, Rule]:
                             f"(docs/spec-format.md) or pick another --spec")
     used = {r.pattern for r in found.values()}
     for r in spec.rules:
-        if r.pattern not in used and not r.optional:
+        if r.pattern not in used and not r.optional and not r.state_only:
             raise MupscaleError(f"spec {spec.name}: rule {r.pattern!r} matches no tensor of the checkpoint "
                                 f"(mark it 'optional: true' if that is expected)")
     return found
@@ -311,6 +344,7 @@ def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
     if untie_note:
         plan.notes.append(untie_note)
     env = {**spec.init, **_numbers(plan.config(config)), **_numbers(plan.model_args(model_args))}
+    plan.env = env
     plans: dict[str, TensorPlan] = {}
     for n in names:
         shape, dtype = shapes[n]
@@ -362,12 +396,24 @@ def _tensor_plan(spec: Spec, rule: Rule, name: str, shape: tuple[int, ...], dtyp
         if d.axis is None:
             dims.append(DimPlan(None, 1, 1))
             continue
+        if d.segments:
+            segs = tuple((_size(a, sizes, name), _size(b, sizes, name)) for a, b in d.segments)
+            if sum(a for a, _ in segs) != n:
+                raise MupscaleError(f"tensor {name!r}: dimension {i} of size {n} is not the sum of its segments "
+                                    f"{' + '.join(f'{a} ({sa})' for (a, _), (sa, _) in zip(segs, d.segments))}; "
+                                    f"check --size or the spec")
+            for (a, b), (sa, sb) in zip(segs, d.segments):
+                if b < 1 or a % b:
+                    raise MupscaleError(f"tensor {name!r}: segment {sa} of size {a} is not a multiple of its "
+                                        f"block size {b} ({sb}); check --size or the spec")
+            dims.append(DimPlan(d.axis, k[d.axis], 1, segs))
+            continue
         b = _block(d, sizes, name)
         if b < 1 or n % b:
             raise MupscaleError(f"tensor {name!r}: dimension {i} of size {n} is not a multiple of its "
                                 f"block size {b} ({d.block}); check --size or the spec")
         dims.append(DimPlan(d.axis, k[d.axis], b))
-    t = TensorPlan(name, shape, dtype, tuple(dims), rule.pattern, buffer=rule.buffer)
+    t = TensorPlan(name, shape, dtype, tuple(dims), rule.pattern, buffer=rule.buffer, stateless=rule.stateless)
     width = [i for i, d in enumerate(dims) if d.axis]
     if len(shape) >= 2:
         if rule.fan_in >= len(shape):

@@ -15,21 +15,24 @@ from mupscale_cli.errors import MupscaleError
 
 BUNDLED_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[3] / "configs")
 SPEC_KEYS = {"name", "description", "detect", "readout", "sizes", "model_args", "tied", "tensors", "model",
-             "evidence", "refuse", "config", "optimizer", "init", "untie", "notes", "tied_if"}
-RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "std", "k_power"}
+             "evidence", "refuse", "config", "optimizer", "init", "untie", "notes", "tied_if", "saved_as"}
+RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "std", "k_power", "state_only", "state"}
 EVIDENCE_PLACES = ("model_args", "config", "config_json")  # where a checkpoint shows its parametrization
 REWRITES = ("times", "divide", "keep", "set")
 OPTIM_KEYS = {"layouts", "group_keys", "resume_note"}
 HPARAMS = ("lr", "eps", "weight_decay")
-DIM_KEYS = {"axis", "block"}
+DIM_KEYS = {"axis", "block", "segments"}
 READOUTS = ("mup", "sum")
 
 
 @dataclass(frozen=True)
 class Dim:
-    """One tensor dimension: fixed (axis None) or a width axis duplicated in blocks of `block`."""
+    """One tensor dimension: fixed (axis None) or a width axis duplicated in blocks of `block`; or, for a
+    fused dimension whose parts have different blocks (Phi-3's [q | k | v] under GQA: query groups, then key
+    and value heads), `segments`: consecutive (size, block) parts, each duplicated in place on its own."""
     axis: str | None
     block: int | str = 1
+    segments: tuple[tuple[int | str, int | str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class Rule:
     optional: bool = False
     std: str | None = None  # the stack's own init std of this tensor: an expression (init_std below)
     k_power: float = 0.0  # weights × k^p, gradients × k^-p: the model multiplies this tensor by c ∝ width^-p
+    state_only: bool = False  # names a parameter of the model that the file stores split (optimizer state only)
+    stateless: bool = False  # a file tensor whose optimizer state lives in a state_only parameter
 
 
 @dataclass
@@ -71,6 +76,7 @@ class Spec:
     untie: dict = field(default_factory=dict)  # {readout, from, fan_in, set}: --untie
     notes: list[str] = field(default_factory=list)
     tied_if: str | None = None  # model_args key saying whether `tied` applies (HF: tie_word_embeddings)
+    saved_as: dict[str, str] = field(default_factory=dict)  # the model's parameter name -> its name in the file
 
     @property
     def axes(self) -> list[str]:
@@ -167,11 +173,21 @@ def _parse_dim(where: str, x) -> Dim:
         axis, block = x.get("axis"), x.get("block", 1)
         if not (isinstance(axis, str) and axis.isidentifier()):
             raise _fail(where, f"'axis' must be an axis name, got {axis!r}")
-        ok = (isinstance(block, int) and not isinstance(block, bool) and block >= 1) or (
-            isinstance(block, str) and block.isidentifier())
-        if not ok:
+
+        def size_ok(v) -> bool:
+            return (isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (
+                isinstance(v, str) and v.isidentifier())
+        if not size_ok(block):
             raise _fail(where, f"'block' must be a positive int or a size name, got {block!r}")
-        return Dim(axis, block)
+        segs = x.get("segments")
+        if segs is None:
+            return Dim(axis, block)
+        if "block" in x:
+            raise _fail(where, "give 'block' or 'segments', not both")
+        if not (isinstance(segs, list) and segs and all(
+                isinstance(g, list) and len(g) == 2 and all(map(size_ok, g)) for g in segs)):
+            raise _fail(where, f"'segments' is a list of [SIZE, BLOCK] pairs (ints or size names), got {segs!r}")
+        return Dim(axis, 1, tuple((a, b) for a, b in segs))
     raise _fail(where, f"an axis entry must be null, an axis name or {{axis, block}}, got {x!r}")
 
 
@@ -204,9 +220,13 @@ def _parse_rule(pattern: str, body) -> Rule:
     kp = body.get("k_power", 0)
     if not isinstance(kp, (int, float)) or isinstance(kp, bool):
         raise _fail(where, f"'k_power' must be a number (e.g. -0.5), got {kp!r}")
+    for key in ("state_only", "state"):
+        if not isinstance(body.get(key, key == "state"), bool):
+            raise _fail(where, f"'{key}' must be true or false")
     return Rule(pattern, compile_pattern(pattern), dims, fan_in, body.get("buffer", False),
                 noise if isinstance(noise, bool) or noise is None else float(noise), body.get("optional", False),
-                None if std is None else str(std), float(kp))
+                None if std is None else str(std), float(kp), body.get("state_only", False),
+                not body.get("state", True))
 
 
 class _UniqueKeyLoader(BoundedLoader):
@@ -324,7 +344,10 @@ def load_spec(arg: str) -> Spec:
 
 
 def eval_size(expr: str, env: dict[str, int]) -> int:
-    """`NAME|INT ((*|/) NAME|INT)*`, left to right; division must be exact."""
+    """`TERM (+ TERM)*`, each TERM `NAME|INT ((*|/) NAME|INT)*` left to right; division must be exact
+    (MiniCPM3's kv_b_proj head: `qk_nope_head_dim + v_head_dim`)."""
+    if "+" in expr:
+        return sum(eval_size(term, env) for term in expr.split("+"))
     tokens = expr.replace("*", " * ").replace("/", " / ").split()
 
     def value(tok: str) -> int:
@@ -433,6 +456,35 @@ def _parse_extras(spec: Spec, d: dict, model_args: dict) -> None:
     if tied_if is not None and not isinstance(tied_if, str):
         raise _fail(src, f"'tied_if' must be a model_args key, got {tied_if!r}")
     spec.tied_if = tied_if
+    saved = d.get("saved_as") or {}
+    if not isinstance(saved, dict) or not all(isinstance(a, str) and isinstance(b, str) and a != b
+                                              for a, b in saved.items()):
+        raise _fail(src, "'saved_as' is a mapping PARAMETER_NAME: NAME_IN_THE_FILE (two different names)")
+    if len(set(saved.values())) != len(saved) or set(saved) & set(saved.values()):
+        raise _fail(src, "'saved_as': each file name once, and no name both a parameter and a file name")
+    spec.saved_as = dict(saved)
+    for a, b in saved.items():
+        if re.findall(r"\{\w+\}", a) != re.findall(r"\{\w+\}", b) or "*" in a + b:
+            raise _fail(src, f"'saved_as' {a!r}: {b!r}: both names must hold the same {{word}} placeholders, in "
+                             f"the same order, and no '*'")
+
+
+def saved_name(spec: Spec, name: str, reverse: bool = False) -> str:
+    """The file's name of the model's parameter `name` (spec 'saved_as', whose {word} placeholders match layer
+    indices), else `name` itself; reverse=True: the model's name of a file's tensor."""
+    for a, b in spec.saved_as.items():
+        if reverse:
+            a, b = b, a
+        keys = re.findall(r"\{(\w+)\}", a)
+        rx = "".join("([0-9]+)" if re.fullmatch(r"\{\w+\}", part) else re.escape(part)
+                     for part in re.split(r"(\{\w+\})", a))
+        m = re.fullmatch(rx, name)
+        if m:
+            out = b
+            for key, value in zip(keys, m.groups()):
+                out = out.replace("{" + key + "}", value, 1)
+            return out
+    return name
 
 
 # ---- init-std expressions: numbers, names, + - * / **, sqrt(), parentheses -----------------------------

@@ -14,7 +14,7 @@ from fractions import Fraction
 import torch
 
 from mupscale_cli.core.noise import CHUNK, noise, noise_pieces
-from mupscale_cli.core.plan import TensorPlan
+from mupscale_cli.core.plan import DimPlan, TensorPlan
 
 
 def duplicate(t: torch.Tensor, dim: int, k: int, block: int = 1) -> torch.Tensor:
@@ -28,10 +28,42 @@ def duplicate(t: torch.Tensor, dim: int, k: int, block: int = 1) -> torch.Tensor
     return copies.reshape(*t.shape[:dim], n * k, *t.shape[dim + 1:]).contiguous()
 
 
+def duplicate_dim(t: torch.Tensor, dim: int, d: DimPlan) -> torch.Tensor:
+    """Duplicate `dim` of t as the plan's dimension d does (blocks, or a fused dimension's segments)."""
+    if d.segments and d.k != 1:
+        return t.index_select(dim, d.source(t.shape[dim]).to(t.device))
+    return duplicate(t, dim, d.k, d.block)
+
+
+def _gathered(x: torch.Tensor, p: TensorPlan, first: int = 0) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """x with each segmented dimension (from `first` on) duplicated by gathering, and the (k, block) pairs
+    left for _widen_view ((1, 1) for the gathered ones): a copy, so the values are the same bits."""
+    dups = []
+    for i, d in enumerate(p.dims):
+        if i >= first and d.segments and d.k != 1:
+            x = x.index_select(i, d.source(x.shape[i]).to(x.device))
+            dups.append((1, 1))
+        else:
+            dups.append((d.k, d.block))
+    return x, dups
+
+
+EXACT_INT = 1 << 53  # integers a float64 multiplier holds exactly
+
+
+def _as_float(f: Fraction) -> bool:
+    """Whether f is applied as one float multiplication: its numerator or denominator is beyond what a float64
+    (or torch's integer scalars) holds exactly, as for k_power's k^(1/2) (Gemma's sqrt(hidden_size)) squared
+    for exp_avg_sq. Otherwise t × numerator ÷ denominator, one rounding each (exact for powers of two)."""
+    return f.numerator > EXACT_INT or f.denominator > EXACT_INT
+
+
 def scale(t: torch.Tensor, f: Fraction) -> torch.Tensor:
     """t * f with one rounding per integer factor (exact for powers of two)."""
     if f == 1:
         return t
+    if _as_float(f):
+        return t * float(f)
     t = t * f.numerator if f.numerator != 1 else t.clone()
     return t.div_(f.denominator) if f.denominator != 1 else t
 
@@ -41,7 +73,8 @@ def widen(t: torch.Tensor, p: TensorPlan, power: int = 0) -> torch.Tensor:
     the gradient: g (power 1, momentum/exp_avg) or g² (power 2, exp_avg_sq).
     Made in one pass: the scaling reads a view holding every duplication (the same values, bit for bit,
     as duplicating axis by axis and then scaling)."""
-    return _widen_view(t, [(d.k, d.block) for d in p.dims], _factor(p, power),
+    x, dups = _gathered(t, p)
+    return _widen_view(x, dups, _factor(p, power),
                        lambda shape, dtype: torch.empty(shape, dtype=dtype, device=t.device))
 
 
@@ -74,7 +107,9 @@ def _widen_view(x: torch.Tensor, dups: list[tuple[int, int]], f: Fraction, alloc
     out = alloc(tuple(expand), x.dtype)
     if f == 1:
         return out.copy_(v).reshape(out_shape)
-    if f.numerator != 1:  # the same roundings as scale(): t * numerator, then / denominator
+    if _as_float(f):  # the same rounding as scale()
+        torch.mul(v, float(f), out=out)
+    elif f.numerator != 1:  # the same roundings as scale(): t * numerator, then / denominator
         torch.mul(v, f.numerator, out=out)
         if f.denominator != 1:
             out.div_(f.denominator)
@@ -120,6 +155,9 @@ def source_rows(p: TensorPlan, r0: int, r1: int) -> tuple[int, int]:
     d = p.dims[0]
     if d.k == 1 or r1 <= r0:
         return r0, max(r0, r1)
+    if d.segments:  # a fused dimension: the span of the input rows its output rows copy
+        src = d.source(p.shape[0])[r0:r1]
+        return int(src.min()), int(src.max()) + 1
     per, b = d.k * d.block, d.block
     g0, g1 = r0 // per, (r1 - 1) // per
     if _by_blocks(p, r0, r1):
@@ -139,11 +177,13 @@ def widen_rows(x: torch.Tensor, p: TensorPlan, r0: int, r1: int, power: int = 0,
     """Output rows [r0, r1) of widen(t, p, power), from x = t[i0:i1] with (i0, i1) = source_rows(p, r0, r1).
     Bitwise equal to widen(t, p, power)[r0:r1]: only copies and the same elementwise scaling."""
     d = p.dims[0]
-    dups = [(dd.k, dd.block) for dd in p.dims]
+    x, dups = _gathered(x, p, first=1)
     f = _factor(p, power)
     if d.k == 1:
         return _widen_view(x, dups, f, alloc)
     i0 = source_rows(p, r0, r1)[0]
+    if d.segments:  # row R copies input row src(R)
+        return _widen_view(x[d.source(p.shape[0])[r0:r1] - i0], [(1, 1)] + dups[1:], f, alloc)
     per = d.k * d.block
     if _by_blocks(p, r0, r1):  # whole blocks: duplicate them, keep the rows asked for
         first = (i0 // d.block) * per

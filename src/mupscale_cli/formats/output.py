@@ -45,7 +45,7 @@ def output_bytes(prep: Prepared, out, dtype: torch.dtype | None = None) -> int:
     for n, key, st in state_refs(prep):
         if isinstance(st, LazyTensors) or isinstance(st[key], torch.Tensor):
             shape, dt = tensor_meta(st, key)
-            total += dt.itemsize * (1 if len(shape) == 0 else math.prod(plan.tensors[n].out_shape))
+            total += dt.itemsize * (1 if len(shape) == 0 else math.prod(plan.state_plan(n).out_shape))
         elif key == "step" and not pt and _plain_step(st):
             total += 4  # a plain-number step, stored as a float32 0-d tensor
     return total

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mupscale_cli.core.plan import Plan
-from mupscale_cli.core.widen import duplicate, widen
+from mupscale_cli.core.widen import duplicate_dim, widen
 
 
 @dataclass
@@ -106,8 +106,9 @@ def _hidden_diffs(zoo: ModuleType, base, wide, inputs, plan: Plan | None) -> dic
         if lay is not None and lay[1].axis is not None:
             ax, d = lay
             ax = ax % x.dim()
-            if x.shape[ax] * d.k == y.shape[ax] and x.shape[ax] % d.block == 0:
-                x = duplicate(x, ax, d.k, d.block)
+            fits = sum(a for a, _ in d.segments) == x.shape[ax] if d.segments else x.shape[ax] % d.block == 0
+            if x.shape[ax] * d.k == y.shape[ax] and fits:
+                x = duplicate_dim(x, ax, d)
         elif x.shape != y.shape:
             ax = next((i for i in range(x.dim()) if x.shape[i] != y.shape[i]), None)
             if ax is None or y.shape[ax] % x.shape[ax]:
