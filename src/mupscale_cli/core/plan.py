@@ -152,6 +152,9 @@ def rewrite(d: dict, rules: dict[str, tuple], k: dict[str, int], sets: dict | No
     return d
 
 
+MAX_K = 1 << 20  # a million-fold widening of a 1-wide axis is already larger than any disk
+
+
 def parse_k(text: str) -> dict[str, int]:
     """`4` (every axis) or `d_model=2,d_ff=4`; returns {'*': 4} or {axis: k}."""
     def k_of(v: str, what: str) -> int:
@@ -159,7 +162,10 @@ def parse_k(text: str) -> dict[str, int]:
             raise MupscaleError(f"--k {shown(text)}: {what} must be a positive integer, got {shown(v)}")
         k = int_text(v, f"--k {shown(text)}")
         if k < 1:
-            raise MupscaleError(f"--k {text!r}: {what} must be >= 1, got {k}")
+            raise MupscaleError(f"--k {shown(text)}: {what} must be >= 1, got {k}")
+        if k > MAX_K:
+            raise MupscaleError(f"--k {shown(text)}: {what} is {shown(v)}, more than {MAX_K} (no model that wide "
+                                f"can be written); use a smaller --k")
         return k
 
     text = text.strip()
@@ -468,7 +474,7 @@ def _noise_unit(t: TensorPlan, rule: Rule, env: dict) -> float:
             raise MupscaleError(f"tensor {t.name!r}: its init std {rule.std!r} needs {e.args[0]!r}, which neither "
                                 f"the checkpoint's model_args/config nor the spec's 'init' give") from None
         except (ValueError, ZeroDivisionError, OverflowError) as e:
-            raise MupscaleError(f"tensor {t.name!r}: init std {rule.std!r} cannot be evaluated ({e})") from None
+            raise MupscaleError(f"tensor {t.name!r}: init std {shown(rule.std)} cannot be evaluated ({e})") from None
         if not (math.isfinite(std) and std >= 0):
             raise MupscaleError(f"tensor {t.name!r}: init std {rule.std!r} = {std}, expected a finite number >= 0")
         return std * (rule.noise if isinstance(rule.noise, float) else 1.0) if (on or rule.noise) else 0.0

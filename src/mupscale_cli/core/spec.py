@@ -343,9 +343,15 @@ def load_spec(arg: str) -> Spec:
                         f"(bundled: {', '.join(sorted(by_name))})")
 
 
+MAX_EXPR_CHARS = 256  # a spec's size or std expression; thousands of factors are no spec's
+MAX_SIZE = 1 << 62
+
+
 def eval_size(expr: str, env: dict[str, int]) -> int:
     """`TERM (+ TERM)*`, each TERM `NAME|INT ((*|/) NAME|INT)*` left to right; division must be exact
     (MiniCPM3's kv_b_proj head: `qk_nope_head_dim + v_head_dim`)."""
+    if len(expr) > MAX_EXPR_CHARS:
+        raise ValueError(f"size expression {shown(expr)} is longer than {MAX_EXPR_CHARS} characters")
     if "+" in expr:
         return sum(eval_size(term, env) for term in expr.split("+"))
     tokens = expr.replace("*", " * ").replace("/", " / ").split()
@@ -367,7 +373,9 @@ def eval_size(expr: str, env: dict[str, int]) -> int:
         elif op == "/" and v and acc % v == 0:
             acc //= v
         else:
-            raise ValueError(f"size expression {expr!r} is not an exact product/quotient")
+            raise ValueError(f"size expression {shown(expr)} is not an exact product/quotient")
+        if acc > MAX_SIZE:
+            raise ValueError(f"size expression {shown(expr)} exceeds {MAX_SIZE}, larger than any tensor")
     return acc
 
 
@@ -530,7 +538,15 @@ def eval_expr(expr: str, env: dict) -> float:
         if isinstance(n, ast.Call):
             return math.sqrt(ev(n.args[0]))
         raise ValueError(expr)
-    return ev(ast.parse(expr, mode="eval"))
+    if len(expr) > MAX_EXPR_CHARS:
+        raise ValueError(f"expression {shown(expr)} is longer than {MAX_EXPR_CHARS} characters")
+    try:
+        value = ev(ast.parse(expr, mode="eval"))
+    except (OverflowError, RecursionError, ZeroDivisionError, MemoryError, SyntaxError) as e:
+        raise ValueError(f"expression {shown(expr)}: {type(e).__name__}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"expression {shown(expr)} is not finite")
+    return value
 
 
 def shows_evidence(spec: Spec, places: dict[str, dict | None]) -> bool:

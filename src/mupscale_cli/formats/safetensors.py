@@ -866,6 +866,8 @@ def parse_size(text: str) -> int:
 def fmt_bytes(n: int) -> str:
     """A byte count for people: 512 B, 1.5 MiB, 3.0 TiB, ... (EiB at most; beyond that in powers of ten)."""
     units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    if n >= 1 << 1000:
+        return f"about 2^{n.bit_length() - 1} B"
     x, i = float(n), 0
     while x >= 1024 and i < len(units) - 1:
         x, i = x / 1024, i + 1
