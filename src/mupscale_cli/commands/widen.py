@@ -44,7 +44,8 @@ from mupscale_cli.formats.output import (MAX_BYTES, OUT_SUFFIXES, _check_sharded
                                          _only_sharded_output, check_disk, check_output, check_size, clean_temps,
                                          missing_dirs, output_bytes)
 from mupscale_cli.formats.target import TMP_MARKER, InputWatch, claim, env_error, sigbus_names
-from mupscale_cli.formats.write import Background, OutTensor, Target, sharded_files, write_pt, write_streamed
+from mupscale_cli.formats.write import (Background, OutTensor, Target, save_torch, sharded_files, write_pt,
+                                         write_streamed)
 
 
 NO_EVIDENCE_DOC = "docs/stacks.md"
@@ -513,7 +514,6 @@ def write_hf(target: Target, prep: Prepared, opts: WidenOptions, progress, repla
              before_commit: Callable[[], None]) -> list[dict] | None:
     """A Hugging Face directory: weights streamed (one file, or shards with --shard-size), config.json
     rewritten, the other files copied; a Trainer checkpoint's optimizer.pt and scheduler.pt widened."""
-    scan = Background(lambda: scan_input(prep, opts), "mupscale-scan")  # digest + checks, while writing
 
     def weights(tmp: Path) -> None:
         inner = (Target("sharded", tmp, "model", target.shard_size) if target.shard_size else
@@ -521,7 +521,8 @@ def write_hf(target: Target, prep: Prepared, opts: WidenOptions, progress, repla
         write_streamed(inner, model_out(prep, opts), [], None, None, provenance(opts, prep, source_digest=""), {},
                        source_sha256=lambda: scan.result()[0], threads=opts.threads, chunk_bytes=opts.chunk_bytes,
                        on_bytes=progress, poll=scan.poll)
-    files, groups = trainer_files(prep, opts)
+    files, groups = trainer_files(prep, opts, target)  # before the scan thread: an error here leaves none running
+    scan = Background(lambda: scan_input(prep, opts), "mupscale-scan")  # digest + checks, while writing
     try:
         prep.notes += hf.write(target.path, weights, hf.out_config(prep.model_args, opts.dtype), prep.ckpt.hf,
                                files, skip={hf.OPTIMIZER, hf.SCHEDULER}, replace=replace,
@@ -532,7 +533,7 @@ def write_hf(target: Target, prep: Prepared, opts: WidenOptions, progress, repla
     return groups
 
 
-def trainer_files(prep: Prepared, opts: WidenOptions) -> tuple[dict, list[dict] | None]:
+def trainer_files(prep: Prepared, opts: WidenOptions, target: Target) -> tuple[dict, list[dict] | None]:
     """optimizer.pt and scheduler.pt of a Trainer checkpoint, widened (none for a model directory)."""
     src = prep.ckpt.hf
     if not src.trainer:
@@ -550,9 +551,9 @@ def trainer_files(prep: Prepared, opts: WidenOptions) -> tuple[dict, list[dict] 
                           names_out=lambda n: saved_name(spec, n, reverse=True))
     osd["param_groups"] = scale_lr(osd["param_groups"], opts.lr_scale)
     sched = hf_trainer.widen_scheduler(src.path, osd["param_groups"]) if (src.path / hf.SCHEDULER).is_file() else None
-    files = {hf.OPTIMIZER: lambda p: torch.save(osd, p)}
+    files = {hf.OPTIMIZER: lambda p: save_torch(osd, p, f"-o {target.path / hf.OPTIMIZER}")}
     if sched is not None:
-        files[hf.SCHEDULER] = lambda p: torch.save(sched, p)
+        files[hf.SCHEDULER] = lambda p: save_torch(sched, p, f"-o {target.path / hf.SCHEDULER}")
     if len(osd["param_groups"]) != len(prep.ckpt.optimizer["param_groups"]):
         prep.notes.append(f"optimizer groups split {len(prep.ckpt.optimizer['param_groups'])} -> "
                           f"{len(osd['param_groups'])} for per-tensor Table-1 factors: resume with a "

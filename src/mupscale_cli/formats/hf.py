@@ -9,12 +9,14 @@ transformers import: JSON and safetensors only."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from fnmatch import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mupscale_cli.bounded import shown
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats import shards, st
 from mupscale_cli.formats.checkpoint import Checkpoint
@@ -85,6 +87,7 @@ def read(path: Path, lazy: bool = False) -> Checkpoint:
         raise MupscaleError(f"{path}: besides its weights ({', '.join(weights[:2])}{', ...' if len(weights) > 2 else ''}) "
                             f"it holds {which}, weights mupscale would not widen (copied, they would be the narrow "
                             f"model's, or a second model): remove or move them aside")
+    check_layers(path, config, list(ckpt.tensors))
     trainer = any((path / n).is_file() for n in (OPTIMIZER, SCHEDULER, "trainer_state.json"))
     ckpt.extra = {**ckpt.extra, "model_args": config}
     ckpt.hf = HfDir(path, config, weights, others, trainer)
@@ -92,6 +95,27 @@ def read(path: Path, lazy: bool = False) -> Checkpoint:
         from mupscale_cli.formats import hf_trainer
         ckpt.optimizer = hf_trainer.read_optimizer(path, config)
     return ckpt
+
+
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def check_layers(path: Path, config: dict, names: list[str]) -> None:
+    """config.json's layer count is the one the weights hold (layers 0..N-1), before anything is built from
+    it: a config claiming 100000 layers made transformers build them for minutes; one claiming fewer would
+    describe another model."""
+    key = next((k for k in LAYER_KEYS if k in config), None)
+    if key is None:
+        return
+    n = config[key]
+    found = {int(m.group(1)) for name in names if (m := _LAYER.search(name))}
+    if not found:
+        return  # no layer-indexed names this reader knows: the spec's own checks decide
+    if not isinstance(n, int) or isinstance(n, bool) or found != set(range(n)):
+        have = f"layers 0..{max(found)}" if found == set(range(max(found) + 1)) else f"{len(found)} layer indices"
+        raise MupscaleError(f"{path / CONFIG}: {key} is {shown(str(n))} but the weights hold {have}; the config "
+                            f"does not describe these weights")
 
 
 def write(dest: Path, weights: Callable[[Path], None], config: dict, src: HfDir,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mupscale_cli.bounded import shown
 from mupscale_cli.errors import MupscaleError
 
 OPTIMIZER = "optimizer.pt"
@@ -38,10 +39,19 @@ def parameter_names(config: dict, where: Path) -> tuple[list[str], set[str]]:
     except ImportError:
         raise MupscaleError(f"{where}: a Trainer checkpoint's optimizer ids follow the model's parameter order, "
                             f"which needs transformers: pip install 'mupscale[hf]'") from None
+    kind = config.get("model_type")
+    if not isinstance(kind, str) or not kind:
+        raise MupscaleError(f"{where / 'config.json'}: no model_type string ({shown(str(kind))}); the optimizer ids of a "
+                            f"Trainer checkpoint follow the parameter order of the model config.json names")
     args = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
-    cfg = AutoConfig.for_model(config["model_type"], **args)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+    try:
+        cfg = AutoConfig.for_model(kind, **args)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - transformers on a foreign config: one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise MupscaleError(f"{where / 'config.json'}: transformers cannot build model_type {shown(str(kind))} from it "
+                            f"({type(e).__name__}: {first})") from None
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     return names, set(Trainer.get_decay_parameter_names(None, model))
 
@@ -55,6 +65,10 @@ def read_optimizer(directory: Path, config: dict) -> dict | None:
     if not isinstance(sd, dict) or not isinstance(sd.get("param_groups"), list):
         raise MupscaleError(f"{path}: not a torch optimizer state_dict")
     groups = sd["param_groups"]
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or not isinstance(g.get("params"), list):
+            raise MupscaleError(f"{path}: param group {i} is not a dict with a 'params' list (found "
+                                f"{type(g).__name__}); not a torch optimizer state_dict")
     if all("param_names" in g for g in groups):
         return sd
     names, decay = parameter_names(config, directory)

@@ -590,19 +590,25 @@ def write_pt(dest: Path, ckpt: Checkpoint, model: dict[str, torch.Tensor], osd: 
         if osd is not None:
             obj[ckpt.optimizer_key or "optimizer"] = osd
     with atomic_path(dest, replace) as tmp:
-        f = None
-        try:
-            with open(tmp, "wb") as raw:
-                f = _Recording(raw)
-                torch.save(obj, f)
-        except OSError as e:
-            raise env_error(e, dest) or MupscaleError(f"{dest}: cannot write: {e.strerror or e}") from None
-        except RuntimeError as e:  # torch's zip writer turns a failed write into "unexpected pos ..."
-            if f is None or f.error is None:
-                raise
-            raise env_error(f.error, dest) or MupscaleError(f"{dest}: cannot write: {f.error.strerror}") from None
+        save_torch(obj, tmp, dest)
         if before_commit is not None:
             before_commit()
+
+
+def save_torch(obj, path: Path, shown) -> None:
+    """torch.save(obj) into `path`; a failed write (disk full, `ulimit -f`, ...) is the one-line environment
+    error it is, naming `shown`, not torch's RuntimeError ("unexpected pos ...", which was exit 3)."""
+    f = None
+    try:
+        with open(path, "wb") as raw:
+            f = _Recording(raw)
+            torch.save(obj, f)
+    except OSError as e:
+        raise env_error(e, shown) or MupscaleError(f"{shown}: cannot write: {e.strerror or e}") from None
+    except RuntimeError:  # torch's zip writer turns a failed write into "unexpected pos ..."
+        if f is None or f.error is None:
+            raise
+        raise env_error(f.error, shown) or MupscaleError(f"{shown}: cannot write: {f.error.strerror}") from None
 
 
 class _Recording:
