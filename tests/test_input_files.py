@@ -118,3 +118,16 @@ def test_stale_weights_beside_the_model_refused(hf, tmp_path, stale):
     assert (d / "model.safetensors.index.json").is_file()
     shutil.copy(hf / "model.safetensors", d / stale)
     refused(run(d, "-o", tmp_path / "wide"), stale, tmp_path / "wide")
+
+
+@pytest.mark.parametrize("key,value", [("hidden_size", 63), ("hidden_size", -64), ("intermediate_size", 100),
+                                       ("hidden_size", "32")])
+def test_config_sizes_checked_against_the_weights(hf, tmp_path, key, value):
+    """config.json sizes that do not describe the weights (32 wide, MLP 48) were widened ×k into the output's
+    config beside weights they do not describe (from_pretrained failed), exit 0."""
+    d = tmp_path / "model"
+    shutil.copytree(hf, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    refused(run(d, "-o", tmp_path / "wide", "--spec", "hf-llama"), "does not describe its weights", tmp_path / "wide")

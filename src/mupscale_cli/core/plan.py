@@ -385,7 +385,30 @@ def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
         else:
             out[n] = plans[n]
     plan.tensors = out
+    check_args_against_shapes(plan, model_args)
     return plan
+
+
+def check_args_against_shapes(plan: Plan, model_args: dict | None) -> None:
+    """Every model_args / config.json value the spec multiplies by an axis's k describes the tensors of that
+    axis: a positive integer that divides the size of its plain (unblocked) dimensions or is a multiple of it
+    (a size equals it; a count such as GPT-NeoX's num_attention_heads divides it, Cohere's a per-head size). A config claiming hidden_size 63, -64 or
+    intermediate_size 100 for 32- and 48-wide weights was written widened (×k) beside weights it does not
+    describe: from_pretrained failed, or built another model."""
+    plain: dict[str, set[int]] = {}
+    for t in plan.tensors.values():
+        for n, d in zip(t.shape, t.dims):
+            if d.axis is not None and d.block == 1 and not d.segments:
+                plain.setdefault(d.axis, set()).add(n)
+    for arg, axis in plan.spec.model_args.items():
+        v = (model_args or {}).get(arg)
+        if v is None or axis not in plain:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1 or any(n % v and v % n for n in plain[axis]):
+            have = ", ".join(str(n) for n in sorted(plain[axis]))
+            raise MupscaleError(f"model_args[{arg!r}] is {shown(str(v))} but the tensors it describes (axis {axis}) "
+                                f"are {have} wide (neither divides the other): the checkpoint's config does not "
+                                f"describe its weights")
 
 
 def _numbers(d: dict | None) -> dict:
