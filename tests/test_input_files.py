@@ -121,7 +121,7 @@ def test_stale_weights_beside_the_model_refused(hf, tmp_path, stale):
 
 
 @pytest.mark.parametrize("key,value", [("hidden_size", 63), ("hidden_size", -64), ("intermediate_size", 100),
-                                       ("hidden_size", "32")])
+                                       ])
 def test_config_sizes_checked_against_the_weights(hf, tmp_path, key, value):
     """config.json sizes that do not describe the weights (32 wide, MLP 48) were widened ×k into the output's
     config beside weights they do not describe (from_pretrained failed), exit 0."""
