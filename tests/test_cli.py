@@ -121,7 +121,9 @@ def test_absurd_k_and_string_widths_are_one_line_errors(tmp):
     src, _, _ = make_base(tmp, gpt, ARGS, "adamw", "named", steps=1)
     r = mupscale("widen", str(src), "--k", str(10**30), "-o", str(tmp / "w.pt"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "use a smaller --k" in r.stderr
-    assert "EiB" in r.stderr and len(max(r.stderr.split(), key=len)) < 40  # no 60-digit figure
+    assert "more than 1048576" in r.stderr and len(max(r.stderr.split(), key=len)) < 40  # no 60-digit figure
+    r = mupscale("widen", str(src), "--k", str(2**20), "-o", str(tmp / "w.pt"))  # allowed k, absurd size
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "PiB but" in r.stderr and "smaller --k" in r.stderr
     ck = torch.load(src, weights_only=True)
     ck["model_args"]["n_embd"] = "16"  # k × "16" would be "1616"
     torch.save(ck, tmp / "s.pt")

@@ -23,8 +23,11 @@ from pathlib import Path
 
 import torch
 
-from mupscale_cli.commands.widen import (OUT_SUFFIXES, WidenOptions, _nonfinite_notes, check_disk, clean_temps,
-                                         model_out, optimizer_out, prepare, provenance, summary, with_hparams)
+from mupscale_cli.commands.prepare import prepare, with_hparams
+from mupscale_cli.commands.produce import model_out, optimizer_out, provenance, summary
+from mupscale_cli.core.checks import _nonfinite_notes
+from mupscale_cli.core.job import WidenOptions
+from mupscale_cli.formats.output import OUT_SUFFIXES, check_disk, clean_temps
 from mupscale_cli.core.plan import same_values
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats.checkpoint import OPTIM_NS, strip_prefix

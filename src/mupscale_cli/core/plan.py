@@ -1,4 +1,7 @@
-"""Resolve a spec against a checkpoint's shapes: each tensor's role, widened shape and factors."""
+"""Resolve a spec against a checkpoint's shapes: each tensor's role, widened shape and factors.
+
+Over 500 lines: planning reads every part of a spec (tied tensors, --untie, blocks and segments, sizes, noise
+units, checks of model_args against the shapes) and each part needs the others' results."""
 from __future__ import annotations
 
 import math

@@ -17,7 +17,11 @@ per tensor (`state.<fqn>.<key>`, `param_groups.<fqn>.<hp>`, from
 
 Writing (`save_lazy`) is `dcp.save` with a planner that makes each tensor when the writer asks for it, so
 memory holds one tensor at a time; under torch.distributed each rank saves its share and DCP's coordinator
-writes the one `.metadata` (the collective commit)."""
+writes the one `.metadata` (the collective commit).
+
+Over 500 lines: reading DCP safely (the exact unpickling allow-list, the tiling and storage checks) and
+writing it lazily share DCP's own types and planners; split, each half would import the other's.
+"""
 from __future__ import annotations
 
 import io

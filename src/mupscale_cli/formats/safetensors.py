@@ -2,6 +2,9 @@
 
 Writers compute the header from precomputed shapes, so tensors can be produced one at a time (or in
 chunks, from several threads) and never need to be in memory together. Output appears atomically.
+
+Over 500 lines: the format's reader, single-file writer and sharded writer share the header code and its
+validation, which must agree byte for byte.
 """
 
 from __future__ import annotations

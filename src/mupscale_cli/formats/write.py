@@ -5,6 +5,9 @@ Streaming: every output tensor is an `OutTensor` whose bytes a function makes fo
 range. `stream_tensors` cuts large tensors into ranges of about `chunk_bytes`, makes them on a small
 thread pool and writes them from the calling thread in order, hashing as it goes; at most threads + 1
 ranges are in flight, so memory stays bounded whatever the size of the model, of a tensor, or of k.
+
+Over 500 lines: the streamed writer (worker threads, back-pressure, the scan beside it) and its three targets
+(.safetensors, shards, .pt) share one cancellation and commit path.
 """
 from __future__ import annotations
 
