@@ -51,3 +51,25 @@ def test_a_spec_with_a_huge_expression_is_one_line_exit_2(tmp_path):
     r = mupscale("widen", str(root / EXAMPLE), "-o", str(tmp_path / "w.pt"), "--k", "2", "--spec", str(bad))
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.splitlines()) == 1 and "longer than" in r.stderr and len(r.stderr) < 400, r.stderr
+
+
+@pytest.mark.parametrize("env,match", [({"WORLD_SIZE": "2"}, "RANK is not set"),
+                                       ({"WORLD_SIZE": "2", "RANK": "5"}, "not below WORLD_SIZE"),
+                                       ({"WORLD_SIZE": "two"}, "non-negative integer"),
+                                       ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_PORT": "1"}, "MASTER_ADDR")])
+def test_torchrun_environment_checked(tmp_path, env, match):
+    """A half-set torchrun environment (WORLD_SIZE=2 without RANK was torch's ValueError, exit 3) is one line,
+    exit 2, before any process group starts, for widen of a DCP checkpoint and for verify."""
+    import os
+    import subprocess
+
+    from conftest import MUPSCALE
+    from test_dcp import _small_dcp
+    src = _small_dcp(tmp_path / "dcp")
+    full = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    for args in (["widen", str(src), "-o", str(tmp_path / "out"), "--k", "2", "--spec", "mup-mlp"],
+                 ["verify", str(src), "--spec", "mup-mlp", "--model-arg", "width=8", "--steps", "1"]):
+        r = subprocess.run([*MUPSCALE, *args], capture_output=True, text=True, env={**full, **env}, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.splitlines()) == 1 and match in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()

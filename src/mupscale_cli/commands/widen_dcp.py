@@ -50,7 +50,8 @@ def wants_dcp(opts: WidenOptions) -> bool:
 def dist_env() -> tuple[int, int, bool]:
     """(rank, world size, distributed): torchrun's environment starts a gloo group (the widening runs on
     CPU tensors; DCP's collectives carry only plans and metadata)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    from mupscale_cli.verify.dist import check_env
+    world = check_env()
     if world <= 1:
         return 0, 1, False
     import torch.distributed as td

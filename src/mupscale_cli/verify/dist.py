@@ -14,10 +14,36 @@ import torch
 from torch import nn
 
 
+def check_env() -> int:
+    """WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT as torchrun sets them, checked before the process group
+    starts (a missing RANK was torch's ValueError, exit 3): the world size, 1 outside torchrun."""
+    from mupscale_cli.errors import MupscaleError
+
+    def number(name: str, default: str | None = None) -> int:
+        v = os.environ.get(name) or default
+        if v is None:
+            raise MupscaleError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {name} is not set: start the ranks "
+                                f"with torchrun, or unset WORLD_SIZE for one process")
+        if not (v.isascii() and v.isdigit() and len(v) < 10):
+            raise MupscaleError(f"{name}={v[:40]!r}: expected a non-negative integer (as torchrun sets it)")
+        return int(v)
+    world = number("WORLD_SIZE", "1") or 1
+    if world <= 1:
+        return 1
+    rank = number("RANK")
+    if rank >= world:
+        raise MupscaleError(f"RANK={rank} is not below WORLD_SIZE={world}")
+    number("LOCAL_RANK", "0")
+    number("MASTER_PORT")
+    if not os.environ.get("MASTER_ADDR"):
+        raise MupscaleError(f"WORLD_SIZE is {world} but MASTER_ADDR is not set: start the ranks with torchrun")
+    return world
+
+
 def dist_env(device: str) -> tuple[int, int]:
     """(rank, world size); with WORLD_SIZE > 1 the process group is started (gloo, or NCCL for cuda, each
     rank on GPU LOCAL_RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = check_env()
     if world <= 1:
         return 0, 1
     import torch.distributed as td
