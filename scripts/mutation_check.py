@@ -120,8 +120,9 @@ MUTATIONS = [
              ["tests/test_hf_families.py", "-k", "forced_spec"]),
     # issue 17: the guards added in the fifth session
     Mutation("DCP allow-list walks dotted names", "DCP .metadata unpickled with exact (module, name) pairs only",
-             "src/mupscale_cli/formats/dcp.py", "    if (module, name) not in _ALLOWED:\n        return None",
-             "    if (module, name.split('.')[0]) not in _ALLOWED:\n        return None",
+             "src/mupscale_cli/formats/dcp.py", "        obj = _allowed_object(module, name)\n",
+             "        obj = _allowed_object(module, name) or (super().find_class(module, name)\n"
+             "                                                if module.startswith('torch.distributed') else None)\n",
              ["tests/test_unpicklers.py", "-k", "dcp_metadata_unpickler or through_the_command"]),
     Mutation("-o over the input", "-o never equals, contains or lies inside the input",
              "src/mupscale_cli/formats/output.py", "    check_not_over_input(out, opts.checkpoint)\n", "",
@@ -145,8 +146,9 @@ MUTATIONS = [
              "    check_layers(path, config, list(ckpt.tensors))\n", "",
              ["tests/test_trainer_hostile.py", "-k", "layers"]),
     Mutation("torch.save errors as RuntimeError", "a failed optimizer.pt write is exit 2 naming it",
-             "src/mupscale_cli/formats/write.py", "        if f is None or f.error is None:\n            raise",
-             "        if True:\n            raise", ["tests/test_trainer_hostile.py", "-k", "file_size_limit"]),
+             "src/mupscale_cli/formats/write.py",
+             "        raise env_error(e, shown) or MupscaleError(f\"{shown}: cannot write: {e.strerror or e}\") from None",
+             "        raise", ["tests/test_trainer_hostile.py", "-k", "file_size_limit"]),
     Mutation("--no-optimizer copies trainer state", "--no-optimizer writes no optimizer.pt/scheduler.pt",
              "src/mupscale_cli/commands/widen.py", "files, skip={hf.OPTIMIZER, hf.SCHEDULER}", "files, skip=set()",
              ["tests/test_trainer_hostile.py", "-k", "no_optimizer"]),
