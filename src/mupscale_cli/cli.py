@@ -470,6 +470,8 @@ def verify(
                 err.print(f"  step {s}/{steps}: Δout rel {_fmt(row['out_rel'])}", markup=False)
 
         rep = run_verify(opts, on_step)
+        from mupscale_cli.verify.dist import teardown
+        teardown()  # under torchrun: the sharded models released, then the process group (no abort at exit)
         if not quiet and shown:
             err.print(_verify_table(shown, steps, f"verify {base.name} -> {wide.name if wide else 'in-memory'}: "
                                                   f"spec {rep['spec']}, k {rep['k']}, {rep['dtype']} on "

@@ -55,6 +55,19 @@ def dist_env(device: str) -> tuple[int, int]:
     return td.get_rank(), td.get_world_size()
 
 
+def teardown() -> None:
+    """Under torchrun: release what holds the process group's tensors (FSDP2 models, DTensor optimizer state),
+    then destroy the group. Left to the interpreter's exit, their destructors ran after the group's and a rank
+    aborted (SIGABRT, "terminate called without an active exception") under CPU load."""
+    import gc
+
+    import torch.distributed as td
+    if td.is_available() and td.is_initialized():
+        gc.collect()
+        td.barrier()
+        td.destroy_process_group()
+
+
 def full(t):
     """The whole tensor of a DTensor (collective), a plain tensor as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
