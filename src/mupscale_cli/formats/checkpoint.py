@@ -189,8 +189,26 @@ class _StorageType:
         self.itemsize = itemsize
 
 
-class _SizeProbe(pickle.Unpickler):
-    """Reads a torch.save pickle only for its storage records: key -> bytes its tensors need."""
+class _SizeProbe(pickle._Unpickler):
+    """Reads a torch.save pickle only for its storage records: key -> bytes its tensors need. Every global is
+    `_Any` (or a storage type): nothing is imported or called. The pure-Python unpickler, so that two opcodes
+    can be replaced: the extension registry (EXT1/2/4; copyreg's cache hands out any object without asking
+    find_class) is refused, and BUILD sets state only on `_Any` instances (on a class it would change it
+    for the whole process)."""
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def _ext(self):
+        raise pickle.UnpicklingError("it uses the extension registry (EXT opcodes)")
+
+    def _build(self):
+        if type(self.stack[-2]) is not _Any:
+            raise pickle.UnpicklingError(f"it sets the state of a {type(self.stack[-2]).__name__}")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.EXT1[0]] = _ext
+    dispatch[pickle.EXT2[0]] = _ext
+    dispatch[pickle.EXT4[0]] = _ext
+    dispatch[pickle.BUILD[0]] = _build
 
     def __init__(self, f):
         super().__init__(f)

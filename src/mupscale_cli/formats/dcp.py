@@ -83,17 +83,85 @@ def _allowed_object(module: str, name: str):
     return mod.__dict__.get(name)
 
 
-class _Unpickler(pickle.Unpickler):
-    """DCP's `.metadata` pickle with nothing but DCP's own metadata classes and the plain values they hold."""
+def _buildable() -> dict[type, frozenset[str] | None]:
+    """Classes whose instances BUILD may set: their dataclass fields (None: the class's own __setstate__)."""
+    import dataclasses
+
+    from torch.distributed.checkpoint import filesystem as fs
+    from torch.distributed.checkpoint import metadata as m
+    out: dict[type, frozenset[str] | None] = {
+        c: frozenset(f.name for f in dataclasses.fields(c))
+        for c in (m.Metadata, m.MetadataIndex, m.ChunkStorageMetadata, m.TensorStorageMetadata,
+                  m.BytesStorageMetadata, m.StorageMeta, fs._StorageInfo)}
+    out[m.TensorProperties] = None  # TensorProperties.__setstate__ takes a tuple and checks its encoding
+    return out
+
+
+class _Unpickler(pickle._Unpickler):
+    """DCP's `.metadata` pickle with nothing but DCP's own metadata classes and the plain values they hold.
+
+    The pure-Python unpickler, so that opcodes beyond find_class can be guarded too: the extension registry
+    (EXT1/2/4: copyreg's cache hands out any object it once resolved, without asking find_class) is refused;
+    REDUCE and NEWOBJ call only allowed objects; BUILD sets state only on instances of DCP's dataclasses and
+    only their own fields (BUILD on a class or a function, `_get_layout.cache` say, would change it for the
+    whole process). Work and memory stay linear in the file's size."""
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, f):
+        super().__init__(f)
+        self._made: set = set()  # the objects find_class returned: the only ones REDUCE/NEWOBJ may call
+        self._build = _buildable()
 
     def find_class(self, module: str, name: str):
         obj = _allowed_object(module, name)
         if obj is None:
             raise pickle.UnpicklingError(f"it needs {_shown_name(module, name)}")
+        self._made.add(obj)
         return obj
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("it holds a persistent id")
+
+    def _ext(self):
+        raise pickle.UnpicklingError("it uses the extension registry (EXT opcodes)")
+
+    def _called(self, obj) -> None:
+        try:
+            ok = obj in self._made
+        except TypeError:  # unhashable: nothing find_class returned
+            ok = False
+        if not ok:
+            raise pickle.UnpicklingError(f"it calls a {type(obj).__name__}")
+
+    def _reduce(self):
+        self._called(self.stack[-2])
+        pickle._Unpickler.load_reduce(self)
+
+    def _newobj(self):
+        self._called(self.stack[-2])
+        pickle._Unpickler.load_newobj(self)
+
+    def _newobj_ex(self):
+        self._called(self.stack[-3])
+        pickle._Unpickler.load_newobj_ex(self)
+
+    def _build_checked(self):
+        state, inst = self.stack[-1], self.stack[-2]
+        fields = self._build.get(type(inst), False)
+        if fields is False:
+            raise pickle.UnpicklingError(f"it sets the state of a {type(inst).__name__}")
+        if fields is not None and not (type(state) is dict and all(type(k) is str and k in fields for k in state)):
+            raise pickle.UnpicklingError(f"it sets a {type(inst).__name__} from a {type(state).__name__} other "
+                                         f"than its fields")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.EXT1[0]] = _ext
+    dispatch[pickle.EXT2[0]] = _ext
+    dispatch[pickle.EXT4[0]] = _ext
+    dispatch[pickle.REDUCE[0]] = _reduce
+    dispatch[pickle.NEWOBJ[0]] = _newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = _newobj_ex
+    dispatch[pickle.BUILD[0]] = _build_checked
 
 
 def _shown_name(module: str, name: str) -> str:
@@ -111,6 +179,8 @@ def read_metadata(root: Path):
     except pickle.UnpicklingError as e:
         raise MupscaleError(f"{path}: refusing to unpickle DCP metadata ({e}); it holds objects other than "
                             f"DCP's metadata classes") from None
+    except RecursionError:
+        raise MupscaleError(f"{path}: not readable DCP metadata (nested too deeply)") from None
     except Exception as e:  # noqa: BLE001 - any failure of a foreign file is an input error
         raise MupscaleError(f"{path}: not readable DCP metadata ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
@@ -124,16 +194,25 @@ def read_metadata(root: Path):
 def check_metadata(root: Path, md) -> None:
     """Everything a read relies on, before the first byte of output: each tensor's chunks lie inside it and
     tile it exactly, each stored item is named in storage_data and lies inside an existing file."""
-    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, MetadataIndex,
-                                                       TensorStorageMetadata)
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, MetadataIndex,
+                                                       TensorProperties, TensorStorageMetadata)
     where = root / METADATA
     sizes: dict[str, int] = {}
     for idx, info in md.storage_data.items():
+        if type(idx) is not MetadataIndex or not isinstance(idx.fqn, str):
+            raise MupscaleError(f"{where}: a storage key is a {type(idx).__name__}, expected a MetadataIndex")
+        if type(info) is not _StorageInfo:
+            raise MupscaleError(f"{where}: item {idx.fqn!r} is described by a {type(info).__name__}")
         rel = getattr(info, "relative_path", None)
         off, length = getattr(info, "offset", None), getattr(info, "length", None)
         if not isinstance(rel, str) or not rel or Path(rel).name != rel or rel in (".", ".."):
             raise MupscaleError(f"{where}: item {getattr(idx, 'fqn', idx)!r} is stored in {rel!r}, not a file "
                                 f"name inside the checkpoint directory")
+        if getattr(info, "transform_descriptors", None):
+            raise MupscaleError(f"{where}: item {idx.fqn!r} is stored through transforms "
+                                f"{list(info.transform_descriptors)[:4]!r} (compression); mupscale reads plain DCP "
+                                f"items: save the checkpoint again without storage extensions")
         if rel not in sizes:
             f = root / rel
             check_inside(root, f)
@@ -155,21 +234,32 @@ def check_metadata(root: Path, md) -> None:
             continue
         if not isinstance(m, TensorStorageMetadata):
             raise MupscaleError(f"{where}: entry {fqn!r} is a {type(m).__name__}")
-        shape = tuple(m.size)
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(m.properties.dtype,
-                                                                                   torch.dtype):
-            raise MupscaleError(f"{where}: tensor {fqn!r} has shape {list(shape)} and dtype "
-                                f"{m.properties.dtype!r}")
+        props, size = getattr(m, "properties", None), getattr(m, "size", None)
+        if (type(props) is not TensorProperties or not isinstance(props.dtype, torch.dtype)
+                or not isinstance(size, torch.Size) or not all(d >= 0 for d in size)
+                or math.prod(size) >= 1 << 62 or not isinstance(getattr(m, "chunks", None), list)):
+            raise MupscaleError(f"{where}: tensor {fqn!r} has shape {str(size)[:80]}, dtype "
+                                f"{str(getattr(props, 'dtype', None))[:40]} and chunks of type "
+                                f"{type(getattr(m, 'chunks', None)).__name__}: not a tensor DCP saves")
+        shape = tuple(size)
         covered = 0
         boxes = []
         for c in m.chunks:
+            if type(c) is not ChunkStorageMetadata or not isinstance(c.offsets, torch.Size) or not isinstance(
+                    c.sizes, torch.Size):
+                raise MupscaleError(f"{where}: tensor {fqn!r} has a chunk {str(c)[:80]}, not DCP's chunk metadata")
             o, s = tuple(c.offsets), tuple(c.sizes)
             if len(o) != len(shape) or len(s) != len(shape) or any(
                     a < 0 or b < 0 or a + b > d for a, b, d in zip(o, s, shape)):
                 raise MupscaleError(f"{where}: tensor {fqn!r} of shape {list(shape)} has a chunk at {list(o)} "
                                     f"of size {list(s)}, outside the tensor")
-            if MetadataIndex(fqn, c.offsets) not in md.storage_data:
+            info = md.storage_data.get(MetadataIndex(fqn, c.offsets))
+            if info is None:
                 raise MupscaleError(f"{where}: chunk {list(o)} of tensor {fqn!r} has no stored item")
+            if info.length < math.prod(s) * props.dtype.itemsize:  # a torch.save record holds its bytes, and more
+                raise MupscaleError(f"{root / info.relative_path}: the item of chunk {list(o)} of tensor {fqn!r} "
+                                    f"is {info.length} bytes, too few for {math.prod(s)} {props.dtype} elements; "
+                                    f"the metadata and the data disagree")
             covered += math.prod(s)
             boxes.append((o, s))
         why = _tiling_error(shape, boxes, covered)
@@ -212,16 +302,77 @@ def _tiling_error(shape: tuple[int, ...], boxes: list[tuple[tuple, tuple]], cove
     return None if all(seen) else "part of it lies in no chunk"
 
 
+def check_paths(root: Path, md) -> dict[str, tuple]:
+    """key -> its path in the saved state dict (planner_data), checked: a tuple of strings and list indices
+    whose dotted form is the key (how DCP flattens), indices below the number of entries (a list in the
+    checkpoint cannot be longer), no path both a value and a container, no container both a list and a dict.
+    A checkpoint without planner_data (saved unflattened) has each key as its own path."""
+    where = root / METADATA
+    pd = getattr(md, "planner_data", None)
+    if pd is None:
+        pd = {}
+    if not isinstance(pd, dict):
+        raise MupscaleError(f"{where}: planner_data is a {type(pd).__name__}, expected DCP's dict of key paths")
+    n = len(md.state_dict_metadata)
+    paths: dict[str, tuple] = {}
+    kinds: dict[tuple, str] = {}  # path prefix -> "leaf" | "list" | "dict"
+    for k in md.state_dict_metadata:
+        p = pd.get(k, (k,))
+        if not isinstance(p, tuple) or not p or not isinstance(p[0], str) or not all(
+                type(x) is str or (type(x) is int and 0 <= x < n) for x in p):
+            raise MupscaleError(f"{where}: entry {k!r} has the path {str(p)[:120]} in planner_data; expected a "
+                                f"tuple of names and list indices (below {n}, the number of entries)")
+        if ".".join(map(str, p)) != k:
+            raise MupscaleError(f"{where}: entry {k!r} has the path {str(p)[:120]} in planner_data, which "
+                                f"names another key")
+        for i in range(1, len(p) + 1):
+            kind = "leaf" if i == len(p) else ("list" if type(p[i]) is int else "dict")
+            old = kinds.setdefault(p[:i], kind)
+            if old != kind:
+                raise MupscaleError(f"{where}: entry {k!r} (path {str(p)[:120]}) clashes with another entry's "
+                                    f"path")
+        paths[k] = p
+    return paths
+
+
 # --- reading ----------------------------------------------------------------------------------------------
 
-def _planner(dest: torch.Tensor | None = None, out: dict | None = None):
-    """A load planner that puts tensor reads into `dest` and byte reads into `out` (weights_only)."""
+class _Into:
+    """Where DCP's reader copies one stored chunk (the region `dest` of the output): the stored tensor must be
+    the chunk the metadata describes, its dtype and its whole shape (DCP's reader would convert another
+    dtype silently, and read a part of a larger stored tensor)."""
+
+    def __init__(self, dest: torch.Tensor, sizes: tuple[int, ...] | None, dtype: torch.dtype, where: str):
+        self.dest, self.sizes, self.dtype, self.where = dest, sizes, dtype, where
+
+    def detach(self):
+        return self
+
+    def size(self):
+        return self.dest.size()
+
+    def copy_(self, t: torch.Tensor) -> None:
+        stored = t if t._base is None else t._base  # DCP's reader narrows the stored tensor to the rows wanted
+        if stored.dtype != self.dtype or tuple(stored.shape) != self.sizes:
+            raise MupscaleError(f"{self.where}: holds a {stored.dtype} tensor of shape {list(stored.shape)} where "
+                                f"the metadata names a {self.dtype} chunk of size {list(self.sizes or ())}; the "
+                                f"metadata and the data disagree")
+        self.dest.copy_(t)
+
+
+def _planner(dest: torch.Tensor | None = None, out: dict | None = None, chunks: dict | None = None,
+             where: str = ""):
+    """A load planner that puts tensor reads into `dest` (each stored chunk checked against `chunks`: its
+    offsets -> sizes) and byte reads into `out` (weights_only)."""
     from torch.distributed._shard._utils import narrow_tensor_by_index
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     class Into(DefaultLoadPlanner):
         def resolve_tensor(self, read_item):
-            return narrow_tensor_by_index(dest, read_item.dest_offsets, read_item.lengths)
+            region = narrow_tensor_by_index(dest, read_item.dest_offsets, read_item.lengths)
+            off = read_item.storage_index.offset
+            return _Into(region, chunks.get(tuple(off) if off is not None else ()), dest.dtype,
+                         f"{where} chunk {list(off or ())}")
 
         def commit_tensor(self, read_item, tensor) -> None:
             pass
@@ -242,8 +393,8 @@ class DcpReader:
         check_metadata(self.root, self.md)
         self._fs = FileSystemReader(self.root)
         self._fs.storage_data = self.md.storage_data
-        self.paths = {k: tuple(self.md.planner_data.get(k, (k,))) if isinstance(
-            getattr(self.md, "planner_data", None), dict) else (k,) for k in self.md.state_dict_metadata}
+        self.paths = check_paths(self.root, self.md)
+        self._chunks: dict[str, dict] = {}
 
     def tensors(self) -> list[str]:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -277,7 +428,12 @@ class DcpReader:
         offsets = () if not shape else (r0,) + (0,) * (len(shape) - 1)
         chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(want))
         items = create_read_items_for_chunk_list(key, self.md.state_dict_metadata[key], [chunk])
-        self._read(LoadPlan(items), _planner(dest=dest), key)
+        chunks = self._chunks.get(key)
+        if chunks is None:
+            chunks = self._chunks[key] = {tuple(c.offsets): tuple(c.sizes) for c in self.md.state_dict_metadata[
+                key].chunks}
+        self._read(LoadPlan(items), _planner(dest=dest, chunks=chunks, where=f"{self.root / METADATA}: tensor "
+                                                                            f"{key!r}"), key)
         return dest
 
     def read(self, key: str, start: int = 0, count: int | None = None, alloc=None) -> torch.Tensor:
