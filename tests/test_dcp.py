@@ -438,3 +438,275 @@ def test_tiling_of_grids_and_irregular_layouts():
     assert _tiling_error((3000, 6), brick, 3000 * 6) is None  # exact, and still a small grid
     stairs = [((i, 0), (1, i + 1)) for i in range(200)] + [((i, i + 1), (1, 200 - i)) for i in range(200)]
     assert "not a grid" in _tiling_error((200, 201), stairs, 200 * 201)  # refused, not checked in n^2
+
+
+# --- issue 17: the metadata unpickler beyond find_class, planner paths, metadata vs data, guards ------------
+
+def _edit_md(d: Path, change) -> Path:
+    """Rewrite d/.metadata after change(md) (our own file: plain pickle is fine here)."""
+    md = pickle.loads((d / METADATA).read_bytes())
+    change(md)
+    (d / METADATA).write_bytes(pickle.dumps(md))
+    return d
+
+
+def _s(text: str) -> bytes:
+    b = text.encode()
+    return pickle.SHORT_BINUNICODE + bytes([len(b)]) + b
+
+
+def _one_line_refusal(src: Path, match: str) -> None:
+    from mupscale_cli.errors import MupscaleError
+    with pytest.raises(MupscaleError) as e:
+        DcpReader(src)
+    assert "\n" not in str(e.value) and match in str(e.value), str(e.value)
+
+
+def test_extension_cache_is_refused(tmp_path):
+    """EXT1/2/4 name a registered (module, name) by a number, and copyreg caches what a code resolved once: the
+    C unpickler hands the cached object out without asking find_class, so an allow-list in find_class alone
+    is bypassed once anything in the process registered and used an extension. Refused, whatever the registry."""
+    import copyreg
+    src = _small_dcp(tmp_path / "base")
+    marker = tmp_path / "PWNED"
+    copyreg.add_extension("os", "system", 0xF3)
+    try:
+        assert pickle.loads(b"\x80\x04\x82\xf3.") is os.system  # the cache now holds os.system
+        (src / METADATA).write_bytes(b"\x80\x04\x82\xf3" + _s(f"touch {marker}") + pickle.TUPLE1 + pickle.REDUCE
+                                     + pickle.STOP)
+        _one_line_refusal(src, "extension registry")
+    finally:
+        copyreg.remove_extension("os", "system", 0xF3)
+    assert not marker.exists()
+
+
+def test_build_changes_no_class_or_function(tmp_path):
+    """BUILD sets attributes; on an allowed class or function (what find_class returns) it would change it for
+    the whole process: DCP's `_get_layout.cache` (the layout every later metadata names), a metadata class.
+    BUILD is allowed on instances of DCP's dataclasses only, with their own fields; `__class__` is no field."""
+    import torch.serialization as ser
+    from torch.distributed.checkpoint import metadata as m
+    src = _small_dcp(tmp_path / "base")
+    ser._get_layout("torch.strided")  # fill the cache
+    cache = dict(ser._get_layout.cache)
+    slot = pickle.NONE + pickle.EMPTY_DICT + pickle.MARK
+    cases = {
+        "function": _s("torch.serialization") + _s("_get_layout") + pickle.STACK_GLOBAL + slot + _s("cache")
+        + pickle.EMPTY_DICT + _s("torch.strided") + _s("pwned") + pickle.SETITEM + pickle.SETITEMS + pickle.TUPLE2
+        + pickle.BUILD,
+        "class": _s("torch.distributed.checkpoint.metadata") + _s("Metadata") + pickle.STACK_GLOBAL + slot
+        + _s("pwned") + pickle.NEWTRUE + pickle.SETITEMS + pickle.TUPLE2 + pickle.BUILD,
+        "dunder-class": _s("torch.distributed.checkpoint.metadata") + _s("ChunkStorageMetadata") + pickle.STACK_GLOBAL
+        + pickle.EMPTY_TUPLE + pickle.NEWOBJ + pickle.EMPTY_DICT + pickle.MARK + _s("__class__")
+        + _s("torch.distributed.checkpoint.metadata") + _s("Metadata") + pickle.STACK_GLOBAL + pickle.SETITEMS
+        + pickle.BUILD,
+    }
+    try:
+        for name, body in cases.items():
+            (src / METADATA).write_bytes(b"\x80\x04" + body + pickle.STOP)
+            _one_line_refusal(src, "refusing to unpickle")
+            assert ser._get_layout.cache == cache, name
+            assert "pwned" not in vars(m.Metadata), name
+    finally:
+        ser._get_layout.cache.clear()
+        ser._get_layout.cache.update(cache)
+        if "pwned" in vars(m.Metadata):
+            delattr(m.Metadata, "pwned")
+
+
+def _extra_entry(md, key: str, path) -> None:
+    """A bytes entry `key` (stored as the first param group's lr) at `path` in planner_data."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+    lr = "optim.param_groups.0.lr"
+    md.state_dict_metadata[key] = BytesStorageMetadata()
+    md.storage_data[MetadataIndex(key)] = md.storage_data[MetadataIndex(lr)]
+    md.planner_data[key] = path
+
+
+PATHS = {
+    "huge-index": (lambda md: _extra_entry(md, "ls.10000000", ("ls", 10_000_000)), "list indices"),
+    "negative-index": (lambda md: _extra_entry(md, "ls.-1", ("ls", -1)), "list indices"),
+    "bool-index": (lambda md: _extra_entry(md, "ls.True", ("ls", True)), "list indices"),
+    "float-index": (lambda md: _extra_entry(md, "ls.1.5", ("ls", 1.5)), "list indices"),
+    "int-path": (lambda md: md.planner_data.__setitem__("model.input.weight", 5), "list indices"),
+    "string-path": (lambda md: md.planner_data.__setitem__("model.input.weight", "model.input.weight"),
+                    "list indices"),
+    "list-path": (lambda md: md.planner_data.__setitem__("model.input.weight", ["model", "input.weight"]),
+                  "list indices"),
+    "empty-path": (lambda md: md.planner_data.__setitem__("model.input.weight", ()), "list indices"),
+    "bytes-part": (lambda md: md.planner_data.__setitem__("model.input.weight", (b"model", "input.weight")),
+                   "list indices"),
+    "other-key": (lambda md: md.planner_data.__setitem__("model.input.weight", ("optim", "state", "x", "y")),
+                  "names another key"),
+    "leaf-and-dict": (lambda md: _extra_entry(md, "model.input.weight.x", ("model", "input.weight", "x")),
+                      "clashes"),
+    "list-and-dict": (lambda md: (_extra_entry(md, "ls.0", ("ls", 0)), _extra_entry(md, "ls.a", ("ls", "a"))),
+                      "clashes"),
+    "planner-data-list": (lambda md: setattr(md, "planner_data", [1, 2]), "planner_data is a list"),
+}
+
+
+@pytest.mark.parametrize("name", list(PATHS))
+def test_planner_paths_checked(tmp_path, name):
+    """planner_data maps each key to its path in the saved state dict; widen rebuilds that tree (lists
+    filled up to each index). A path must be a tuple of names and list indices below the entry count whose
+    dotted form is its key, and the paths one consistent tree. An index of 10^9 appended 10^9 entries
+    (8 GB, or exit 3 MemoryError under a cap); paths of other types were exit 3 or read silently."""
+    change, match = PATHS[name]
+    src = _edit_md(_small_dcp(tmp_path / "base"), change)
+    _one_line_refusal(src, match)
+
+
+def test_planner_huge_index_through_the_command(tmp_path):
+    src = _edit_md(_small_dcp(tmp_path / "base"), PATHS["huge-index"][0])
+    for argv in (["widen", str(src), "-o", str(tmp_path / "out"), "--k", "2", "--spec", "mup-mlp"],
+                 ["inspect", str(src), "--spec", "mup-mlp"]):
+        r = mupscale(*argv)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "list indices" in lines[0], (argv[0], r.stderr[-2000:])
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def _retype(md, key: str, dtype) -> None:
+    md.state_dict_metadata[key].properties.dtype = dtype
+
+
+def test_data_must_match_the_metadata(tmp_path):
+    """DCP's reader converts a stored chunk of another dtype to the metadata's silently (float64 bytes read as
+    float32: rounded, exit 0) and reads part of a larger stored chunk: each chunk read is checked against
+    the metadata's dtype and size. An item shorter than its chunk's elements, stored through transforms
+    (compression), or described by other types is refused before anything is read."""
+    from mupscale_cli.commands.widen import WidenOptions, run_widen
+    from mupscale_cli.errors import MupscaleError
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    w = "model.hidden.0.weight"
+    src = _edit_md(_small_dcp(tmp_path / "a"), lambda md: _retype(md, w, torch.float32))
+    out = tmp_path / "out"
+    with pytest.raises(MupscaleError, match="holds a torch.float64 tensor of shape") as e:
+        run_widen(WidenOptions(checkpoint=src, output=out, k="2", spec="mup-mlp"))
+    assert "\n" not in str(e.value) and not out.exists() and not list(tmp_path.glob(".out*"))
+
+    def halve(md):  # the metadata says 4 rows of 8, the data holds 8 rows
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        m = md.state_dict_metadata[w]
+        m.size = torch.Size([4, 8])
+        m.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([4, 8]))]
+    src = _edit_md(_small_dcp(tmp_path / "b"), halve)
+    with pytest.raises(MupscaleError, match="of shape \\[8, 8\\] where the metadata names"):
+        DcpReader(src).get(w)
+
+    def short(md):
+        info = md.storage_data[MetadataIndex(w, torch.Size([0, 0]))]
+        info.length = 100
+    _one_line_refusal(_edit_md(_small_dcp(tmp_path / "c"), short), "too few for 64 torch.float64 elements")
+
+    def zstd(md):
+        md.storage_data[MetadataIndex(w, torch.Size([0, 0]))].transform_descriptors = ["zstd"]
+    _one_line_refusal(_edit_md(_small_dcp(tmp_path / "d"), zstd), "transforms")
+
+    def str_key(md):
+        md.storage_data["x"] = next(iter(md.storage_data.values()))
+    _one_line_refusal(_edit_md(_small_dcp(tmp_path / "e"), str_key), "a storage key is a str")
+
+    def chunk_tuple(md):
+        md.state_dict_metadata[w].chunks[0] = ((0, 0), (8, 8))
+    _one_line_refusal(_edit_md(_small_dcp(tmp_path / "f"), chunk_tuple), "not DCP's chunk metadata")
+
+
+def test_one_writer_per_dcp_output(tmp_path):
+    """The single-writer claim on a DCP output: while a first widen holds it (stopped there), a second to the
+    same -o is refused naming it; the first still completes."""
+    from mupscale_cli.formats.target import lock_path
+    base = _small_dcp(tmp_path / "base", width=512)
+    out = tmp_path / "out"
+    argv = [*__import__("conftest").MUPSCALE, "widen", str(base), "-o", str(out), "--k", "2", "--spec", "mup-mlp",
+            "--force"]
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = lock_path(out)
+    try:
+        deadline = time.time() + 120
+        while not (lock.exists() and lock.read_text().strip() == str(first.pid)):
+            assert first.poll() is None and time.time() < deadline, "the first widen never claimed the output"
+            time.sleep(0.002)
+        first.send_signal(signal.SIGSTOP)
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
+    assert f"being written by pid {first.pid}" in lines[0], lines[0]
+    assert DcpReader(out).info("model.hidden.0.weight").shape == (1024, 1024)
+
+
+def _wd_dcp(d: Path, flat: bool) -> Path:
+    """mup-mlp with AdamW groups of one lr that differ only in weight_decay (input 0.1, hidden 0, readout 0.1)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch import nn
+    torch.manual_seed(0)
+    m = nn.ModuleDict({"input": nn.Linear(6, 8), "hidden": nn.ModuleList([nn.Linear(8, 8)]),
+                       "readout": nn.Linear(8, 4)}).double()
+    o = torch.optim.AdamW([{"params": m["input"].parameters(), "weight_decay": 0.1},
+                           {"params": m["hidden"].parameters(), "weight_decay": 0.0},
+                           {"params": m["readout"].parameters(), "weight_decay": 0.1}], lr=1e-2)
+    m["readout"](m["hidden"][0](m["input"](torch.randn(3, 6, dtype=torch.float64)))).sum().backward()
+    o.step()
+    msd, osd = get_state_dict(m, o, options=StateDictOptions(flatten_optimizer_state_dict=flat))
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=d, no_dist=True)
+    return d
+
+
+def test_flattened_groups_split_on_weight_decay(tmp_path):
+    """Flattened (per-tensor) param groups are regrouped by runs of equal hyper-parameters: tensors that differ
+    only in weight_decay stay in different groups, so each keeps its own, as in the nested layout."""
+    from mupscale_cli.commands.widen import WidenOptions, run_widen
+    outs = {}
+    for flat in (True, False):
+        src = _wd_dcp(tmp_path / f"b{flat}", flat)
+        outs[flat] = tmp_path / f"w{flat}"
+        run_widen(WidenOptions(checkpoint=src, output=outs[flat], k="2", spec="mup-mlp"))
+    fr, nr = DcpReader(outs[True]), DcpReader(outs[False])
+    nested = {}
+    for k, p in nr.paths.items():
+        if p[:2] == ("optim", "param_groups") and p[3] == "params":
+            for fqn in nr.value(k):
+                nested[fqn] = {h: nr.value(kk) for kk, pp in nr.paths.items()
+                               if pp[:3] == p[:3] and (h := pp[3]) not in ("params", "param_names")}
+    assert set(nested) == {"input.weight", "input.bias", "hidden.0.weight", "hidden.0.bias", "readout.weight",
+                           "readout.bias"}
+    for fqn, hps in nested.items():
+        for h, v in hps.items():
+            assert fr.value(f"optim.param_groups.{fqn}.{h}") == v, (fqn, h)
+    assert fr.value("optim.param_groups.hidden.0.bias.weight_decay") == 0.0
+    assert fr.value("optim.param_groups.input.bias.weight_decay") == 0.1
+
+
+def test_pt_storage_probe_refuses_ext_cache_and_build(tmp_path):
+    """The .pt storage probe (`formats.checkpoint._SizeProbe`, run before torch.load(mmap=True)): an EXT code
+    whose object copyreg has cached is never handed out (the C unpickler skipped find_class for it: the
+    payload ran), and BUILD never sets attributes on its stand-in class."""
+    import copyreg
+    import io
+
+    from mupscale_cli.formats import checkpoint as ck
+    marker = tmp_path / "PWNED"
+    copyreg.add_extension("os", "system", 0xF4)
+    try:
+        assert pickle.loads(b"\x80\x04\x82\xf4.") is os.system
+        with pytest.raises(pickle.UnpicklingError, match="extension registry"):
+            ck._SizeProbe(io.BytesIO(b"\x80\x04\x82\xf4" + _s(f"touch {marker}") + pickle.TUPLE1 + pickle.REDUCE
+                                     + pickle.STOP)).load()
+    finally:
+        copyreg.remove_extension("os", "system", 0xF4)
+    assert not marker.exists()
+    body = (b"\x80\x04" + _s("x") + _s("y") + pickle.STACK_GLOBAL + pickle.NONE + pickle.EMPTY_DICT + _s("pwned")
+            + pickle.NEWTRUE + pickle.SETITEM + pickle.TUPLE2 + pickle.BUILD + pickle.STOP)
+    try:
+        with pytest.raises(pickle.UnpicklingError, match="sets the state"):
+            ck._SizeProbe(io.BytesIO(body)).load()
+        assert "pwned" not in vars(ck._Any)
+    finally:
+        if "pwned" in vars(ck._Any):
+            delattr(ck._Any, "pwned")

@@ -586,6 +586,67 @@ CASES += [
 
 
 # ---------------------------------------------------------------------------------------------------
+# DCP metadata beyond find_class: planner paths, metadata vs data, EXT and BUILD opcodes (issue 17; the
+# unit tests are in tests/test_dcp.py)
+
+
+def _dcp_edited(c: Ctx, change=None, metadata: bytes | None = None, command: str = "widen") -> list[str]:
+    """A real single-process DCP checkpoint in c.d/dcp, its .metadata changed (change(md)) or replaced."""
+    import pickle
+
+    from test_dcp import _small_dcp
+    d = _small_dcp(c.d / "dcp")
+    if change is not None:
+        md = pickle.loads((d / ".metadata").read_bytes())
+        change(md)
+        (d / ".metadata").write_bytes(pickle.dumps(md))
+    if metadata is not None:
+        (d / ".metadata").write_bytes(metadata)
+    return c.widen(d, "--spec", "mup-mlp") if command == "widen" else ["inspect", str(d), "--spec", "mup-mlp"]
+
+
+def _planner_huge_index(md) -> None:
+    from test_dcp import _extra_entry
+    _extra_entry(md, "ls.10000000", ("ls", 10 ** 7))  # 10^9 on main: 8 GB
+
+
+def _retyped(md) -> None:
+    md.state_dict_metadata["model.hidden.0.weight"].properties.dtype = torch.float32
+
+
+def _zstd(md) -> None:
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    md.storage_data[MetadataIndex("model.hidden.0.weight", torch.Size([0, 0]))].transform_descriptors = ["zstd"]
+
+
+def _p4(body: bytes) -> bytes:
+    return b"\x80\x04" + body + b"."
+
+
+def _u(text: str) -> bytes:
+    return b"\x8c" + bytes([len(text)]) + text.encode()
+
+
+EXT_PAYLOAD = _p4(b"\x82\xf3" + _u("touch /nonexistent") + b"\x85R")  # EXT1 0xf3 ("touch ...",) REDUCE
+BUILD_ON_FUNCTION = _p4(_u("torch.serialization") + _u("_get_layout") + b"\x93N}(" + _u("cache") + b"}u\x86b")
+
+CASES += [
+    Case("dcp-planner-huge-index", lambda c: _dcp_edited(c, _planner_huge_index), "list indices"),
+    Case("dcp-planner-huge-index-inspect", lambda c: _dcp_edited(c, _planner_huge_index, command="inspect"),
+         "list indices", proc=False),
+    Case("dcp-planner-path-int", lambda c: _dcp_edited(c, lambda md: md.planner_data.__setitem__(
+        "model.input.weight", 5)), "list indices", proc=False),
+    Case("dcp-dtype-differs-from-data", lambda c: _dcp_edited(c, _retyped), "the metadata and the data disagree"),
+    Case("dcp-storage-transforms", lambda c: _dcp_edited(c, _zstd), "transforms", proc=False),
+    Case("dcp-ext-opcode", lambda c: _dcp_edited(c, metadata=EXT_PAYLOAD), "extension registry", proc=False),
+    Case("dcp-ext-opcode-inspect", lambda c: _dcp_edited(c, metadata=EXT_PAYLOAD, command="inspect"),
+         "extension registry"),
+    Case("dcp-build-on-function", lambda c: _dcp_edited(c, metadata=BUILD_ON_FUNCTION, command="inspect"),
+         "sets the state of a function", proc=False),
+]
+
+
+# ---------------------------------------------------------------------------------------------------
 # Running the corpus
 
 
