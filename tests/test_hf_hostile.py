@@ -246,10 +246,12 @@ def _snapshot(d: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def results(bases: Bases, tmp_path_factory) -> dict[str, Result]:
+def results(bases: Bases, tmp_path_factory, request) -> dict[str, Result]:
     root = tmp_path_factory.mktemp("hfcorpus")
     prepared = []
-    for case in CASES:
+    chosen = {it.callspec.params["case"].id for it in request.session.items
+              if it.module is request.module and hasattr(it, "callspec") and "case" in it.callspec.params}
+    for case in [c for c in CASES if c.id in chosen]:  # only the cases pytest selected (-k)
         c = root / case.id
         c.mkdir()
         d = c / "in"
@@ -339,3 +341,28 @@ def test_torchrun_with_a_hugging_face_output_has_one_writer(bases: Bases, tmp_pa
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines() == [str(out)]  # rank 0 speaks for all
     assert {"model.safetensors", "optimizer.pt", "scheduler.pt"} <= {p.name for p in out.iterdir()}
+
+
+def test_guard_stops_a_background_thread_whatever_raised() -> None:
+    """Every background thread (formats.write.Background) is stopped and joined by the CLI's guard on the way
+    out, even where no caller's try/finally did: a thread left inside torch at exit aborts the process."""
+    import typer
+
+    from mupscale_cli.cli import guard
+    from mupscale_cli.errors import MupscaleError, check_cancelled
+    from mupscale_cli.formats.write import Background
+
+    def forever() -> None:
+        while True:
+            check_cancelled()
+            time.sleep(0.01)
+    term, intr = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(typer.Exit):
+            with guard():
+                bg = Background(forever, "mupscale-test")
+                raise MupscaleError("refused while the thread runs")
+    finally:
+        signal.signal(signal.SIGTERM, term)
+        signal.signal(signal.SIGINT, intr)
+    assert not bg._thread.is_alive()
