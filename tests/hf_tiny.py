@@ -1,6 +1,7 @@
 """Tiny random Hugging Face models, made with transformers and saved with save_pretrained (as a user would)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -57,3 +58,49 @@ def load(path: Path, dtype=torch.float32):
     bad = {k: v for k, v in info.items() if v}
     assert not bad, bad
     return model.eval()
+
+
+def trainer_checkpoint(path: Path, family: str = "llama", steps: int = 3, sched: bool = True, **over):
+    """A Trainer-style checkpoint made without running a Trainer (fast): save_pretrained (float64) beside
+    optimizer.pt (AdamW, the Trainer's decay / no-decay groups in named_parameters order), scheduler.pt,
+    trainer_state.json, rng_state.pth and training_args.bin. Returns (model, optimizer, scheduler, batches)."""
+    from transformers import Trainer
+    base = make(family, path, dtype=torch.float64, **over).train()
+    decay = set(Trainer.get_decay_parameter_names(None, base))
+    named = list(base.named_parameters())
+    groups = [{"params": [p for n, p in named if n in decay], "weight_decay": 0.1},
+              {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=3e-3, eps=1e-6)
+    sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 64, (4, 16), generator=g) for _ in range(steps + 21)]
+    for x in batches[:steps]:
+        step(base, opt, x)
+        sch.step()
+    base.save_pretrained(path)
+    torch.save(opt.state_dict(), path / "optimizer.pt")
+    if sched:
+        torch.save(sch.state_dict(), path / "scheduler.pt")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": steps, "log_history": []}))
+    torch.save({"python": [1, 2]}, path / "rng_state.pth")
+    (path / "training_args.bin").write_bytes(b"training arguments (a pickle: copied, never loaded)")
+    return base, opt, sch, batches[steps:]
+
+
+def reload_trainer(path: Path):
+    """(model, AdamW with optimizer.pt loaded, parameter names in id order) of a trainer_checkpoint, from disk."""
+    from transformers import Trainer
+    model = load(path, dtype=torch.float64).train()
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    named = list(model.named_parameters())
+    order = [n for n, _ in named if n in decay] + [n for n, _ in named if n not in decay]
+    opt = torch.optim.AdamW([{"params": [p for n, p in named if n in decay]},
+                             {"params": [p for n, p in named if n not in decay]}])
+    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return model, opt, order
+
+
+def step(model, o, x):
+    o.zero_grad()
+    model(input_ids=x, labels=x).loss.backward()
+    o.step()

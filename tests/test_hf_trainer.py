@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_tiny import load, make
+from hf_tiny import load, make, reload_trainer, step as _step, trainer_checkpoint
 from mupscale_cli.api import optimizer_groups
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -123,3 +123,39 @@ def test_float64_lockstep_llama_adamw(tmp_path, monkeypatch, norm, tol):
         worst = max(worst, float((a - b).norm() / a.norm()))
     print(json.dumps({"norm": norm, "lockstep_steps": 60, "max_rel_logit_gap": worst}))
     assert worst < tol
+
+
+def _float64_gemma_rmsnorm(self, x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+
+def test_untied_gemma_with_optimizer_state_widens_exactly(tmp_path, monkeypatch):
+    """Issue 17: Gemma's embedding carries k^-0.5 (sqrt(hidden_size) in its forward), so its exp_avg_sq moves by
+    (k^-1 · k^0.5)^2 = 1/k. Squaring the float k^-0.5 as a Fraction made 106-bit integers torch could not take
+    (OverflowError, or SIGABRT with the scan thread alive). Now exact: 20 AdamW steps in lockstep, float64."""
+    from transformers.models.gemma import modeling_gemma
+    monkeypatch.setattr(modeling_gemma.GemmaRMSNorm, "forward", _float64_gemma_rmsnorm)
+    _, _, _, batches = trainer_checkpoint(tmp_path / "checkpoint-3", "gemma", tie_word_embeddings=False)
+    widen(tmp_path / "checkpoint-3", "--k", "2", "-o", tmp_path / "wide")
+    # both from disk: from_pretrained computes RoPE's inv_freq in float32, .to(float64) in memory does not
+    base, opt, order = reload_trainer(tmp_path / "checkpoint-3")
+    wide = load(tmp_path / "wide", dtype=torch.float64).train()
+    sd = torch.load(tmp_path / "wide" / "optimizer.pt", weights_only=True)
+    wopt = torch.optim.AdamW(optimizer_groups(wide, sd))
+    wopt.load_state_dict(sd)
+    emb = "model.embed_tokens.weight"
+    ids = {n: i for g in sd["param_groups"] for i, n in zip(g["params"], g["param_names"])}
+    b_sq = opt.state_dict()["state"][order.index(emb)]["exp_avg_sq"]
+    w_sq = sd["state"][ids[emb]]["exp_avg_sq"]
+    # vector-like (g = 1/k) times k^0.5: g² = 1/k exactly (a power of two here: no rounding at all)
+    assert torch.equal(w_sq, (b_sq / 2).repeat_interleave(2, dim=1))
+    probe = batches[-1]
+    worst = 0.0
+    for x in batches[:20]:
+        _step(base, opt, x)
+        _step(wide, wopt, x)
+        with torch.no_grad():
+            a, b = base(probe).logits, wide(probe).logits
+        worst = max(worst, float((a - b).norm() / a.norm()))
+    print(json.dumps({"family": "gemma-untied", "lockstep_steps": 20, "max_rel_logit_gap": worst}))
+    assert worst < 1e-12

@@ -67,10 +67,12 @@ _threads: list = []  # (stop event, thread) of threads the command started: stop
 
 
 def _stop_threads() -> None:
+    from mupscale_cli.errors import stop_threads
     while _threads:
         stop, thread = _threads.pop()
         stop.set()
         thread.join()
+    stop_threads()  # formats.write.Background threads (the scan beside a writer), whatever raised
 
 
 @contextmanager

@@ -30,6 +30,34 @@ class Cancelled(BaseException):
     """Raised inside a background thread whose owner asked it to stop (see `formats.write.Background`)."""
 
 
+_THREADS: list = []  # (stop event, thread) of background threads started and not yet stopped
+_THREADS_LOCK = threading.Lock()
+
+
+def register_thread(stop: threading.Event, thread: threading.Thread) -> None:
+    """A background thread the command's exit path must stop and join (`stop_threads`), whatever raised."""
+    with _THREADS_LOCK:
+        _THREADS.append((stop, thread))
+
+
+def unregister_thread(thread: threading.Thread) -> None:
+    with _THREADS_LOCK:
+        _THREADS[:] = [(s, t) for s, t in _THREADS if t is not thread]
+
+
+def stop_threads() -> None:
+    """Ask every registered background thread to stop and join it (cli.guard, on every way out): a thread
+    left inside torch while the interpreter exits aborts the process ("terminate called ...")."""
+    while True:
+        with _THREADS_LOCK:
+            if not _THREADS:
+                return
+            stop, thread = _THREADS.pop()
+        stop.set()
+        if thread.is_alive() and thread is not threading.current_thread():
+            thread.join()
+
+
 def check_cancelled() -> None:
     """In loops that may run on a background thread: stop if this thread was asked to (a thread left
     running inside torch while the interpreter exits aborts the process: "terminate called ...")."""

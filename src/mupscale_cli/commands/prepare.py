@@ -138,7 +138,7 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
     cfg = ckpt.extra.get("config") if isinstance(ckpt.extra.get("config"), dict) else None
     plan = make_plan(spec, ckpt.shapes(), k, ckpt.model_args, opts.sizes, ckpt.tensors, config=cfg,
                      untie=opts.untie)
-    omap, notes = None, given + list(plan.notes)
+    omap, notes = None, given + list(ckpt.notes) + list(plan.notes)
     if ckpt.optimizer is not None and opts.untie:
         notes.append("--untie: the optimizer state of the tied tensor does not describe two untied ones (their "
                      "training differs from the tied base's): weights only")

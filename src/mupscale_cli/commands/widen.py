@@ -87,6 +87,16 @@ from mupscale_cli.formats.write import (Background, OutTensor, Target, save_torc
 
 
 
+def single_writer_rank() -> int:
+    """Under torchrun (WORLD_SIZE > 1, the environment checked as verify/dist.check_env does) this process's
+    RANK, else 0. Only a DCP output is written by the ranks together; any other output (a Hugging Face
+    directory, .safetensors, .pt, shards) has one writer: rank 0 writes it and speaks for all, every other rank
+    returns at once, nothing read or written (exit 0: torchrun's result is rank 0's). The ranks used to race
+    for the output's lock: the losers exit 2, torchrun exit 1."""
+    from mupscale_cli.verify.dist import check_env
+    return int(os.environ["RANK"]) if check_env() > 1 else 0
+
+
 def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda n, b: None) -> dict:
     """Widen `opts.checkpoint` into `opts.output`; returns a summary.
     `progress(name, nbytes)` is called as bytes are written; `progress.start(total_bytes)`, if it exists,
@@ -96,6 +106,9 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
     opts = _with_format(opts)
     if wants_dcp(opts):
         return run_widen_dcp(opts, progress)
+    rank = single_writer_rank()
+    if rank:
+        return {"rank": rank, "output": None, "notes": []}
     target = check_output(opts)
     made = missing_dirs(target.path if target.kind == "sharded" else target.path.parent, f"-o {target.path}")
     try:
@@ -254,7 +267,8 @@ def trainer_files(prep: Prepared, opts: WidenOptions, target: Target) -> tuple[d
     osd = widen_optimizer(prep.ckpt.optimizer, prep.plan, prep.omap,
                           names_out=lambda n: saved_name(spec, n, reverse=True))
     osd["param_groups"] = scale_lr(osd["param_groups"], opts.lr_scale)
-    sched = hf_trainer.widen_scheduler(src.path, osd["param_groups"]) if (src.path / hf.SCHEDULER).is_file() else None
+    sched = (hf_trainer.widen_scheduler(src.path, osd["param_groups"], prep.ckpt.optimizer["param_groups"])
+             if (src.path / hf.SCHEDULER).is_file() else None)
     files = {hf.OPTIMIZER: lambda p: save_torch(osd, p, f"-o {target.path / hf.OPTIMIZER}")}
     if sched is not None:
         files[hf.SCHEDULER] = lambda p: save_torch(sched, p, f"-o {target.path / hf.SCHEDULER}")

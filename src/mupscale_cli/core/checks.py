@@ -111,7 +111,7 @@ def check_state_layout(prep: Prepared) -> None:
         if is_float8(dtype) and not p.buffer and p.g != 1:
             from mupscale_cli.core.optstate import STATE_POWER
             raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} is {dtype} and moves like the gradient "
-                                f"(× {p.g ** STATE_POWER[key]}): float8 cannot hold that exactly; keep optimizer "
+                                f"(× {p.g_power(STATE_POWER[key])}): float8 cannot hold that exactly; keep optimizer "
                                 f"state in float32")
         if shape != p.shape:
             raise MupscaleError(f"optimizer state {key!r} of tensor {n!r} has shape {list(shape)}, the tensor "

@@ -50,6 +50,19 @@ class TensorPlan:
     noise_unit: float = 0.0  # noise std at sigma = 1
     alias_of: str | None = None
     source: str | None = None  # read from this tensor instead (--untie: the readout made from the embedding)
+    root: tuple[int, float] | None = None  # (k, p) of a rule's k_power: s holds k^p, g holds k^-p (g_power)
+
+    def g_power(self, power: int) -> Fraction:
+        """g ** power, exact where it is rational: with k_power, g = g_r · k^-p holds an irrational float
+        (Gemma's k^0.5); its power is taken on the exponent, g_r^power · k^(-p·power), a rational number when
+        p·power is an integer (Gemma's exp_avg_sq: × 1/k exactly), not on the float's Fraction (whose square
+        needs 106-bit integers, applied as a rounded float)."""
+        if self.root is not None:
+            k, p = self.root
+            e = -p * power
+            if float(e).is_integer():
+                return (self.g * Fraction(k ** p)) ** power * Fraction(k) ** int(e)
+        return self.g ** power
     stateless: bool = False  # its optimizer state lives in a state_only parameter (experts the file splits)
 
     @property
@@ -474,6 +487,7 @@ def _tensor_plan(spec: Spec, rule: Rule, name: str, shape: tuple[int, ...], dtyp
     if rule.k_power and width:  # a constant of the model's forward grows with width (Gemma's sqrt(hidden))
         c = Fraction(dims[width[0]].k ** rule.k_power)  # the float's exact value (k^p itself if rational)
         t.s, t.g = t.s * c, t.g / c
+        t.root = (dims[width[0]].k, rule.k_power)
     t.noise_unit = _noise_unit(t, rule, env or {})
     return t
 

@@ -79,7 +79,7 @@ def widen(t: torch.Tensor, p: TensorPlan, power: int = 0) -> torch.Tensor:
 
 
 def _factor(p: TensorPlan, power: int) -> Fraction:
-    return Fraction(1) if p.buffer else (p.s if power == 0 else p.g ** power)
+    return Fraction(1) if p.buffer else (p.s if power == 0 else p.g_power(power))
 
 
 Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]

@@ -55,6 +55,7 @@ class Checkpoint:
     readers: dict = field(default_factory=dict)  # safetensors inputs: file path -> LazySafetensors
     hf: object | None = None  # a Hugging Face directory: formats.hf.HfDir (config.json, other files, Trainer)
     source: object = None  # DCP inputs: (DcpReader, DcpLayout), for the DCP writer
+    notes: list[str] = field(default_factory=list)  # what the reader noticed and ignored (widen prints them)
 
     @property
     def model_args(self) -> dict | None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mupscale_cli.bounded import shown
-from mupscale_cli.errors import MupscaleError
+from mupscale_cli.errors import MupscaleError, one_line
 from mupscale_cli.formats import shards, st
 from mupscale_cli.formats.checkpoint import Checkpoint
 from mupscale_cli.formats.target import atomic_dir, check_inside
@@ -27,6 +27,7 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
+TRAINER_STATE = "trainer_state.json"
 
 
 @dataclass
@@ -57,11 +58,59 @@ def read_config(path: Path) -> dict:
         raise MupscaleError(f"{where}: not readable JSON ({e}); is it a Hugging Face config?") from None
     if not isinstance(config, dict):
         raise MupscaleError(f"{path / CONFIG}: expected a JSON object")
+    bad = _nonfinite(config)
+    if bad is not None:
+        raise MupscaleError(f"{where}: {one_line(bad[0][:80])} is {bad[1]} (NaN and Infinity are not JSON, and no "
+                            f"model has them); fix config.json")
+    for key in ("torch_dtype", "dtype"):
+        v = config.get(key)
+        if v is not None and not (isinstance(v, str) and (v == "auto" or _is_dtype(v))):
+            raise MupscaleError(f"{where}: {key} {shown(repr(v))} is not a torch dtype name (e.g. \"float32\", "
+                                f"\"bfloat16\"); fix config.json")
     return config
 
 
+def _is_dtype(name: str) -> bool:
+    import torch
+    return name.isidentifier() and isinstance(getattr(torch, name, None), torch.dtype)
+
+
+def _nonfinite(v, at: str = ""):
+    """(the dotted key, the value) of the first NaN or ±Infinity in a parsed config, else None."""
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return at or "the value", v
+    items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+    for k, x in items:
+        found = _nonfinite(x, f"{at}.{k}" if at else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def check_trainer_state(path: Path) -> None:
+    """trainer_state.json (copied as bytes) is what the Trainer resumes from: a JSON object, global_step an
+    integer. A broken one would be published into an output no Trainer can resume."""
+    from mupscale_cli.bounded import loads_json
+    where = path / TRAINER_STATE
+    if not where.is_file():
+        return
+    try:
+        if where.stat().st_size > 4 * MAX_CONFIG_BYTES:
+            raise MupscaleError(f"{where}: {where.stat().st_size} bytes, more than a trainer state holds "
+                                f"(at most {4 * MAX_CONFIG_BYTES})")
+        state = loads_json(where.read_text(), str(where))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise MupscaleError(f"{where}: not readable JSON ({first}); a Trainer could not resume from it") from None
+    if not isinstance(state, dict):
+        raise MupscaleError(f"{where}: expected a JSON object (the Trainer's TrainerState)")
+    step = state.get("global_step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise MupscaleError(f"{where}: global_step {shown(repr(step))} is not a non-negative integer")
+
+
 STALE_WEIGHTS = ("pytorch_model*.bin", "model*.bin", "tf_model.h5", "flax_model.msgpack", "*.safetensors",
-                 "*.safetensors.index.json", "*.pt", "*.pth", "*.ckpt")
+                 "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt")
 TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin", "scaler.pt")
 
 
@@ -88,7 +137,9 @@ def read(path: Path, lazy: bool = False) -> Checkpoint:
                             f"it holds {which}, weights mupscale would not widen (copied, they would be the narrow "
                             f"model's, or a second model): remove or move them aside")
     check_layers(path, config, list(ckpt.tensors))
-    trainer = any((path / n).is_file() for n in (OPTIMIZER, SCHEDULER, "trainer_state.json"))
+    trainer = any((path / n).is_file() for n in (OPTIMIZER, SCHEDULER, TRAINER_STATE))
+    if trainer:
+        check_trainer_state(path)
     ckpt.extra = {**ckpt.extra, "model_args": config}
     ckpt.hf = HfDir(path, config, weights, others, trainer)
     if trainer:

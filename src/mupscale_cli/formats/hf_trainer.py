@@ -56,19 +56,60 @@ def parameter_names(config: dict, where: Path) -> tuple[list[str], set[str]]:
     return names, set(Trainer.get_decay_parameter_names(None, model))
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1 and not x.dtype.is_complex and x.dtype != torch.bool
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_structure(sd, path: Path) -> None:
+    """A torch optimizer state_dict: {"state": {id: {...}}, "param_groups": [{"params": [id, ...], ...}]}, every
+    id an integer in exactly one group, every state entry keyed by one of them and a dict; `param_names`, where
+    a group has them, one string per id; lr / initial_lr numbers."""
+    if not isinstance(sd, dict) or not isinstance(sd.get("param_groups"), list) or not isinstance(sd.get("state"), dict):
+        raise MupscaleError(f"{path}: not a torch optimizer state_dict (a dict with 'state' and 'param_groups')")
+    seen: set[int] = set()
+    for i, g in enumerate(sd["param_groups"]):
+        if not isinstance(g, dict) or not isinstance(g.get("params"), list):
+            raise MupscaleError(f"{path}: param group {i} is not a dict with a 'params' list (found "
+                                f"{type(g).__name__}); not a torch optimizer state_dict")
+        ids = g["params"]
+        if not all(_is_int(x) for x in ids):
+            raise MupscaleError(f"{path}: param group {i}'s params are not all integer ids; not a torch optimizer "
+                                f"state_dict")
+        twice = sorted({x for x in ids if ids.count(x) > 1} | (seen & set(ids)))
+        if twice:
+            raise MupscaleError(f"{path}: parameter id {twice[0]} appears twice in param_groups; not the state of "
+                                f"one optimizer")
+        seen |= set(ids)
+        names = g.get("param_names")
+        if names is not None and (not isinstance(names, list) or len(names) != len(ids)
+                                  or not all(isinstance(n, str) for n in names)):
+            raise MupscaleError(f"{path}: param group {i}'s param_names is not one name per parameter id")
+        for h in ("lr", "initial_lr"):
+            if h in g and not _is_real(g[h]):
+                raise MupscaleError(f"{path}: param group {i}'s {h} is {type(g[h]).__name__}, not a number")
+    stray = [k for k in sd["state"] if not _is_int(k) or k not in seen]
+    if stray:
+        raise MupscaleError(f"{path}: optimizer state for {len(stray)} id(s) in no param group (e.g. "
+                            f"{shown(repr(stray[0]))}); not the state of one optimizer")
+    bad = [k for k, v in sd["state"].items() if not isinstance(v, dict)]
+    if bad:
+        raise MupscaleError(f"{path}: the state of parameter id {bad[0]} is not a dict")
+
+
 def read_optimizer(directory: Path, config: dict) -> dict | None:
     """optimizer.pt with `param_names` added to its groups (decay, then no decay, named_parameters order)."""
     path = directory / OPTIMIZER
     if not path.is_file():
         return None
     sd = _load(path)
-    if not isinstance(sd, dict) or not isinstance(sd.get("param_groups"), list):
-        raise MupscaleError(f"{path}: not a torch optimizer state_dict")
+    check_structure(sd, path)
     groups = sd["param_groups"]
-    for i, g in enumerate(groups):
-        if not isinstance(g, dict) or not isinstance(g.get("params"), list):
-            raise MupscaleError(f"{path}: param group {i} is not a dict with a 'params' list (found "
-                                f"{type(g).__name__}); not a torch optimizer state_dict")
     if all("param_names" in g for g in groups):
         return sd
     names, decay = parameter_names(config, directory)
@@ -83,12 +124,38 @@ def read_optimizer(directory: Path, config: dict) -> dict | None:
     return {**sd, "param_groups": [{**g, "param_names": c} for g, c in zip(groups, cand)]}
 
 
-def widen_scheduler(directory: Path, groups: list[dict]) -> dict:
-    """scheduler.pt with base_lrs / _last_lr of the widened groups (their initial_lr and lr)."""
+def check_scheduler(sd, path: Path, base_groups: list[dict]) -> None:
+    """scheduler.pt belongs to optimizer.pt: `base_lrs` are its groups' initial_lr, `_last_lr` their lr, one per
+    group, and `last_epoch` an integer. Otherwise the scheduler was saved with another optimizer (or at another
+    step), and the widened one would resume from learning rates the base never had."""
+    if not isinstance(sd, dict) or not isinstance(sd.get("base_lrs"), list):
+        raise MupscaleError(f"{path}: not an LR scheduler state_dict with a base_lrs list")
+    if "last_epoch" in sd and not _is_int(sd["last_epoch"]):
+        raise MupscaleError(f"{path}: last_epoch is {type(sd['last_epoch']).__name__}, not an integer")
+    n = len(base_groups)
+    for key, group_key in (("base_lrs", "initial_lr"), ("_last_lr", "lr")):
+        if key not in sd:
+            continue
+        v = sd[key]
+        if not isinstance(v, list) or len(v) != n or not all(_is_real(x) for x in v):
+            raise MupscaleError(f"{path}: {key} is not a list of {n} numbers, one per param group of {OPTIMIZER}")
+        for i, (x, g) in enumerate(zip(v, base_groups)):
+            want = g.get(group_key)
+            if want is None or not _is_real(want):
+                continue
+            a, b = float(x), float(want)
+            if not (a == b or abs(a - b) <= 1e-12 * max(abs(a), abs(b))):
+                raise MupscaleError(f"{path}: {key}[{i}] is {a:g} but param group {i} of {OPTIMIZER} has "
+                                    f"{group_key} {b:g}: scheduler.pt and optimizer.pt were not saved together "
+                                    f"(resuming would change the learning rates); use the pair of one checkpoint")
+
+
+def widen_scheduler(directory: Path, groups: list[dict], base_groups: list[dict]) -> dict:
+    """scheduler.pt with base_lrs / _last_lr of the widened groups (their initial_lr and lr), once checked against
+    the base's groups (`check_scheduler`)."""
     path = directory / SCHEDULER
     sd = _load(path)
-    if not isinstance(sd, dict) or "base_lrs" not in sd:
-        raise MupscaleError(f"{path}: not an LR scheduler state_dict with base_lrs")
+    check_scheduler(sd, path, base_groups)
     out = dict(sd)
     out["base_lrs"] = [g.get("initial_lr", g["lr"]) for g in groups]
     if "_last_lr" in sd:

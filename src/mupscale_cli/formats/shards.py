@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mupscale_cli.bounded import shown
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats.target import check_inside
 from mupscale_cli.formats.checkpoint import (META_DIGESTS, loads_json, META_OPTIM, META_OPTIM_INDEX, Checkpoint, _from_reader,
@@ -46,6 +47,11 @@ def read(path: Path, lazy: bool = False) -> Checkpoint:
     if digests:
         meta[META_DIGESTS] = json.dumps(digests, sort_keys=True)
     ckpt = _from_reader(src, index, "sharded", lazy, opt_src, meta)
+    told = src.index_metadata.get("total_size")
+    held = sum(r.info(n).nbytes for r in src.shards.values() for n in r.names())
+    if told is not None and told != held:  # never used (an output's index records its own): said, not refused
+        ckpt.notes.append(f"{index}: metadata total_size {shown(str(told))} is not the {held} bytes its shards "
+                          f"hold; ignored (the output's index records its own)")
     ckpt.shard_files = files
     ckpt.readers = {r.path: r for r in [*src.shards.values(), *(opt_src.shards.values() if opt_src else [])]}
     return ckpt

@@ -35,7 +35,7 @@ from mupscale_cli.formats.safetensors import (INDEX_SUFFIX, ShardedWriter, Strea
                                               tensor_digest)
 from mupscale_cli.formats.target import (OLD_MARKER, TMP_MARKER, atomic_dir, commit_path, env_error, temp_name,
                                          track, untrack)
-from mupscale_cli.errors import Cancelled, MupscaleError
+from mupscale_cli.errors import Cancelled, MupscaleError, register_thread, unregister_thread
 
 from mupscale_cli.core.job import DEFAULT_CHUNK_BYTES  # noqa: E402,F401
 SHARD_NAME = re.compile(r"^(?P<prefix>.+)-\d{5}-of-\d{5}\.safetensors$")
@@ -448,6 +448,7 @@ class Background:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(compute,), daemon=True, name=name)
         self._thread.mupscale_stop = threading.Event()
+        register_thread(self._thread.mupscale_stop, self._thread)  # stopped on every exit path (cli.guard)
         self._thread.start()
 
     def _run(self, compute) -> None:
@@ -468,6 +469,7 @@ class Background:
     def stop(self) -> None:
         self._thread.mupscale_stop.set()
         self._thread.join()
+        unregister_thread(self._thread)
         if isinstance(self._error, Cancelled):
             self._error = MupscaleError("internal: background work was stopped")
 
