@@ -34,9 +34,9 @@ def _proj(d: Path, kind: str, inputs: dict) -> Path:
     proj.mkdir()
     (proj / "notes.txt").write_text("mine")
     src = inputs[kind]
-    if kind == "pt":
-        shutil.copy(src, proj / "ckpt.pt")
-        return proj / "ckpt.pt"
+    if src.is_file():
+        shutil.copy(src, proj / src.name)
+        return proj / src.name
     shutil.copytree(src, proj / "model")
     return proj / "model"
 
@@ -94,16 +94,60 @@ CASES = [
              "which does not exist"),
     PathCase("sharded-out-dangling-link", lambda d, i: [str(EXAMPLE), "-o", str(_dangling(d, "dang")),
                                                          "--shard-size", "1GB"], "which does not exist"),
+    # the other input forms, -o their ancestor, each output form (issue 17 §1: every format)
+    PathCase("st-sharded-out-ancestor", lambda d, i: [str(_proj(d, "st", i)), "-o", str(d / "proj"),
+                                                       "--shard-size", "1GB", "--force"], "contains the input"),
+    PathCase("st-dcp-out-ancestor", lambda d, i: [str(_proj(d, "st", i)), "-o", str(d / "proj"), "--format", "dcp",
+                                                   "--force"], "contains the input"),
+    PathCase("pt-hf-out-ancestor", lambda d, i: [str(_proj(d, "pt", i)), "-o", str(d / "proj"), "--format", "hf",
+                                                  "--force"], "contains the input"),
+    PathCase("sharded-in-out-ancestor", lambda d, i: [str(_proj(d, "sharded", i)), "-o", str(d / "proj"),
+                                                       "--shard-size", "1GB", "--force"], "contains the input"),
+    PathCase("sharded-index-in-out-ancestor", lambda d, i: [str(_proj(d, "sharded", i) / "model.safetensors.index.json"),
+                                                             "-o", str(d / "proj"), "--shard-size", "1GB", "--force"],
+             "contains the input"),
+    PathCase("sharded-in-out-is-input", lambda d, i: [str(_proj(d, "sharded", i)), "-o", str(d / "proj" / "model"),
+                                                       "--shard-size", "1GB", "--force"], "is the input"),
+    PathCase("trainer-out-parent", lambda d, i: [str(_proj(d, "trainer", i)), "-o", str(d / "proj"), "--force"],
+             "contains the input"),
+    PathCase("hf-dcp-out-parent", lambda d, i: [str(_proj(d, "hf", i)), "-o", str(d / "proj"), "--format", "dcp",
+                                                 "--force"], "contains the input"),
+    PathCase("dcp-sharded-out-parent", lambda d, i: [str(_proj(d, "dcp", i)), "-o", str(d / "proj"),
+                                                      "--shard-size", "1GB", "--force", "--spec", "mup-mlp"],
+             "contains the input"),
+    # -o that exists as a FIFO, a socket or a device: never replaced, --force or not, and never opened (a hang)
+    PathCase("out-fifo-force", lambda d, i: [str(EXAMPLE), "-o", str(_fifo(d)), "--force"], "is a FIFO"),
+    PathCase("out-socket-force", lambda d, i: [str(EXAMPLE), "-o", str(_socket(d)), "--force"], "is a socket"),
+    PathCase("out-dev-null-sharded-force", lambda d, i: [str(EXAMPLE), "-o", "/dev/null", "--shard-size", "1GB",
+                                                          "--force"], "is a device"),
+    # -o spelled as a directory but naming a file; an existing directory for a file output
+    PathCase("out-trailing-slash", lambda d, i: [str(EXAMPLE), "-o", str(d / "wide.safetensors") + "/"],
+             "ends in '/'"),
+    PathCase("out-existing-dir-for-file", lambda d, i: [str(EXAMPLE), "-o", str(_dir(d, "w.pt")), "--force"],
+             "is a directory"),
+    # control characters in -o stay escaped on one line
+    PathCase("out-newline-escape", lambda d, i: [str(EXAMPLE), "-o", str(_file(d)) + "/new\nline\x1b[2J.pt"],
+             "new\\nline\\x1b[2J.pt"),
     # what the operating system refuses is one line, exit 2 (was a traceback, exit 1)
     PathCase("out-name-too-long", lambda d, i: [str(EXAMPLE), "-o", str(d / ("x" * 300 + ".pt"))],
              "ENAMETOOLONG"),
     PathCase("input-name-too-long", lambda d, i: [str(d / ("y" * 300 + ".pt")), "-o", str(d / "w.pt")],
              "ENAMETOOLONG"),
-    PathCase("out-in-proc", lambda d, i: [str(EXAMPLE), "-o", "/proc/self/x.pt"], "/proc/self/"),
+    PathCase("out-in-proc", lambda d, i: [str(EXAMPLE), "-o", "/proc/self/x.pt"], "-o /proc/self/x.pt: cannot"),
+    PathCase("out-in-proc-1", lambda d, i: [str(EXAMPLE), "-o", "/proc/1/x.pt"], "-o /proc/1/x.pt: cannot"),
+    PathCase("dcp-out-name-too-long", lambda d, i: [str(_proj(d, "dcp", i)), "-o", str(d / ("x" * 300)),
+                                                     "--spec", "mup-mlp"], "ENAMETOOLONG"),
+    PathCase("dcp-out-parent-is-a-file", lambda d, i: [str(_proj(d, "dcp", i)), "-o", str(_file(d) / "x" / "w"),
+                                                        "--spec", "mup-mlp"], "not a directory"),
+    PathCase("input-through-a-file", lambda d, i: [str(_file(d) / "x.pt"), "-o", str(d / "w.pt")], "no such file"),
+    PathCase("input-directory-named-pt", lambda d, i: [str(_dir(d, "in.pt")), "-o", str(d / "w.pt")],
+             "in.pt"),
     PathCase("out-parent-is-a-file", lambda d, i: [str(EXAMPLE), "-o", str(_file(d) / "w.pt")], "not a directory"),
     # inputs that are not files: refused at once, never read (a FIFO would block, /dev/zero never end)
     PathCase("input-fifo", lambda d, i: [str(_fifo(d)), "-o", str(d / "w.pt")], "is a FIFO"),
     PathCase("input-dev-zero", lambda d, i: ["/dev/zero", "-o", str(d / "w.pt")], "is a device"),
+    PathCase("input-socket", lambda d, i: [str(_socket(d)), "-o", str(d / "w.pt")], "is a socket"),
+    PathCase("input-stdin", lambda d, i: ["/dev/stdin", "-o", str(d / "w.pt")], "is a device"),
 ]
 
 
@@ -130,6 +174,20 @@ def _file(d: Path) -> Path:
     return d / "afile"
 
 
+def _dir(d: Path, name: str) -> Path:
+    (d / name).mkdir()
+    (d / name / "keep.txt").write_text("mine")
+    return d / name
+
+
+def _socket(d: Path) -> Path:
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(d / "sock.pt"))  # the file stays after the socket closes
+    s.close()
+    return d / "sock.pt"
+
+
 def _fifo(d: Path) -> Path:
     os.mkfifo(d / "fifo.pt")
     return d / "fifo.pt"
@@ -152,7 +210,22 @@ def inputs(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("inputs")
     make("llama", d / "hf")
     _small_dcp(d / "dcp")
-    return {"pt": EXAMPLE, "hf": d / "hf", "dcp": d / "dcp"}
+    for out, more in ((d / "st.safetensors", []), (d / "sharded", ["--shard-size", "100KB"])):
+        subprocess.run([*MUPSCALE, "widen", str(EXAMPLE), "--k", "1", "-o", str(out), "-q", *more], check=True,
+                       capture_output=True, timeout=120)
+    return {"pt": EXAMPLE, "hf": d / "hf", "dcp": d / "dcp", "st": d / "st.safetensors", "sharded": d / "sharded",
+            "trainer": _trainer_checkpoint(d)}
+
+
+def _trainer_checkpoint(d: Path) -> Path:
+    """A real checkpoint-N/ of transformers' Trainer (tiny Llama, 3 steps)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import Trainer
+
+    from hf_tiny import make
+    from test_hf_trainer import Tokens, targs
+    Trainer(model=make("llama", d / "trainer-model"), args=targs(d / "run", 3), train_dataset=Tokens()).train()
+    return d / "run" / "checkpoint-3"
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +241,10 @@ def results(inputs, tmp_path_factory) -> dict:
     def run(item):
         c, d, argv, snap = item
         p = subprocess.run([*MUPSCALE, "widen", *argv, "--k", "2"], capture_output=True, text=True, cwd=d,
+                           stdin=subprocess.DEVNULL,
                            timeout=120)
         return c.id, (p, snap, d)
-    with ThreadPoolExecutor(max_workers=4) as ex:  # a hang (a FIFO read) fails by subprocess's timeout
+    with ThreadPoolExecutor(max_workers=4) as ex:  # a hang (a FIFO opened) fails by subprocess's timeout
         return dict(ex.map(run, runs))
 
 
