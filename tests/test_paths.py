@@ -148,6 +148,10 @@ CASES = [
     PathCase("input-dev-zero", lambda d, i: ["/dev/zero", "-o", str(d / "w.pt")], "is a device"),
     PathCase("input-socket", lambda d, i: [str(_socket(d)), "-o", str(d / "w.pt")], "is a socket"),
     PathCase("input-stdin", lambda d, i: ["/dev/stdin", "-o", str(d / "w.pt")], "is a device"),
+    # a /proc 'regular file' of size 0 whose read blocks (/proc/kmsg, readable by root): the input digest thread
+    # read it and the command hung after its error; /proc/self/environ elsewhere (size 0, reads content)
+    PathCase("input-proc-size-0", lambda d, i: ["/proc/kmsg" if os.access("/proc/kmsg", os.R_OK) else
+                                                "/proc/self/environ", "-o", str(d / "w.pt")], "empty file"),
 ]
 
 
@@ -261,9 +265,11 @@ def results(inputs, tmp_path_factory, request) -> dict:
 
     def run(item):
         c, d, argv, snap = item
-        p = subprocess.run([*MUPSCALE, "widen", *argv, "--k", "2"], capture_output=True, text=True, cwd=d,
-                           stdin=subprocess.DEVNULL,
-                           timeout=120)
+        try:
+            p = subprocess.run([*MUPSCALE, "widen", *argv, "--k", "2"], capture_output=True, text=True, cwd=d,
+                               stdin=subprocess.DEVNULL, timeout=120)
+        except subprocess.TimeoutExpired as e:  # a hang: this case fails, the others still run
+            p = subprocess.CompletedProcess(e.cmd, None, "", f"timed out after {e.timeout} s")
         return c.id, (p, snap, d)
     with ThreadPoolExecutor(max_workers=4) as ex:  # a hang (a FIFO opened) fails by subprocess's timeout
         return dict(ex.map(run, runs))

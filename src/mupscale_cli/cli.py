@@ -178,7 +178,11 @@ def _prehash(path: Path):
     """Start the sha256 of a single-file input on a thread now, while torch loads (with one core busy
     importing, the other is free); returns a function giving the hex digest (None for a directory).
     The thread stops at the next 4 MiB when the command ends (guard)."""
-    if not path.is_file():
+    try:
+        size = path.stat().st_size if path.is_file() else 0
+    except OSError:
+        size = 0
+    if size == 0:  # a directory, or nothing to hash: never read (/proc/kmsg is a 'regular file' that blocks)
         return None
     import hashlib
     import threading
@@ -189,7 +193,9 @@ def _prehash(path: Path):
         try:
             h, buf = hashlib.sha256(), bytearray(1 << 22)
             with open(path, "rb", buffering=0) as f:
-                while n := f.readinto(buf):
+                left = size  # the size seen at the start (a file that changes meanwhile is refused later)
+                while left > 0 and (n := f.readinto(memoryview(buf)[:min(len(buf), left)])):
+                    left -= n
                     if stop.is_set():
                         box["error"] = MupscaleError(f"{path}: reading stopped")
                         return
