@@ -135,6 +135,16 @@ ARG_HELP = ("The checkpoint's model_args entry KEY=VALUE (an integer, float, tru
             "what it stores: for checkpoints that store none (DCP, plain safetensors); repeatable.")
 
 
+def _output_path(raw: str) -> Path:
+    """-o as typed: a trailing '/' on a file name is refused here, before Path() drops it."""
+    from mupscale_cli.formats.target import check_output_name
+    try:
+        check_output_name(raw)
+    except MupscaleError as e:
+        raise typer.BadParameter(str(e)) from None  # a usage error: one line, exit 2
+    return Path(raw)
+
+
 def _opts(checkpoint, output, k, sigma, seed, spec, optimizer, opt_layout, size, force, no_optimizer,
           strict=False, model_arg=None):
     from mupscale_cli.core.job import WidenOptions, parse_model_args, parse_sizes
@@ -170,7 +180,11 @@ def _prehash(path: Path):
     """Start the sha256 of a single-file input on a thread now, while torch loads (with one core busy
     importing, the other is free); returns a function giving the hex digest (None for a directory).
     The thread stops at the next 4 MiB when the command ends (guard)."""
-    if not path.is_file():
+    try:
+        size = path.stat().st_size if path.is_file() else 0
+    except OSError:
+        size = 0
+    if size == 0:  # a directory, or nothing to hash: never read (/proc/kmsg is a 'regular file' that blocks)
         return None
     import hashlib
     import threading
@@ -181,7 +195,9 @@ def _prehash(path: Path):
         try:
             h, buf = hashlib.sha256(), bytearray(1 << 22)
             with open(path, "rb", buffering=0) as f:
-                while n := f.readinto(buf):
+                left = size  # the size seen at the start (a file that changes meanwhile is refused later)
+                while left > 0 and (n := f.readinto(memoryview(buf)[:min(len(buf), left)])):
+                    left -= n
                     if stop.is_set():
                         box["error"] = MupscaleError(f"{path}: reading stopped")
                         return
@@ -238,7 +254,7 @@ def _progress(quiet: bool):
 def widen(
     checkpoint: Path = typer.Argument(..., help="Input: nanoGPT .pt, state-dict .pt, .safetensors, or a sharded "
                                                 "safetensors directory / index."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output",
+    output: Optional[Path] = typer.Option(None, "-o", "--output", parser=lambda raw: _output_path(raw),
                                           help="Output .safetensors (default layout) or .pt (input's layout); "
                                                "a directory with --shard-size."),
     k: str = typer.Option("2", "--k", "-k", help=K_HELP),
@@ -501,6 +517,7 @@ def verify(
         if os.environ.get("RANK", "0") == "0":
             typer.echo(_verify_line(rep))
         if rep["result"] != "pass":
+            _VERIFY_FAILED.append(rep["result"])
             raise typer.Exit(1)
 
 
@@ -617,11 +634,28 @@ def sweep(
                                                         "full_grid_steps")}))
 
 
+_VERIFY_FAILED: list = []  # verify's failed check appends here: the one way `mupscale` may exit 1
+
+
+def _internal(what: str) -> None:
+    """A bug outside a command's guard: one line, exit 3 (never a traceback, never 1)."""
+    say(f"mupscale: internal error: {what} (rerun with MUPSCALE_DEBUG=1 and report it)")
+    sys.exit(3)
+
+
 def main() -> None:
-    """Entry point: click's usage errors (bad option values) become one line too, exit 2."""
+    """Entry point: click's usage errors (bad option values) become one line too, exit 2; anything else that
+    escapes is exit 3 in one line; exit 1 only when verify reported a failed check."""
     try:
         rv = app(standalone_mode=False)
-    except Exception as e:  # typer vendors click: match its exceptions by what they offer
+    except KeyboardInterrupt:  # before a command's guard took over
+        err.print("mupscale: interrupted", markup=False)
+        sys.exit(130)
+    except SystemExit as e:  # the guard's 143, or something calling sys.exit itself
+        if e.code in (None, 0, 2, 130, 143) or os.environ.get("MUPSCALE_DEBUG"):
+            raise
+        _internal(f"SystemExit: {one_line(str(e.code))[:200]}")
+    except BaseException as e:  # typer vendors click: match its exceptions by what they offer
         if type(e).__name__ == "Abort":
             err.print("mupscale: interrupted", markup=False)
             sys.exit(130)
@@ -630,8 +664,7 @@ def main() -> None:
             if os.environ.get("MUPSCALE_DEBUG"):
                 raise
             msg = str(e).splitlines()[0] if str(e) else ""
-            say(f"mupscale: internal error: {type(e).__name__}: {msg} (rerun with MUPSCALE_DEBUG=1 and report it)")
-            sys.exit(3)
+            _internal(f"{type(e).__name__}: {msg}")
         ctx = getattr(e, "ctx", None)
         if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
             err.print(ctx.get_help(), markup=False)
@@ -639,4 +672,6 @@ def main() -> None:
             where = f"mupscale {ctx.info_name} --help" if ctx is not None and ctx.parent else "mupscale --help"
             say(f"mupscale: error: {e.format_message()} (see {where})")
         sys.exit(2)
+    if rv == 1 and not _VERIFY_FAILED:
+        _internal("exit status 1 outside a failed verify")
     sys.exit(rv if isinstance(rv, int) else 0)

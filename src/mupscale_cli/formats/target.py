@@ -215,6 +215,7 @@ def check_not_over_input(out: Path, inp: Path) -> None:
     if root.is_dir() and (r_out.is_relative_to(r_in) or (in_id is not None and in_id in out_chain[1:])):
         raise MupscaleError(f"-o {shown}: lies inside the input directory {one_line(str(root))}; write beside it")
     check_output_link(out)
+    check_output_kind(out)
 
 
 def check_inside(root: Path, p: Path) -> None:
@@ -249,8 +250,11 @@ def claim(dest: Path) -> Iterator[None]:
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise env_error(OSError(e.errno, e.strerror), f"-o {dest}") or e
+        except OSError as e:  # e.g. -o /proc/self/x.pt: no file can be made there
+            code = errno.errorcode.get(e.errno, e.errno)
+            raise env_error(OSError(e.errno, e.strerror), f"-o {dest}") or MupscaleError(
+                f"-o {one_line(str(dest))}: cannot create files in {one_line(str(dest.parent))}: {e.strerror} "
+                f"({code})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -352,9 +356,36 @@ def check_output_link(out: Path) -> None:
     either surprises someone (an earlier output reached through `latest -> run-17`)."""
     if out.is_symlink():
         target = os.readlink(out)
+        what = "a symbolic link" if out.exists() else "a dangling symbolic link"
         state = "" if out.exists() else ", which does not exist"
-        raise MupscaleError(f"-o {one_line(str(out))}: is a symbolic link (to {one_line(target)}{state}); pass the "
-                            f"path it should write itself, or remove the link")
+        raise MupscaleError(f"-o {one_line(str(out))}: is {what} (to {one_line(target)}{state}); mupscale replaces "
+                            f"neither a link nor what it points to, --force or not: pass the path it should write "
+                            f"itself, or remove the link")
+
+
+def check_output_kind(out: Path) -> None:
+    """-o that exists as anything but a regular file or a directory (a FIFO, a socket, a device) is refused,
+    --force or not: replacing it would remove what another program reads or listens on."""
+    import stat
+    try:
+        mode = os.lstat(out).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (a parent that is a file: named later)
+        return
+    except OSError as e:
+        raise os_error(e) from None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+        return
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    raise MupscaleError(f"-o {one_line(str(out))}: is {kind}, not a file or directory; mupscale never replaces "
+                        f"one: give another path")
+
+
+def check_output_name(raw: str) -> None:
+    """-o spelled with a trailing '/' names a directory: a file name there (`wide.safetensors/`) is refused
+    rather than written as a file (the '/' is lost once the path is parsed, so the command line checks it)."""
+    if raw.endswith(("/", os.sep)) and Path(raw).suffix in (".safetensors", ".pt"):
+        raise MupscaleError(f"-o {one_line(raw)}: ends in '/' (a directory) but names a {Path(raw).suffix} file; "
+                            f"drop the '/' for a file, or name a directory (with --shard-size) for shards")
 
 
 # --- SIGBUS ------------------------------------------------------------------------------------------
