@@ -117,13 +117,15 @@ class Plan:
                     raise MupscaleError(f"model_args[{arg!r}] is {v!r} ({type(v).__name__}), not an integer "
                                         f"width; store it as an int in the checkpoint")
                 out[arg] = v * self.k[axis]
-        return rewrite(out, self.spec.rewrites, self.k, self._untie_set("model_args"))
+        return rewrite(out, self.spec.rewrites, self.k, self._untie_set("model_args"),
+                       where=f"spec {self.spec.name}: model_args (a Hugging Face model's config.json)")
 
     def config(self, cfg: dict | None) -> dict | None:
         """The checkpoint's `config` (a training script's settings) rewritten by the spec's 'config' rules."""
         if not isinstance(cfg, dict) or not (self.spec.config or self._untie_set("config")):
             return cfg
-        return rewrite(dict(cfg), self.spec.config, self.k, self._untie_set("config"))
+        return rewrite(dict(cfg), self.spec.config, self.k, self._untie_set("config"),
+                       where=f"spec {self.spec.name}: the checkpoint's config")
 
     def _untie_set(self, place: str) -> dict:
         if not self.untied:
@@ -132,11 +134,17 @@ class Plan:
         return {k.partition(".")[2]: v for k, v in sets.items() if k.partition(".")[0] == place}
 
 
-def rewrite(d: dict, rules: dict[str, tuple], k: dict[str, int], sets: dict | None = None) -> dict:
-    """d with rules applied to the keys it has: ('times', axis) × k, ('divide', axis) ÷ k (exact for ints),
-    ('keep', _), ('set', value)."""
+def rewrite(d: dict, rules: dict[str, tuple], k: dict[str, int], sets: dict | None = None,
+            where: str = "spec") -> dict:
+    """d with rules applied: ('times', axis) × k, ('divide', axis) ÷ k (exact for ints), ('keep', _),
+    ('set', value). A key the spec rescales that `d` lacks is an error: the stack then uses its own default,
+    which no rewrite changes (Granite without logits_scaling: 1.0 at every width, logits × k)."""
     for key, (op, arg) in rules.items():
         if key not in d:
+            if op in ("times", "divide") and k.get(arg, 1) != 1:
+                raise MupscaleError(f"{where} has no {key!r}, which the spec {'multiplies' if op == 'times' else 'divides'}"
+                                    f" by k ({arg}): the model would keep its default at every width; write the "
+                                    f"value it was trained with into the checkpoint (or use a spec without it)")
             continue
         v = d[key]
         if op == "times" and isinstance(v, (int, float)) and not isinstance(v, bool):
