@@ -115,7 +115,7 @@ def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> S
                             f"pass --spec NAME")
     if shown:
         s = shown[0]
-        raise MupscaleError(f"{where} shows {_marker(s)} (spec {s.name}), but the spec does not describe it: "
+        raise MupscaleError(f"{where} shows {_marker(s, places)} (spec {s.name}), but the spec does not describe it: "
                             f"{why[s.name]}")
     cj = places.get("config_json")
     if isinstance(cj, dict):
@@ -143,9 +143,13 @@ def shown_value(v) -> str:
     return repr(v) if isinstance(v, (str, int, float, bool)) or v is None else shown(str(v))
 
 
-def _marker(spec: Spec) -> str:
+def _marker(spec: Spec, places: dict | None = None) -> str:
+    """The spec's first marker, or the one `places` (evidence_places) hold."""
+    alt = spec.evidence[0]
+    if places is not None:
+        alt = next((a for a in spec.evidence if shows_evidence(replace(spec, evidence=[a]), places)), alt)
     return " and ".join(f"{k.removeprefix('config_json.')}={v!r}" if k.startswith("config_json.") else f"{k}={v!r}"
-                        for k, v in spec.evidence[0].items())
+                        for k, v in alt.items())
 
 def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) -> Prepared:
     """Everything `widen` checks before heavy work: spec, shapes, k, optimizer mapping, values.

@@ -397,7 +397,39 @@ def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
             out[n] = plans[n]
     plan.tensors = out
     check_args_against_shapes(plan, model_args)
+    check_rule_shapes(plan, model_args, size_overrides or {})
     return plan
+
+
+def check_rule_shapes(plan: Plan, model_args: dict | None, overrides: dict[str, int]) -> None:
+    """Rules with a `shape` (size expressions of model_args and sizes): each tensor has the shape the
+    checkpoint's model_args (config.json) say, and its widened shape is the one the widened model_args say, before
+    anything is written. A config.json whose head_dim × heads or intermediate_size is not its weights' rows
+    was widened into a config that describes nothing (from_pretrained failed, or built another model)."""
+    todo = [(n, t, r) for n, t in plan.tensors.items() if not t.alias_of
+            for r in plan.spec.rules if r.pattern == t.rule and r.shape is not None]
+    if not todo:
+        return
+    wide_args = plan.model_args(model_args)
+    wide_sizes = resolve_sizes(plan.spec, wide_args, overrides)
+    for n, t, r in todo:
+        for env, have, what in ((plan.sizes, t.shape, "the checkpoint's model_args (config.json)"),
+                                (wide_sizes, t.out_shape, "the widened model_args (config.json)")):
+            try:
+                want = [None if e is None else eval_size(e, env) for e in r.shape]
+            except KeyError as e:
+                raise MupscaleError(f"tensor {n!r}: spec {plan.spec.name} checks its shape with {e.args[0]!r}, which "
+                                    f"{what} do not give: pass --size {e.args[0]}=N") from None
+            except ValueError as e:
+                raise MupscaleError(f"tensor {n!r}: its shape per spec {plan.spec.name} cannot be computed from {what} "
+                                    f"({e})") from None
+            if any(w is not None and w != h for w, h in zip(want, have)):
+                said = "[" + ", ".join("*" if w is None else f"{e} = {w}" for w, e in zip(want, r.shape)) + "]"
+                if have is t.shape:
+                    raise MupscaleError(f"tensor {n!r} is {list(have)}, but {what} say {said}: the config does not "
+                                        f"describe its weights")
+                raise MupscaleError(f"spec {plan.spec.name}: tensor {n!r} widens to {list(have)}, but {what} would "
+                                    f"say {said}: the spec's model_args rules do not describe its widening")
 
 
 def check_args_against_shapes(plan: Plan, model_args: dict | None) -> None:
