@@ -87,7 +87,7 @@ MUTATIONS = [
              '"model.layers.{i}.block_sparse_moe.gate.weight": {axes: [null, d_model], fan_in: 0, ',
              ["tests/test_hf_families.py", "-k", "router_is_a_readout"]),
     Mutation("refusal does not win", "a refusing spec whose markers hold is chosen over its exact sibling",
-             "src/mupscale_cli/commands/widen.py", "if refusing and len(shown) > 1:", "if False:",
+             "src/mupscale_cli/commands/prepare.py", "    if refusing:  # a refusal's markers", "    if False:  # a refusal's markers",
              ["tests/test_hf_families.py", "-k", "refused and minicpm3"]),
     Mutation("minicpm3 latent projection as mup readout", "MiniCPM3 q_a/kv_a: summing projections (÷ k)",
              "configs/hf-minicpm3.yaml", "kv_a_proj_with_mqa.weight\": {axes: [null, d_model], k_power: -1,",
