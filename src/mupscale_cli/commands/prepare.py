@@ -113,9 +113,11 @@ def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> S
     if len(fits) > 1:
         raise MupscaleError(f"{where} shows the markers of several bundled specs ({', '.join(s.name for s in fits)}); "
                             f"pass --spec NAME")
-    if shown:
-        s = shown[0]
-        raise MupscaleError(f"{where} shows {_marker(s, places)} (spec {s.name}), but the spec does not describe it: "
+    if shown:  # the reason of the spec whose names fit (several stacks share a marker: config.parametrization)
+        named = [s for s in shown if not any(w in why[s.name] for w in ("has no rule for tensor", "matches no tensor"))]
+        s = (named or shown)[0]
+        which = f"spec {s.name}" if named or len(shown) == 1 else f"specs {', '.join(x.name for x in shown)}"
+        raise MupscaleError(f"{where} shows {_marker(s, places)} ({which}), but the spec does not describe it: "
                             f"{why[s.name]}")
     cj = places.get("config_json")
     if isinstance(cj, dict):
