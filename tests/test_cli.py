@@ -94,8 +94,9 @@ def test_errors_are_one_line_with_exit_2(tmp):
 def test_autodetect_names_candidates_when_none_fits(tmp):
     torch.save({"encoder.weight": torch.zeros(3, 3)}, tmp / "x.pt")
     r = mupscale("widen", str(tmp / "x.pt"), "-o", str(tmp / "y.pt"))
-    assert r.returncode == 2 and "no bundled spec covers x.pt" in r.stderr and "nanogpt-mup" in r.stderr
+    assert r.returncode == 2 and "no bundled spec covers x.pt" in r.stderr and "'encoder.weight'" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "nanogpt-mup" not in r.stderr and len(r.stderr) < 200  # no list of unrelated specs (issue 18 §2)
 
 
 def test_version_help_and_specs():

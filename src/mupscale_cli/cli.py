@@ -131,6 +131,9 @@ SPEC_HELP = ("Architecture spec: a bundled name (see `mupscale specs`), a YAML f
 TRUST_HELP = ("Import and run the model factory a spec file names outside mupscale (its model.factory): "
               "code named by a file runs only with this opt-in. --model on the command line needs none.")
 SIZE_HELP = "Base size used by a spec's block layout, NAME=INT (e.g. head_dim=64); repeatable."
+RISK_HELP = ("With --spec: widen a Hugging Face directory whose config.json names another model_type (or variant) "
+             "than the spec's markers. The output is then NOT known to be the same function (a warning says so): "
+             "check it with `mupscale verify`. Without this flag such a --spec is refused.")
 ARG_HELP = ("The checkpoint's model_args entry KEY=VALUE (an integer, float, true/false or a string), over "
             "what it stores: for checkpoints that store none (DCP, plain safetensors); repeatable.")
 
@@ -271,6 +274,7 @@ def widen(
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help=ARG_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Write weights only."),
+    risk_model_type: bool = typer.Option(False, "--risk-model-type-mismatch", help=RISK_HELP),
     untie: bool = typer.Option(False, "--untie", help="A tied readout under standard parametrization (HF "
                                "tie_word_embeddings, nanoGPT's lm_head = wte) has no exact tied widening: write it "
                                "as a separate tensor, readout = embedding / k (config: tie_word_embeddings false), "
@@ -326,7 +330,7 @@ def widen(
                      strict, model_arg)
         opts = replace(opts, dtype=dtype, shard_size=shard_size, threads=threads, noise_device=noise_device,
                        chunk_bytes=parse_size(chunk_size), source_digest=digest, hparams=hparams,
-                       base_lr=base_lr, untie=untie, format=fmt)
+                       base_lr=base_lr, untie=untie, format=fmt, risk_model_type=risk_model_type)
         bar = _progress(quiet or os.environ.get("RANK", "0") != "0")
         try:
             res = run_widen(opts, bar)
@@ -352,6 +356,7 @@ def inspect(
     size: Optional[list[str]] = typer.Option(None, "--size", help=SIZE_HELP),
     model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help=ARG_HELP),
     untie: bool = typer.Option(False, "--untie", help="As widen --untie: the tied readout as its own tensor."),
+    risk_model_type: bool = typer.Option(False, "--risk-model-type-mismatch", help=RISK_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Show, per tensor, the role, axes, shape before -> after, bytes and noise std, and the optimizer
@@ -360,7 +365,8 @@ def inspect(
         from mupscale_cli.commands.inspect import run_inspect
         from dataclasses import replace
         rep = run_inspect(replace(_opts(checkpoint, None, k, sigma, 0, spec, optimizer, opt_layout, size, False,
-                                        False, model_arg=model_arg), untie=untie))
+                                        False, model_arg=model_arg), untie=untie,
+                                 risk_model_type=risk_model_type))
         if as_json:
             typer.echo(json.dumps(rep, indent=2))
             return

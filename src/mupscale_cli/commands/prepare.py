@@ -34,23 +34,36 @@ from mupscale_cli.formats.output import (MAX_BYTES, OUT_SUFFIXES, _check_sharded
 
 NO_EVIDENCE_DOC = "docs/stacks.md"
 
-def _check_config_json_markers(spec: Spec, ckpt: Checkpoint) -> None:
-    """--spec NAME on a Hugging Face directory: a spec whose markers are all config.json's (model_type,
+def where_of(ckpt: Checkpoint) -> str:
+    """The input as the user named it: a Hugging Face model's directory, else the file."""
+    hfdir = getattr(ckpt.hf, "path", None)
+    return str(hfdir if hfdir is not None else ckpt.path)
+
+
+def _check_config_json_markers(spec: Spec, ckpt: Checkpoint, risk: bool = False) -> list[str]:
+    """--spec NAME|FILE on a Hugging Face directory: a spec whose markers are all config.json's (model_type,
     multi_query, alibi, ...) describes only the layouts they name; config.json is the model transformers builds,
-    so a spec whose markers it contradicts would widen another architecture (exit 0, not the same function)."""
+    so a spec whose markers it contradicts would widen another architecture (exit 0, not the same function).
+    Refused, unless `risk` (--risk-model-type-mismatch): then a warning note, returned."""
     cj = getattr(ckpt, "config_json", None)
     alts = spec.evidence
     if not isinstance(cj, dict) or not alts or not all(k.startswith("config_json.") for a in alts for k in a):
-        return
+        return []
     if spec.refuse and shows_evidence(spec, evidence_places(ckpt)):
-        raise MupscaleError(f"{ckpt.path.name} is {spec.name}: {spec.refuse['reason']} "
+        raise MupscaleError(f"{where_of(ckpt)} is {spec.name}: {spec.refuse['reason']} "
                             f"(see {spec.refuse.get('doc', NO_EVIDENCE_DOC)})")
-    if not shows_evidence(spec, evidence_places(ckpt)):
-        raise MupscaleError(f"--spec {spec.name} describes config.json with {_marker(spec)}, but "
-                            f"{ckpt.path.name}'s config.json has model_type {cj.get('model_type')!r}"
-                            + "".join(f", {k.partition('.')[2]} {cj.get(k.partition('.')[2])!r}"
-                                      for k in spec.evidence[0] if k != "config_json.model_type")
-                            + "; that is another architecture: omit --spec to let config.json choose")
+    if shows_evidence(spec, evidence_places(ckpt)):
+        return []
+    has = f"model_type {cj.get('model_type')!r}" + "".join(
+        f", {k.partition('.')[2]} {cj.get(k.partition('.')[2])!r}" for k in spec.evidence[0]
+        if k != "config_json.model_type")
+    if risk:
+        return [f"warning: --risk-model-type-mismatch: spec {spec.name} is for config.json with {_marker(spec)}, "
+                f"this one has {has}: the output is NOT known to compute the same function; check it with "
+                f"`mupscale verify` before use"]
+    raise MupscaleError(f"--spec {spec.name} is for config.json with {_marker(spec)}, but {where_of(ckpt)}/config.json "
+                        f"has {has}: another architecture; omit --spec to let config.json choose (or, at the risk "
+                        f"of a different function, --risk-model-type-mismatch)")
 
 
 def recorded_spec(ckpt: Checkpoint) -> Spec | None:
@@ -72,15 +85,22 @@ def evidence_places(ckpt: Checkpoint) -> dict[str, dict | None]:
 
 def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> Spec:
     """The spec of a checkpoint given no --spec: the one its provenance records (our outputs), else the one
-    bundled spec that covers every tensor AND whose evidence the checkpoint shows (model_args / config
-    markers). Names and shapes alone never choose a parametrization."""
+    bundled spec whose evidence the checkpoint shows (model_args / config markers, config.json's model_type)
+    AND that covers every tensor. Names and shapes alone never choose a parametrization, and a refusal never
+    suggests a spec whose evidence the checkpoint does not show."""
     rec = recorded_spec(ckpt)
     if rec is not None:
         return rec
+    where = where_of(ckpt)
+    places = evidence_places(ckpt)
+    specs = [s for s in bundled_specs() if s.detect]
+    shown = [s for s in specs if shows_evidence(s, places)]
+    refusing = [s for s in shown if s.refuse]
+    if refusing:  # a refusal's markers are narrower than its exact sibling's (model_type): the variant decides
+        s = refusing[0]
+        raise MupscaleError(f"{where} is {s.name}: {s.refuse['reason']} (see {s.refuse.get('doc', NO_EVIDENCE_DOC)})")
     fits, why = [], {}
-    for spec in bundled_specs():
-        if not spec.detect:
-            continue
+    for spec in shown:
         try:
             # a tied summing readout is refused later, by prepare, with its own message
             make_plan(spec, ckpt.shapes(), {"*": 1}, ckpt.model_args, sizes, untie=bool(spec.untie))
@@ -88,32 +108,50 @@ def detect_spec(ckpt: Checkpoint, k: dict[str, int], sizes: dict[str, int]) -> S
             why[spec.name] = str(e)
             continue
         fits.append(spec)
-    places = evidence_places(ckpt)
-    shown = [s for s in fits if shows_evidence(s, places)]
-    refusing = [s for s in shown if s.refuse]
-    if refusing and len(shown) > 1:  # a refusal's markers are narrower than its exact sibling's (model_type)
-        shown = refusing[:1]
-    if len(shown) == 1:
-        if shown[0].refuse:
-            raise MupscaleError(f"{ckpt.path.name} is {shown[0].name}: {shown[0].refuse['reason']} "
-                                f"(see {shown[0].refuse.get('doc', NO_EVIDENCE_DOC)})")
-        return shown[0]
-    if len(shown) > 1:
-        raise MupscaleError(f"several bundled specs cover {ckpt.path.name} and its markers "
-                            f"({', '.join(s.name for s in shown)}); pass --spec NAME")
-    if fits:
-        cands = ", ".join(s.name + (f" (marker {_marker(s)})" if s.evidence else "") for s in fits)
+    if len(fits) == 1:
+        return fits[0]
+    if len(fits) > 1:
+        raise MupscaleError(f"{where} shows the markers of several bundled specs ({', '.join(s.name for s in fits)}); "
+                            f"pass --spec NAME")
+    if shown:  # the reason of the spec whose names fit (several stacks share a marker: config.parametrization)
+        named = [s for s in shown if not any(w in why[s.name] for w in ("has no rule for tensor", "matches no tensor"))]
+        s = (named or shown)[0]
+        which = f"spec {s.name}" if named or len(shown) == 1 else f"specs {', '.join(x.name for x in shown)}"
+        raise MupscaleError(f"{where} shows {_marker(s, places)} ({which}), but the spec does not describe it: "
+                            f"{why[s.name]}")
+    cj = places.get("config_json")
+    if isinstance(cj, dict):
+        raise MupscaleError(f"{where}: config.json's model_type {shown_value(cj.get('model_type'))} has no bundled "
+                            f"spec (`mupscale specs` lists them); write one for its layout and parametrization "
+                            f"(docs/spec-format.md) and pass --spec FILE")
+    layout = []
+    for spec in specs:
+        try:
+            make_plan(spec, ckpt.shapes(), {"*": 1}, ckpt.model_args, sizes, untie=bool(spec.untie))
+        except MupscaleError:
+            continue
+        layout.append(spec)
+    if layout:
         raise MupscaleError(
-            f"{ckpt.path.name}: names and shapes fit {cands}, but it shows no evidence of its parametrization, and "
-            f"names and shapes alone cannot tell (standard nanoGPT and the μP GPT-2 look the same on disk): if it "
-            f"is μP, pass --spec {fits[0].name} (or your own spec); a tied readout under standard "
-            f"parametrization (stock nanoGPT, Hugging Face "
-            f"GPT-2) has no exact widening (see {NO_EVIDENCE_DOC})")
-    detail = "; ".join(f"{n}: {w}" for n, w in why.items())
-    raise MupscaleError(f"no bundled spec covers {ckpt.path.name} ({detail}); pass --spec FILE")
+            f"{where} shows no marker of its parametrization (names and shapes fit "
+            f"{', '.join(s.name + (f' [marker {_marker(s)}]' if s.evidence else '') for s in layout)}, but standard "
+            f"and μP models look the same on disk): if you vouch for one, pass --spec NAME|FILE (see {NO_EVIDENCE_DOC})")
+    first = next(iter(ckpt.shapes()), None)
+    raise MupscaleError(f"no bundled spec covers {Path(where).name} (none has a rule for all its tensors"
+                        + (f", e.g. {first!r}" if first else "") + "): pass --spec FILE (docs/spec-format.md)")
 
-def _marker(spec: Spec) -> str:
-    return " and ".join(f"{k}={v!r}" for k, v in spec.evidence[0].items())
+
+def shown_value(v) -> str:
+    return repr(v) if isinstance(v, (str, int, float, bool)) or v is None else shown(str(v))
+
+
+def _marker(spec: Spec, places: dict | None = None) -> str:
+    """The spec's first marker, or the one `places` (evidence_places) hold."""
+    alt = spec.evidence[0]
+    if places is not None:
+        alt = next((a for a in spec.evidence if shows_evidence(replace(spec, evidence=[a]), places)), alt)
+    return " and ".join(f"{k.removeprefix('config_json.')}={v!r}" if k.startswith("config_json.") else f"{k}={v!r}"
+                        for k, v in alt.items())
 
 def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) -> Prepared:
     """Everything `widen` checks before heavy work: spec, shapes, k, optimizer mapping, values.
@@ -134,7 +172,7 @@ def prepare(opts: WidenOptions, lazy: bool = False, defer_checks: bool = False) 
     else:
         spec = load_spec(opts.spec) if opts.spec else detect_spec(ckpt, k, opts.sizes)
         if opts.spec:
-            _check_config_json_markers(spec, ckpt)
+            given += _check_config_json_markers(spec, ckpt, opts.risk_model_type)
     cfg = ckpt.extra.get("config") if isinstance(ckpt.extra.get("config"), dict) else None
     plan = make_plan(spec, ckpt.shapes(), k, ckpt.model_args, opts.sizes, ckpt.tensors, config=cfg,
                      untie=opts.untie)

@@ -53,6 +53,7 @@ class WidenOptions:
     hparams_record: dict | None = None  # provenance of --hparams
     format: str | None = None  # --format dcp|safetensors|pt|hf (default: from -o and the input)
     model_args: dict = field(default_factory=dict)  # --model-arg: over the checkpoint's own (DCP stores none)
+    risk_model_type: bool = False  # --risk-model-type-mismatch: --spec over a config.json of another model_type
 
 
 def sigma_of(opts: WidenOptions, name: str) -> float:

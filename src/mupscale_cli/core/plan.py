@@ -130,13 +130,15 @@ class Plan:
                     raise MupscaleError(f"model_args[{arg!r}] is {v!r} ({type(v).__name__}), not an integer "
                                         f"width; store it as an int in the checkpoint")
                 out[arg] = v * self.k[axis]
-        return rewrite(out, self.spec.rewrites, self.k, self._untie_set("model_args"))
+        return rewrite(out, self.spec.rewrites, self.k, self._untie_set("model_args"),
+                       where=f"spec {self.spec.name}: model_args (a Hugging Face model's config.json)")
 
     def config(self, cfg: dict | None) -> dict | None:
         """The checkpoint's `config` (a training script's settings) rewritten by the spec's 'config' rules."""
         if not isinstance(cfg, dict) or not (self.spec.config or self._untie_set("config")):
             return cfg
-        return rewrite(dict(cfg), self.spec.config, self.k, self._untie_set("config"))
+        return rewrite(dict(cfg), self.spec.config, self.k, self._untie_set("config"),
+                       where=f"spec {self.spec.name}: the checkpoint's config")
 
     def _untie_set(self, place: str) -> dict:
         if not self.untied:
@@ -145,11 +147,17 @@ class Plan:
         return {k.partition(".")[2]: v for k, v in sets.items() if k.partition(".")[0] == place}
 
 
-def rewrite(d: dict, rules: dict[str, tuple], k: dict[str, int], sets: dict | None = None) -> dict:
-    """d with rules applied to the keys it has: ('times', axis) × k, ('divide', axis) ÷ k (exact for ints),
-    ('keep', _), ('set', value)."""
+def rewrite(d: dict, rules: dict[str, tuple], k: dict[str, int], sets: dict | None = None,
+            where: str = "spec") -> dict:
+    """d with rules applied: ('times', axis) × k, ('divide', axis) ÷ k (exact for ints), ('keep', _),
+    ('set', value). A key the spec rescales that `d` lacks is an error: the stack then uses its own default,
+    which no rewrite changes (Granite without logits_scaling: 1.0 at every width, logits × k)."""
     for key, (op, arg) in rules.items():
         if key not in d:
+            if op in ("times", "divide") and k.get(arg, 1) != 1:
+                raise MupscaleError(f"{where} has no {key!r}, which the spec {'multiplies' if op == 'times' else 'divides'}"
+                                    f" by k ({arg}): the model would keep its default at every width; write the "
+                                    f"value it was trained with into the checkpoint (or use a spec without it)")
             continue
         v = d[key]
         if op == "times" and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -402,7 +410,39 @@ def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
             out[n] = plans[n]
     plan.tensors = out
     check_args_against_shapes(plan, model_args)
+    check_rule_shapes(plan, model_args, size_overrides or {})
     return plan
+
+
+def check_rule_shapes(plan: Plan, model_args: dict | None, overrides: dict[str, int]) -> None:
+    """Rules with a `shape` (size expressions of model_args and sizes): each tensor has the shape the
+    checkpoint's model_args (config.json) say, and its widened shape is the one the widened model_args say, before
+    anything is written. A config.json whose head_dim × heads or intermediate_size is not its weights' rows
+    was widened into a config that describes nothing (from_pretrained failed, or built another model)."""
+    todo = [(n, t, r) for n, t in plan.tensors.items() if not t.alias_of
+            for r in plan.spec.rules if r.pattern == t.rule and r.shape is not None]
+    if not todo:
+        return
+    wide_args = plan.model_args(model_args)
+    wide_sizes = resolve_sizes(plan.spec, wide_args, overrides)
+    for n, t, r in todo:
+        for env, have, what in ((plan.sizes, t.shape, "the checkpoint's model_args (config.json)"),
+                                (wide_sizes, t.out_shape, "the widened model_args (config.json)")):
+            try:
+                want = [None if e is None else eval_size(e, env) for e in r.shape]
+            except KeyError as e:
+                raise MupscaleError(f"tensor {n!r}: spec {plan.spec.name} checks its shape with {e.args[0]!r}, which "
+                                    f"{what} do not give: pass --size {e.args[0]}=N") from None
+            except ValueError as e:
+                raise MupscaleError(f"tensor {n!r}: its shape per spec {plan.spec.name} cannot be computed from {what} "
+                                    f"({e})") from None
+            if any(w is not None and w != h for w, h in zip(want, have)):
+                said = "[" + ", ".join("*" if w is None else f"{e} = {w}" for w, e in zip(want, r.shape)) + "]"
+                if have is t.shape:
+                    raise MupscaleError(f"tensor {n!r} is {list(have)}, but {what} say {said}: the config does not "
+                                        f"describe its weights")
+                raise MupscaleError(f"spec {plan.spec.name}: tensor {n!r} widens to {list(have)}, but {what} would "
+                                    f"say {said}: the spec's model_args rules do not describe its widening")
 
 
 def check_args_against_shapes(plan: Plan, model_args: dict | None) -> None:

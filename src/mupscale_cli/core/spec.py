@@ -19,7 +19,7 @@ from mupscale_cli.errors import MupscaleError
 BUNDLED_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[3] / "configs")
 SPEC_KEYS = {"name", "description", "detect", "readout", "sizes", "model_args", "tied", "tensors", "model",
              "evidence", "refuse", "config", "optimizer", "init", "untie", "notes", "tied_if", "saved_as"}
-RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "std", "k_power", "state_only", "state"}
+RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "std", "k_power", "state_only", "state", "shape"}
 EVIDENCE_PLACES = ("model_args", "config", "config_json")  # where a checkpoint shows its parametrization
 REWRITES = ("times", "divide", "keep", "set")
 OPTIM_KEYS = {"layouts", "group_keys", "resume_note"}
@@ -51,6 +51,7 @@ class Rule:
     k_power: float = 0.0  # weights × k^p, gradients × k^-p: the model multiplies this tensor by c ∝ width^-p
     state_only: bool = False  # names a parameter of the model that the file stores split (optimizer state only)
     stateless: bool = False  # a file tensor whose optimizer state lives in a state_only parameter
+    shape: tuple[str | None, ...] | None = None  # the shape model_args/sizes say it has (size expressions; null: any)
 
 
 @dataclass
@@ -226,10 +227,42 @@ def _parse_rule(pattern: str, body) -> Rule:
     for key in ("state_only", "state"):
         if not isinstance(body.get(key, key == "state"), bool):
             raise _fail(where, f"'{key}' must be true or false")
+    shape = body.get("shape")
+    if shape is not None:
+        if not isinstance(shape, list) or len(shape) != len(dims):
+            raise _fail(where, f"'shape' is a list of one size expression (or null) per dimension, like 'axes'; got "
+                               f"{shape!r}")
+        for e in shape:
+            if e is not None:
+                check_size_expr(e, where)
+        shape = tuple(None if e is None else str(e) for e in shape)
     return Rule(pattern, compile_pattern(pattern), dims, fan_in, body.get("buffer", False),
                 noise if isinstance(noise, bool) or noise is None else float(noise), body.get("optional", False),
                 None if std is None else str(std), float(kp), body.get("state_only", False),
-                not body.get("state", True))
+                not body.get("state", True), shape)
+
+
+class _AnyName(dict):
+    def __contains__(self, key) -> bool:
+        return True
+
+    def __getitem__(self, key) -> int:
+        return 1
+
+
+def check_size_expr(expr, where: str) -> None:
+    """A size expression (`TERM (+ TERM)*`, TERM `NAME|INT ((*|/) NAME|INT)*`), or an int >= 0."""
+    if isinstance(expr, int) and not isinstance(expr, bool) and expr >= 0:
+        return
+    ok = isinstance(expr, str) and all(t.isidentifier() or (t.isascii() and t.isdigit())
+                                       for t in expr.replace("*", " ").replace("/", " ").replace("+", " ").split())
+    if ok:
+        try:
+            eval_size(expr, _AnyName())
+        except ValueError:
+            ok = False
+    if not ok:
+        raise _fail(where, f"{expr!r} is not a size expression (NAME|INT joined by * / +)")
 
 
 class _UniqueKeyLoader(BoundedLoader):
