@@ -120,6 +120,7 @@ tensors:
   "layers.{i}.attention.qkv_linear.wv.weight": [{axis: heads, block: head_dim}, d_model]
   "layers.{i}.attention.qkv_linear.wqkv.weight":
     state_only: true
+    parts_layout: grouped
     parts: ["layers.{i}.attention.qkv_linear.wq.weight", "layers.{i}.attention.qkv_linear.wk.weight",
             "layers.{i}.attention.qkv_linear.wv.weight"]
   "layers.{i}.attention.fused_by_size.weight": {axes: [{axis: heads, block: qkv_block}, d_model], state_only: true}
@@ -167,6 +168,27 @@ def test_fused_state_is_the_fused_layout_of_its_widened_parts(spec_text):
         assert torch.equal(widen(fused, by_size, 1), widen(fused, fp, 1))
 
 
+@pytest.mark.parametrize("rules", ["tiled", "per-coordinate"])
+def test_stacked_parts_widen_each_part_in_place(rules):
+    """parts_layout: stacked ([wq | wk | wv] one after another, as Phi-3's qkv_proj): each part's rows widen as
+    the part does, so the widened fused state is the widened parts stacked (not the whole fused tensor tiled)."""
+    d = yaml.safe_load(qkv_spec().text)
+    rule = d["tensors"]["layers.{i}.attention.qkv_linear.wqkv.weight"]
+    rule["parts_layout"] = "stacked"
+    if rules == "per-coordinate":
+        for w in ("wq", "wk", "wv"):
+            d["tensors"][f"layers.{{i}}.attention.qkv_linear.{w}.weight"] = ["heads", "d_model"]
+    spec = parse_spec(yaml.safe_dump(d), "stacked")
+    _, parts = _parts_and_fused()
+    plan = make_plan(spec, {n: (tuple(t.shape), t.dtype) for n, t in parts.items()}, {"*": 2})
+    stacked = torch.cat(list(parts.values()))
+    fp = plan.state_plan(FUSED.format(0), (tuple(stacked.shape), stacked.dtype))
+    want = torch.cat([widen(t, plan.tensors[n], 1) for n, t in parts.items()])
+    assert torch.equal(widen(stacked, fp, 1), want)
+    if rules == "tiled":
+        assert not torch.equal(want, torch.cat([stacked, stacked]) / 2)  # not the whole tensor tiled
+
+
 @pytest.mark.parametrize("edit", [
     {"wk": [{"axis": "heads", "block": 2}, "d_model"]},  # wk in blocks of 2 rows: 4 blocks, wq's 1
     {"wv": [{"axis": "heads", "tile": True}, None]},  # wv's columns fixed, the others' widened
@@ -195,10 +217,13 @@ def test_fused_state_refused_without_its_parts_or_with_other_rows():
 
 
 @pytest.mark.parametrize("body,msg", [
-    ("{parts: ['a.{i}.x'], optional: true}", "needs 'state_only: true'"),
+    ("{parts: ['a.{i}.x'], optional: true, parts_layout: grouped}", "needs 'state_only: true'"),
     ("{parts: ['a.{i}.x'], state_only: true, axes: [null]}", "needs 'state_only: true' and no 'axes'"),
-    ("{parts: ['a.x'], state_only: true}", "placeholders"),
+    ("{parts: ['a.x'], state_only: true, parts_layout: grouped}", "placeholders"),
     ("{parts: [], state_only: true}", "list of tensor name patterns"),
+    ("{parts: ['a.{i}.x'], state_only: true}", "'parts_layout' must be one of grouped, stacked"),
+    ("{parts: ['a.{i}.x'], state_only: true, parts_layout: interleaved}", "'parts_layout' must be one of"),
+    ("{axes: [null], parts_layout: grouped}", "'parts_layout' needs 'parts'"),
     ("{axes: [{axis: h, tile: true, block: 2}]}", "give no 'block'"),
     ("{axes: [{axis: h, tile: 1}]}", "'tile' must be true or false"),
 ])

@@ -152,14 +152,18 @@ def part_names(rule: Rule, name: str) -> list[str]:
 
 def fused_plan(plan: Plan, rule: Rule, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorPlan:
     """The plan of a parameter the model holds fused and the file stores split (a state_only rule with
-    `parts`: torchtitan's FusedQKVLinear keeps one `wqkv` and saves wq, wk, wv), from its parts' plans.
+    `parts`: torchtitan's FusedQKVLinear keeps one `wqkv` and saves wq, wk, wv), from its parts' plans, so
+    that its widened state is in the widened model's own fused layout (its widened parts, fused the same way)
+    and moves with the parts' factors.
 
-    Its rows are G groups, each the parts' blocks in order: with G = n_kv_heads that is torchtitan's layout per
-    key/value group [its query heads | its key head | its value head]; with G = 1 (parts tiled whole) any
-    layout. Each part's rows are G blocks duplicated in place, so the fused rows are G blocks of the parts'
-    blocks' total size, duplicated in place: the fused parameter of the widened model (its parts' widened rows,
-    fused the same way) holds exactly those rows. The parts must agree on everything else (axes, k, blocks of
-    the other dimensions, the weight and gradient scales): then the fused state moves with the same factors."""
+    `parts_layout: stacked`: the rows are the parts one after another; each part's rows widen as the part does
+    (a segmented dimension). `grouped`: the rows are groups, each the parts' blocks in order (torchtitan's wqkv:
+    per key/value group, its query heads, its key head, its value head). Each part's rows must then be the same
+    number G of blocks: the fused rows are G blocks of the parts' blocks' total size, duplicated in place. That
+    is the widened model's layout when G divides the model's group count: G = n_kv_heads (parts duplicated per
+    key/value group) or G = 1 (parts tiled whole: copies of all groups follow the originals).
+    The parts must agree on everything else: axis and k of the rows, the other dimensions, the weight and
+    gradient scales."""
     where = f"optimizer state of {name!r} (fused parameter, spec rule {rule.pattern!r})"
     parts = []
     for q in part_names(rule, name):
@@ -175,17 +179,22 @@ def fused_plan(plan: Plan, rule: Rule, name: str, shape: tuple[int, ...], dtype:
                             f"({', '.join(f'{t.name} {list(t.shape)}' for t in parts)})")
     d0 = [t.dims[0] for t in parts]
     groups = {t.shape[0] // d.block for t, d in zip(parts, d0)}
+    moves = d0[0].axis is not None and d0[0].k != 1
     same = (all(t.dims[1:] == first.dims[1:] and (t.s, t.g, t.fan_in, t.readout_like) == (
         first.s, first.g, first.fan_in, first.readout_like) for t in parts)
-        and len({(d.axis, d.k) for d in d0}) == 1 and not any(d.segments for d in d0)
-        and (len(groups) == 1 or d0[0].axis is None or d0[0].k == 1))  # k 1: nothing moves
+        and len({(d.axis, d.k) for d in d0}) == 1 and not (moves and any(d.segments for d in d0))
+        and (len(groups) == 1 or rule.parts_layout == "stacked" or not moves))
     if not same:
         raise MupscaleError(f"{where}: its parts are widened differently (" + "; ".join(
             f"{t.name}: {t.axes_text}, blocks {t.dims[0].block}, weight x{t.s}, gradient x{t.g}" for t in parts)
-            + "): the fused state can follow them only if they share axes, k and scales and each part's rows "
-              "are the same number of blocks")
-    g = groups.pop() if len(groups) == 1 else 1
-    dim0 = DimPlan(d0[0].axis, d0[0].k, 1) if d0[0].axis is None else DimPlan(d0[0].axis, d0[0].k, shape[0] // g)
+            + "): the fused state can follow them only if they share axes, k and scales" + (
+                " and each part's rows are the same number of blocks" if rule.parts_layout == "grouped" else ""))
+    if not moves:
+        dim0 = DimPlan(d0[0].axis, d0[0].k, 1)
+    elif rule.parts_layout == "stacked":
+        dim0 = DimPlan(d0[0].axis, d0[0].k, 1, tuple((t.shape[0], d.block) for t, d in zip(parts, d0)))
+    else:
+        dim0 = DimPlan(d0[0].axis, d0[0].k, shape[0] // groups.pop())
     return TensorPlan(name, shape, dtype, (dim0, *first.dims[1:]), rule.pattern, fan_in=first.fan_in,
                       readout_like=first.readout_like, s=first.s, g=first.g)
 

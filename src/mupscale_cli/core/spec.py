@@ -20,13 +20,15 @@ from mupscale_cli.errors import MupscaleError
 BUNDLED_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[3] / "configs")
 SPEC_KEYS = {"name", "description", "detect", "readout", "sizes", "model_args", "tied", "tensors", "model",
              "evidence", "refuse", "config", "optimizer", "init", "untie", "notes", "tied_if", "saved_as"}
-RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "std", "k_power", "state_only", "state", "parts"}
+RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "std", "k_power", "state_only", "state", "parts",
+             "parts_layout"}
 EVIDENCE_PLACES = ("model_args", "config", "config_json")  # where a checkpoint shows its parametrization
 REWRITES = ("times", "divide", "keep", "set")
 OPTIM_KEYS = {"layouts", "group_keys", "resume_note"}
 HPARAMS = ("lr", "eps", "weight_decay")
 DIM_KEYS = {"axis", "block", "segments", "tile"}
 READOUTS = ("mup", "sum")
+PARTS_LAYOUTS = ("grouped", "stacked")
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ class Rule:
     k_power: float = 0.0  # weights × k^p, gradients × k^-p: the model multiplies this tensor by c ∝ width^-p
     state_only: bool = False  # names a parameter of the model that the file stores split (optimizer state only)
     stateless: bool = False  # a file tensor whose optimizer state lives in a state_only parameter
-    parts: tuple[str, ...] = ()  # state_only: the file's tensors whose rows this fused parameter stacks
+    parts: tuple[str, ...] = ()  # state_only: the file's tensors whose rows this fused parameter holds
+    parts_layout: str = ""  # how: "grouped" (per group, each the parts' blocks: torchtitan) | "stacked"
 
 
 @dataclass
@@ -223,7 +226,13 @@ def _parse_rule(pattern: str, body) -> Rule:
             if re.findall(r"\{\w+\}", q) != holes or "*" in q + pattern:
                 raise _fail(where, f"part {q!r}: each part must hold the fused name's {{word}} placeholders, in the "
                                    f"same order, and no '*'")
+        if body.get("parts_layout") not in PARTS_LAYOUTS:
+            raise _fail(where, f"'parts_layout' must be one of {', '.join(PARTS_LAYOUTS)} (how the fused rows hold the "
+                               f"parts: in groups, each group the parts' blocks in order, as torchtitan's wqkv; or "
+                               f"the parts one after another), got {body.get('parts_layout')!r}")
         body = {**body, "axes": []}
+    elif "parts_layout" in body:
+        raise _fail(where, "'parts_layout' needs 'parts'")
     if not isinstance(body.get("axes"), list):
         raise _fail(where, "'axes' (one entry per dimension) is required")
     dims = tuple(_parse_dim(where, x) for x in body["axes"])
@@ -252,7 +261,7 @@ def _parse_rule(pattern: str, body) -> Rule:
     return Rule(pattern, compile_pattern(pattern), dims, fan_in, body.get("buffer", False),
                 noise if isinstance(noise, bool) or noise is None else float(noise), body.get("optional", False),
                 None if std is None else str(std), float(kp), body.get("state_only", False),
-                not body.get("state", True), tuple(parts or ()))
+                not body.get("state", True), tuple(parts or ()), str(body.get("parts_layout") or ""))
 
 
 class _UniqueKeyLoader(BoundedLoader):
