@@ -264,9 +264,9 @@ def resolve_k(k: dict[str, int], axes: list[str]) -> dict[str, int]:
 
 
 class Sizes(dict):
-    """The base sizes the spec defines that could be computed; `missing` says, for each one that could not
-    (a name the checkpoint does not give, an inexact quotient), why: a size is demanded only by a tensor whose
-    rule uses it (an optional rule that matches nothing demands nothing)."""
+    """The base sizes the spec defines that could be computed; `missing` says, for each one that needs a name
+    the checkpoint does not give, why: such a size is demanded only by a tensor whose rule uses it (an optional
+    rule that matches nothing demands nothing). A wrong expression is refused at once."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -286,8 +286,8 @@ def resolve_sizes(spec: Spec, model_args: dict | None, overrides: dict[str, int]
             env.missing[name] = (env.missing.get(need) if need in spec.sizes and need in env.missing else
                                  f"size {name!r} = {expr!r} needs {need!r}, which the checkpoint's model_args do "
                                  f"not give: pass --size {name}=N")
-        except ValueError as e:
-            env.missing[name] = f"size {name!r}: {e}"
+        except ValueError as e:  # the expression itself is wrong (or its values are): refused, used or not
+            raise MupscaleError(f"size {name!r}: {e}") from None
     return env
 
 
