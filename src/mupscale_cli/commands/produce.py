@@ -40,7 +40,7 @@ def provenance(opts: WidenOptions, prep: Prepared, source_digest: str | None = N
         **({"untie": plan.spec.untie} if plan.untied else {}),
         "readout": plan.spec.readout,
         "k": plan.k,
-        "sizes": {n: plan.sizes[n] for n in plan.spec.sizes},
+        "sizes": {n: plan.sizes[n] for n in plan.spec.sizes if n in plan.sizes},
         "sigma": opts.sigma,
         **({"sigma_per_tensor": opts.sigma_map} if opts.sigma_map is not None else {}),
         "seed": opts.seed,

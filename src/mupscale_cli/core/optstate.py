@@ -226,6 +226,16 @@ def map_optimizer(sd: dict, plan: Plan, kind: str | None = None, layout: str | N
             fits[lay] = cand
     if not fits:
         detail = "; ".join(f"{k}: {v}" for k, v in why.items())
+        if all("param_names" in g for g in sd["param_groups"]):  # names stored: advise on what they name
+            unknown = "which is not a tensor of the checkpoint" in why.get("named", "")
+            raise MupscaleError(f"cannot match optimizer ids to tensor names ({detail}); the optimizer stores its "
+                                f"parameters' names (param_names)" + (
+                                    f", and some name no tensor of the file: a parameter the model holds fused "
+                                    f"and the file stores split needs a rule of spec {plan.spec.name} with "
+                                    f"'state_only: true' and 'parts', one the file stores under another name "
+                                    f"'saved_as' (docs/spec-format.md)" if unknown else
+                                    ": the optimizer state does not describe this checkpoint's tensors (saved from "
+                                    "another model or run?)"))
         raise MupscaleError(f"cannot match optimizer ids to tensor names ({detail}); build the optimizer "
                             f"from model.named_parameters() so it stores param_names")
     if "named" in fits:

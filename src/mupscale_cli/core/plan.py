@@ -5,6 +5,7 @@ units, checks of model_args against the shapes) and each part needs the others' 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
@@ -115,8 +116,11 @@ class Plan:
         if meta is None or len(rules) != 1:
             return None
         shape, dtype = meta
-        self.state_tensors[name] = _tensor_plan(self.spec, rules[0], name, tuple(shape), dtype, self.k, self.sizes,
-                                                self.env)
+        if rules[0].parts:
+            self.state_tensors[name] = fused_plan(self, rules[0], name, tuple(shape), dtype)
+        else:
+            self.state_tensors[name] = _tensor_plan(self.spec, rules[0], name, tuple(shape), dtype, self.k,
+                                                    self.sizes, self.env)
         return self.state_tensors[name]
 
     def model_args(self, args: dict | None) -> dict | None:
@@ -145,6 +149,69 @@ class Plan:
             return {}
         sets = self.spec.untie.get("set") or {}
         return {k.partition(".")[2]: v for k, v in sets.items() if k.partition(".")[0] == place}
+
+
+def part_names(rule: Rule, name: str) -> list[str]:
+    """The file's tensors whose rows the fused parameter `name` stacks: the rule's `parts` with its {word}
+    placeholders filled from `name` (the layer indices)."""
+    rx = "".join("([0-9]+)" if re.fullmatch(r"\{\w+\}", part) else re.escape(part)
+                 for part in re.split(r"(\{\w+\})", rule.pattern))
+    values = re.fullmatch(rx, name).groups()  # type: ignore[union-attr]  (the rule matched `name`)
+    out = []
+    for q in rule.parts:
+        pieces = re.split(r"(\{\w+\})", q)
+        it = iter(values)
+        out.append("".join(next(it) if re.fullmatch(r"\{\w+\}", x) else x for x in pieces))
+    return out
+
+
+def fused_plan(plan: Plan, rule: Rule, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorPlan:
+    """The plan of a parameter the model holds fused and the file stores split (a state_only rule with
+    `parts`: torchtitan's FusedQKVLinear keeps one `wqkv` and saves wq, wk, wv), from its parts' plans, so
+    that its widened state is in the widened model's own fused layout (its widened parts, fused the same way)
+    and moves with the parts' factors.
+
+    `parts_layout: stacked`: the rows are the parts one after another; each part's rows widen as the part does
+    (a segmented dimension). `grouped`: the rows are groups, each the parts' blocks in order (torchtitan's wqkv:
+    per key/value group, its query heads, its key head, its value head). Each part's rows must then be the same
+    number G of blocks: the fused rows are G blocks of the parts' blocks' total size, duplicated in place. That
+    is the widened model's layout when G divides the model's group count: G = n_kv_heads (parts duplicated per
+    key/value group) or G = 1 (parts tiled whole: copies of all groups follow the originals).
+    The parts must agree on everything else: axis and k of the rows, the other dimensions, the weight and
+    gradient scales."""
+    where = f"optimizer state of {name!r} (fused parameter, spec rule {rule.pattern!r})"
+    parts = []
+    for q in part_names(rule, name):
+        t = plan.tensors.get(q)
+        if t is None or t.buffer:
+            raise MupscaleError(f"{where}: its part {q!r} is not a parameter of the checkpoint; the spec's 'parts' "
+                                f"name the tensors the file stores in its place")
+        parts.append(t)
+    first = parts[0]
+    rows = sum(t.shape[0] if t.shape else 0 for t in parts)
+    if any(len(t.shape) != len(shape) or t.shape[1:] != shape[1:] for t in parts) or not shape or rows != shape[0]:
+        raise MupscaleError(f"{where}: shape {list(shape)} is not its parts' rows stacked "
+                            f"({', '.join(f'{t.name} {list(t.shape)}' for t in parts)})")
+    d0 = [t.dims[0] for t in parts]
+    groups = {t.shape[0] // d.block for t, d in zip(parts, d0)}
+    moves = d0[0].axis is not None and d0[0].k != 1
+    same = (all(t.dims[1:] == first.dims[1:] and (t.s, t.g, t.fan_in, t.readout_like) == (
+        first.s, first.g, first.fan_in, first.readout_like) for t in parts)
+        and len({(d.axis, d.k) for d in d0}) == 1 and not (moves and any(d.segments for d in d0))
+        and (len(groups) == 1 or rule.parts_layout == "stacked" or not moves))
+    if not same:
+        raise MupscaleError(f"{where}: its parts are widened differently (" + "; ".join(
+            f"{t.name}: {t.axes_text}, blocks {t.dims[0].block}, weight x{t.s}, gradient x{t.g}" for t in parts)
+            + "): the fused state can follow them only if they share axes, k and scales" + (
+                " and each part's rows are the same number of blocks" if rule.parts_layout == "grouped" else ""))
+    if not moves:
+        dim0 = DimPlan(d0[0].axis, d0[0].k, 1)
+    elif rule.parts_layout == "stacked":
+        dim0 = DimPlan(d0[0].axis, d0[0].k, 1, tuple((t.shape[0], d.block) for t, d in zip(parts, d0)))
+    else:
+        dim0 = DimPlan(d0[0].axis, d0[0].k, shape[0] // groups.pop())
+    return TensorPlan(name, shape, dtype, (dim0, *first.dims[1:]), rule.pattern, fan_in=first.fan_in,
+                      readout_like=first.readout_like, s=first.s, g=first.g)
 
 
 def rewrite(d: dict, rules: dict[str, tuple], k: dict[str, int], sets: dict | None = None,
@@ -217,8 +284,18 @@ def resolve_k(k: dict[str, int], axes: list[str]) -> dict[str, int]:
     return out
 
 
-def resolve_sizes(spec: Spec, model_args: dict | None, overrides: dict[str, int]) -> dict[str, int]:
-    env = {k: v for k, v in (model_args or {}).items() if isinstance(v, int) and not isinstance(v, bool)}
+class Sizes(dict):
+    """The base sizes the spec defines that could be computed; `missing` says, for each one that needs a name
+    the checkpoint does not give, why: such a size is demanded only by a tensor whose rule uses it (an optional
+    rule that matches nothing demands nothing). A wrong expression is refused at once."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.missing: dict[str, str] = {}
+
+
+def resolve_sizes(spec: Spec, model_args: dict | None, overrides: dict[str, int]) -> Sizes:
+    env = Sizes((k, v) for k, v in (model_args or {}).items() if isinstance(v, int) and not isinstance(v, bool))
     env.update(overrides)
     for name, expr in spec.sizes.items():
         if name in overrides or name in env:  # the checkpoint's own record (config.json head_dim) wins
@@ -226,9 +303,11 @@ def resolve_sizes(spec: Spec, model_args: dict | None, overrides: dict[str, int]
         try:
             env[name] = eval_size(expr, env)
         except KeyError as e:
-            raise MupscaleError(f"size {name!r} = {expr!r} needs {e.args[0]!r}, which the checkpoint's "
-                                f"model_args do not give: pass --size {name}=N") from None
-        except ValueError as e:
+            need = e.args[0]
+            env.missing[name] = (env.missing.get(need) if need in spec.sizes and need in env.missing else
+                                 f"size {name!r} = {expr!r} needs {need!r}, which the checkpoint's model_args do "
+                                 f"not give: pass --size {name}=N")
+        except ValueError as e:  # the expression itself is wrong (or its values are): refused, used or not
             raise MupscaleError(f"size {name!r}: {e}") from None
     return env
 
@@ -241,7 +320,8 @@ def _size(v: int | str, sizes: dict[str, int], name: str) -> int:
     if isinstance(v, int):
         return v
     if v not in sizes:
-        raise MupscaleError(f"{name}: block size {v!r} is unknown: pass --size {v}=N")
+        why = getattr(sizes, "missing", {}).get(v)
+        raise MupscaleError(f"{name}: {why}" if why else f"{name}: block size {v!r} is unknown: pass --size {v}=N")
     return sizes[v]
 
 
@@ -493,7 +573,7 @@ def _tensor_plan(spec: Spec, rule: Rule, name: str, shape: tuple[int, ...], dtyp
                                         f"block size {b} ({sb}); check --size or the spec")
             dims.append(DimPlan(d.axis, k[d.axis], 1, segs))
             continue
-        b = _block(d, sizes, name)
+        b = max(n, 1) if d.tile else _block(d, sizes, name)
         if b < 1 or n % b:
             raise MupscaleError(f"tensor {name!r}: dimension {i} of size {n} is not a multiple of its "
                                 f"block size {b} ({d.block}); check --size or the spec")

@@ -9,6 +9,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import yaml
@@ -19,13 +20,15 @@ from mupscale_cli.errors import MupscaleError
 BUNDLED_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[3] / "configs")
 SPEC_KEYS = {"name", "description", "detect", "readout", "sizes", "model_args", "tied", "tensors", "model",
              "evidence", "refuse", "config", "optimizer", "init", "untie", "notes", "tied_if", "saved_as"}
-RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "std", "k_power", "state_only", "state", "shape"}
+RULE_KEYS = {"axes", "fan_in", "buffer", "noise", "optional", "std", "k_power", "state_only", "state", "parts",
+             "parts_layout", "shape"}
 EVIDENCE_PLACES = ("model_args", "config", "config_json")  # where a checkpoint shows its parametrization
 REWRITES = ("times", "divide", "keep", "set")
 OPTIM_KEYS = {"layouts", "group_keys", "resume_note"}
 HPARAMS = ("lr", "eps", "weight_decay")
-DIM_KEYS = {"axis", "block", "segments"}
+DIM_KEYS = {"axis", "block", "segments", "tile"}
 READOUTS = ("mup", "sum")
+PARTS_LAYOUTS = ("grouped", "stacked")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Dim:
     axis: str | None
     block: int | str = 1
     segments: tuple[tuple[int | str, int | str], ...] = ()
+    tile: bool = False  # the whole dimension is one block: the copies follow each other ([x; x])
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class Rule:
     state_only: bool = False  # names a parameter of the model that the file stores split (optimizer state only)
     stateless: bool = False  # a file tensor whose optimizer state lives in a state_only parameter
     shape: tuple[str | None, ...] | None = None  # the shape model_args/sizes say it has (size expressions; null: any)
+    parts: tuple[str, ...] = ()  # state_only: the file's tensors whose rows this fused parameter holds
+    parts_layout: str = ""  # how: "grouped" (per group, each the parts' blocks: torchtitan) | "stacked"
 
 
 @dataclass
@@ -184,6 +190,13 @@ def _parse_dim(where: str, x) -> Dim:
         if not size_ok(block):
             raise _fail(where, f"'block' must be a positive int or a size name, got {block!r}")
         segs = x.get("segments")
+        tile = x.get("tile", False)
+        if not isinstance(tile, bool):
+            raise _fail(where, f"'tile' must be true or false, got {tile!r}")
+        if tile and ("block" in x or segs is not None):
+            raise _fail(where, "'tile: true' makes the whole dimension one block: give no 'block' or 'segments'")
+        if tile:
+            return Dim(axis, 1, tile=True)
         if segs is None:
             return Dim(axis, block)
         if "block" in x:
@@ -202,6 +215,25 @@ def _parse_rule(pattern: str, body) -> Rule:
     if not isinstance(body, dict):
         raise _fail(where, "a rule is a list of axes or a mapping with 'axes'")
     _check_keys(where, body, RULE_KEYS)
+    parts = body.get("parts")
+    if parts is not None:
+        if not (isinstance(parts, list) and parts and all(isinstance(q, str) and q for q in parts)):
+            raise _fail(where, f"'parts' is a list of tensor name patterns, got {parts!r}")
+        if body.get("state_only") is not True or "axes" in body:
+            raise _fail(where, "'parts' describes a fused parameter of the model that the file stores split: it "
+                               "needs 'state_only: true' and no 'axes' (they follow from the parts' rules)")
+        holes = re.findall(r"\{\w+\}", pattern)
+        for q in parts:
+            if re.findall(r"\{\w+\}", q) != holes or "*" in q + pattern:
+                raise _fail(where, f"part {q!r}: each part must hold the fused name's {{word}} placeholders, in the "
+                                   f"same order, and no '*'")
+        if body.get("parts_layout") not in PARTS_LAYOUTS:
+            raise _fail(where, f"'parts_layout' must be one of {', '.join(PARTS_LAYOUTS)} (how the fused rows hold the "
+                               f"parts: in groups, each group the parts' blocks in order, as torchtitan's wqkv; or "
+                               f"the parts one after another), got {body.get('parts_layout')!r}")
+        body = {**body, "axes": []}
+    elif "parts_layout" in body:
+        raise _fail(where, "'parts_layout' needs 'parts'")
     if not isinstance(body.get("axes"), list):
         raise _fail(where, "'axes' (one entry per dimension) is required")
     dims = tuple(_parse_dim(where, x) for x in body["axes"])
@@ -239,30 +271,19 @@ def _parse_rule(pattern: str, body) -> Rule:
     return Rule(pattern, compile_pattern(pattern), dims, fan_in, body.get("buffer", False),
                 noise if isinstance(noise, bool) or noise is None else float(noise), body.get("optional", False),
                 None if std is None else str(std), float(kp), body.get("state_only", False),
-                not body.get("state", True), shape)
-
-
-class _AnyName(dict):
-    def __contains__(self, key) -> bool:
-        return True
-
-    def __getitem__(self, key) -> int:
-        return 1
+                not body.get("state", True), shape, tuple(parts or ()), str(body.get("parts_layout") or ""))
 
 
 def check_size_expr(expr, where: str) -> None:
-    """A size expression (`TERM (+ TERM)*`, TERM `NAME|INT ((*|/) NAME|INT)*`), or an int >= 0."""
+    """A size expression (see eval_size) well formed, or an int >= 0; its values are checked where it is used."""
     if isinstance(expr, int) and not isinstance(expr, bool) and expr >= 0:
         return
-    ok = isinstance(expr, str) and all(t.isidentifier() or (t.isascii() and t.isdigit())
-                                       for t in expr.replace("*", " ").replace("/", " ").replace("+", " ").split())
-    if ok:
-        try:
-            eval_size(expr, _AnyName())
-        except ValueError:
-            ok = False
-    if not ok:
-        raise _fail(where, f"{expr!r} is not a size expression (NAME|INT joined by * / +)")
+    try:
+        if not isinstance(expr, str):
+            raise ValueError(f"{expr!r} is not a size expression")
+        eval_size(expr, {}, syntax_only=True)
+    except ValueError as e:
+        raise _fail(where, f"{e} (integers and names joined by + - * / and parentheses)") from None
 
 
 class _UniqueKeyLoader(BoundedLoader):
@@ -383,36 +404,88 @@ MAX_EXPR_CHARS = 256  # a spec's size or std expression; thousands of factors ar
 MAX_SIZE = 1 << 62
 
 
-def eval_size(expr: str, env: dict[str, int]) -> int:
-    """`TERM (+ TERM)*`, each TERM `NAME|INT ((*|/) NAME|INT)*` left to right; division must be exact
-    (MiniCPM3's kv_b_proj head: `qk_nope_head_dim + v_head_dim`)."""
+_SIZE_TOKEN = re.compile(r"\s*(?:([0-9]+)|([A-Za-z_][A-Za-z_0-9]*)|([-+*/()]))")
+
+
+def eval_size(expr: str, env: dict[str, int], syntax_only: bool = False) -> int:
+    """A size expression: integers, names, `+ - * /` and parentheses, evaluated in exact rational arithmetic
+    (torchtitan's fused row block `head_dim * n_heads / n_kv_heads + 2 * head_dim`, or the same as
+    `head_dim / n_kv_heads * n_heads + 2 * head_dim`); the result must be a whole number >= 0. Every
+    intermediate numerator and denominator is at most MAX_SIZE (larger than any tensor), so the work is
+    bounded by the expression's length. A missing name raises KeyError(name), anything else ValueError.
+    syntax_only: only the form is checked (names stand for 1, values are not judged; the result is 0)."""
     if len(expr) > MAX_EXPR_CHARS:
         raise ValueError(f"size expression {shown(expr)} is longer than {MAX_EXPR_CHARS} characters")
-    if "+" in expr:
-        return sum(eval_size(term, env) for term in expr.split("+"))
-    tokens = expr.replace("*", " * ").replace("/", " / ").split()
+    tokens, pos, text = [], 0, expr.rstrip()
+    while pos < len(text):
+        m = _SIZE_TOKEN.match(text, pos)
+        if not m:
+            raise ValueError(f"bad size expression {shown(expr)}: unexpected {shown(text[pos:].strip()[:10])}")
+        tokens.append(m.group(1) or m.group(2) or m.group(3))
+        pos = m.end()
+    i = 0
 
-    def value(tok: str) -> int:
-        if tok.isdigit():
-            return int_text(tok, f"size expression {shown(expr)}")
-        if tok not in env:
-            raise KeyError(tok)
-        return int(env[tok])
+    def peek() -> str | None:
+        return tokens[i] if i < len(tokens) else None
 
-    if not tokens or len(tokens) % 2 == 0:
-        raise ValueError(f"bad size expression {expr!r}")
-    acc = value(tokens[0])
-    for op, tok in zip(tokens[1::2], tokens[2::2]):
-        v = value(tok)
-        if op == "*":
-            acc *= v
-        elif op == "/" and v and acc % v == 0:
-            acc //= v
-        else:
-            raise ValueError(f"size expression {shown(expr)} is not an exact product/quotient")
-        if acc > MAX_SIZE:
+    def take() -> str:
+        nonlocal i
+        if i >= len(tokens):
+            raise ValueError(f"bad size expression {shown(expr)}: it ends too early")
+        i += 1
+        return tokens[i - 1]
+
+    def bounded(v: Fraction) -> Fraction:
+        if abs(v.numerator) > MAX_SIZE or v.denominator > MAX_SIZE:
             raise ValueError(f"size expression {shown(expr)} exceeds {MAX_SIZE}, larger than any tensor")
-    return acc
+        return v
+
+    def atom() -> Fraction:
+        tok = take()
+        if tok == "(":
+            v = total()
+            if take() != ")":
+                raise ValueError(f"bad size expression {shown(expr)}: unbalanced parentheses")
+            return v
+        if tok.isdigit():
+            return bounded(Fraction(int_text(tok, f"size expression {shown(expr)}")))
+        if tok[0].isalpha() or tok[0] == "_":
+            if syntax_only:
+                return Fraction(1)
+            if tok not in env:
+                raise KeyError(tok)
+            v = env[tok]
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise KeyError(tok)
+            return bounded(Fraction(v))
+        raise ValueError(f"bad size expression {shown(expr)}: unexpected {tok!r}")
+
+    def product() -> Fraction:
+        v = atom()
+        while peek() in ("*", "/"):
+            op, w = take(), atom()
+            if op == "/" and w == 0 and not syntax_only:
+                raise ValueError(f"size expression {shown(expr)} divides by zero")
+            v = bounded(v * w if op == "*" else v / w if w else v)
+        return v
+
+    def total() -> Fraction:
+        v = product()
+        while peek() in ("+", "-"):
+            op, w = take(), product()
+            v = bounded(v + w if op == "+" else v - w)
+        return v
+
+    if not tokens:
+        raise ValueError(f"bad size expression {shown(expr)}")
+    value = total()
+    if i != len(tokens):
+        raise ValueError(f"bad size expression {shown(expr)}: unexpected {tokens[i]!r}")
+    if syntax_only:
+        return 0
+    if value.denominator != 1 or value < 0:
+        raise ValueError(f"size expression {shown(expr)} is {value}, not a whole number of coordinates")
+    return int(value)
 
 
 def _rewrite(where: str, v) -> tuple:
