@@ -283,7 +283,8 @@ def check_size_expr(expr, where: str) -> None:
             raise ValueError(f"{expr!r} is not a size expression")
         eval_size(expr, {}, syntax_only=True)
     except ValueError as e:
-        raise _fail(where, f"{e} (integers and names joined by + - * / and parentheses)") from None
+        raise _fail(where, f"{expr!r} is not a size expression: {e} (integers and names joined by + - * / and "
+                           f"parentheses)") from None
 
 
 class _UniqueKeyLoader(BoundedLoader):
