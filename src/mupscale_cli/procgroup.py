@@ -10,8 +10,9 @@ teardown on every exit.
   MUPSCALE_RENDEZVOUS_TIMEOUT seconds (default 300) for the others ends with one line naming the
   variables, exit 2.
 - The teardown (`stop`, called by the command line on every exit): after a successful run every rank
-  meets at a barrier, then `destroy_process_group`: gloo's worker threads are stopped while the
-  interpreter is alive (left to the interpreter's exit they abort it: "terminate called ...")."""
+  meets at a barrier, then `destroy_process_group`, after what the run held (FSDP2 models, DTensors) is
+  released: gloo's work and those destructors run while the interpreter is alive (left to its exit, they
+  abort a rank now and then: "terminate called without an active exception")."""
 from __future__ import annotations
 
 import os
@@ -158,10 +159,13 @@ def stop(ok: bool) -> None:
     if not _ours:
         return
     _ours = False
+    import gc
+
     import torch.distributed as td
     if not td.is_initialized():
         return
-    try:
+    gc.collect()  # FSDP2 models, DTensors and optimizers of the run (reference cycles) released while the group
+    try:  # lives: their destructors after destroy_process_group, at the interpreter's exit, abort a rank
         if ok:
             td.barrier()
     except Exception:  # noqa: BLE001 - a peer failed: its own error says why
