@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -173,3 +174,30 @@ def test_bad_environment_end_to_end(dcp_in, tmp_path, bad, what, command):
     msg = one_line(r.stderr)
     assert msg.startswith("mupscale: error: ") and what in msg, msg
     assert not out.exists() and r.stdout == ""
+
+
+RANK_PROGRAM = """
+import os, sys, threading
+import torch.distributed as td
+from mupscale_cli import procgroup
+rank, world = procgroup.start("gloo")
+assert (rank, world) == (int(os.environ["RANK"]), 2) and td.is_initialized()
+procgroup.stop(True)
+assert not td.is_initialized(), "the process group outlived stop()"
+procgroup.stop(True)  # a second stop is a no-op
+print("stopped", rank, [t.name for t in threading.enumerate() if t.name == "mupscale-rendezvous"])
+"""
+
+
+def test_stop_barriers_and_destroys_the_group():
+    """Two ranks start a gloo group through procgroup, stop it (barrier, destroy_process_group): nothing of
+    the group is left for the interpreter's exit, and both exit 0 with no abort."""
+    port = free_port()
+    ps = [subprocess.Popen([sys.executable, "-c", RANK_PROGRAM], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env(WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                              MASTER_PORT=str(port)))
+          for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in ps]
+    for r, (p, (out, err)) in enumerate(zip(ps, outs)):
+        assert p.returncode == 0 and "terminate called" not in err, (r, p.returncode, err[-2000:])
+        assert out.strip() == f"stopped {r} []", out
