@@ -192,7 +192,7 @@ MUTATIONS = [
              "src/mupscale_cli/core/spec.py", "    return any(all(holds(k, v) for k, v in alt.items())",
              "    return any(any(holds(k, v) for k, v in alt.items())",
              ["tests/test_stacks_nanogpt.py", "-k", "partial_evidence"]),
-    Mutation("--optimizer overrides the state", "--optimizer adam on AdamW state is refused",
+    Mutation("optimizer flag overrides the state", "--optimizer adam on AdamW state is refused",
              "src/mupscale_cli/core/optstate.py", "        if found and given and given != found:", "        if False:",
              ["tests/test_optim.py", "-k", "contradicting"]),
     Mutation("clip coefficient uncapped", "inactive equivalent clipping leaves gradients as they are",
