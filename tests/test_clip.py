@@ -36,7 +36,7 @@ def models(tmp):
     return out, w
 
 
-def lockstep(tmp, mode: str, steps: int = 200) -> tuple[float, int]:
+def lockstep(tmp, mode: str, steps: int = 200, c: float = C, norm_type: float = 2.0) -> tuple[float, int]:
     """Train base and wide on identical batches, clipping at C (torch's on BASE; `mode` on WIDE); return the
     largest relative loss/logit gap over the run and the number of steps clipping was active."""
     ((base, bopt), (wide, wopt)), w = models(tmp)
@@ -52,10 +52,10 @@ def lockstep(tmp, mode: str, steps: int = 200) -> tuple[float, int]:
             loss = m(x, torch.roll(x, 1, 1))[1]
             loss.backward()
             if i == 0 or mode == "plain":
-                norm = torch.nn.utils.clip_grad_norm_(m.parameters(), C)
+                norm = torch.nn.utils.clip_grad_norm_(m.parameters(), c, norm_type=norm_type)
             else:
-                norm = clip_grad_norm_equivalent(m, C, scales)
-            active += i == 0 and norm.item() > C
+                norm = clip_grad_norm_equivalent(m, c, scales, norm_type=norm_type)
+            active += i == 0 and norm.item() > c
             opt.step()
             losses.append(loss.item())
         with torch.no_grad():
@@ -110,3 +110,40 @@ def test_scales_need_every_parameter(tmp):
     scales = grad_scales(load(tmp / "wide.pt"))
     named = [(f"_orig_mod.{n}", p) for n, p in wide.named_parameters()]
     assert clip_grad_norm_equivalent(named, 1e9, scales).item() > 0
+
+
+def test_inactive_clipping_keeps_the_trajectory(tmp):
+    """max_norm far above every gradient norm: torch's clip on BASE changes nothing, and neither may the
+    equivalent clip on WIDE (its coefficient capped at 1): the same trajectory to 1e-12 over 50 steps."""
+    exact, active = lockstep(tmp, "equivalent", steps=50, c=1e6)
+    assert active == 0 and exact <= 1e-12, (active, exact)
+
+
+def test_infinity_norm_clipping_is_equivalent(tmp):
+    """norm_type=inf: a widened gradient's largest entry is g × the base's (duplication repeats entries), so
+    the base-equivalent max norm is the base's and the lockstep stays exact with clipping active, where
+    torch's own inf-norm clip on WIDE leaves the base's trajectory."""
+    exact, active = lockstep(tmp, "equivalent", steps=50, c=0.01, norm_type=math.inf)
+    assert active == 50 and exact <= 1e-12, (active, exact)
+    plain, active = lockstep(tmp, "plain", steps=20, c=0.01, norm_type=math.inf)
+    assert active == 20 and plain > 1e-6, plain
+    ((base, _), (wide, _)), w = models(tmp)
+    x = torch.randint(32, (8, 8), generator=torch.Generator().manual_seed(3))
+    for m in (base, wide):
+        m(x, torch.roll(x, 1, 1))[1].backward()
+    largest = max(p.grad.abs().max().item() for p in base.parameters())
+    want = torch.nn.utils.clip_grad_norm_(base.parameters(), 0.01, norm_type="inf").item()
+    got = clip_grad_norm_equivalent(wide, 0.01, grad_scales(w), norm_type="inf").item()
+    assert want == largest and got == pytest.approx(want, rel=1e-12), (got, want)
+
+
+@pytest.mark.parametrize("norm_type", [0, 0.0, math.nan])
+def test_norm_types_without_an_equivalent_are_refused(tmp, norm_type):
+    """ord 0 counts non-zero entries (duplication multiplies the count, no per-tensor factor undoes it in a
+    total); NaN is no order: refused, gradients untouched."""
+    ((_, _), (wide, _)), w = models(tmp)
+    for p in wide.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="has no base-equivalent norm"):
+        clip_grad_norm_equivalent(wide, 1e-3, grad_scales(w), norm_type=norm_type)
+    assert all(bool((p.grad == 1).all()) for p in wide.parameters())

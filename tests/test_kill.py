@@ -161,6 +161,35 @@ def test_signal_at_any_moment_never_aborts_and_leaves_nothing(big: Path, tmp_pat
     assert len(landed) >= 2, "the widening was too fast for the signals to land"
 
 
+HOOK = """import atexit, os, signal, time
+def _late():  # registered first, so it runs last of the exit handlers: the command is over
+    os.kill(os.getpid(), signal.{sig})
+    time.sleep(0.3)  # the signal is handled (or not) here
+atexit.register(_late)
+"""
+
+
+@pytest.mark.parametrize("case", ["inspect-ok", "widen-error"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_after_the_outcome_changes_nothing(tmp_path: Path, sig: str, case: str) -> None:
+    """A signal that lands once the command is over (its summary or its error line printed: here from an exit
+    handler, during the interpreter's exit) changes nothing: the command's own exit code and lines. The
+    handlers were restored at the command's end (a second line, 130/143 instead of 0 or 2), then Python's
+    exit resets them to the default action (killed: -2/-15). (widen's success path ends with os._exit.)"""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOOK.format(sig=sig))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    tiny = Path(__file__).resolve().parents[1] / "examples" / "nanogpt-tiny.pt"
+    argv, code = (["inspect", str(tiny), "--k", "2"], 0) if case == "inspect-ok" else (
+        ["widen", str(tmp_path / "nope.pt"), "--k", "2", "-o", str(tmp_path / "w.pt")], 2)
+    r = subprocess.run([*MUPSCALE, *argv], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "interrupted" not in r.stderr and "terminated" not in r.stderr, r.stderr
+    if code:
+        assert one_line(r.stderr).startswith("mupscale: error: "), r.stderr
+
+
 def _snapshot(d: Path) -> dict[str, str]:
     import hashlib
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}

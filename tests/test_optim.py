@@ -129,3 +129,25 @@ def test_errors():
         MuSGD(net().parameters(), lr=0.1)
     with pytest.raises(ValueError, match="empty"):
         MuAdamW([], lr=0.1)
+
+
+@pytest.mark.parametrize("state,given,what", [("adamw", "adam", "contradicts the checkpoint"),
+                                              ("adam", "adamw", "contradicts the checkpoint"),
+                                              ("adamw", "sgd", "does not fit the checkpoint's optimizer state"),
+                                              ("sgd", "adamw", "does not fit the checkpoint's optimizer state")])
+def test_optimizer_flag_contradicting_the_state_is_refused(tmp_path, state, given, what):
+    """`widen --optimizer adam` on AdamW state (its groups say decoupled_weight_decay=True) would scale weight
+    decay by Adam's g/s instead of AdamW's 1/s: one line, exit 2, nothing written. The matching flag widens."""
+    from conftest import mupscale
+    from test_verify import make_ck
+    src = make_ck(tmp_path, "mlp", state)
+    flags = {g.get("decoupled_weight_decay") for g in torch.load(src)["optimizer"]["param_groups"]}
+    assert flags == ({True} if state == "adamw" else {False} if state == "adam" else {None}), flags
+    out = tmp_path / "wide.pt"
+    r = mupscale("widen", str(src), "--k", "2", "-o", str(out), "--optimizer", given)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and what in lines[0] and f"--optimizer {given}" in lines[0], r.stderr
+    assert not out.exists()
+    r = mupscale("widen", str(src), "--k", "2", "-o", str(out), "--optimizer", state)
+    assert r.returncode == 0 and out.exists(), r.stderr

@@ -186,3 +186,26 @@ def test_standard_parametrization_lookalikes_are_refused_without_spec(tmp, make)
         assert len(lines) == 1 and "--spec" in lines[0] and "look the same on disk" in lines[0], r.stderr
         assert "docs/stacks.md" in lines[0] and r.stdout == ""
     assert not (tmp / "out").exists()
+
+
+@pytest.mark.parametrize("edit", [{"mup_enabled": False}, {"mup_enabled": None}, {"mup_enabled": 1},
+                                  {"mup_disable_attention_scaling": True}],
+                         ids=["mup_enabled-false", "mup_enabled-missing", "mup_enabled-1", "attention-1-sqrt-d"])
+def test_partial_evidence_is_refused(tmp, edit):
+    """An EleutherAI nanoGPT-mup checkpoint that shows only part of the spec's evidence (mup_enabled false,
+    missing or the integer 1, or 1/√d attention, the other markers present) is not that spec's model: widen
+    without --spec refuses it in one line (exit 2), nothing written."""
+    mup_base(tmp, torch.optim.AdamW, iters=1)
+    ck = torch.load(tmp / "ckpt.pt")
+    for k, v in edit.items():
+        if v is None:
+            del ck["model_args"][k]
+        else:
+            ck["model_args"][k] = v
+    torch.save(ck, tmp / "partial.pt")
+    out = tmp / "out" / "wide.pt"
+    r = mupscale("widen", str(tmp / "partial.pt"), "--k", "2", "-o", str(out))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "shows no evidence" in lines[0] and "--spec" in lines[0], r.stderr
+    assert not (tmp / "out").exists() and r.stdout == ""

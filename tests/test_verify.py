@@ -530,3 +530,42 @@ def test_float64_diagnosis_never_advises_float64(tmp):
     assert rep["result"] == "fail"
     text = diagnosis(rep)
     assert "--dtype float64" not in text and ("--tol" in text or "diverged" in text)
+
+
+# ------------------------------------------------------------------ NaN differences fail (issue 17)
+
+@pytest.mark.parametrize("steps", ["0", "3"])
+def test_a_nan_weight_in_wide_fails(tmp_path, steps):
+    """A NaN in one weight of WIDE makes the outputs NaN: verify FAILs (exit 1), also before any training
+    (--steps 0: the outputs' NaN came after a 0 loss gap and Python's max dropped it: PASS, exit 0)."""
+    src = make_ck(tmp_path, "mlp", "adamw")
+    wide = widen_to(src, tmp_path / "wide.pt")
+
+    def poison(ck):
+        ck["model"]["hidden.0.weight"][0, 0] = float("nan")
+    bad = edit_pt(wide, tmp_path / "nan.pt", poison)
+    r = mupscale("verify", str(src), str(bad), "--steps", steps, "--json", str(tmp_path / "r.json"))
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout.startswith("FAIL"), r.stdout
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["result"] == "fail" and rep["first_failure"]["step"] == 0, rep["first_failure"]
+    assert rep["first_failure"]["tensor"] == "hidden.0.weight"
+
+
+def test_a_run_that_blows_up_fails(tmp_path):
+    """BASE's own SGD lr is huge (widened exactly, lr × Table 1): both runs overflow to Inf/NaN in their first
+    step and the differences are NaN, which `rel > tol` would let pass: verify FAILs (exit 1) at step 1."""
+    src = make_ck(tmp_path, "mlp", "sgd")
+
+    def hot(ck):
+        for g in ck["optimizer"]["param_groups"]:
+            g["lr"] = 1e200
+    base = edit_pt(src, tmp_path / "hot.pt", hot)
+    wide = widen_to(base, tmp_path / "wide.pt")
+    r = mupscale("verify", str(base), str(wide), "--steps", "10", "--json", str(tmp_path / "r.json"))
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    rep = json.loads((tmp_path / "r.json").read_text())
+    fail = rep["first_failure"]
+    assert rep["result"] == "fail" and fail["step"] == 1 and fail["value"] is None, fail  # None: NaN in JSON
+    assert rep["rows"][0]["out_rel"] is not None  # finite before training
+    assert "non-finite loss or outputs at step 1" in r.stdout + r.stderr

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mupscale_cli import __version__
+from mupscale_cli import __version__, is_program
 from mupscale_cli.errors import OPTIONAL, MupscaleError, missing_package, one_line  # noqa: F401 (OPTIONAL: tests)
 
 EXIT_CODES = """Exit codes: 0 success; 1 verification failed; 2 usage, input or environment error (disk full,
@@ -84,8 +84,10 @@ def guard():
     signal.signal(signal.SIGINT, _signalled)
     if hasattr(signal, "SIGXFSZ"):  # over `ulimit -f`: let write() fail with EFBIG instead of dying
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    ok = False  # the run succeeded (exit 0, or 1: verify's FAIL): every rank of a process group gets here
     try:
         yield
+        ok = True
     except MupscaleError as e:
         say(f"mupscale: error: {e}")
         raise typer.Exit(e.exit_code) from None
@@ -96,7 +98,8 @@ def guard():
         if e.code == 143:
             err.print("mupscale: terminated", markup=False)
         raise
-    except typer.Exit:
+    except typer.Exit as e:
+        ok = e.exit_code in (0, 1)
         raise
     except OSError as e:  # the environment (a path too long, not a directory, a /proc file, ...): exit 2
         if os.environ.get("MUPSCALE_DEBUG"):
@@ -118,10 +121,16 @@ def guard():
         say(f"mupscale: internal error: {type(e).__name__}: {msg} (rerun with MUPSCALE_DEBUG=1 and report it)")
         raise typer.Exit(3) from None
     finally:
+        if is_program():  # the outcome is decided (output committed, or its error line printed): a signal
+            for s in saved:  # from here on changes nothing; ignored for the rest of the exit, never left to
+                signal.signal(s, signal.SIG_IGN)  # Python's exit, which restores the default action (-2/-15)
         _stop_threads()
-        for s, h in saved.items():
-            if h is not None:
-                signal.signal(s, h)
+        from mupscale_cli.procgroup import stop
+        stop(ok)  # torchrun: barrier, then destroy_process_group (gloo's threads must not outlive it)
+        if not is_program():
+            for s, h in saved.items():
+                if h is not None:
+                    signal.signal(s, h)
 
 
 K_HELP = "Width multiplier: one integer for every width axis (--k 4) or per axis (--k d_model=2,d_ff=4)."
@@ -494,8 +503,6 @@ def verify(
                 err.print(f"  step {s}/{steps}: Δout rel {_fmt(row['out_rel'])}", markup=False)
 
         rep = run_verify(opts, on_step)
-        from mupscale_cli.verify.dist import teardown
-        teardown()  # under torchrun: the sharded models released, then the process group (no abort at exit)
         if not quiet and shown:
             err.print(_verify_table(shown, steps, f"verify {base.name} -> {wide.name if wide else 'in-memory'}: "
                                                   f"spec {rep['spec']}, k {rep['k']}, {rep['dtype']} on "

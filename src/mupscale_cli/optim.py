@@ -22,6 +22,7 @@ its fan-in multiplier), r = infshape.fanin_fanout_mult_ratio() (fan-in mult / fa
 Unlike mup 1.0.0's MuAdam, eps is scaled and coupled (L2) weight decay gets its own scaling (D in
 Table 2); MuSGD matches mup 1.0.0. Scalar-like parameters are never rescaled.
 """
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -121,6 +122,9 @@ def clip_grad_norm_equivalent(params: Any, max_norm: float, scales: dict[str, tu
         params = params.named_parameters()
     pairs = [(n, p) for n, p in params if p.grad is not None]
     norm_type = float(norm_type)
+    if norm_type == 0 or math.isnan(norm_type):  # ord 0 counts non-zero entries: no scale factor relates them
+        raise ValueError(f"clip_grad_norm_equivalent: norm_type {norm_type} has no base-equivalent norm; use a "
+                         f"p-norm (2.0, 1.0, inf)")
     if not pairs:
         return torch.tensor(0.0)
     norms = []

@@ -88,13 +88,14 @@ from mupscale_cli.formats.write import (Background, OutTensor, Target, save_torc
 
 
 def single_writer_rank() -> int:
-    """Under torchrun (WORLD_SIZE > 1, the environment checked as verify/dist.check_env does) this process's
+    """Under torchrun (WORLD_SIZE > 1, the environment checked by procgroup.check_env) this process's
     RANK, else 0. Only a DCP output is written by the ranks together; any other output (a Hugging Face
     directory, .safetensors, .pt, shards) has one writer: rank 0 writes it and speaks for all, every other rank
     returns at once, nothing read or written (exit 0: torchrun's result is rank 0's). The ranks used to race
     for the output's lock: the losers exit 2, torchrun exit 1."""
-    from mupscale_cli.verify.dist import check_env
-    return int(os.environ["RANK"]) if check_env() > 1 else 0
+    from mupscale_cli.procgroup import check_env
+    rank, world, _ = check_env()
+    return rank if world > 1 else 0
 
 
 def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda n, b: None) -> dict:

@@ -50,15 +50,10 @@ def wants_dcp(opts: WidenOptions) -> bool:
 
 def dist_env() -> tuple[int, int, bool]:
     """(rank, world size, distributed): torchrun's environment starts a gloo group (the widening runs on
-    CPU tensors; DCP's collectives carry only plans and metadata)."""
-    from mupscale_cli.verify.dist import check_env
-    world = check_env()
-    if world <= 1:
-        return 0, 1, False
-    import torch.distributed as td
-    if not td.is_initialized():
-        td.init_process_group(backend="gloo")
-    return td.get_rank(), td.get_world_size(), True
+    CPU tensors; DCP's collectives carry only plans and metadata), checked and bounded by procgroup."""
+    from mupscale_cli.procgroup import start
+    rank, world = start("gloo")
+    return rank, world, world > 1
 
 
 def share(sizes: dict, world: int) -> dict:

@@ -8,64 +8,19 @@ gradient, and the figures are those of the single-process verify; tensor compari
 (`DTensor.full_tensor`, a collective every rank joins). gloo on CPU, NCCL on GPUs (one per rank)."""
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 
-def check_env() -> int:
-    """WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT as torchrun sets them, checked before the process group
-    starts (a missing RANK was torch's ValueError, exit 3): the world size, 1 outside torchrun."""
-    from mupscale_cli.errors import MupscaleError
-
-    def number(name: str, default: str | None = None) -> int:
-        v = os.environ.get(name) or default
-        if v is None:
-            raise MupscaleError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {name} is not set: start the ranks "
-                                f"with torchrun, or unset WORLD_SIZE for one process")
-        if not (v.isascii() and v.isdigit() and len(v) < 10):
-            raise MupscaleError(f"{name}={v[:40]!r}: expected a non-negative integer (as torchrun sets it)")
-        return int(v)
-    world = number("WORLD_SIZE", "1") or 1
-    if world <= 1:
-        return 1
-    rank = number("RANK")
-    if rank >= world:
-        raise MupscaleError(f"RANK={rank} is not below WORLD_SIZE={world}")
-    number("LOCAL_RANK", "0")
-    number("MASTER_PORT")
-    if not os.environ.get("MASTER_ADDR"):
-        raise MupscaleError(f"WORLD_SIZE is {world} but MASTER_ADDR is not set: start the ranks with torchrun")
-    return world
-
-
 def dist_env(device: str) -> tuple[int, int]:
     """(rank, world size); with WORLD_SIZE > 1 the process group is started (gloo, or NCCL for cuda, each
-    rank on GPU LOCAL_RANK)."""
-    world = check_env()
+    rank on GPU LOCAL_RANK): its environment checked, its rendezvous bounded (mupscale_cli.procgroup)."""
+    from mupscale_cli.procgroup import check_env, start
+    _, world, local = check_env()
     if world <= 1:
         return 0, 1
-    import torch.distributed as td
-    if not td.is_initialized():
-        cuda = device.startswith("cuda")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        td.init_process_group(backend="nccl" if cuda else "gloo")
-    return td.get_rank(), td.get_world_size()
-
-
-def teardown() -> None:
-    """Under torchrun: release what holds the process group's tensors (FSDP2 models, DTensor optimizer state),
-    then destroy the group. Left to the interpreter's exit, their destructors ran after the group's and a rank
-    aborted (SIGABRT, "terminate called without an active exception") under CPU load."""
-    import gc
-
-    import torch.distributed as td
-    if td.is_available() and td.is_initialized():
-        gc.collect()
-        td.barrier()
-        td.destroy_process_group()
+    cuda = device.startswith("cuda")
+    return start("nccl" if cuda else "gloo", (local or 0) if cuda else None)
 
 
 def full(t):

@@ -1,6 +1,8 @@
 """Train a base and a widened model on identical batches and measure how far apart they are."""
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -27,8 +29,10 @@ class StepDiff:
 
     @property
     def rel(self) -> float:
-        """The function's distance: loss and outputs (tensors are a diagnostic, see norm_rel)."""
-        return max(self.loss_rel, self.out_rel, self.train_out_rel)
+        """The function's distance: loss and outputs (tensors are a diagnostic, see norm_rel); NaN if any is
+        NaN (Python's max keeps or drops a NaN by its position: a NaN output after a 0 loss gap passed)."""
+        vals = (self.loss_rel, self.out_rel, self.train_out_rel)
+        return math.nan if any(math.isnan(v) for v in vals) else max(vals)
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -57,7 +61,7 @@ def tensor_diffs(base: nn.Module, wide: nn.Module, plan: Plan) -> tuple[str | No
         if n not in bsd or n not in wsd or p.alias_of or not bsd[n].is_floating_point():
             continue
         r = norm_rel(widen(full(bsd[n]), p), full(wsd[n]))
-        if r > worst_rel:
+        if not math.isnan(worst_rel) and not r <= worst_rel:  # a NaN is the worst (`r > worst` skipped it)
             worst, worst_rel = n, r
     return worst, worst_rel
 
