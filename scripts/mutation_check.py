@@ -315,7 +315,7 @@ MUTATIONS = [
              "    if local is not None and local > rank:", "    if False:",
              ["tests/test_rendezvous.py", "-k", "bad_environment_is_named"]),
     Mutation("MASTER_PORT range unchecked", "MASTER_PORT beyond 65535 is one line, exit 2",
-             "src/mupscale_cli/procgroup.py", '_int("MASTER_PORT", 1, 65535)', '_int("MASTER_PORT", 1)',
+             "src/mupscale_cli/procgroup.py", '_int("MASTER_PORT", 0 if agent else 1, 65535)', '_int("MASTER_PORT", 0 if agent else 1)',
              ["tests/test_rendezvous.py", "-k", "bad_environment_is_named"]),
     Mutation("rendezvous in the main thread", "SIGTERM/SIGINT during the rendezvous: 143/130 at once",
              "src/mupscale_cli/procgroup.py", "        t.start()\n        t.join(limit)", "        rendezvous()",

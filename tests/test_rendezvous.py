@@ -131,6 +131,8 @@ BAD_ENV = [  # (environment, what the line must name)
      "MASTER_PORT='http' is not a non-negative integer"),
     ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "70000"},
      "MASTER_PORT=70000 is out of range"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"},  # 0 only from torchrun's agent
+     "MASTER_PORT=0 is out of range"),
 ]
 
 

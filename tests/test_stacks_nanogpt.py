@@ -207,5 +207,5 @@ def test_partial_evidence_is_refused(tmp, edit):
     r = mupscale("widen", str(tmp / "partial.pt"), "--k", "2", "-o", str(out))
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "shows no evidence" in lines[0] and "--spec" in lines[0], r.stderr
+    assert len(lines) == 1 and "shows no marker" in lines[0] and "--spec" in lines[0], r.stderr
     assert not (tmp / "out").exists() and r.stdout == ""

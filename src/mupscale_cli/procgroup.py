@@ -64,7 +64,8 @@ def check_env() -> tuple[int, int, int | None]:
                             f"inconsistent ({HINT})")
     if not os.environ.get("MASTER_ADDR", "").strip():
         raise MupscaleError(f"WORLD_SIZE={world} but MASTER_ADDR is not set ({HINT})")
-    if _int("MASTER_PORT", 1, 65535) is None:
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"  # torchrun --master_port 0:
+    if _int("MASTER_PORT", 0 if agent else 1, 65535) is None:  # its agent's store holds the real port
         raise MupscaleError(f"WORLD_SIZE={world} but MASTER_PORT is not set ({HINT})")
     return rank, world, local
 
