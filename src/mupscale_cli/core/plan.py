@@ -487,7 +487,7 @@ def _fan_in(t: TensorPlan) -> int:
 
 def _noise_unit(t: TensorPlan, rule: Rule, env: dict) -> float:
     """Std of the noise at sigma = 1: the stack's own init std of the widened tensor when the rule gives
-    one ('std'), else a fresh μP init's std (README, 'Noise convention')."""
+    one ('std'), else a fresh μP init's std (docs/usage.md, 'Noise convention')."""
     on = t.n_width > 0 and len(t.shape) >= 2
     mult = 1.0
     if rule.std is not None:
