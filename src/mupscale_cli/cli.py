@@ -326,7 +326,8 @@ def widen(
 @app.command()
 def inspect(
     checkpoint: Path = typer.Argument(..., help="Checkpoint to inspect (input or widened)."),
-    k: str = typer.Option("2", "--k", "-k", help=K_HELP),
+    k: Optional[str] = typer.Option(None, "--k", "-k", help=K_HELP + " Default: 2; for a mupscale output, none: "
+                                    "the file is described as it is (pass --k to plan a further widening)."),
     sigma: float = typer.Option(0.0, "--sigma", help="Show the noise std for this σ̄."),
     spec: Optional[str] = typer.Option(None, "--spec", help=SPEC_HELP),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd|adam|adamw, when ambiguous."),
@@ -337,35 +338,56 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Show, per tensor, the role, axes, shape before -> after, bytes and noise std, and the optimizer
-    mapping; validates everything `widen` needs without writing anything."""
+    mapping; validates everything `widen` needs without writing anything. A mupscale output (without --k)
+    is described as it is: its tensors, optimizer groups, provenance and checksums."""
     with guard():
-        from mupscale_cli.commands.inspect import run_inspect
+        from mupscale_cli.commands.inspect import is_widened, provenance_line, run_inspect
         from dataclasses import replace
-        rep = run_inspect(replace(_opts(checkpoint, None, k, sigma, 0, spec, optimizer, opt_layout, size, False,
-                                        False, model_arg=model_arg), untie=untie))
+        describe = k is None and is_widened(checkpoint)
+        rep = run_inspect(replace(_opts(checkpoint, None, "1" if describe else k or "2", sigma, 0, spec, optimizer,
+                                        opt_layout, size, False, False, model_arg=model_arg), untie=untie))
+        rep["describes"] = "file" if describe else "widening"
         if as_json:
             typer.echo(json.dumps(rep, indent=2))
             return
-        t = Table(title=f"{checkpoint.name}: spec {rep['spec']}, k {rep['k']}", title_justify="left")
-        for c in ("tensor", "role", "axes", "shape", "widened", "MiB", "noise std", "tied to"):
+        cols = ("tensor", "role", "axes", "shape", "MiB", "tied to") if describe else \
+            ("tensor", "role", "axes", "shape", "widened", "MiB", "noise std", "tied to")
+        title = (f"{checkpoint.name}: a mupscale output, spec {rep['spec']}" if describe else
+                 f"{checkpoint.name}: spec {rep['spec']}, k {_k_text(rep['k'])}")
+        t = Table(title=title, title_justify="left")
+        for c in cols:
             t.add_column(c, justify="right" if c in ("MiB", "noise std") else "left")
         for r in rep["rows"]:
-            t.add_row(r["name"], r["role"], r["axes"] + (f" [{r['layout']}]" if r["layout"] else ""),
-                      str(r["shape"]), str(r["widened"]), f"{r['bytes'] / 2**20:.2f}",
-                      f"{r['noise_std']:.3g}" if r["noise_std"] else "-", r["tied_to"] or "")
+            cells = {"tensor": r["name"], "role": r["role"],
+                     "axes": r["axes"] + (f" [{r['layout']}]" if r["layout"] else ""), "shape": str(r["shape"]),
+                     "widened": str(r["widened"]), "MiB": f"{r['bytes'] / 2**20:.2f}",
+                     "noise std": f"{r['noise_std']:.3g}" if r["noise_std"] else "-", "tied to": r["tied_to"] or ""}
+            t.add_row(*(cells[c] for c in cols))
         err.print(t)
         om = rep["optimizer_map"]
         if om:
             err.print(f"optimizer: {om['kind']}, ids mapped by layout '{om['layout']}'", markup=False)
             for g in om["groups"]:
-                err.print(f"  group {g['group']}: {g['tensors']} tensors; factors: {' | '.join(g['factors'])}",
-                          markup=False)
+                what = (", ".join(f"{h} {v:g}" for h, v in g["hparams"].items()) if describe else
+                        f"factors: {' | '.join(g['factors'])}")
+                err.print(f"  group {g['group']}: {g['tensors']} tensors; {what}", markup=False)
         for note in rep["notes"]:
             say(f"note: {note}")
         if rep["provenance"]:
-            err.print(f"provenance: {json.dumps(rep['provenance'], sort_keys=True)[:400]}", markup=False)
+            say(f"provenance: {provenance_line(rep['provenance'])}")
         mb = rep["model_bytes"]
-        typer.echo(f"ok: {rep['tensors']} tensors, {mb['base'] / 2**20:.1f} MiB -> {mb['widened'] / 2**20:.1f} MiB")
+        if describe:
+            typer.echo(f"ok: {rep['tensors']} tensors, {mb['base'] / 2**20:.1f} MiB, a mupscale output "
+                       f"(--k K: what a further widening would do)")
+        else:
+            typer.echo(f"ok: {rep['tensors']} tensors, {mb['base'] / 2**20:.1f} MiB -> {mb['widened'] / 2**20:.1f} "
+                       f"MiB")
+
+
+def _k_text(k: dict) -> str:
+    """k per axis as the user writes it: 4, or d_model=2,d_ff=4."""
+    vals = set(k.values())
+    return str(next(iter(vals))) if len(vals) == 1 else ",".join(f"{a}={n}" for a, n in k.items())
 
 
 def _fmt(x) -> str:

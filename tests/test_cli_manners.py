@@ -1,0 +1,37 @@
+"""The CLI's everyday manners (issue 19), each through the real `mupscale` command in a subprocess:
+inspect describes a widened file, --json - writes to stdout, progress without a terminal, help text."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import mupscale
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "examples" / "nanogpt-tiny.pt")
+
+
+def test_inspect_of_a_widened_file_describes_the_file(tmp_path: Path) -> None:
+    """`mupscale widen ... | xargs mupscale inspect`: without --k a mupscale output is described as it is
+    (shapes as stored, its groups' hyper-parameters, a short provenance line), not widened again by 2."""
+    out = tmp_path / "w.safetensors"
+    path = mupscale("widen", TINY, "--k", "4", "--sigma", "0.5", "-o", str(out), check=True).stdout.strip()
+    r = mupscale("inspect", path, "--json", check=True)
+    rep = json.loads(r.stdout)
+    assert rep["describes"] == "file" and set(rep["k"].values()) == {1}
+    assert all(row["shape"] == row["widened"] for row in rep["rows"])
+    rows = {row["name"]: row for row in rep["rows"]}
+    assert rows["transformer.wte.weight"]["shape"] == [64, 128]  # n_embd 32 × 4, as stored
+    r = mupscale("inspect", path, check=True)
+    assert r.stdout.startswith("ok: 29 tensors") and "a mupscale output" in r.stdout
+    prov = [x for x in r.stderr.splitlines() if x.startswith("provenance:")]
+    assert len(prov) == 1 and "×4" in prov[0] and "σ̄ 0.5, seed 0" in prov[0] and prov[0].endswith("--json")
+    header = next(x for x in r.stderr.splitlines() if "tensor" in x and "role" in x)
+    assert "shape" in header and "widened" not in header  # no "widened" column: nothing is being widened
+    # --k still plans a further widening of the file
+    rep = json.loads(mupscale("inspect", path, "--k", "2", "--json", check=True).stdout)
+    assert rep["describes"] == "widening" and rows["transformer.wte.weight"]["shape"] == [64, 128]
+    assert {r["name"]: r for r in rep["rows"]}["transformer.wte.weight"]["widened"] == [64, 256]
+    # an input that is not a mupscale output: the default k is 2, as before
+    rep = json.loads(mupscale("inspect", TINY, "--json", check=True).stdout)
+    assert rep["describes"] == "widening" and set(rep["k"].values()) == {2}
