@@ -35,3 +35,15 @@ def test_inspect_of_a_widened_file_describes_the_file(tmp_path: Path) -> None:
     # an input that is not a mupscale output: the default k is 2, as before
     rep = json.loads(mupscale("inspect", TINY, "--json", check=True).stdout)
     assert rep["describes"] == "widening" and set(rep["k"].values()) == {2}
+
+
+def test_verify_json_dash_writes_the_report_to_stdout(tmp_path: Path) -> None:
+    """`--json -` is stdout (as `widen --json` prints its summary there), never a file named '-'."""
+    r = mupscale("verify", TINY, "--steps", "2", "--json", "-", "--quiet")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["result"] == "pass" and rep["steps_run"] == 2
+    assert r.stderr.startswith("PASS: 2 steps") and not (Path.cwd() / "-").exists()
+    out = tmp_path / "report.json"
+    r = mupscale("verify", TINY, "--steps", "1", "--json", str(out), "--quiet")
+    assert r.returncode == 0 and r.stdout.startswith("PASS") and json.loads(out.read_text())["result"] == "pass"

@@ -424,7 +424,9 @@ def verify(
                                                               "batches the spec's model describes)."),
     hidden: bool = typer.Option(False, "--hidden", help="Compare every layer's activations too (widened vs "
                                                          "duplicated base) and name the first that diverges."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report to this file."),
+    json_path: Optional[Path] = typer.Option(None, "--json", metavar="PATH|-", help="Write the JSON report to "
+                                             "this file; '-': to stdout, instead of the PASS/FAIL line (which then "
+                                             "goes to stderr)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic batches."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd|adam|adamw: when the state cannot "
                                                                        "tell, or (with --lr) BASE has none. Or your "
@@ -477,10 +479,13 @@ def verify(
                              model_args=parse_model_args(model_arg or []),
                              model=model, eval_every=eval_every, trust_code=trust_spec_code, lr_rule=lr_rule,
                              grad_clip=grad_clip, clip_mode=clip_mode)
-        if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
+        to_stdout = json_path is not None and str(json_path) == "-"
+        if to_stdout:
+            json_path = None
+        elif json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
             raise MupscaleError(f"--json {json_path}: not a writable file path")
         if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 prints and writes the report
-            quiet, json_path = True, None
+            quiet, json_path, to_stdout = True, None, False
         shown: list[tuple[dict, bool]] = []
         tty = sys.stderr.isatty() and not quiet
 
@@ -516,7 +521,10 @@ def verify(
                     say(f"mupscale: warning: {i['message']}")
             for line in rep["diagnosis"]:
                 say(f"mupscale: diagnosis: {line}")
-        if os.environ.get("RANK", "0") == "0":
+        if to_stdout:
+            typer.echo(json.dumps(rep, indent=2, default=str))
+            say(_verify_line(rep))
+        elif os.environ.get("RANK", "0") == "0":
             typer.echo(_verify_line(rep))
         if rep["result"] != "pass":
             raise typer.Exit(1)
