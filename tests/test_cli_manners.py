@@ -47,3 +47,19 @@ def test_verify_json_dash_writes_the_report_to_stdout(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     r = mupscale("verify", TINY, "--steps", "1", "--json", str(out), "--quiet")
     assert r.returncode == 0 and r.stdout.startswith("PASS") and json.loads(out.read_text())["result"] == "pass"
+
+
+def test_sweep_has_the_model_option_its_errors_name(tmp_path: Path) -> None:
+    """A spec without a `model:` section: sweep says to pass --model, and sweep takes --model."""
+    spec_text = (ROOT / "configs" / "nanogpt-mup.yaml").read_text()
+    assert spec_text.rstrip().endswith("model:\n  factory: mupscale_cli.zoo.gpt")
+    spec = tmp_path / "no-model.yaml"
+    spec.write_text(spec_text.rstrip()[: -len("model:\n  factory: mupscale_cli.zoo.gpt")].replace(
+        "name: nanogpt-mup", "name: no-model"))
+    args = ["sweep", TINY, "--spec", str(spec), "--k", "2", "--sigma", "0", "--lr", "0.001", "--steps", "4",
+            "--base-lr", "0.001"]
+    r = mupscale(*args)
+    assert r.returncode == 2 and "pass --model" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    r = mupscale(*args, "--model", "mupscale_cli.zoo.gpt")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["sigma"] == 0

@@ -609,6 +609,9 @@ def sweep(
     data: Optional[Path] = typer.Option(None, "--data", help="A .pt/.safetensors with `inputs` and `targets`."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the best setting to hparams.yaml."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of loss against σ̄ and γ̄↑ (needs matplotlib)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The proxy's model code, as verify --model: "
+                                        "path/to/model.py:GPT or pkg.module[:function]. Default: the spec's "
+                                        "model section (a bundled model)."),
     trust_spec_code: bool = typer.Option(False, "--trust-spec-code", help=TRUST_HELP),
 ) -> None:
     """Tune σ̄ and γ̄↑ on a small upscaling (proxy n0 -> k·n0) to reuse for n -> k·n (paper §3.2):
@@ -621,7 +624,7 @@ def sweep(
         o = SweepOptions(checkpoint=checkpoint, k=k, sigmas=parse_floats(sigma, "--sigma"),
                          lrs=parse_floats(lr, "--lr") if lr else None, steps=steps, spec=spec, base_lr=base_lr,
                          early=early, halving=halving, seeds=seeds, batch_size=batch_size, scheme=noise_scheme,
-                         data=data, output=output, trust_code=trust_spec_code)
+                         data=data, output=output, model=model, trust_code=trust_spec_code)
         res = run_sweep(o, say)
         t = Table(title=f"sweep {checkpoint.name}: k {res['k']}, {res['steps']} steps, scheme {res['noise_scheme']}",
                   title_justify="left")
