@@ -3,9 +3,12 @@ inspect describes a widened file, --json - writes to stdout, progress without a 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 from pathlib import Path
 
-from conftest import mupscale
+from conftest import MUPSCALE, mupscale
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "examples" / "nanogpt-tiny.pt")
@@ -63,3 +66,24 @@ def test_sweep_has_the_model_option_its_errors_name(tmp_path: Path) -> None:
     r = mupscale(*args, "--model", "mupscale_cli.zoo.gpt")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["sigma"] == 0
+
+
+def test_widen_progress_without_a_terminal_is_plain_lines_and_a_summary(tmp_path: Path) -> None:
+    """stderr a pipe (CI logs): plain progress lines (here one per 10%: MUPSCALE_PROGRESS_SECONDS=0), then a
+    closing summary; stdout carries the path alone. By default a short widening prints only the summary;
+    --quiet prints nothing."""
+    out = tmp_path / "w.safetensors"
+    argv = [*MUPSCALE, "widen", TINY, "--k", "4", "-o", str(out), "--threads", "0"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "MUPSCALE_PROGRESS_SECONDS": "0"})
+    assert r.returncode == 0 and r.stdout == f"{out}\n", r.stderr
+    lines = r.stderr.splitlines()
+    steps = [int(re.match(r"mupscale: widening: (\d+)% \(", x).group(1)) for x in lines[:-1]]
+    assert len(steps) >= 5 and steps == sorted(steps) and steps[-1] < 100, lines
+    assert all(b - a >= 10 for a, b in zip(steps, steps[1:])), steps
+    assert re.fullmatch(r"mupscale: widened 29 tensors by k 4: 4\.7 MiB written in [\d.]+ s \(.*/s\)", lines[-1])
+    r = subprocess.run([*argv, "--force"], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "MUPSCALE_PROGRESS_SECONDS"})
+    assert r.returncode == 0 and len(r.stderr.splitlines()) == 1 and "widened 29 tensors" in r.stderr, r.stderr
+    r = subprocess.run([*argv, "--force", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == f"{out}\n"

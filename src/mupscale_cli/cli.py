@@ -164,6 +164,55 @@ class _Bar:
         self.bar.stop()
 
 
+class _Lines:
+    """widen's progress when stderr is no terminal (CI logs, pipelines): a plain line when another 10% is
+    written or a minute has passed, never more often than every MUPSCALE_PROGRESS_SECONDS (10) seconds, the
+    first after three times that (a widening of a few seconds prints only its closing summary)."""
+
+    def __init__(self) -> None:
+        try:
+            self.every = max(0.0, float(os.environ.get("MUPSCALE_PROGRESS_SECONDS", "10")))
+        except ValueError:
+            self.every = 10.0
+        self.total = self.done = 0
+        self.t0 = self.last_t = 0.0
+        self.last_frac = 0.0
+
+    def start(self, total: int) -> None:
+        import time
+        self.total, self.t0 = total, time.monotonic()
+        self.last_t = self.t0 + 2 * self.every
+
+    def __call__(self, name: str, nbytes: int) -> None:
+        import time
+        self.done += nbytes
+        if not self.total or self.done >= self.total:
+            return
+        now = time.monotonic()
+        frac, since = self.done / self.total, now - self.last_t
+        if since < self.every or (frac - self.last_frac < 0.1 and since < max(60.0, self.every)):
+            return
+        from mupscale_cli.formats.safetensors import fmt_bytes
+        rate = self.done / max(now - self.t0, 1e-9)
+        say(f"mupscale: widening: {frac:.0%} ({fmt_bytes(self.done)} of {fmt_bytes(self.total)}), "
+            f"{fmt_bytes(int(rate))}/s, about {(self.total - self.done) / rate:.0f} s left")
+        self.last_t, self.last_frac = now, frac
+
+    def stop(self) -> None:
+        pass
+
+
+def _done_line(res: dict) -> str:
+    """widen's closing summary on stderr: what was written, how large, how fast."""
+    from mupscale_cli.formats.safetensors import fmt_bytes
+    k = res.get("k") or {}
+    size = res.get("output_bytes")
+    secs = res.get("time_s")
+    rate = f" ({fmt_bytes(int(size / secs))}/s)" if size and secs else ""
+    return (f"mupscale: widened {res.get('tensors', '?')} tensors by k {_k_text(k) if k else '?'}: "
+            f"{fmt_bytes(size) if size else '?'} written in {secs if secs is not None else '?'} s{rate}")
+
+
 def _prehash(path: Path):
     """Start the sha256 of a single-file input on a thread now, while torch loads (with one core busy
     importing, the other is free); returns a function giving the hex digest (None for a directory).
@@ -226,10 +275,10 @@ def _widen_memory_settings() -> None:
 
 
 def _progress(quiet: bool):
-    """A progress bar when stderr is a terminal and not --quiet, else nothing."""
-    if quiet or not sys.stderr.isatty():
+    """A progress bar when stderr is a terminal, plain lines when not; nothing with --quiet."""
+    if quiet:
         return lambda n, b: None
-    return _Bar()
+    return _Bar() if sys.stderr.isatty() else _Lines()
 
 
 @app.command()
@@ -319,6 +368,8 @@ def widen(
             for note in res["notes"]:
                 if not quiet:
                     say(f"mupscale: note: {note}")
+            if not quiet:
+                say(_done_line(res))
             typer.echo(json.dumps(res, indent=2) if as_json else res["output"])
     _exit_now_if_program()
 
