@@ -87,3 +87,22 @@ def test_widen_progress_without_a_terminal_is_plain_lines_and_a_summary(tmp_path
     assert r.returncode == 0 and len(r.stderr.splitlines()) == 1 and "widened 29 tensors" in r.stderr, r.stderr
     r = subprocess.run([*argv, "--force", "--quiet"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stderr == "" and r.stdout == f"{out}\n"
+
+
+def test_help_is_wrapped_once_flags_have_no_metavar_and_specs_lines_are_short() -> None:
+    """Help text: the source's line breaks do not survive into rich's wrapping (a wide terminal shows a
+    paragraph on one line), flags show no `<bool>`, repeatable options say what they take; `specs` lines fit
+    100 columns."""
+    env = {**os.environ, "COLUMNS": "250"}
+    r = subprocess.run([*MUPSCALE, "widen", "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0
+    assert any("under torchrun (torchrun --nproc-per-node N -m mupscale_cli widen ...) the ranks" in x
+               for x in r.stdout.splitlines()), r.stdout
+    opts = {x.split()[1]: x for x in r.stdout.splitlines() if x.startswith("│ --")}
+    for flag in ("--force", "--json", "--untie", "--strict", "--quiet", "--no-optimizer"):
+        assert "<bool>" not in opts[flag], opts[flag]
+    assert "NAME=INT" in opts["--size"] and "KEY=VALUE" in opts["--model-arg"] and "list[str]" not in r.stdout
+    r = subprocess.run([*MUPSCALE, "specs"], capture_output=True, text=True, timeout=120, env=env)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) > 20 and max(map(len, lines)) <= 100
+    assert any(x.startswith("nanogpt-mup ") for x in lines)

@@ -331,17 +331,20 @@ def widen(
                                       "directory, the input's layout; the default for a DCP input and -o DIR), "
                                       "safetensors, pt, or hf (Hugging Face shards, 5GB unless --shard-size)."),
 ) -> None:
-    """Widen a checkpoint k times: weights, buffers, optimizer state and hyper-parameters (paper Table 1),
-    plus optional μP-scaled noise. Prints the output path (or --json summary) on stdout. Inputs: .pt,
+    """Widen a checkpoint k times: weights, optimizer state and hyper-parameters, exactly.
+
+    Every tensor is duplicated and rescaled by its role (paper Table 1), optionally plus μP-scaled noise
+    (--sigma). Prints the output path (or --json summary) on stdout, progress and notes on stderr. Inputs: .pt,
     .safetensors, a Hugging Face sharded checkpoint (directory or *.safetensors.index.json), or a Hugging
     Face model directory (config.json + weights; a Trainer checkpoint-N/ too): its output is a directory
     that from_pretrained loads (config.json rewritten, tokenizer and other files copied).
 
-    Example: mupscale widen models/llama --k 2 -o models/llama-wide
     A torch.distributed.checkpoint (DCP) directory too; under torchrun (torchrun --nproc-per-node N -m
     mupscale_cli widen ...) the ranks share the work of a DCP output.
 
     Example: mupscale widen ckpt.pt --k 4 --sigma 0.75 -o wide.safetensors
+
+    Example: mupscale widen models/llama --k 2 -o models/llama-wide
     """
     with guard():
         from dataclasses import replace
@@ -388,9 +391,11 @@ def inspect(
     untie: bool = typer.Option(False, "--untie", help="As widen --untie: the tied readout as its own tensor."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Show, per tensor, the role, axes, shape before -> after, bytes and noise std, and the optimizer
-    mapping; validates everything `widen` needs without writing anything. A mupscale output (without --k)
-    is described as it is: its tensors, optimizer groups, provenance and checksums."""
+    """Show what widen would do, per tensor, and check it all without writing anything.
+
+    Per tensor: the role, axes, shape before -> after, bytes and noise std; then the optimizer mapping. A
+    mupscale output (without --k) is described as it is: its tensors, optimizer groups, provenance and
+    checksums."""
     with guard():
         from mupscale_cli.commands.inspect import is_widened, provenance_line, run_inspect
         from dataclasses import replace
@@ -515,8 +520,10 @@ def verify(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stderr."),
     trust_spec_code: bool = typer.Option(False, "--trust-spec-code", help=TRUST_HELP),
 ) -> None:
-    """Check that a widening is exact: train BASE and WIDE (or BASE widened in memory) on identical batches
-    and compare loss, outputs and every tensor before the first step and after each. A noised WIDE must
+    """Check that a widening is exact: train BASE and WIDE side by side and compare them at every step.
+
+    BASE and WIDE (or BASE widened in memory) train on identical batches; loss, outputs and every tensor are
+    compared before the first step and after each. A noised WIDE must
     equal exact widening + its recorded noise bit for bit. Exit 0 pass, 1 diverged, 2 usage/input error.
 
     Example: mupscale verify ckpt.pt wide.safetensors --steps 200 --json report.json
@@ -634,11 +641,18 @@ def specs(as_json: bool = typer.Option(False, "--json", help="JSON on stdout."))
         if as_json:
             typer.echo(json.dumps(items, indent=2))
             return
-        for s in items:
+        import shutil
+        import textwrap
+        width = min(100, shutil.get_terminal_size((100, 24)).columns)
+        for s in items:  # a heading line per spec, then its description wrapped below it
             ev = " or ".join(" and ".join(f"{k}={v!r}" for k, v in alt.items()) for alt in s["evidence"])
-            typer.echo(f"{s['name']:24} axes={','.join(s['axes'])} readout={s['readout']}"
-                       f"{f' (detected by {ev})' if s['detect'] else ' (not auto-detected: --spec)'}  "
-                       f"{s['description']}")
+            typer.echo(f"{s['name']:22} axes {','.join(s['axes'])}; readout {s['readout']}")
+            for line in textwrap.wrap(f"detected by {ev}" if s["detect"] else "not auto-detected: --spec NAME",
+                                      width, initial_indent="    ", subsequent_indent="      "):
+                typer.echo(line)
+            for line in textwrap.wrap(s["description"] or "", width, initial_indent="    ",
+                                      subsequent_indent="    "):
+                typer.echo(line)
 
 
 @app.command()
@@ -665,8 +679,9 @@ def sweep(
                                         "model section (a bundled model)."),
     trust_spec_code: bool = typer.Option(False, "--trust-spec-code", help=TRUST_HELP),
 ) -> None:
-    """Tune σ̄ and γ̄↑ on a small upscaling (proxy n0 -> k·n0) to reuse for n -> k·n (paper §3.2):
-    widen the proxy for every setting, train, score by the mean training loss. Prints the best pair
+    """Tune σ̄ and γ̄↑ on a small proxy upscaling, to reuse when widening the big model (paper §3.2).
+
+    The proxy n0 -> k·n0 is widened for every setting, trained, and scored by the mean training loss. Prints the best pair
     (JSON) on stdout; the grid table on stderr. Then: mupscale widen BIG.pt --k K --hparams hparams.yaml"""
     with guard():
         from mupscale_cli.commands.sweep import SweepOptions, check_output_file, parse_floats, run_sweep
@@ -695,6 +710,37 @@ def sweep(
         typer.echo(json.dumps({k2: res[k2] for k2 in ("sigma", "lr", "base_lr", "noise_scheme", "k", "confidence",
                                                         "rank_correlation_early_full", "total_train_steps",
                                                         "full_grid_steps")}))
+
+
+def _unwrap(text: str) -> str:
+    """A docstring's paragraphs each on one line: rich wraps help text to the terminal and keeps the source's
+    line breaks, which leaves ragged lines."""
+    import inspect as _inspect
+    return "\n\n".join(" ".join(p.split("\n")) for p in _inspect.cleandoc(text).split("\n\n"))
+
+
+METAVARS = {"k": "K|AXIS=K,...", "size": "NAME=INT", "model_arg": "KEY=VALUE"}
+
+
+def _tidy_help() -> None:
+    """Help as shown: docstrings unwrapped, no `<bool>` after a flag, repeatable options' metavars saying
+    what they take (`<list[str]>` says nothing)."""
+    import inspect as _inspect
+    from typer.models import OptionInfo
+    app.info.help = _unwrap(app.info.help)
+    for cb in [i.callback for i in app.registered_commands] + [_root]:
+        if cb.__doc__:
+            cb.__doc__ = _unwrap(cb.__doc__)
+        for name, par in _inspect.signature(cb).parameters.items():
+            opt = par.default
+            if isinstance(opt, OptionInfo) and opt.metavar is None:
+                if par.annotation in (bool, "bool"):
+                    opt.metavar = ""
+                elif name in METAVARS:
+                    opt.metavar = METAVARS[name]
+
+
+_tidy_help()
 
 
 def main() -> None:
