@@ -371,6 +371,9 @@ def widen(
             for note in res["notes"]:
                 if not quiet:
                     say(f"mupscale: note: {note}")
+            if not quiet and res.get("resume") and not as_json:
+                for line in res["resume"].splitlines():
+                    err.print(one_line(line), markup=False, soft_wrap=True)
             if not quiet:
                 say(_done_line(res))
             typer.echo(json.dumps(res, indent=2) if as_json else res["output"])
