@@ -160,6 +160,12 @@ MUTATIONS = [
     Mutation("torchrun env unchecked", "a half-set torchrun environment is one line, exit 2",
              "src/mupscale_cli/verify/dist.py", "    rank = number(\"RANK\")", "    rank = 0",
              ["tests/test_bounds.py", "-k", "torchrun"]),
+    Mutation("no suspect-spec warning", "a fixed (null) dimension with a width's size is warned about",
+             "src/mupscale_cli/core/plan.py", "    plan.suspect = suspect_dims(plan, model_args)\n",
+             "    plan.suspect = []\n", ["tests/test_spec_mistakes.py", "-k", "warned"]),
+    Mutation("optimizer mismatch blames the script", "an id mismatch from a wrong spec names the spec first",
+             "src/mupscale_cli/core/optstate.py", "        if suspect:  # a wrong role",
+             "        if False:  # a wrong role", ["tests/test_spec_mistakes.py", "-k", "names_the_spec_first"]),
 ]
 
 

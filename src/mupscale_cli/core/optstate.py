@@ -226,8 +226,17 @@ def map_optimizer(sd: dict, plan: Plan, kind: str | None = None, layout: str | N
             fits[lay] = cand
     if not fits:
         detail = "; ".join(f"{k}: {v}" for k, v in why.items())
-        raise MupscaleError(f"cannot match optimizer ids to tensor names ({detail}); build the optimizer "
-                            f"from model.named_parameters() so it stores param_names")
+        from mupscale_cli.core.plan import suspect_dims, suspect_text
+        suspect = suspect_dims(plan, None, misfits=True)
+        if suspect:  # a wrong role moves a tensor to another group: the spec first
+            raise MupscaleError(f"cannot match optimizer ids to tensor names, and the spec looks wrong: "
+                                f"{suspect_text(plan, suspect)}: fix the spec's axes first ({detail})")
+        raise MupscaleError(f"cannot match optimizer ids to tensor names ({detail}): describe how your training "
+                            f"script built its param groups in spec {plan.spec.name}'s optimizer.layouts (groups "
+                            f"in order, each a filter by name patterns or number of dimensions; an empty filter "
+                            f"{{}} takes every tensor left; docs/spec-format.md), or pass --opt-layout; a script "
+                            f"that builds its optimizer from model.named_parameters() stores param_names and "
+                            f"needs neither")
     if "named" in fits:
         return OptimizerMap(kind, "named", fits["named"])
     own = [lay for lay in plan.spec.layouts if lay in fits]
