@@ -715,6 +715,39 @@ def sweep(
                                                         "full_grid_steps")}))
 
 
+spec_app = typer.Typer(help="Write architecture specs for your own models.", no_args_is_help=True)
+app.add_typer(spec_app, name="spec")
+
+
+@spec_app.command("init")
+def spec_init(
+    checkpoint: Path = typer.Argument(..., help="The checkpoint whose tensor names, shapes and model_args the "
+                                                "skeleton is made from."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the spec to this file (default: "
+                                                                         "stdout)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing -o file."),
+) -> None:
+    """Write a skeleton spec for a checkpoint: its width axes, each tensor's axes, tied tensors.
+
+    Every guess is commented: check them against your model code (docs/spec-format.md), then widen with
+    --spec FILE and check the result with mupscale verify.
+
+    Example: mupscale spec init ckpt.pt -o my-model.yaml
+    """
+    with guard():
+        from mupscale_cli.commands.spec_init import skeleton, write_spec
+        text, info = skeleton(checkpoint)
+        axes = ", ".join(f"{a} ({v})" for a, v in info["axes"].items())
+        if output is None:
+            typer.echo(text, nl=False)
+            return
+        write_spec(text, output, checkpoint, force)
+        say(f"mupscale: wrote {output}: width axes {axes}{' (guessed: check)' if info['guessed'] else ''}, "
+            f"{info['rules']} tensor rules{', tied ' + ', '.join(info['tied']) if info['tied'] else ''}; check the "
+            f"commented guesses, then: mupscale widen {checkpoint} --spec {output} --k 2 -o wide.safetensors")
+        typer.echo(str(output))
+
+
 def _unwrap(text: str) -> str:
     """A docstring's paragraphs each on one line: rich wraps help text to the terminal and keeps the source's
     line breaks, which leaves ragged lines."""
@@ -731,7 +764,7 @@ def _tidy_help() -> None:
     import inspect as _inspect
     from typer.models import OptionInfo
     app.info.help = _unwrap(app.info.help)
-    for cb in [i.callback for i in app.registered_commands] + [_root]:
+    for cb in [i.callback for i in [*app.registered_commands, *spec_app.registered_commands]] + [_root]:
         if cb.__doc__:
             cb.__doc__ = _unwrap(cb.__doc__)
         for name, par in _inspect.signature(cb).parameters.items():
