@@ -114,6 +114,8 @@ def skeleton(path: Path) -> tuple[str, dict]:
         elif len(shape) == 2 and EMBED.search(n) and axes[0] is None and axes[1] is not None:
             extra["fan_in"] = 0
             notes.append("an embedding: fixed fan-in (rows)")
+        elif len(shape) >= 2 and axes[0] is None and axes[1] is not None and sum(a is not None for a in axes) == 1:
+            notes.append("readout-like: its noise std is σ̄ itself; zero-initialised? add noise: false")
         if any("×" in x for x in notes) and ATTN.search(n):
             notes.append("attention: see the note above")
             heads = True
