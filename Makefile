@@ -19,7 +19,7 @@ install:
 	$(PY) -m pip install -q -e '.[test,hf]'
 	$(PY) -m pip install -q --no-deps mup==1.0.0
 
-# Widen the bundled nanoGPT checkpoint (μP GPT-2, n_embd 128, trained with AdamW) 4× with its optimizer state,
+# Widen the bundled nanoGPT checkpoint (μP GPT-2, n_embd 32, trained with AdamW) 4× with its optimizer state,
 # then train base and wide side by side for 30 steps: verify exits 1 (and make stops) unless they agree.
 demo: install
 	mkdir -p $(OUT)

@@ -559,9 +559,9 @@ def verify(
 
         rep = run_verify(opts, on_step)
         if not quiet and shown:
+            ks = _k_text(rep["k"]) if isinstance(rep["k"], dict) else rep["k"]
             err.print(_verify_table(shown, steps, f"verify {base.name} -> {wide.name if wide else 'in-memory'}: "
-                                                  f"spec {rep['spec']}, k {rep['k']}, {rep['dtype']} on "
-                                                  f"{rep['device']}"))
+                                                  f"spec {rep['spec']}, k {ks}, {rep['dtype']} on {rep['device']}"))
         if json_path is not None:
             try:
                 json_path.write_text(json.dumps(rep, indent=2, default=str) + "\n")
