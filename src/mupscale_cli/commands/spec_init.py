@@ -21,7 +21,8 @@ from pathlib import Path
 from mupscale_cli.core.plan import make_plan, same_values
 from mupscale_cli.core.spec import parse_spec
 from mupscale_cli.errors import MupscaleError
-from mupscale_cli.formats.checkpoint import Checkpoint, load_checkpoint
+from mupscale_cli.formats import load_checkpoint
+from mupscale_cli.formats.checkpoint import Checkpoint
 
 WIDTH_NAMES = ("n_embd", "width", "d_model", "hidden_size", "hidden_dim", "dim", "embed_dim", "emb_dim",
                "model_dim", "d_ff", "ffn_dim", "intermediate_size", "n_inner", "channels", "base_channels")
