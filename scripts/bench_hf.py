@@ -1,6 +1,6 @@
 """Widen a random Hugging Face Llama (≈1.2 GB float32) k=2: `mupscale widen DIR -o OUT` (streamed) against the
 in-memory way (from_pretrained, widen every tensor in memory, save_pretrained), time and peak RSS side by
-side, each in its own process (`/usr/bin/time -v`). Prints one table (README 'Hugging Face').
+side, each in its own process (`/usr/bin/time -v`). Prints one table (docs/formats.md 'Hugging Face').
 
     python scripts/bench_hf.py [--tiny] [--keep DIR]
 """

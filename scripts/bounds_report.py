@@ -1,4 +1,4 @@
-"""Prints how fast mupscale's bounded parsers refuse hostile inputs (README, 'What is validated').
+"""Prints how fast mupscale's bounded parsers refuse hostile inputs (docs/safety.md, 'What is validated').
 
     python scripts/bounds_report.py
 """

@@ -1,7 +1,7 @@
-"""Float64 exactness figures for the README: widen a trained zoo model with σ̄ = 0 through the real
+"""Float64 exactness figures for docs/measured.md: widen a trained zoo model with σ̄ = 0 through the real
 `widen` path, then train base and widened models in lockstep and report the worst relative gap.
 
-    python scripts/exactness_report.py      # prints the README's table (Measured), one torch thread
+    python scripts/exactness_report.py      # prints the table of docs/measured.md, one torch thread
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Relative logit gap |wide - base| / |base| of every bundled Hugging Face family, widened k = 2 by
 `mupscale widen DIR --k 2 -o OUT` (plus --untie where tied), in float32 and in float64 files, evaluated with
 transformers' own modules and, for float64, also with RMSNorm computed in float64 (HF's RMSNorm computes in
-float32 even for float64 models). Prints the README 'Hugging Face' table.
+float32 even for float64 models). Prints the 'Hugging Face' table of docs/formats.md.
 
     python scripts/hf_exactness.py
 """

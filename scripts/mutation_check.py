@@ -355,6 +355,12 @@ MUTATIONS = [
     Mutation("clip ord 0 accepted", "norm_type 0/NaN has no base-equivalent norm: refused",
              "src/mupscale_cli/optim.py", "    if norm_type == 0 or math.isnan(norm_type):", "    if False:",
              ["tests/test_clip.py", "-k", "refused"]),
+    Mutation("no suspect-spec warning", "a fixed (null) dimension with a width's size is warned about",
+             "src/mupscale_cli/core/plan.py", "    plan.suspect = suspect_dims(plan, model_args)\n",
+             "    plan.suspect = []\n", ["tests/test_spec_mistakes.py", "-k", "warned"]),
+    Mutation("optimizer mismatch blames the script", "an id mismatch from a wrong spec names the spec first",
+             "src/mupscale_cli/core/optstate.py", "        if suspect:  # a wrong role",
+             "        if False:  # a wrong role", ["tests/test_spec_mistakes.py", "-k", "names_the_spec_first"]),
 ]
 
 

@@ -1,10 +1,10 @@
-"""Hyper-parameter transfer figures for the README (issue: tune σ̄ and γ̄↑ on a small proxy).
+"""Hyper-parameter transfer figures for docs/sweep.md (issue: tune σ̄ and γ̄↑ on a small proxy).
 
 For the zoo MLP and GPT, two proxy widths each, upscaled by k = 4: train a proxy, sweep (σ̄, γ̄↑) on its
 upscaling, and compare the best settings across widths; measure the rank correlation of early scores
 (first 15% of steps) with full-run scores, and what successive halving saves and picks.
 Run: python scripts/transfer_experiment.py --steps 150 --seeds 2 --plot docs/transfer.png
-It prints the README's table (section Sweep) as it stands there, rows preceded by '#' notes.
+It prints the table of docs/sweep.md as it stands there, rows preceded by '#' notes.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def regret(pick: dict, ref: dict) -> str:
 
 
 def fs(sigma: float) -> str:
-    """σ̄ as the README writes it: 1/64 rather than 0.015625."""
+    """σ̄ as docs/sweep.md writes it: 1/64 rather than 0.015625."""
     return f"1/{1 / sigma:g}" if 0 < sigma < 1 and len(f"{sigma:g}") > 5 else f"{sigma:g}"
 
 

@@ -109,7 +109,7 @@ def test_noise_relative_to_initializer_range(tmp_path):
 
 def test_verify_builds_the_hf_model(tmp_path):
     """verify on a Hugging Face directory trains transformers' own model (from config.json) beside its widening;
-    float64 agreement is capped by HF's float32 RMSNorm, hence --tol 1e-5 (README)."""
+    float64 agreement is capped by HF's float32 RMSNorm, hence --tol 1e-5 (docs/formats.md)."""
     make("llama", tmp_path / "base")
     cmd = [sys.executable, "-m", "mupscale_cli", "verify", str(tmp_path / "base"), "--k", "2", "--steps", "3",
            "--optimizer", "adamw", "--lr", "1e-3"]

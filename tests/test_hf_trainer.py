@@ -60,7 +60,7 @@ def test_trainer_checkpoint_resumes_widened(tmp_path):
     assert len(sched["base_lrs"]) == len(osd["param_groups"]) > 2  # split for per-tensor factors
     assert sorted(set(sched["base_lrs"])) == [5e-4, 1e-3]  # matrices and the summing readout: lr / k
 
-    class WidenedTrainer(Trainer):  # README 'Trainer checkpoints': the groups of the widened optimizer.pt
+    class WidenedTrainer(Trainer):  # docs/formats.md 'Trainer checkpoints': the groups of the widened optimizer.pt
         def create_optimizer(self, model=None):
             if self.optimizer is None:
                 sd = torch.load(out / "optimizer.pt", weights_only=True)
@@ -86,7 +86,7 @@ def test_float64_lockstep_llama_adamw(tmp_path, monkeypatch, norm, tol):
     """A standard-parametrization Llama trained with AdamW, widened with its optimizer state, then trained
     60 more steps beside the base. With an RMSNorm computed in float64 the logits agree to round-off
     (measured 4e-14); HF's LlamaRMSNorm computes in float32 even for float64 models, and its round-off grows
-    with training (measured 3.1e-6 after 60 steps): README, 'Hugging Face', tolerance 1e-5."""
+    with training (measured 3.1e-6 after 60 steps): docs/formats.md, 'Hugging Face', tolerance 1e-5."""
     if norm == "float64":
         from transformers.models.llama import modeling_llama
         monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _float64_rmsnorm)

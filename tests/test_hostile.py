@@ -138,7 +138,7 @@ class Ctx:
         return p
 
     def widen(self, inp: Path | str, *extra: str, out: Path | None = None) -> list[str]:
-        # the MLP is a plain state dict: it cannot show its parametrization, so it is named (README, "Stacks")
+        # the MLP is a plain state dict: it cannot show its parametrization, so it is named (docs/stacks.md)
         spec = ["--spec", "mup-mlp"] if Path(inp) in (self.base.mlp_pt, self.base.mlp_st) and "--spec" not in extra \
             else []
         return ["widen", str(inp), "--k", "2", "-o", str(out or self.out), *extra, *spec]

@@ -2,7 +2,7 @@
 
 A scheduler rebuilt on the widened optimizer (`LambdaLR(opt, f, last_epoch=t)`, what a resuming training
 script does) takes its `base_lrs` from each group's `initial_lr`: widen must rescale `initial_lr` with `lr`
-(README: "`initial_lr` like lr"), or every later learning rate loses its per-tensor μP factor."""
+(docs/optimizer.md: "`initial_lr` like lr"), or every later learning rate loses its per-tensor μP factor."""
 from __future__ import annotations
 
 import pytest

@@ -188,6 +188,55 @@ class _Bar:
         self.bar.stop()
 
 
+class _Lines:
+    """widen's progress when stderr is no terminal (CI logs, pipelines): a plain line when another 10% is
+    written or a minute has passed, never more often than every MUPSCALE_PROGRESS_SECONDS (10) seconds, the
+    first after three times that (a widening of a few seconds prints only its closing summary)."""
+
+    def __init__(self) -> None:
+        try:
+            self.every = max(0.0, float(os.environ.get("MUPSCALE_PROGRESS_SECONDS", "10")))
+        except ValueError:
+            self.every = 10.0
+        self.total = self.done = 0
+        self.t0 = self.last_t = 0.0
+        self.last_frac = 0.0
+
+    def start(self, total: int) -> None:
+        import time
+        self.total, self.t0 = total, time.monotonic()
+        self.last_t = self.t0 + 2 * self.every
+
+    def __call__(self, name: str, nbytes: int) -> None:
+        import time
+        self.done += nbytes
+        if not self.total or self.done >= self.total:
+            return
+        now = time.monotonic()
+        frac, since = self.done / self.total, now - self.last_t
+        if since < self.every or (frac - self.last_frac < 0.1 and since < max(60.0, self.every)):
+            return
+        from mupscale_cli.formats.safetensors import fmt_bytes
+        rate = self.done / max(now - self.t0, 1e-9)
+        say(f"mupscale: widening: {frac:.0%} ({fmt_bytes(self.done)} of {fmt_bytes(self.total)}), "
+            f"{fmt_bytes(int(rate))}/s, about {(self.total - self.done) / rate:.0f} s left")
+        self.last_t, self.last_frac = now, frac
+
+    def stop(self) -> None:
+        pass
+
+
+def _done_line(res: dict) -> str:
+    """widen's closing summary on stderr: what was written, how large, how fast."""
+    from mupscale_cli.formats.safetensors import fmt_bytes
+    k = res.get("k") or {}
+    size = res.get("output_bytes")
+    secs = res.get("time_s")
+    rate = f" ({fmt_bytes(int(size / secs))}/s)" if size and secs else ""
+    return (f"mupscale: widened {res.get('tensors', '?')} tensors by k {_k_text(k) if k else '?'}: "
+            f"{fmt_bytes(size) if size else '?'} written in {secs if secs is not None else '?'} s{rate}")
+
+
 def _prehash(path: Path):
     """Start the sha256 of a single-file input on a thread now, while torch loads (with one core busy
     importing, the other is free); returns a function giving the hex digest (None for a directory).
@@ -256,10 +305,10 @@ def _widen_memory_settings() -> None:
 
 
 def _progress(quiet: bool):
-    """A progress bar when stderr is a terminal and not --quiet, else nothing."""
-    if quiet or not sys.stderr.isatty():
+    """A progress bar when stderr is a terminal, plain lines when not; nothing with --quiet."""
+    if quiet:
         return lambda n, b: None
-    return _Bar()
+    return _Bar() if sys.stderr.isatty() else _Lines()
 
 
 @app.command()
@@ -313,17 +362,20 @@ def widen(
                                       "directory, the input's layout; the default for a DCP input and -o DIR), "
                                       "safetensors, pt, or hf (Hugging Face shards, 5GB unless --shard-size)."),
 ) -> None:
-    """Widen a checkpoint k times: weights, buffers, optimizer state and hyper-parameters (paper Table 1),
-    plus optional μP-scaled noise. Prints the output path (or --json summary) on stdout. Inputs: .pt,
+    """Widen a checkpoint k times: weights, optimizer state and hyper-parameters, exactly.
+
+    Every tensor is duplicated and rescaled by its role (paper Table 1), optionally plus μP-scaled noise
+    (--sigma). Prints the output path (or --json summary) on stdout, progress and notes on stderr. Inputs: .pt,
     .safetensors, a Hugging Face sharded checkpoint (directory or *.safetensors.index.json), or a Hugging
     Face model directory (config.json + weights; a Trainer checkpoint-N/ too): its output is a directory
     that from_pretrained loads (config.json rewritten, tokenizer and other files copied).
 
-    Example: mupscale widen models/llama --k 2 -o models/llama-wide
     A torch.distributed.checkpoint (DCP) directory too; under torchrun (torchrun --nproc-per-node N -m
     mupscale_cli widen ...) the ranks share the work of a DCP output.
 
     Example: mupscale widen ckpt.pt --k 4 --sigma 0.75 -o wide.safetensors
+
+    Example: mupscale widen models/llama --k 2 -o models/llama-wide
     """
     with guard():
         from dataclasses import replace
@@ -350,6 +402,11 @@ def widen(
             for note in res["notes"]:
                 if not quiet:
                     say(f"mupscale: note: {note}")
+            if not quiet and res.get("resume") and not as_json:
+                for line in res["resume"].splitlines():
+                    err.print(one_line(line), markup=False, soft_wrap=True)
+            if not quiet:
+                say(_done_line(res))
             typer.echo(json.dumps(res, indent=2) if as_json else res["output"])
     _exit_now_if_program()
 
@@ -357,7 +414,8 @@ def widen(
 @app.command()
 def inspect(
     checkpoint: Path = typer.Argument(..., help="Checkpoint to inspect (input or widened)."),
-    k: str = typer.Option("2", "--k", "-k", help=K_HELP),
+    k: Optional[str] = typer.Option(None, "--k", "-k", help=K_HELP + " Default: 2; for a mupscale output, none: "
+                                    "the file is described as it is (pass --k to plan a further widening)."),
     sigma: float = typer.Option(0.0, "--sigma", help="Show the noise std for this σ̄."),
     spec: Optional[str] = typer.Option(None, "--spec", help=SPEC_HELP),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd|adam|adamw, when ambiguous."),
@@ -368,37 +426,60 @@ def inspect(
     risk_model_type: bool = typer.Option(False, "--risk-model-type-mismatch", help=RISK_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Show, per tensor, the role, axes, shape before -> after, bytes and noise std, and the optimizer
-    mapping; validates everything `widen` needs without writing anything."""
+    """Show what widen would do, per tensor, and check it all without writing anything.
+
+    Per tensor: the role, axes, shape before -> after, bytes and noise std; then the optimizer mapping. A
+    mupscale output (without --k) is described as it is: its tensors, optimizer groups, provenance and
+    checksums."""
     with guard():
-        from mupscale_cli.commands.inspect import run_inspect
+        from mupscale_cli.commands.inspect import is_widened, provenance_line, run_inspect
         from dataclasses import replace
-        rep = run_inspect(replace(_opts(checkpoint, None, k, sigma, 0, spec, optimizer, opt_layout, size, False,
-                                        False, model_arg=model_arg), untie=untie,
-                                 risk_model_type=risk_model_type))
+        describe = k is None and is_widened(checkpoint)
+        rep = run_inspect(replace(_opts(checkpoint, None, "1" if describe else k or "2", sigma, 0, spec, optimizer,
+                                        opt_layout, size, False, False, model_arg=model_arg), untie=untie,
+                                  risk_model_type=risk_model_type))
+        rep["describes"] = "file" if describe else "widening"
         if as_json:
             typer.echo(json.dumps(rep, indent=2))
             return
-        t = Table(title=f"{checkpoint.name}: spec {rep['spec']}, k {rep['k']}", title_justify="left")
-        for c in ("tensor", "role", "axes", "shape", "widened", "MiB", "noise std", "tied to"):
+        cols = ("tensor", "role", "axes", "shape", "MiB", "tied to") if describe else \
+            ("tensor", "role", "axes", "shape", "widened", "MiB", "noise std", "tied to")
+        title = (f"{checkpoint.name}: a mupscale output, spec {rep['spec']}" if describe else
+                 f"{checkpoint.name}: spec {rep['spec']}, k {_k_text(rep['k'])}")
+        t = Table(title=title, title_justify="left")
+        for c in cols:
             t.add_column(c, justify="right" if c in ("MiB", "noise std") else "left")
         for r in rep["rows"]:
-            t.add_row(r["name"], r["role"], r["axes"] + (f" [{r['layout']}]" if r["layout"] else ""),
-                      str(r["shape"]), str(r["widened"]), f"{r['bytes'] / 2**20:.2f}",
-                      f"{r['noise_std']:.3g}" if r["noise_std"] else "-", r["tied_to"] or "")
+            cells = {"tensor": r["name"], "role": r["role"],
+                     "axes": r["axes"] + (f" [{r['layout']}]" if r["layout"] else ""), "shape": str(r["shape"]),
+                     "widened": str(r["widened"]), "MiB": f"{r['bytes'] / 2**20:.2f}",
+                     "noise std": f"{r['noise_std']:.3g}" if r["noise_std"] else "-", "tied to": r["tied_to"] or ""}
+            t.add_row(*(cells[c] for c in cols))
         err.print(t)
         om = rep["optimizer_map"]
         if om:
             err.print(f"optimizer: {om['kind']}, ids mapped by layout '{om['layout']}'", markup=False)
             for g in om["groups"]:
-                err.print(f"  group {g['group']}: {g['tensors']} tensors; factors: {' | '.join(g['factors'])}",
-                          markup=False)
+                what = (", ".join(f"{h} {v:g}" for h, v in g["hparams"].items()) if describe else
+                        f"factors: {' | '.join(g['factors'])}")
+                err.print(f"  group {g['group']}: {g['tensors']} tensors; {what}", markup=False)
         for note in rep["notes"]:
             say(f"note: {note}")
         if rep["provenance"]:
-            err.print(f"provenance: {json.dumps(rep['provenance'], sort_keys=True)[:400]}", markup=False)
+            say(f"provenance: {provenance_line(rep['provenance'])}")
         mb = rep["model_bytes"]
-        typer.echo(f"ok: {rep['tensors']} tensors, {mb['base'] / 2**20:.1f} MiB -> {mb['widened'] / 2**20:.1f} MiB")
+        if describe:
+            typer.echo(f"ok: {rep['tensors']} tensors, {mb['base'] / 2**20:.1f} MiB, a mupscale output "
+                       f"(--k K: what a further widening would do)")
+        else:
+            typer.echo(f"ok: {rep['tensors']} tensors, {mb['base'] / 2**20:.1f} MiB -> {mb['widened'] / 2**20:.1f} "
+                       f"MiB")
+
+
+def _k_text(k: dict) -> str:
+    """k per axis as the user writes it: 4, or d_model=2,d_ff=4."""
+    vals = set(k.values())
+    return str(next(iter(vals))) if len(vals) == 1 else ",".join(f"{a}={n}" for a, n in k.items())
 
 
 def _fmt(x) -> str:
@@ -435,7 +516,9 @@ def verify(
                                                               "batches the spec's model describes)."),
     hidden: bool = typer.Option(False, "--hidden", help="Compare every layer's activations too (widened vs "
                                                          "duplicated base) and name the first that diverges."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report to this file."),
+    json_path: Optional[Path] = typer.Option(None, "--json", metavar="PATH|-", help="Write the JSON report to "
+                                             "this file; '-': to stdout, instead of the PASS/FAIL line (which then "
+                                             "goes to stderr)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic batches."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd|adam|adamw: when the state cannot "
                                                                        "tell, or (with --lr) BASE has none. Or your "
@@ -473,8 +556,10 @@ def verify(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stderr."),
     trust_spec_code: bool = typer.Option(False, "--trust-spec-code", help=TRUST_HELP),
 ) -> None:
-    """Check that a widening is exact: train BASE and WIDE (or BASE widened in memory) on identical batches
-    and compare loss, outputs and every tensor before the first step and after each. A noised WIDE must
+    """Check that a widening is exact: train BASE and WIDE side by side and compare them at every step.
+
+    BASE and WIDE (or BASE widened in memory) train on identical batches; loss, outputs and every tensor are
+    compared before the first step and after each. A noised WIDE must
     equal exact widening + its recorded noise bit for bit. Exit 0 pass, 1 diverged, 2 usage/input error.
 
     Example: mupscale verify ckpt.pt wide.safetensors --steps 200 --json report.json
@@ -488,10 +573,13 @@ def verify(
                              model_args=parse_model_args(model_arg or []),
                              model=model, eval_every=eval_every, trust_code=trust_spec_code, lr_rule=lr_rule,
                              grad_clip=grad_clip, clip_mode=clip_mode)
-        if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
+        to_stdout = json_path is not None and str(json_path) == "-"
+        if to_stdout:
+            json_path = None
+        elif json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
             raise MupscaleError(f"--json {json_path}: not a writable file path")
         if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 prints and writes the report
-            quiet, json_path = True, None
+            quiet, json_path, to_stdout = True, None, False
         shown: list[tuple[dict, bool]] = []
         tty = sys.stderr.isatty() and not quiet
 
@@ -504,9 +592,9 @@ def verify(
 
         rep = run_verify(opts, on_step)
         if not quiet and shown:
+            ks = _k_text(rep["k"]) if isinstance(rep["k"], dict) else rep["k"]
             err.print(_verify_table(shown, steps, f"verify {base.name} -> {wide.name if wide else 'in-memory'}: "
-                                                  f"spec {rep['spec']}, k {rep['k']}, {rep['dtype']} on "
-                                                  f"{rep['device']}"))
+                                                  f"spec {rep['spec']}, k {ks}, {rep['dtype']} on {rep['device']}"))
         if json_path is not None:
             try:
                 json_path.write_text(json.dumps(rep, indent=2, default=str) + "\n")
@@ -527,7 +615,10 @@ def verify(
                     say(f"mupscale: warning: {i['message']}")
             for line in rep["diagnosis"]:
                 say(f"mupscale: diagnosis: {line}")
-        if os.environ.get("RANK", "0") == "0":
+        if to_stdout:
+            typer.echo(json.dumps(rep, indent=2, default=str))
+            say(_verify_line(rep))
+        elif os.environ.get("RANK", "0") == "0":
             typer.echo(_verify_line(rep))
         if rep["result"] != "pass":
             _VERIFY_FAILED.append(rep["result"])
@@ -587,11 +678,18 @@ def specs(as_json: bool = typer.Option(False, "--json", help="JSON on stdout."))
         if as_json:
             typer.echo(json.dumps(items, indent=2))
             return
-        for s in items:
+        import shutil
+        import textwrap
+        width = min(100, shutil.get_terminal_size((100, 24)).columns)
+        for s in items:  # a heading line per spec, then its description wrapped below it
             ev = " or ".join(" and ".join(f"{k}={v!r}" for k, v in alt.items()) for alt in s["evidence"])
-            typer.echo(f"{s['name']:24} axes={','.join(s['axes'])} readout={s['readout']}"
-                       f"{f' (detected by {ev})' if s['detect'] else ' (not auto-detected: --spec)'}  "
-                       f"{s['description']}")
+            typer.echo(f"{s['name']:22} axes {','.join(s['axes'])}; readout {s['readout']}")
+            for line in textwrap.wrap(f"detected by {ev}" if s["detect"] else "not auto-detected: --spec NAME",
+                                      width, initial_indent="    ", subsequent_indent="      "):
+                typer.echo(line)
+            for line in textwrap.wrap(s["description"] or "", width, initial_indent="    ",
+                                      subsequent_indent="    "):
+                typer.echo(line)
 
 
 @app.command()
@@ -613,10 +711,14 @@ def sweep(
     data: Optional[Path] = typer.Option(None, "--data", help="A .pt/.safetensors with `inputs` and `targets`."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the best setting to hparams.yaml."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of loss against σ̄ and γ̄↑ (needs matplotlib)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The proxy's model code, as verify --model: "
+                                        "path/to/model.py:GPT or pkg.module[:function]. Default: the spec's "
+                                        "model section (a bundled model)."),
     trust_spec_code: bool = typer.Option(False, "--trust-spec-code", help=TRUST_HELP),
 ) -> None:
-    """Tune σ̄ and γ̄↑ on a small upscaling (proxy n0 -> k·n0) to reuse for n -> k·n (paper §3.2):
-    widen the proxy for every setting, train, score by the mean training loss. Prints the best pair
+    """Tune σ̄ and γ̄↑ on a small proxy upscaling, to reuse when widening the big model (paper §3.2).
+
+    The proxy n0 -> k·n0 is widened for every setting, trained, and scored by the mean training loss. Prints the best pair
     (JSON) on stdout; the grid table on stderr. Then: mupscale widen BIG.pt --k K --hparams hparams.yaml"""
     with guard():
         from mupscale_cli.commands.sweep import SweepOptions, check_output_file, parse_floats, run_sweep
@@ -625,7 +727,7 @@ def sweep(
         o = SweepOptions(checkpoint=checkpoint, k=k, sigmas=parse_floats(sigma, "--sigma"),
                          lrs=parse_floats(lr, "--lr") if lr else None, steps=steps, spec=spec, base_lr=base_lr,
                          early=early, halving=halving, seeds=seeds, batch_size=batch_size, scheme=noise_scheme,
-                         data=data, output=output, trust_code=trust_spec_code)
+                         data=data, output=output, model=model, trust_code=trust_spec_code)
         res = run_sweep(o, say)
         t = Table(title=f"sweep {checkpoint.name}: k {res['k']}, {res['steps']} steps, scheme {res['noise_scheme']}",
                   title_justify="left")
@@ -654,6 +756,70 @@ def _internal(what: str) -> None:
     """A bug outside a command's guard: one line, exit 3 (never a traceback, never 1)."""
     say(f"mupscale: internal error: {what} (rerun with MUPSCALE_DEBUG=1 and report it)")
     sys.exit(3)
+
+
+spec_app = typer.Typer(help="Write architecture specs for your own models.", no_args_is_help=True)
+app.add_typer(spec_app, name="spec")
+
+
+@spec_app.command("init")
+def spec_init(
+    checkpoint: Path = typer.Argument(..., help="The checkpoint whose tensor names, shapes and model_args the "
+                                                "skeleton is made from."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the spec to this file (default: "
+                                                                         "stdout)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing -o file."),
+) -> None:
+    """Write a skeleton spec for a checkpoint: its width axes, each tensor's axes, tied tensors.
+
+    Every guess is commented: check them against your model code (docs/spec-format.md), then widen with
+    --spec FILE and check the result with mupscale verify.
+
+    Example: mupscale spec init ckpt.pt -o my-model.yaml
+    """
+    with guard():
+        from mupscale_cli.commands.spec_init import skeleton, write_spec
+        text, info = skeleton(checkpoint)
+        axes = ", ".join(f"{a} ({v})" for a, v in info["axes"].items())
+        if output is None:
+            typer.echo(text, nl=False)
+            return
+        write_spec(text, output, checkpoint, force)
+        say(f"mupscale: wrote {output}: width axes {axes}{' (guessed: check)' if info['guessed'] else ''}, "
+            f"{info['rules']} tensor rules{', tied ' + ', '.join(info['tied']) if info['tied'] else ''}; check the "
+            f"commented guesses, then: mupscale widen {checkpoint} --spec {output} --k 2 -o wide.safetensors")
+        typer.echo(str(output))
+
+
+def _unwrap(text: str) -> str:
+    """A docstring's paragraphs each on one line: rich wraps help text to the terminal and keeps the source's
+    line breaks, which leaves ragged lines."""
+    import inspect as _inspect
+    return "\n\n".join(" ".join(p.split("\n")) for p in _inspect.cleandoc(text).split("\n\n"))
+
+
+METAVARS = {"k": "K|AXIS=K,...", "size": "NAME=INT", "model_arg": "KEY=VALUE"}
+
+
+def _tidy_help() -> None:
+    """Help as shown: docstrings unwrapped, no `<bool>` after a flag, repeatable options' metavars saying
+    what they take (`<list[str]>` says nothing)."""
+    import inspect as _inspect
+    from typer.models import OptionInfo
+    app.info.help = _unwrap(app.info.help)
+    for cb in [i.callback for i in [*app.registered_commands, *spec_app.registered_commands]] + [_root]:
+        if cb.__doc__:
+            cb.__doc__ = _unwrap(cb.__doc__)
+        for name, par in _inspect.signature(cb).parameters.items():
+            opt = par.default
+            if isinstance(opt, OptionInfo) and opt.metavar is None:
+                if par.annotation in (bool, "bool"):
+                    opt.metavar = ""
+                elif name in METAVARS:
+                    opt.metavar = METAVARS[name]
+
+
+_tidy_help()
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from mupscale_cli.commands.widen import WidenOptions, prepare, summary
-from mupscale_cli.formats import digest
+from mupscale_cli.formats import digest, load_checkpoint
 from mupscale_cli.bounded import loads_json
 from mupscale_cli.formats.checkpoint import (META_DIGESTS, META_PROV, PROV_DIGESTS, Checkpoint, iter_chunks,
                                              provenance_of)
@@ -71,7 +71,8 @@ def run_inspect(opts: WidenOptions) -> dict:
             fs = sorted({", ".join(f"{h}×{f}" for h, f in factors(prep.omap.kind, plan.state_plan(n).s,
                                                                    plan.state_plan(n).g).items() if h in g)
                          for n in names})  # state_plan: a parameter the file splits (fused experts) too
-            groups.append({"group": i, "tensors": len(names), "factors": fs})
+            hps = {h: g[h] for h in ("lr", "eps", "weight_decay", "momentum") if isinstance(g.get(h), (int, float))}
+            groups.append({"group": i, "tensors": len(names), "factors": fs, "hparams": hps})
         optim = {"kind": prep.omap.kind, "layout": prep.omap.layout, "groups": groups}
     prov = {k: v for k, v in provenance_of(prep.ckpt).items() if k != PROV_DIGESTS}
     digests = check_digests(prep.ckpt)
@@ -80,3 +81,38 @@ def run_inspect(opts: WidenOptions) -> dict:
                           f"recorded at widening")
     return {**summary(prep, None, opts, None), "rows": rows, "optimizer_map": optim,
             "provenance": prov or None, "digests": digests}
+
+
+def is_widened(path) -> bool:
+    """Whether PATH is a mupscale output (it records its widening): `inspect PATH` without --k then describes
+    the file itself (k = 1) instead of planning a second widening by the default k."""
+    return bool(provenance_of(load_checkpoint(path, lazy=True)))
+
+
+def provenance_line(prov: dict) -> str:
+    """The provenance of a widened file in one short line (the full record: `inspect --json`)."""
+    def get(key, default="?"):
+        v = prov.get(key)
+        return default if v is None else v
+    k = prov.get("k")
+    if isinstance(k, dict) and k:
+        ks = f"×{next(iter(k.values()))}" if len(set(map(str, k.values()))) == 1 else "×(" + ", ".join(
+            f"{a} {n}" for a, n in sorted(k.items())) + ")"
+    else:
+        ks = f"×{get('k')}"
+    sha = str(get("source_sha256", ""))[:12]
+    parts = [f"{get('tool', 'mupscale')} widened {get('source')}" + (f" (sha256 {sha}…)" if sha else "") + f" {ks}",
+             f"spec {get('spec')}"]
+    sigma = prov.get("sigma")
+    if isinstance(prov.get("sigma_per_tensor"), dict) or (isinstance(sigma, (int, float)) and sigma):
+        s = "σ̄ per tensor" if isinstance(prov.get("sigma_per_tensor"), dict) else f"σ̄ {sigma:g}"
+        parts.append(f"{s}, seed {get('seed')} ({get('noise')}, {get('noise_device', 'cpu')})")
+    else:
+        parts.append("σ̄ 0 (exact)")
+    if prov.get("optimizer"):
+        parts.append(f"{prov['optimizer']} state")
+    if isinstance(prov.get("lr_scale"), (int, float)) and prov["lr_scale"] != 1:
+        parts.append(f"lr × {prov['lr_scale']:g} (--hparams)")
+    if prov.get("dtype"):
+        parts.append(f"cast to {prov['dtype']}")
+    return "; ".join(parts) + "; the full record: --json"

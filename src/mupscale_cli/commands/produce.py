@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from mupscale_cli.commands.resume import resume_snippet
 from mupscale_cli import __version__
 from mupscale_cli.core import noise as noise_mod
 from mupscale_cli.core.checks import (_check_elements, _nonfinite, _nonfinite_notes, _untracked_axes,  # noqa: F401
@@ -164,5 +165,8 @@ def summary(prep: Prepared, out: Path | None, opts: WidenOptions, groups: list[d
                        "widened": len(groups) if groups is not None else None}},
         "model_args": prep.model_args,
         "notes": prep.notes,
+        **({"resume": snip} if (snip := resume_snippet(
+            out, prep.omap.kind if prep.omap else None, groups,
+            len(prep.ckpt.optimizer["param_groups"]) if prep.ckpt.optimizer else 0)) else {}),
     }
 

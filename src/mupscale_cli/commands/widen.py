@@ -276,7 +276,7 @@ def trainer_files(prep: Prepared, opts: WidenOptions, target: Target) -> tuple[d
     if len(osd["param_groups"]) != len(prep.ckpt.optimizer["param_groups"]):
         prep.notes.append(f"optimizer groups split {len(prep.ckpt.optimizer['param_groups'])} -> "
                           f"{len(osd['param_groups'])} for per-tensor Table-1 factors: resume with a "
-                          f"create_optimizer built from optimizer.pt (README 'Trainer checkpoints')")
+                          f"create_optimizer built from optimizer.pt (docs/formats.md 'Trainer checkpoints')")
     return files, osd["param_groups"]
 
 

@@ -226,6 +226,11 @@ def map_optimizer(sd: dict, plan: Plan, kind: str | None = None, layout: str | N
             fits[lay] = cand
     if not fits:
         detail = "; ".join(f"{k}: {v}" for k, v in why.items())
+        from mupscale_cli.core.plan import suspect_dims, suspect_text
+        suspect = suspect_dims(plan, None, misfits=True)
+        if suspect:  # a wrong role moves a tensor to another group: the spec first
+            raise MupscaleError(f"cannot match optimizer ids to tensor names, and the spec looks wrong: "
+                                f"{suspect_text(plan, suspect)}: fix the spec's axes first ({detail})")
         if all("param_names" in g for g in sd["param_groups"]):  # names stored: advise on what they name
             unknown = "which is not a tensor of the checkpoint" in why.get("named", "")
             raise MupscaleError(f"cannot match optimizer ids to tensor names ({detail}); the optimizer stores its "
@@ -236,8 +241,12 @@ def map_optimizer(sd: dict, plan: Plan, kind: str | None = None, layout: str | N
                                     f"'saved_as' (docs/spec-format.md)" if unknown else
                                     ": the optimizer state does not describe this checkpoint's tensors (saved from "
                                     "another model or run?)"))
-        raise MupscaleError(f"cannot match optimizer ids to tensor names ({detail}); build the optimizer "
-                            f"from model.named_parameters() so it stores param_names")
+        raise MupscaleError(f"cannot match optimizer ids to tensor names ({detail}): describe how your training "
+                            f"script built its param groups in spec {plan.spec.name}'s optimizer.layouts (groups "
+                            f"in order, each a filter by name patterns or number of dimensions; an empty filter "
+                            f"{{}} takes every tensor left; docs/spec-format.md), or pass --opt-layout; a script "
+                            f"that builds its optimizer from model.named_parameters() stores param_names and "
+                            f"needs neither")
     if "named" in fits:
         return OptimizerMap(kind, "named", fits["named"])
     own = [lay for lay in plan.spec.layouts if lay in fits]
@@ -340,13 +349,52 @@ def optimizer_notes(sd: dict, plan: Plan, omap: OptimizerMap) -> list[str]:
     for k in unknown:
         notes.append(f"param-group key {k!r} is not a torch hyper-parameter and spec {plan.spec.name} does not "
                      f"say how it scales (optimizer group_keys): copied unchanged")
-    lay = optimizer_layout(sd, plan, omap)
-    if len(lay.groups) != len(sd["param_groups"]):
-        notes.append(f"the optimizer's {len(sd['param_groups'])} param groups become {len(lay.groups)}: tensors "
-                     f"of one group need different Table-1 factors (e.g. eps × 1/k for vector-like, × 1 for "
-                     f"scalar-like tensors; mup 1.0.0's MuAdam groups them together and never scales eps), so an "
-                     f"optimizer built like the input's will not load this state: build it with {BUILDERS}")
+    parts = group_parts(sd, plan, omap)
+    if len(parts) != len(sd["param_groups"]):
+        split = sorted({b for b, _, _ in parts if sum(1 for x, _, _ in parts if x == b) > 1})
+        what = "; ".join(f"group {b} into " + ", ".join(
+            f"{_factor_text(key)} ({_names_text([plan.state_plan(n) for n in names])})"
+            for x, key, names in parts if x == b) for b in split)
+        why = (" (mup 1.0.0's MuAdam/MuAdamW put vector- and scalar-like tensors in one group and never scale "
+               "eps)" if omap.layout == "mup" else "")
+        notes.append(f"the optimizer's {len(sd['param_groups'])} param groups become {len(parts)}, since Table 1 "
+                     f"gives tensors of one group different factors{why}: {what}. An optimizer built like the "
+                     f"training script's will not load this state: build its groups from the state with "
+                     f"mupscale_cli.api.optimizer_groups (docs/optimizer.md)")
     return notes
+
+
+def group_parts(sd: dict, plan: Plan, omap: OptimizerMap) -> list[tuple[int, tuple, list[str]]]:
+    """The widened groups as (base group index, the factors ≠ 1 its hyper-parameters get, canonical names),
+    in the order `optimizer_layout` writes them."""
+    out = []
+    for b, (g, names) in enumerate(zip(sd["param_groups"], omap.names)):
+        parts: dict[tuple, list[str]] = {}
+        for n in names:
+            p = plan.state_plan(n)
+            f = factors(omap.kind, p.s, p.g)
+            f.update({gk: f[hp] for gk, hp in plan.spec.group_keys.items() if hp in f})
+            key = tuple((h, f[h]) for h in (*SCALED, *plan.spec.group_keys)
+                        if h in f and h in g and _nonzero(g[h]) and f[h] != 1)
+            parts.setdefault(key, []).append(n)
+        for key, members in (parts or {(): []}).items():
+            out.append((b, key, members))
+    return out
+
+
+def _factor_text(key: tuple) -> str:
+    shown = [(h, f) for h, f in key if h != "initial_lr"]
+    return ", ".join(f"{h} × {f}" for h, f in shown) if shown else "unchanged"
+
+
+def _names_text(tensors: list) -> str:
+    """A group's tensors, briefly: their role and up to two names."""
+    if not tensors:
+        return "empty"
+    roles = sorted({f"{t.role}-like" for t in tensors})
+    names = [t.name for t in tensors]
+    more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+    return f"{'/'.join(roles)}: {', '.join(names[:2])}{more}"
 
 
 def _nonzero(v) -> bool:

@@ -103,6 +103,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     state_tensors: dict[str, TensorPlan] = field(default_factory=dict)  # state_only parameters met so far
     env: dict = field(default_factory=dict)  # names the std expressions use
+    suspect: list[tuple[str, int, int, str]] = field(default_factory=list)  # suspect_dims: likely spec mistakes
+    axis_known: dict[str, set[int]] = field(default_factory=dict)  # axis_sizes: each width axis's base sizes
 
     def state_plan(self, name: str, meta: tuple | None = None) -> TensorPlan | None:
         """The plan of a parameter the optimizer state names: a tensor of the checkpoint, or a parameter the
@@ -491,6 +493,11 @@ def make_plan(spec: Spec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
     plan.tensors = out
     check_args_against_shapes(plan, model_args)
     check_rule_shapes(plan, model_args, size_overrides or {})
+    plan.axis_known = axis_sizes(plan, model_args)
+    plan.suspect = suspect_dims(plan, model_args)
+    if plan.suspect:
+        plan.notes.append(f"warning: {suspect_text(plan)}: if it grows with width, name the axis there (as "
+                          f"written, the output has the wrong shapes and `mupscale verify` fails)")
     return plan
 
 
@@ -545,6 +552,60 @@ def check_args_against_shapes(plan: Plan, model_args: dict | None) -> None:
             raise MupscaleError(f"model_args[{arg!r}] is {shown(str(v))} but the tensors it describes (axis {axis}) "
                                 f"are {have} wide (neither divides the other): the checkpoint's config does not "
                                 f"describe its weights")
+
+
+def axis_sizes(plan: Plan, model_args: dict | None) -> dict[str, set[int]]:
+    """Base sizes each width axis is known to have: model_args entries the spec maps to it (n_embd: d_model)
+    and 1-D tensors that are that axis alone (biases, norm gains)."""
+    out: dict[str, set[int]] = {a: set() for a in plan.spec.axes}
+    plain = {(d.axis, n) for t in plan.tensors.values() for n, d in zip(t.shape, t.dims)
+             if d.axis and d.block == 1 and not d.segments}
+    for arg, axis in plan.spec.model_args.items():
+        v = (model_args or {}).get(arg)
+        if axis in out and isinstance(v, int) and not isinstance(v, bool) and (axis, v) in plain:
+            out[axis].add(v)  # a size (n_embd), not a count (num_attention_heads: a block's number)
+    for t in plan.tensors.values():
+        if len(t.shape) == 1 and t.dims[0].axis and t.dims[0].block == 1 and not t.dims[0].segments and t.alias_of is None:
+            out[t.dims[0].axis].add(t.shape[0])
+    return out
+
+
+def suspect_dims(plan: Plan, model_args: dict | None, misfits: bool = False) -> list[tuple[str, int, int, str]]:
+    """(tensor, dimension, size, axis) that look like a spec mistake: a fixed (null) dimension with the size
+    of a width axis, in a tensor whose width axes do not fit their sizes (the readout `[d_out, width]` written
+    `[width, null]`). With `misfits`, also every width dimension whose size is no multiple of its axis's
+    known sizes (for an optimizer-id mismatch, where a wrong role is the likely cause). Buffers, tied
+    aliases, blocked and segmented dimensions are not looked at."""
+    sizes = plan.axis_known if plan.axis_known else axis_sizes(plan, model_args)
+    out = []
+    for name, t in plan.tensors.items():
+        if t.buffer or t.alias_of is not None or len(t.shape) < 2:
+            continue
+        bad = [(i, n, d.axis) for i, (n, d) in enumerate(zip(t.shape, t.dims))
+               if d.axis and sizes.get(d.axis) and d.block == 1 and not d.segments and all(n % s for s in sizes[d.axis])]
+        if not bad:
+            continue
+        if misfits:
+            out += [(name, i, n, a) for i, n, a in bad]
+        for i, (n, d) in enumerate(zip(t.shape, t.dims)):
+            if d.axis is None:
+                axis = next((a for a, ss in sizes.items() if n in ss), None)
+                if axis is not None:
+                    out.append((name, i, n, axis))
+    return out
+
+
+def suspect_text(plan: Plan, suspect: list | None = None) -> str:
+    suspect = plan.suspect if suspect is None else suspect
+    parts = []
+    for n, i, s, a in suspect[:3]:
+        d = plan.tensors[n].dims[i]
+        parts.append(f"{n!r} dimension {i} (size {s}) is fixed (null) but has the size of width axis {a!r}"
+                     if d.axis is None else
+                     f"{n!r} dimension {i} (size {s}) is width axis {a!r} but no multiple of its size "
+                     f"({', '.join(map(str, sorted(plan.axis_known.get(a, ()))))})")
+    more = f" (and {len(suspect) - 3} more)" if len(suspect) > 3 else ""
+    return f"spec {plan.spec.name}: {'; '.join(parts)}{more}"
 
 
 def _numbers(d: dict | None) -> dict:
@@ -621,7 +682,7 @@ def _fan_in(t: TensorPlan) -> int:
 
 def _noise_unit(t: TensorPlan, rule: Rule, env: dict) -> float:
     """Std of the noise at sigma = 1: the stack's own init std of the widened tensor when the rule gives
-    one ('std'), else a fresh μP init's std (README, 'Noise convention')."""
+    one ('std'), else a fresh μP init's std (docs/usage.md, 'Noise convention')."""
     on = t.n_width > 0 and len(t.shape) >= 2
     mult = 1.0
     if rule.std is not None:

@@ -8,7 +8,7 @@ model transformers builds from config.json on the meta device (no weights, no me
 from `Trainer.get_decay_parameter_names` itself, so this one path imports transformers (the [hf] extra).
 
 Widening splits a group whose tensors need different Table-1 factors; the Trainer's own `create_optimizer`
-makes two groups and cannot load that. Resume with the few lines of README 'Trainer checkpoints':
+makes two groups and cannot load that. Resume with the few lines of docs/formats.md 'Trainer checkpoints':
 a `create_optimizer` that builds the groups from the widened optimizer.pt (`mupscale_cli.api.optimizer_groups`).
 The scheduler's `base_lrs` and `_last_lr` become the widened groups' `initial_lr` and `lr`."""
 from __future__ import annotations

@@ -2,7 +2,7 @@
 from the checkpoint's config.json (its model_args), trained on random tokens. Needs the [hf] extra.
 
 transformers' RMSNorm computes in float32 even for float64 models: float64 agreement is capped near 1e-7
-statically and grows over training (3e-6 after 60 AdamW steps, README 'Hugging Face'); pass verify --tol
+statically and grows over training (3e-6 after 60 AdamW steps, docs/formats.md 'Hugging Face'); pass verify --tol
 accordingly (1e-5)."""
 from __future__ import annotations
 
