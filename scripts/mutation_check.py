@@ -38,6 +38,16 @@ class Mutation:
     more: tuple = ()  # further (file, old, new) patches of the same mutation
 
 
+def _shape_drops(spec: str, key: str, case: str) -> Mutation:
+    """Every `shape:` of bundled spec hf-<spec> that states config.json's `key`, dropped: a config.json whose
+    `key` contradicts the weights must still be refused (tests/test_hf_shapes.py, family `case`)."""
+    f = f"configs/hf-{spec}.yaml"
+    lines = [x for x in (ROOT / f).read_text().splitlines() if re.search(r"shape: \[[^\]]*\b" + key + r"\b", x)]
+    patches = [(f, x, re.sub(r", shape: \[[^\]]*\]", "", x)) for x in lines]
+    return Mutation(f"hf-{spec} {key} shapes dropped", f"config.json's {key} is checked against hf-{spec}'s weights",
+                    *patches[0], ["tests/test_hf_shapes.py", "-k", f"refused and {case}"], more=tuple(patches[1:]))
+
+
 MUTATIONS = [
     Mutation("no eps rescaling", "Adam/AdamW eps × g", "src/mupscale_cli/core/optstate.py",
              '"eps": g, ', "", ["tests/test_widen_exact.py", "-k", "lockstep_float64"]),
@@ -361,6 +371,32 @@ MUTATIONS = [
     Mutation("optimizer mismatch blames the script", "an id mismatch from a wrong spec names the spec first",
              "src/mupscale_cli/core/optstate.py", "        if suspect:  # a wrong role",
              "        if False:  # a wrong role", ["tests/test_spec_mistakes.py", "-k", "names_the_spec_first"]),
+    Mutation("verify HF float32 steps", "verify on a Hugging Face family in float64 agrees at round-off (float32 "
+             "RMSNorm / router softmax kept in float64)", "src/mupscale_cli/zoo/hf.py",
+             "        if next(self.model.parameters()).dtype != torch.float64:\n", "        if True:\n",
+             ["tests/test_hf_verify.py", "-k", "round_off and mixtral"]),
+    Mutation("verify WIDE names unmapped", "verify reads a widened HF optimizer.pt named as the model names its "
+             "parameters (GPT-NeoX's lm_head saved as embed_out)", "src/mupscale_cli/verify/setup.py",
+             "            n = saved_name(prep.plan.spec, strip_prefix(raw))", "            n = strip_prefix(raw)",
+             ["tests/test_hf_verify.py", "-k", "round_off and gpt_neox"]),
+    Mutation("widened shape check with base sizes", "verify re-plans a WIDE whose recorded (base) sizes the spec "
+             "scales", "src/mupscale_cli/core/plan.py",
+             "    wide_sizes = resolve_sizes(plan.spec, wide_args, wide_over)",
+             "    wide_sizes = resolve_sizes(plan.spec, wide_args, overrides)",
+             ["tests/test_hf_verify.py", "-k", "round_off and llama"]),
+    Mutation("inspect digests count optimizer.pt", "inspect on a widened HF directory with optimizer.pt: its "
+             "digests check", "src/mupscale_cli/commands/inspect.py",
+             "    optim = {} if ckpt.hf is not None else optimizer_refs(ckpt.optimizer)",
+             "    optim = optimizer_refs(ckpt.optimizer)", ["tests/test_hf_verify.py", "-k", "inspect"]),
+    *[_shape_drops(spec, key, case) for spec, key, case in (
+        ("cohere", "intermediate_size", "cohere"), ("gemma2", "intermediate_size", "gemma2"),
+        ("gemma3", "intermediate_size", "gemma3_text"), ("granite-swa", "intermediate_size", "granite_swa"),
+        ("olmo2", "intermediate_size", "olmo2"), ("stablelm", "intermediate_size", "stablelm"),
+        ("mixtral", "intermediate_size", "mixtral"), ("qwen3-moe", "moe_intermediate_size", "qwen3_moe"),
+        ("phi3", "intermediate_size", "phi3"), ("minicpm3", "intermediate_size", "minicpm3"),
+        ("falcon", "ffn_hidden_size", "falcon"), ("falcon-mha", "ffn_hidden_size", "falcon"),
+        ("gpt-neox", "intermediate_size", "gpt_neox"), ("gpt-bigcode", "n_inner", "gpt_bigcode"),
+        ("opt", "ffn_dim", "opt"), ("opt-proj", "ffn_dim", "opt"))],
 ]
 
 

@@ -109,14 +109,16 @@ def test_noise_relative_to_initializer_range(tmp_path):
 
 def test_verify_builds_the_hf_model(tmp_path):
     """verify on a Hugging Face directory trains transformers' own model (from config.json) beside its widening;
-    float64 agreement is capped by HF's float32 RMSNorm, hence --tol 1e-5 (docs/formats.md)."""
+    in float64 the steps transformers computes in float32 (RMSNorm) keep float64, so the default tolerance (1e-10)
+    holds with the gap at round-off (docs/verify.md 'Hugging Face directories')."""
+    import json
     make("llama", tmp_path / "base")
     cmd = [sys.executable, "-m", "mupscale_cli", "verify", str(tmp_path / "base"), "--k", "2", "--steps", "3",
-           "--optimizer", "adamw", "--lr", "1e-3"]
-    r = subprocess.run(cmd + ["--tol", "1e-5"], capture_output=True, text=True)
+           "--optimizer", "adamw", "--lr", "1e-3", "--json", str(tmp_path / "r.json")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0 and "PASS" in r.stdout + r.stderr, r.stderr
-    r = subprocess.run(cmd, capture_output=True, text=True)  # float64's default 1e-10: the float32 norm shows
-    assert r.returncode == 1 and "FAIL" in r.stdout + r.stderr, r.stderr
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert max(rep["max"]["loss_rel"], rep["max"]["out_rel"]) < 1e-12, rep["max"]
 
 
 @pytest.mark.parametrize("config,why", [

@@ -30,7 +30,9 @@ def check_digests(ckpt: Checkpoint) -> dict | None:
     if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
         raise MupscaleError(f"{ckpt.path}: the recorded tensor digests are not a JSON object of name -> digest; "
                             f"the file was modified: widen again from the source")
-    actual = {**{n: (ckpt.tensors, n) for n in ckpt.tensors}, **optimizer_refs(ckpt.optimizer)}
+    # a Hugging Face directory's optimizer state is optimizer.pt beside the safetensors, which record only theirs
+    optim = {} if ckpt.hf is not None else optimizer_refs(ckpt.optimizer)
+    actual = {**{n: (ckpt.tensors, n) for n in ckpt.tensors}, **optim}
     bad = [n for n, h in recorded.items() if n not in actual or _digest(*actual[n]) != h]
     bad += [n for n in actual if n not in recorded]
     if bad:

@@ -31,7 +31,8 @@ from mupscale_cli.verify.options import (BATCHNORM_TOL, DEFAULT_TOL, DTYPES, TEN
 from mupscale_cli.verify.report import _finish, _row, step0_probe
 from mupscale_cli.verify.setup import (_check_provenance, _data_errors, _digest_note, _fresh_optimizer,
                                        _load_model, _lr_scale, _noised, _optimizer, _sigma_map, _source_digest,
-                                       _stored_dtype, _wide_names, deterministic, load_data, pick_device)  # noqa: F401
+                                       _stored_dtype, _wide_names, deterministic, load_data, model_names,
+                                       pick_device)  # noqa: F401
 from mupscale_cli.verify.tensors import _noise_check, _structure
 from mupscale_cli.verify.training import (_train_config, build_user_optimizer, load_user_state,  # noqa: F401
                                           resolve_builder, rule_issues, schedule, training_rule)
@@ -222,18 +223,20 @@ def build_optimizers(r: Run) -> bool:
                              "groups": {"base": len(base_osd["param_groups"]), "wide": len(wide_osd["param_groups"])}}
     who = "WIDE" if w else "the widened"
     if builder is None:
-        r.base_opt = _optimizer(omap.kind, r.base, base_osd, omap.names, "BASE")
-        r.wide_opt = _optimizer(wide_kind, r.wide, wide_osd, wide_names, who)
+        r.base_opt = _optimizer(omap.kind, r.base, base_osd, omap.names, "BASE", plan.spec)
+        r.wide_opt = _optimizer(wide_kind, r.wide, wide_osd, wide_names, who, plan.spec)
     else:
         r.report["optimizer"]["source"] = f"{o.optimizer} (your builder), {opt_source}"
         r.base_opt = build_user_optimizer(builder, o.optimizer, r.base, _train_config(ckpt))
         try:
-            load_user_state(r.base_opt, r.base, base_osd, omap.names, omap.kind, o.optimizer, "BASE")
+            load_user_state(r.base_opt, r.base, base_osd, model_names(omap.names, plan.spec), omap.kind,
+                            o.optimizer, "BASE")
         except MupscaleError as e:
             raise MupscaleError(f"{e}: is it the optimizer the training script builds?") from None
         r.wide_opt = build_user_optimizer(builder, o.optimizer, r.wide, _train_config(ckpt))
         try:
-            notes.extend(load_user_state(r.wide_opt, r.wide, wide_osd, wide_names, wide_kind, o.optimizer, who))
+            notes.extend(load_user_state(r.wide_opt, r.wide, wide_osd, model_names(wide_names, plan.spec),
+                                         wide_kind, o.optimizer, who))
         except MupscaleError as e:
             r.issues.append(Issue("builder", str(e)))
             return False

@@ -511,7 +511,11 @@ def check_rule_shapes(plan: Plan, model_args: dict | None, overrides: dict[str, 
     if not todo:
         return
     wide_args = plan.model_args(model_args)
-    wide_sizes = resolve_sizes(plan.spec, wide_args, overrides)
+    # an override is a base size (--size, or the sizes verify reads from WIDE's record): one the spec scales
+    # as a model_args entry is k times larger in the widened model
+    scaled = plan.spec.model_args
+    wide_over = {n: v * plan.k.get(scaled[n], 1) if n in scaled else v for n, v in overrides.items()}
+    wide_sizes = resolve_sizes(plan.spec, wide_args, wide_over)
     for n, t, r in todo:
         for env, have, what in ((plan.sizes, t.shape, "the checkpoint's model_args (config.json)"),
                                 (wide_sizes, t.out_shape, "the widened model_args (config.json)")):

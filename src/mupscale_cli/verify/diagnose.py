@@ -138,7 +138,7 @@ def hyper_issues(kind: str, wide_kind: str, base_hp: dict[str, dict], wide_hp: d
         wh = wide_hp.get(n)
         if wh is None:
             continue
-        p = plan.tensors[n]
+        p = plan.state_plan(n)  # a tensor of the file, or a parameter it splits (state_only)
         f = factors(kind, p.s, p.g)
         for key in MATH_KEYS:
             b, w = bh.get(key), wh.get(key)
@@ -180,7 +180,7 @@ def state_issues(base_state: dict[str, dict], wide_state: dict[str, dict], plan:
         wst = wide_state.get(n)
         if wst is None:
             continue
-        p = plan.tensors[n]
+        p = plan.state_plan(n)
         for key, v in bst.items():
             w = wst.get(key)
             if key == "step":

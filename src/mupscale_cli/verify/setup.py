@@ -15,6 +15,7 @@ from torch import nn
 from mupscale_cli.api import make_optimizer, optimizer_groups
 from mupscale_cli.core.job import Prepared
 from mupscale_cli.core.optstate import OptimizerMap
+from mupscale_cli.core.spec import Spec, saved_name
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats.checkpoint import source_sha256, strip_prefix
 from mupscale_cli.verify.modelspec import ModelDef, check_args_scale, check_shapes, param_budget
@@ -110,8 +111,15 @@ def _load_model(md: ModelDef, args: dict, base_args: dict | None, sd: dict[str, 
     return model
 
 
-def _optimizer(kind: str, model: nn.Module, sd: dict, names: list[list[str]], who: str) -> torch.optim.Optimizer:
-    opt = make_optimizer(kind, optimizer_groups(model, sd, names))
+def model_names(names: list[list[str]], spec: Spec) -> list[list[str]]:
+    """The model's parameter names of the file's tensor names per group (spec saved_as: GPT-NeoX's lm_head is
+    saved as embed_out); names of parameters the file splits (state_only) are the model's already."""
+    return [[saved_name(spec, n, reverse=True) for n in ns] for ns in names]
+
+
+def _optimizer(kind: str, model: nn.Module, sd: dict, names: list[list[str]], who: str,
+               spec: Spec | None = None) -> torch.optim.Optimizer:
+    opt = make_optimizer(kind, optimizer_groups(model, sd, model_names(names, spec) if spec else names))
     try:
         opt.load_state_dict(_clone_tree(sd))
     except (ValueError, RuntimeError, KeyError) as e:
@@ -128,8 +136,8 @@ def _wide_names(sd: dict, prep: Prepared, who: str) -> list[list[str]]:
                                 f"cannot tell which state belongs to which tensor")
         ns = []
         for raw in g["param_names"]:
-            n = strip_prefix(raw)
-            p = prep.plan.tensors.get(n)
+            n = saved_name(prep.plan.spec, strip_prefix(raw))  # the file's name (spec saved_as)
+            p = prep.plan.state_plan(n)
             ns.append(p.alias_of or n if p else n)
         out.append(ns)
     return out
@@ -140,9 +148,15 @@ def _fresh_optimizer(prep: Prepared, o: VerifyOptions, base: nn.Module) -> tuple
     if o.optimizer is None or o.lr is None:
         raise MupscaleError(f"{o.base} has no optimizer state: verify trains with the checkpoint's optimizer; "
                             f"pass --optimizer sgd|adam|adamw and --lr X to verify with a fresh one")
-    params = dict(base.named_parameters())
-    names = prep.plan.params
-    opt = make_optimizer(o.optimizer, [{"params": [params[n] for n in names], "lr": o.lr}])
+    plan, params, names = prep.plan, [], []
+    for n, p in base.named_parameters():  # the model's parameters, named as the file names them
+        f = saved_name(plan.spec, n)
+        if plan.state_plan(f, (tuple(p.shape), p.dtype)) is None:  # neither a tensor of the file nor split by it
+            raise MupscaleError(f"the model verify built has a parameter {n!r} that is no tensor of {o.base} "
+                                f"and no spec rule plans: the spec does not describe this model")
+        params.append(p)
+        names.append(f)
+    opt = make_optimizer(o.optimizer, [{"params": params, "lr": o.lr}])
     return opt.state_dict(), OptimizerMap(o.optimizer, "single", [names])
 
 

@@ -92,7 +92,7 @@ def rule_issues(rule: str, kind: str, base_osd: dict, base_names: list[list[str]
         wg = wh.get(n)
         if wg is None:
             continue
-        f = lr_factor(kind, plan.tensors[n])
+        f = lr_factor(kind, plan.state_plan(n))
         got = 1.0 if rule == "uniform" else (float(wg.get("lr_scale", 1.0)) / float(b.get("lr_scale", 1.0)))
         if abs(got - f) > 1e-12 * abs(f):
             bad.append((n, got, f))
