@@ -123,6 +123,9 @@ def test_verify_passes_on_the_family_at_round_off(results, case):
     assert rep["result"] == "pass" and rep["steps_run"] == STEPS and len(gaps) == STEPS + 1, (case, rep["rows"])
     assert max(gaps) < EXACT and rep["max"]["tensor_rel"] < EXACT, (case, gaps, rep["max"])
     assert rep["issues"] == [], (case, rep["issues"])  # WIDE's optimizer state matched tensor by tensor
+    assert rep["model_code"] == "transformers", rep["model_code"]  # the PASS names transformers' class, not the zoo
+    from mupscale_cli.cli import _model_text
+    assert f" {rep['model_args']['base']['architectures'][0]} built from config.json" in _model_text(rep)
     print(json.dumps({"family": case, "static": gaps[0], "worst": max(gaps)}))
 
 

@@ -662,6 +662,12 @@ def _verify_line(rep: dict) -> str:
 
 
 def _model_text(rep: dict) -> str:
+    if rep.get("model_code") == "transformers":
+        import transformers
+        args = rep.get("model_args", {}).get("base", {})
+        cls = "/".join(args.get("architectures") or []) or f"AutoModelForCausalLM({args.get('model_type')})"
+        return (f"model: transformers {transformers.__version__} {cls} built from config.json" + (
+            ", its float32 steps (norms, softmax) kept in float64" if rep.get("dtype") == "float64" else ""))
     if rep.get("model_code") == "bundled":
         return f"model: bundled {rep['model']}, not your training code (--model FILE.py:Class)"
     return f"model: {rep['model']}"

@@ -103,6 +103,15 @@ def read(o: VerifyOptions) -> Run:
     return r
 
 
+def _model_code(r: Run) -> str:
+    """Whose code the two models run: "user" (--model), "transformers" (a Hugging Face directory: the class
+    config.json names, from the installed transformers; the user's own model code if they train with it), or
+    "bundled" (mupscale's zoo stand-in for the stack)."""
+    if r.md.user:
+        return "user"
+    return "transformers" if r.md.factory == "mupscale_cli.zoo.hf" else "bundled"
+
+
 def plan_and_check(r: Run) -> bool:
     """Spec, k, plan and models' definition; WIDE's structure, model_args, tensors (exact, or noised bit for
     bit). False: WIDE's structure already fails (no training)."""
@@ -117,7 +126,7 @@ def plan_and_check(r: Run) -> bool:
     r.wide_args = dict(r.prep.model_args or {})
     r.report = {
         "result": None, "mode": r.mode, "base": str(o.base), "wide": str(o.wide) if o.wide else None,
-        "spec": plan.spec.name, "k": plan.k, "model": r.md.factory, "model_code": "user" if r.md.user else "bundled",
+        "spec": plan.spec.name, "k": plan.k, "model": r.md.factory, "model_code": _model_code(r),
         "model_args": {"base": r.base_args, "wide": r.wide_args},
         "dtype": o.dtype, "device": str(r.device), "steps": o.steps, "batch_size": o.batch_size,
         "data": str(o.data) if o.data else f"synthetic (seed {o.seed})", "lr_rule": o.lr_rule,
