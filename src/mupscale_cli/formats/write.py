@@ -515,7 +515,7 @@ def write_streamed(target: Target, model: list[OutTensor], optim: list[OutTensor
     if target.kind == "safetensors":
         infos = [t.info for t in model + optim]
         with StreamWriter(target.path, infos, {**meta, **digests_of(infos, {})}, writeback=True,
-                          replace=replace) as w:
+                          direct=True, replace=replace) as w:
             digests = stream_tensors(w, model + optim, threads, chunk_bytes, on_bytes, poll)
             w.update_metadata({**final_meta(), **digests_of(infos, digests)})
             if before_commit is not None:
@@ -531,11 +531,11 @@ def write_streamed(target: Target, model: list[OutTensor], optim: list[OutTensor
         try:
             writers.append(ShardedWriter(tmp, [t.info for t in model], model_meta, target.shard_size,
                                          target.prefix, shard_metadata=lambda infos: digests_of(infos, {}),
-                                         writeback=True))
+                                         writeback=True, direct=True))
             if optim:
                 writers.append(ShardedWriter(tmp, [t.info for t in optim], meta, target.shard_size,
                                              optimizer_prefix(target.prefix),
-                                             shard_metadata=lambda infos: digests_of(infos, {}), writeback=True))
+                                             shard_metadata=lambda infos: digests_of(infos, {}), writeback=True, direct=True))
             digests = stream_tensors(_Both(writers), model + optim, threads, chunk_bytes, on_bytes, poll)
             fm = final_meta()
             for w in writers:
