@@ -209,7 +209,8 @@ def _run(opts: WidenOptions, progress, out: Path, rank: int, world: int, distrib
     if rank == 0:
         track(tmp)
     try:
-        short = save_lazy(tree, mine, lambda key, r0, r1: rows[key][2](r0, r1), tmp, distributed, rank, seen)
+        short = save_lazy(tree, mine, lambda key, r0, r1: rows[key][2](r0, r1), tmp, distributed, rank, seen,
+                          threads=_threads(opts.threads), piece_bytes=max(1, opts.chunk_bytes))
         if distributed:  # every rank learns every rank's counts, and whether its files hold what it made
             import torch.distributed as td
             every: list = [None] * world
@@ -260,6 +261,16 @@ def _run(opts: WidenOptions, progress, out: Path, rank: int, world: int, distrib
     res["output_bytes"] = sum(sizes.values())
     res["time_s"] = round(time.perf_counter() - t0, 3)
     return res
+
+
+def _threads(asked: int) -> int:
+    """--threads, at most this rank's share of the cores (torchrun's ranks on one machine share them)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(asked, cores // local))
 
 
 def _tmp_name(out: Path, distributed: bool) -> Path:

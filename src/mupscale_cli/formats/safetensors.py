@@ -30,6 +30,8 @@ import torch
 from safetensors import safe_open
 
 from mupscale_cli.formats import digest
+from mupscale_cli.formats.direct import ALIGN, open_direct
+from mupscale_cli.formats.direct import bounce as direct_bounce
 from mupscale_cli.bounded import loads_json
 from mupscale_cli.formats.target import TMP_MARKER, check_inside, commit_path, fsync_dir, temp_name, track, untrack  # noqa: F401
 from mupscale_cli.errors import MupscaleError, check_cancelled
@@ -219,7 +221,7 @@ class StreamWriter:
             os.ftruncate(self._fd, max((end for _, end in self._ranges.values()), default=len(header)))
             self._pwrite(self._fd, header, 0)
             if direct:
-                self._dfd = _open_direct(self.temp_path)
+                self._dfd = open_direct(self.temp_path)
         except BaseException:
             self.abort()
             raise
@@ -358,7 +360,7 @@ class StreamWriter:
         body = data[lo:hi]
         src = torch.frombuffer(data, dtype=torch.uint8)
         if src[lo:hi].data_ptr() % DIRECT_ALIGN:
-            bounce = _bounce(hi - lo)
+            bounce = direct_bounce(hi - lo)
             bounce.copy_(src[lo:hi])
             body = memoryview(bounce.numpy())
         try:
@@ -409,32 +411,7 @@ class StreamWriter:
 
 WRITEBACK_MIN_BYTES = 1 << 20
 DIRECT_MIN_BYTES = 1 << 20  # smaller ranges go through the page cache
-DIRECT_ALIGN = 4096  # offsets, lengths and memory of O_DIRECT writes: a multiple of every usual block size
-_bounces = threading.local()
-
-
-def _open_direct(path: Path) -> int | None:
-    """`path` opened for writing with O_DIRECT, or None where there is no such thing (tmpfs, other systems).
-
-    Direct writes skip the page cache: the kernel's copy of every byte into it was the largest CPU cost
-    of a widening (a third of all CPU time, more than the widening itself), and the disk then writes
-    straight from our buffers. The final fsync still flushes the file's metadata and the device's cache."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag or os.environ.get("MUPSCALE_NO_DIRECT"):
-        return None
-    try:
-        return os.open(path, os.O_WRONLY | flag)
-    except OSError:
-        return None
-
-
-def _bounce(nbytes: int) -> torch.Tensor:
-    """This thread's aligned buffer of `nbytes` (reused; grown when needed) for a direct write."""
-    buf = getattr(_bounces, "buf", None)
-    if buf is None or buf.numel() < nbytes + DIRECT_ALIGN:
-        buf = _bounces.buf = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8)
-    skip = -buf.data_ptr() % DIRECT_ALIGN
-    return buf[skip:skip + nbytes]
+DIRECT_ALIGN = ALIGN
 
 
 def _load_sync_file_range():
