@@ -181,8 +181,11 @@ def main() -> None:
                                  "ratio": r["bytes"] / r["seconds"] / dd_rate, "inside": r.get("inside")})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"input {in_bytes / 1e6:.0f} MB (n_layer {args['n_layer']}, n_embd 768, vocab 50304, float32), "
-          f"{os.cpu_count()} CPUs; σ̄ > 0 is {a.sigma}; best of {a.repeat}\n")
+    import time
+    dd_rates = ", ".join(f"k={r['k']}: {r['bytes'] / r['seconds'] / 1e9:.2f}" for r in rows if r["sigma"] is None)
+    print(f"{time.strftime('%Y-%m-%d')}: input {in_bytes / 1e6:.0f} MB (n_layer {args['n_layer']}, n_embd 768, "
+          f"vocab 50304, float32), {os.cpu_count()} CPUs; σ̄ > 0 is {a.sigma}; best of {a.repeat}; dd GB/s in this "
+          f"run: {dd_rates}\n")
     print("| case | k | σ̄ | output GB | seconds | GB/s | ratio to dd | without start-up: s, ratio | CPU s | "
           "peak RSS MB | RSS / input |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
