@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import threading
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -666,7 +667,7 @@ def row_blocks(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> list[tu
     return [(r0, min(shape[0], r0 + step)) for r0 in range(0, max(shape[0], 1), step)] if shape[0] else [(0, 0)]
 
 
-def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable[[str, int, int], torch.Tensor],
+def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable[..., torch.Tensor],
               out_dir: Path, distributed: bool, rank: int = 0,
               on_tensor: Callable[[str, torch.Tensor], None] = lambda k, t: None, threads: int = 1,
               piece_bytes: int = 8 << 20) -> str | None:
@@ -681,7 +682,8 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
     an item before it resolves the next: its serial loader, chosen by `per_thread_copy_ahead=0` (on a
     machine with CUDA, the default copy-ahead loader resolves items ahead of writing them). A block is made
     into its own storage (the exact size DCP writes without a copy) in pieces of about `piece_bytes`, by
-    `threads` threads side by side (`make` of any row range gives the same bytes). Returns None, or why
+    `threads` threads side by side (`make(key, r0, r1, alloc)` of any row range gives the same bytes; its
+    large buffers come from `alloc`, reused by each thread piece after piece). Returns None, or why
     this rank's files hold fewer bytes than it made (then the output must not be committed)."""
     import dataclasses
     from concurrent.futures import ThreadPoolExecutor
@@ -758,12 +760,36 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
             nbytes[0] += t.numel() * t.element_size()
             return t
 
+    local = threading.local()
+
+    def alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """This thread's buffers for one piece, reused piece after piece (fresh pages cost the kernel's
+        faults and zeroing every time)."""
+        n = dtype.itemsize * math.prod(shape)
+        if n < (1 << 20):
+            return torch.empty(shape, dtype=dtype)
+        free, used = local.__dict__.setdefault("free", []), local.__dict__.setdefault("used", [])
+        fits = [i for i, x in enumerate(free) if x.numel() >= n]
+        buf = free.pop(min(fits, key=lambda i: free[i].numel())) if fits else torch.empty(n, dtype=torch.uint8)
+        used.append(buf)
+        return buf[:n].view(dtype).view(shape)
+
     def fill(t: torch.Tensor, key: str, r0: int, r1: int, a: int, b: int) -> None:
-        made = make(key, a, b)
-        if made.dtype != t.dtype or made.numel() != (t.numel() if t.dim() == 0 else t[a - r0:b - r0].numel()):
-            raise MupscaleError(f"internal: rows [{a}, {b}) of {key!r} came out as {made.dtype}, {made.numel()}")
-        (t if t.dim() == 0 else t[a - r0:b - r0]).copy_(made.reshape(t.shape if t.dim() == 0 else
-                                                                     (b - a, *t.shape[1:])))
+        try:
+            made = make(key, a, b, alloc)
+            if made.dtype != t.dtype or made.numel() != (t.numel() if t.dim() == 0 else t[a - r0:b - r0].numel()):
+                raise MupscaleError(f"internal: rows [{a}, {b}) of {key!r} came out as {made.dtype}, "
+                                    f"{made.numel()}")
+            (t if t.dim() == 0 else t[a - r0:b - r0]).copy_(made.reshape(t.shape if t.dim() == 0 else
+                                                                         (b - a, *t.shape[1:])))
+            del made
+        finally:
+            free, used = local.__dict__.setdefault("free", []), local.__dict__.setdefault("used", [])
+            free.extend(used)
+            used.clear()
+            if len(free) > 6:  # keep the largest
+                free.sort(key=lambda x: x.numel())
+                del free[:len(free) - 6]
 
     nbytes = [0]
     writer = FileSystemWriter(out_dir, thread_count=1, sync_files=True, per_thread_copy_ahead=0)
