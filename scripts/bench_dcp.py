@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--sigma", type=float, default=0.0, help="σ̄ (default 0)")
+    ap.add_argument("--skip-torchrun", action="store_true", help="one rank only")
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-dcp-", dir=a.dir))
@@ -84,12 +86,14 @@ def main() -> None:
         log(f"making the input (width {a.width}, depth {a.depth}) ...")
         in_bytes = make_input(work / "in", a.width, a.depth)
         widen = ["widen", str(work / "in"), "-o", str(work / "out"), "--k", str(a.k), "--spec", "mup-mlp",
-                 "--json", "-q"]
+                 "--sigma", str(a.sigma), "--json", "-q"]
         cases = {
             "1 rank": [sys.executable, "-m", "mupscale_cli", *widen],
             "2 ranks (torchrun)": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                    "--nproc-per-node=2", "-m", "mupscale_cli", *widen],
         }
+        if a.skip_torchrun:
+            del cases["2 ranks (torchrun)"]
         best: dict[str, dict] = {}
         out_bytes = None
         for rnd in range(a.repeat):
@@ -115,8 +119,10 @@ def main() -> None:
             if "dd" not in best or r["seconds"] < best["dd"]["seconds"]:
                 best["dd"] = r
         dd_rate = out_bytes / best["dd"]["seconds"]
-        print(f"input {in_bytes / 2**20:.0f} MiB (model + AdamW state), output {out_bytes / 2**20:.0f} MiB, "
-              f"k = {a.k}, best of {a.repeat}\n")
+        import time
+        print(f"{time.strftime('%Y-%m-%d')}: input {in_bytes / 2**20:.0f} MiB (model + AdamW state), output "
+              f"{out_bytes / 2**20:.0f} MiB, k = {a.k}, σ̄ = {a.sigma:g}, best of {a.repeat}, {os.cpu_count()} CPUs, dd "
+              f"{dd_rate / 1e9:.2f} GB/s in this run\n")
         print("| case | seconds | output MB/s | ratio to dd | in-process s (rank 0) | peak RSS MiB (largest process) |")
         print("|---|---|---|---|---|---|")
         for name in ["dd", *cases]:

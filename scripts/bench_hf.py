@@ -1,8 +1,10 @@
-"""Widen a random Hugging Face Llama (≈1.2 GB float32) k=2: `mupscale widen DIR -o OUT` (streamed) against the
-in-memory way (from_pretrained, widen every tensor in memory, save_pretrained), time and peak RSS side by
-side, each in its own process (`/usr/bin/time -v`). Prints one table (docs/formats.md 'Hugging Face').
+"""Widen a random Hugging Face Llama (≈1.2 GB float32) k=2: `mupscale widen DIR -o OUT` (streamed) against dd
+writing the same bytes (conv=fsync) in the same run, and against the in-memory way (from_pretrained, widen every
+tensor in memory, save_pretrained): time, ratio to dd and peak RSS side by side, each in its own process
+(`/usr/bin/time -v`), in --repeat rounds (fastest kept; dd right after mupscale in each round). Prints one table
+(docs/performance.md, docs/formats.md 'Hugging Face').
 
-    python scripts/bench_hf.py [--tiny] [--keep DIR]
+    python scripts/bench_hf.py [--tiny] [--keep DIR] [--repeat N] [--skip-memory] [--shard-size 2GB]
 """
 from __future__ import annotations
 
@@ -54,12 +56,12 @@ def in_memory(src: Path, out: Path) -> None:
 
 def timed(argv: list[str]) -> dict:
     t = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True)
+    r = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t
     if r.returncode != 0:
         sys.exit(f"{argv}: exit {r.returncode}\n{r.stderr[-2000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)[1])
-    return {"wall_s": round(wall, 1), "peak_rss_mib": round(rss / 1024)}
+    return {"wall_s": wall, "peak_rss_mib": round(rss / 1024)}
 
 
 def size(path: Path) -> int:
@@ -73,6 +75,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="a tiny model (a smoke test of this script)")
     ap.add_argument("--keep", type=Path, help="work here instead of a temporary directory, and keep it")
+    ap.add_argument("--repeat", type=int, default=2, help="rounds; the fastest run of each way is kept")
+    ap.add_argument("--skip-memory", action="store_true", help="leave out the in-memory way")
+    ap.add_argument("--shard-size", default=None, help="also widen into shards of this size (--shard-size)")
     a = ap.parse_args()
     work = a.keep or Path(tempfile.mkdtemp(prefix="bench_hf-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -81,20 +86,42 @@ def main() -> None:
         base = work / "base"
         if not (base / "config.json").exists():
             make(base, TINY if a.tiny else BIG)
-        rows = {}
-        for name, argv, out in [
-                ("mupscale widen (streamed)", [sys.executable, "-m", "mupscale_cli", "widen", str(base), "--k", "2",
-                                               "-o", str(work / "wide-mupscale"), "-q", "--force"], work / "wide-mupscale"),
-                ("in memory (from_pretrained, widen, save_pretrained)",
-                 [sys.executable, __file__, "--in-memory", str(base), str(work / "wide-memory")], work / "wide-memory")]:
-            if out.exists():
+        mup = [sys.executable, "-m", "mupscale_cli", "widen", str(base), "--k", "2", "-q", "--force"]
+        ways = [("mupscale widen (streamed, one file)", [*mup, "-o", str(work / "wide-mupscale")],
+                 work / "wide-mupscale")]
+        if a.shard_size:
+            ways.append((f"mupscale widen (--shard-size {a.shard_size})",
+                         [*mup, "--shard-size", a.shard_size, "-o", str(work / "wide-shards")], work / "wide-shards"))
+        if not a.skip_memory:
+            ways.append(("in memory (from_pretrained, widen, save_pretrained)",
+                         [sys.executable, __file__, "--in-memory", str(base), str(work / "wide-memory")],
+                         work / "wide-memory"))
+        rows: dict = {}
+        for _ in range(a.repeat):
+            for name, argv, out in ways:
+                if out.exists():
+                    shutil.rmtree(out)
+                subprocess.run(["sync"], check=True)
+                r = {**timed(argv), "output_bytes": size(out)}
                 shutil.rmtree(out)
-            rows[name] = {**timed(argv), "output_mib": round(size(out) / 2**20)}
+                if name not in rows or r["wall_s"] < rows[name]["wall_s"]:
+                    rows[name] = r
+                if name == ways[0][0]:  # dd writing the same bytes, right after
+                    subprocess.run(["sync"], check=True)
+                    count = -(-r["output_bytes"] // (4 << 20))
+                    d = {**timed(["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", "bs=4M", f"count={count}",
+                                  "conv=fsync", "status=none"]), "output_bytes": count * (4 << 20)}
+                    (work / "dd.bin").unlink()
+                    if "dd" not in rows or d["wall_s"] < rows["dd"]["wall_s"]:
+                        rows["dd"] = d
+        dd_rate = rows["dd"]["output_bytes"] / rows["dd"]["wall_s"]
         print(f"base: {size(base) / 2**20:.0f} MiB ({json.dumps(TINY if a.tiny else BIG)}), k = 2, "
-              f"{os.cpu_count()} CPUs")
-        print(f"| way | wall s | peak RSS MiB | output MiB |\n|---|---|---|---|")
-        for name, r in rows.items():
-            print(f"| {name} | {r['wall_s']} | {r['peak_rss_mib']} | {r['output_mib']} |")
+              f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}, dd {dd_rate / 1e9:.2f} GB/s, best of {a.repeat}")
+        print("| way | wall s | output MiB | ratio to dd | peak RSS MiB |\n|---|---|---|---|---|")
+        for name, r in [("dd", rows.pop("dd")), *rows.items()]:
+            ratio = r["output_bytes"] / r["wall_s"] / dd_rate
+            print(f"| {name} | {r['wall_s']:.2f} | {r['output_bytes'] / 2**20:.0f} | {ratio:.2f} | "
+                  f"{r['peak_rss_mib']} |")
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

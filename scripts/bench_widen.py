@@ -86,18 +86,18 @@ def make_input(path: Path, size_mb: float) -> dict:
     return args
 
 
-def child(argv: list[str]) -> dict:
+def child(argv: list[str], env: dict | None = None) -> dict:
     subprocess.run(["sync"], check=True)
-    r = subprocess.run([sys.executable, "-c", WRAP, *argv], capture_output=True, text=True, check=True)
+    r = subprocess.run([sys.executable, "-c", WRAP, *argv], capture_output=True, text=True, check=True, env=env)
     res = json.loads(r.stdout)
     if res["rc"] != 0:
         raise SystemExit(f"{' '.join(argv[:3])} ... failed ({res['rc']}): {res['stderr']}")
     return res
 
 
-def run_case(argv: list[str], out: Path | None) -> dict:
+def run_case(argv: list[str], out: Path | None, env: dict | None = None) -> dict:
     """One run in its own child (its peak RSS and CPU time), deleting the output afterwards."""
-    r = child(argv)
+    r = child(argv, env)
     r["bytes"] = out.stat().st_size if out is not None and out.exists() else None
     if out is not None:
         out.unlink(missing_ok=True)
@@ -127,6 +127,10 @@ def main() -> None:
     ap.add_argument("--warmup-gb", type=float, default=4.0,
                     help="write and delete this much first (a VM backs fresh memory slowly the first time)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="also time another checkout's src/ (e.g. the commit before a change) in the same rounds")
+    ap.add_argument("--dd-direct", action="store_true",
+                    help="also time dd oflag=direct (the disk without the page cache) in the same rounds")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mupscale-bench-", dir=a.dir))
     exe = shutil.which("mupscale") or sys.executable
@@ -156,6 +160,12 @@ def main() -> None:
                     r = run_case(argv, out)
                     r["inside"] = json.loads(r["stdout"])["time_s"]  # without interpreter start-up and imports
                     keep_best(best, ("mupscale", k, sigma), r)
+                    if a.baseline_src is not None:
+                        log(f"round {rnd + 1}, k={k} σ̄={sigma}: baseline ...")
+                        env = {**os.environ, "PYTHONPATH": str(a.baseline_src)}
+                        r = run_case(argv, out, env)
+                        r["inside"] = json.loads(r["stdout"])["time_s"]
+                        keep_best(best, ("baseline", k, sigma), r)
                     if sigma == 0.0:
                         nbytes = best[("mupscale", k, sigma)]["bytes"]
                         count = math.ceil(nbytes / (4 << 20))
@@ -164,16 +174,23 @@ def main() -> None:
                                       "conv=fsync", "status=none"], work / "dd.bin")
                         r["bytes"] = count * (4 << 20)
                         keep_best(best, ("dd", k, None), r)
+                        if a.dd_direct:
+                            r = run_case(["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", "bs=4M", f"count={count}",
+                                          "oflag=direct", "conv=fsync", "status=none"], work / "dd.bin")
+                            r["bytes"] = count * (4 << 20)
+                            keep_best(best, ("dd-direct", k, None), r)
                     if not a.skip_naive:
                         log(f"round {rnd + 1}, k={k} σ̄={sigma}: naive ...")
                         keep_best(best, ("naive", k, sigma), run_case(
                             [sys.executable, "-c", NAIVE, str(src), str(out), str(k), str(sigma), "0"], out))
-        names = {"dd": "dd (fsync)", "naive": "naive (load, widen, save_file)",
+        names = {"dd": "dd (fsync)", "dd-direct": "dd oflag=direct (fsync)", "baseline": f"baseline ({a.baseline_src})",
+                 "naive": "naive (load, widen, save_file)",
                  "mupscale": f"mupscale widen (--threads {a.threads})"}
         for k in ks:
             dd = best[("dd", k, None)]
             dd_rate = dd["bytes"] / dd["seconds"]
-            for key in [("dd", k, None)] + [(c, k, s_) for s_ in sigmas for c in ("naive", "mupscale")]:
+            for key in [("dd", k, None), ("dd-direct", k, None)] + [(c, k, s_) for s_ in sigmas
+                                                                     for c in ("naive", "baseline", "mupscale")]:
                 if key in best:
                     r = best[key]
                     rows.append({"case": names[key[0]], "k": k, "sigma": key[2], "bytes": r["bytes"],
@@ -181,8 +198,12 @@ def main() -> None:
                                  "ratio": r["bytes"] / r["seconds"] / dd_rate, "inside": r.get("inside")})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"input {in_bytes / 1e6:.0f} MB (n_layer {args['n_layer']}, n_embd 768, vocab 50304, float32), "
-          f"{os.cpu_count()} CPUs; σ̄ > 0 is {a.sigma}; best of {a.repeat}\n")
+    import time
+    dd_rates = ", ".join(f"{r['case'].split(' (')[0]} k={r['k']}: {r['bytes'] / r['seconds'] / 1e9:.2f}"
+                         for r in rows if r["sigma"] is None)
+    print(f"{time.strftime('%Y-%m-%d')}: input {in_bytes / 1e6:.0f} MB (n_layer {args['n_layer']}, n_embd 768, "
+          f"vocab 50304, float32), {os.cpu_count()} CPUs; σ̄ > 0 is {a.sigma}; best of {a.repeat}; dd GB/s in this "
+          f"run: {dd_rates}\n")
     print("| case | k | σ̄ | output GB | seconds | GB/s | ratio to dd | without start-up: s, ratio | CPU s | "
           "peak RSS MB | RSS / input |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

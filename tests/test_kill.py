@@ -333,6 +333,22 @@ def test_file_size_limit_is_one_line_exit_2(big: Path, tmp_path: Path) -> None:
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+def test_file_size_limit_in_a_worker_of_a_sharded_output_is_one_line_exit_2(big: Path, tmp_path: Path) -> None:
+    """Shards are written by the worker threads too: EFBIG there is the same one line, exit 2, and the output
+    directory (and its temporary) are not left behind."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+    out = tmp_path / "wide"
+    r = subprocess.run(widen_argv(big, out, "--shard-size", "64MB", "--threads", "2"), capture_output=True,
+                       text=True, timeout=120, preexec_fn=limit, check=False)
+    assert r.returncode == 2, r.stderr
+    line = one_line(r.stderr)
+    assert line.startswith("mupscale: error: ") and "EFBIG" in line, line
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
 def test_input_changed_during_the_run_is_not_committed(big: Path, tmp_path: Path) -> None:
     """A .safetensors input rewritten in place while widen reads it: nothing at -o, exit 2."""
     from safetensors.torch import save_file

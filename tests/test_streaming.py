@@ -402,3 +402,33 @@ def test_at_most_threads_plus_one_ranges_in_flight(tmp, threads):
                    threads=threads, chunk_bytes=chunk, on_bytes=written)
     assert torch.equal(load_file(out)["x"], torch.arange(n, dtype=torch.float32))
     assert state["now"] == 0 and 2 <= state["most"] <= threads + 1, state
+
+
+def test_a_failed_write_in_a_worker_is_raised_and_stops_every_thread(tmp, monkeypatch):
+    """The worker threads write their own ranges: an OSError there (ENOSPC) reaches the caller as it is (the CLI
+    turns it into its one-line exit 2), no temporary is left and no worker thread is still running."""
+    import errno
+    import threading
+
+    from mupscale_cli.formats.write import OutTensor, Target, write_streamed
+    real, calls = safetensors_io.StreamWriter.write_chunk, {"n": 0, "threads": set()}
+
+    def failing(self, name, offset, data):
+        with lock:
+            calls["n"] += 1
+            calls["threads"].add(threading.current_thread().name)
+            fail = calls["n"] == 5
+        if fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, offset, data)
+    lock = threading.Lock()
+    monkeypatch.setattr(safetensors_io.StreamWriter, "write_chunk", failing)
+    n, out = 64 * 1024, tmp / "o.safetensors"
+    tensors = [OutTensor("x", (n,), torch.float32, lambda a, b, alloc=None: torch.arange(a, b, dtype=torch.float32)),
+               OutTensor("tied", (n,), torch.float32, copy_of="x")]  # its worker waits for x: woken, not hung
+    with pytest.raises(OSError) as e:
+        write_streamed(Target("safetensors", out), tensors, [], None, None, {}, {}, threads=2, chunk_bytes=4096)
+    assert e.value.errno == errno.ENOSPC
+    assert calls["threads"] and all(t.startswith("mupscale") for t in calls["threads"]), calls
+    assert not out.exists() and [p.name for p in tmp.iterdir() if ".mupscale-" in p.name] == []
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("mupscale")]

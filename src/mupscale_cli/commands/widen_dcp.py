@@ -137,7 +137,8 @@ def _run(opts: WidenOptions, progress, out: Path, rank: int, world: int, distrib
     def of_out(o):  # rows of an OutTensor (made from flat element ranges)
         shape = tuple(o.shape)
         row = math.prod(shape[1:]) if shape else 1
-        return lambda r0, r1: o.make(r0 * row, r1 * row).reshape((r1 - r0, *shape[1:]) if shape else ())
+        return lambda r0, r1, alloc=None: o.make(r0 * row, r1 * row, alloc).reshape((r1 - r0, *shape[1:])
+                                                                                  if shape else ())
 
     # model
     made = {o.name: o for o in model_out(prep, opts)}
@@ -180,7 +181,7 @@ def _run(opts: WidenOptions, progress, out: Path, rank: int, world: int, distrib
             path = reader.paths[k]
             if reader.is_tensor(k):
                 info = reader.info(k)
-                put(path, info.shape, info.dtype, lambda r0, r1, k=k: reader.read_rows(k, r0, r1))
+                put(path, info.shape, info.dtype, lambda r0, r1, alloc=None, k=k: reader.read_rows(k, r0, r1, alloc))
             else:
                 set_path(tree, path, _scheduler(reader, k, path, reader.value(k), ckpt.optimizer, groups))
     prov = provenance(opts, prep, source_digest="")
@@ -209,7 +210,9 @@ def _run(opts: WidenOptions, progress, out: Path, rank: int, world: int, distrib
     if rank == 0:
         track(tmp)
     try:
-        short = save_lazy(tree, mine, lambda key, r0, r1: rows[key][2](r0, r1), tmp, distributed, rank, seen)
+        short = save_lazy(tree, mine, lambda key, r0, r1, alloc=None: rows[key][2](r0, r1, alloc), tmp, distributed,
+                          rank, seen,
+                          threads=_threads(opts.threads), piece_bytes=max(1, opts.chunk_bytes))
         if distributed:  # every rank learns every rank's counts, and whether its files hold what it made
             import torch.distributed as td
             every: list = [None] * world
@@ -260,6 +263,16 @@ def _run(opts: WidenOptions, progress, out: Path, rank: int, world: int, distrib
     res["output_bytes"] = sum(sizes.values())
     res["time_s"] = round(time.perf_counter() - t0, 3)
     return res
+
+
+def _threads(asked: int) -> int:
+    """--threads, at most this rank's share of the cores (torchrun's ranks on one machine share them)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(asked, cores // local))
 
 
 def _tmp_name(out: Path, distributed: bool) -> Path:

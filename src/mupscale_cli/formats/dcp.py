@@ -27,14 +27,17 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import threading
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from mupscale_cli.errors import MupscaleError
+from mupscale_cli.formats.direct import DirectStream
 from mupscale_cli.formats.target import check_inside
 from mupscale_cli.formats.safetensors import TensorInfo
 
@@ -664,9 +667,10 @@ def row_blocks(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> list[tu
     return [(r0, min(shape[0], r0 + step)) for r0 in range(0, max(shape[0], 1), step)] if shape[0] else [(0, 0)]
 
 
-def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable[[str, int, int], torch.Tensor],
+def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable[..., torch.Tensor],
               out_dir: Path, distributed: bool, rank: int = 0,
-              on_tensor: Callable[[str, torch.Tensor], None] = lambda k, t: None) -> str | None:
+              on_tensor: Callable[[str, torch.Tensor], None] = lambda k, t: None, threads: int = 1,
+              piece_bytes: int = 8 << 20) -> str | None:
     """dcp.save of `tree` into `out_dir`. Its tensors are meta placeholders: this rank writes the row blocks
     `mine[key]` of each (one DCP chunk per block; a key absent from `mine` is written by another rank), each
     made by `make(key, r0, r1)` when the writer reaches it (one block in memory at a time) and shown to
@@ -676,12 +680,34 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
 
     Each block's memory is released when the writer asks for the next one, which holds only while DCP writes
     an item before it resolves the next: its serial loader, chosen by `per_thread_copy_ahead=0` (on a
-    machine with CUDA, the default copy-ahead loader resolves items ahead of writing them). Returns None, or
-    why this rank's files hold fewer bytes than it made (then the output must not be committed)."""
+    machine with CUDA, the default copy-ahead loader resolves items ahead of writing them). A block is made
+    into its own storage (the exact size DCP writes without a copy) in pieces of about `piece_bytes`, by
+    `threads` threads side by side (`make(key, r0, r1, alloc)` of any row range gives the same bytes; its
+    large buffers come from `alloc`, reused by each thread piece after piece). Returns None, or why
+    this rank's files hold fewer bytes than it made (then the output must not be committed)."""
     import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class _DirectFileSystem(FileSystem):
+        """DCP's file system, its `.distcp` data files written as formats.direct.DirectStream."""
+
+        @contextmanager
+        def create_stream(self, path, mode: str):
+            if mode != "wb" or not str(path).endswith(".distcp"):
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            stream = DirectStream(Path(path))
+            try:
+                yield stream
+            except BaseException:
+                stream.abort()
+                raise
+            stream.close()
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
     from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
@@ -715,20 +741,72 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
             r1 = r0 + chunk.sizes[0] if len(chunk.sizes) else 1
             if self._last is not None:  # written by now (the serial loader resolves the next item after
                 self._last.untyped_storage().resize_(0)  # writing one): free it, though DCP's writer
-            made = make(key, r0, r1)  # keeps a reference to every tensor until its file is done
-            t = torch.empty(made.shape, dtype=made.dtype)  # our own storage (`made` may share the input's):
-            t.copy_(made)  # a memory copy, cheap next to the disk
-            del made
+            # keeps a reference to every tensor until its file is done
+            t = torch.empty(tuple(chunk.sizes), dtype=write_item.tensor_data.properties.dtype)  # our own
+            if len(chunk.sizes) == 0:  # storage (`make` may return the input's), filled piece by piece
+                fill(t, key, r0, r1, 0, 1)
+            else:
+                row = max(1, math.prod(chunk.sizes[1:])) * t.element_size()
+                step = max(1, piece_bytes // row)
+                pieces = [(a, min(r1, a + step)) for a in range(r0, r1, step)]
+                if pool is None or len(pieces) < 2:
+                    for a, b in pieces:
+                        fill(t, key, r0, r1, a, b)
+                else:
+                    for f in [pool.submit(fill, t, key, r0, r1, a, b) for a, b in pieces]:
+                        f.result()
             on_tensor(key, t)
             self._last = t
             nbytes[0] += t.numel() * t.element_size()
             return t
 
+    local = threading.local()
+
+    def alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """This thread's buffers for one piece, reused piece after piece (fresh pages cost the kernel's
+        faults and zeroing every time)."""
+        n = dtype.itemsize * math.prod(shape)
+        if n < (1 << 20):
+            return torch.empty(shape, dtype=dtype)
+        free, used = local.__dict__.setdefault("free", []), local.__dict__.setdefault("used", [])
+        fits = [i for i, x in enumerate(free) if x.numel() >= n]
+        buf = free.pop(min(fits, key=lambda i: free[i].numel())) if fits else torch.empty(n, dtype=torch.uint8)
+        used.append(buf)
+        return buf[:n].view(dtype).view(shape)
+
+    def fill(t: torch.Tensor, key: str, r0: int, r1: int, a: int, b: int) -> None:
+        try:
+            made = make(key, a, b, alloc)
+            if made.dtype != t.dtype or made.numel() != (t.numel() if t.dim() == 0 else t[a - r0:b - r0].numel()):
+                raise MupscaleError(f"internal: rows [{a}, {b}) of {key!r} came out as {made.dtype}, "
+                                    f"{made.numel()}")
+            (t if t.dim() == 0 else t[a - r0:b - r0]).copy_(made.reshape(t.shape if t.dim() == 0 else
+                                                                         (b - a, *t.shape[1:])))
+            del made
+        finally:
+            free, used = local.__dict__.setdefault("free", []), local.__dict__.setdefault("used", [])
+            free.extend(used)
+            used.clear()
+            if len(free) > 6:  # keep the largest
+                free.sort(key=lambda x: x.numel())
+                del free[:len(free) - 6]
+
     nbytes = [0]
     writer = FileSystemWriter(out_dir, thread_count=1, sync_files=True, per_thread_copy_ahead=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "torch.distributed is disabled ... single process"
-        dcp.save(tree, storage_writer=writer, planner=Lazy(), no_dist=not distributed)
+    if type(getattr(writer, "fs", None)) is FileSystem:
+        writer.fs = _DirectFileSystem()  # the data files: written around the page cache, the same bytes
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="mupscale-dcp") if threads > 1 else None
+    saved = torch.get_num_threads()
+    try:
+        if pool is not None:
+            torch.set_num_threads(1)  # our threads do the parallel work
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "torch.distributed is disabled ... single process"
+            dcp.save(tree, storage_writer=writer, planner=Lazy(), no_dist=not distributed)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(saved)
     files = sorted(out_dir.glob(f"__{rank}_*.distcp"))
     held = sum(f.stat().st_size for f in files)
     if held < nbytes[0]:  # a block released before it was written (torch's writer resolved items ahead)

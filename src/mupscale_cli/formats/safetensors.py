@@ -10,6 +10,7 @@ validation, which must agree byte for byte.
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import json
 import math
@@ -29,6 +30,8 @@ import torch
 from safetensors import safe_open
 
 from mupscale_cli.formats import digest
+from mupscale_cli.formats.direct import ALIGN, open_direct
+from mupscale_cli.formats.direct import bounce as direct_bounce
 from mupscale_cli.bounded import loads_json
 from mupscale_cli.formats.target import TMP_MARKER, check_inside, commit_path, fsync_dir, temp_name, track, untrack  # noqa: F401
 from mupscale_cli.errors import MupscaleError, check_cancelled
@@ -191,7 +194,8 @@ class StreamWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], infos: list[TensorInfo], metadata: dict[str, str] | None = None,
-                 reserve_metadata_bytes: int = 0, writeback: bool = False, replace: bool = True):
+                 reserve_metadata_bytes: int = 0, writeback: bool = False, replace: bool = True,
+                 direct: bool = False):
         self.path = Path(path)
         self.replace = replace  # False: commit fails if the destination appeared meanwhile
         self._writeback = writeback and _sync_file_range is not None
@@ -211,10 +215,13 @@ class StreamWriter:
         self._read_fd: int | None = None
         self.temp_path = _temp_path(self.path)
         self._fd: int | None = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self._dfd: int | None = None  # the same file opened O_DIRECT (direct=True), while direct writes work
         track(self.temp_path)
         try:
             os.ftruncate(self._fd, max((end for _, end in self._ranges.values()), default=len(header)))
             self._pwrite(self._fd, header, 0)
+            if direct:
+                self._dfd = open_direct(self.temp_path)
         except BaseException:
             self.abort()
             raise
@@ -322,7 +329,7 @@ class StreamWriter:
             )
         data = _tensor_bytes(tensor)
         with self._lock:
-            fd = self._fd
+            fd, dfd = self._fd, self._dfd
             if fd is None:
                 raise MupscaleError(f"{self.path}: write to tensor {info.name!r} after commit or abort")
             if not self._coverage.setdefault(info.name, _Coverage()).add(offset, end):
@@ -330,6 +337,8 @@ class StreamWriter:
             self._active += 1
         try:
             position = self._ranges[info.name][0] + offset * info.dtype.itemsize
+            if dfd is not None and len(data) >= DIRECT_MIN_BYTES and self._put_direct(fd, dfd, data, position):
+                return
             self._pwrite(fd, data, position)
             if self._writeback and len(data) >= WRITEBACK_MIN_BYTES:
                 _sync_file_range(fd, position, len(data), 2)  # SYNC_FILE_RANGE_WRITE: start writing, no wait
@@ -337,6 +346,38 @@ class StreamWriter:
             with self._lock:
                 self._active -= 1
                 self._lock.notify_all()
+
+    def _put_direct(self, fd: int, dfd: int, data: memoryview, position: int) -> bool:
+        """Write `data` at `position`: its whole aligned blocks through the O_DIRECT descriptor (from an aligned
+        copy unless `data` is aligned alike), the ragged ends through the page cache (no block is written
+        both ways). False, having written nothing, if this file refuses direct writes (then none are tried
+        again)."""
+        n = len(data)
+        lo = -position % DIRECT_ALIGN
+        hi = lo + (n - lo) // DIRECT_ALIGN * DIRECT_ALIGN
+        if hi <= lo:
+            return False
+        body = data[lo:hi]
+        src = torch.frombuffer(data, dtype=torch.uint8)
+        if src[lo:hi].data_ptr() % DIRECT_ALIGN:
+            bounce = direct_bounce(hi - lo)
+            bounce.copy_(src[lo:hi])
+            body = memoryview(bounce.numpy())
+        try:
+            self._pwrite(dfd, body, position + lo)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            with self._lock:  # this file system takes no direct writes of this alignment: page cache from now on
+                if self._dfd == dfd:
+                    self._dfd = None
+                    os.close(dfd)
+            return False
+        if lo:
+            self._pwrite(fd, data[:lo], position)
+        if hi < n:
+            self._pwrite(fd, data[hi:], position + hi)
+        return True
 
     @staticmethod
     def _pwrite(fd: int, data: bytes | memoryview, position: int) -> None:
@@ -359,6 +400,9 @@ class StreamWriter:
         with self._lock:
             fd, self._fd = self._fd, None
             self._lock.wait_for(lambda: self._active == 0)
+            if self._dfd is not None:
+                os.close(self._dfd)
+                self._dfd = None
             if self._read_fd is not None:
                 os.close(self._read_fd)
                 self._read_fd = None
@@ -366,6 +410,8 @@ class StreamWriter:
 
 
 WRITEBACK_MIN_BYTES = 1 << 20
+DIRECT_MIN_BYTES = 1 << 20  # smaller ranges go through the page cache
+DIRECT_ALIGN = ALIGN
 
 
 def _load_sync_file_range():
@@ -420,6 +466,7 @@ class ShardedWriter:
         prefix: str = "model",
         shard_metadata: Callable[[list[TensorInfo]], dict[str, str]] | None = None,
         writeback: bool = False,
+        direct: bool = False,
     ):
         self.directory = Path(directory)
         if shard_size <= 0:
@@ -449,7 +496,8 @@ class ShardedWriter:
             for i, group in enumerate(groups, 1):
                 file = f"{prefix}-{i:05d}-of-{len(groups):05d}.safetensors"
                 extra = _check_metadata(shard_metadata(group), self.directory) if shard_metadata else {}
-                shard = StreamWriter(self.directory / file, group, {**metadata, **extra}, writeback=writeback)
+                shard = StreamWriter(self.directory / file, group, {**metadata, **extra}, writeback=writeback,
+                                     direct=direct)
                 self.shards.append(shard)
                 for info in group:
                     if info.name in self._by_name:

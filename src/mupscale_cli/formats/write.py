@@ -2,9 +2,9 @@
 (the input's layout, in memory).
 
 Streaming: every output tensor is an `OutTensor` whose bytes a function makes for any flat element
-range. `stream_tensors` cuts large tensors into ranges of about `chunk_bytes`, makes them on a small
-thread pool and writes them from the calling thread in order, hashing as it goes; at most threads + 1
-ranges are in flight, so memory stays bounded whatever the size of the model, of a tensor, or of k.
+range. `stream_tensors` cuts large tensors into ranges of about `chunk_bytes`; a small thread pool makes
+each range, hashes it and writes it at its place in the file (positional writes, side by side); at most
+threads + 1 ranges are in flight, so memory stays bounded whatever the size of the model, of a tensor, or of k.
 
 Over 500 lines: the streamed writer (worker threads, back-pressure, the scan beside it) and its three targets
 (.safetensors, shards, .pt) share one cancellation and commit path.
@@ -354,17 +354,19 @@ def stream_tensors(writer, tensors: list[OutTensor], threads: int = 2, chunk_byt
                    poll: Callable[[], None] | None = None) -> dict[str, str]:
     """Make, hash and write every tensor range by range; returns the checksum of each tensor's bytes.
 
-    `threads` worker threads (0: this thread alone) make the ranges and feed them to their tensor's hash in
-    order; this thread writes them in file order (one writer: concurrent writes to one file only contend
-    in the kernel), keeping at most `threads` + 1 ranges in flight. Tied aliases (`copy_of`) come last,
-    read back from the file once their canonical tensor is written. The same bytes whatever `threads` or
-    `chunk_bytes`."""
+    `threads` worker threads (0: this thread alone) each make a range, feed it to its tensor's hash in
+    order and write it at its place in the file (positional writes: the ranges of the workers go to the
+    disk side by side, and a range is written from the thread that made it, while its bytes are still in
+    that core's cache). This thread hands out the ranges in file order, at most `threads` + 1 at a time,
+    reports progress and polls (`poll()` may raise to stop early; an error in a worker, an OSError of a
+    write included, is raised here as it is). Tied aliases (`copy_of`) come last, read back from the file
+    once their canonical tensor is written. The same bytes whatever `threads` or `chunk_bytes`."""
     digests: dict[str, str] = {}
     chains = {t.name: _Chain() for t in tensors if t.copy_of is None}
     written = {t.name: 0 for t in tensors}
     progress = threading.Condition()
 
-    def work(t: OutTensor, a: int, b: int) -> tuple[torch.Tensor, list]:
+    def made(t: OutTensor, a: int, b: int) -> tuple[torch.Tensor, list]:
         if t.copy_of is not None:  # a tied alias: the bytes of its canonical tensor, once those are written
             with progress:
                 progress.wait_for(lambda: written[t.copy_of] == chains[t.copy_of].size or chains[t.copy_of].failed)
@@ -391,13 +393,24 @@ def stream_tensors(writer, tensors: list[OutTensor], threads: int = 2, chunk_byt
         pool.release(done)  # temporaries now; the range's own buffer once it is written
         return data, held
 
-    def put(t: OutTensor, a: int, b: int, made: tuple[torch.Tensor, list]) -> None:
-        data, held = made
-        writer.write_chunk(t.name, a, data)
-        pool.release(held)
+    def work(t: OutTensor, a: int, b: int) -> None:
+        data, held = made(t, a, b)
+        try:
+            writer.write_chunk(t.name, a, data)
+        except BaseException:
+            if t.copy_of is None:
+                chains[t.name].fail()  # an alias of this tensor stops waiting for it
+            with progress:
+                progress.notify_all()
+            raise
+        finally:
+            del data
+            pool.release(held)
         with progress:
             written[t.name] += b - a
             progress.notify_all()
+
+    def put(t: OutTensor, a: int, b: int) -> None:
         on_bytes(t.name, (b - a) * t.dtype.itemsize)
         if poll is not None:
             poll()
@@ -410,7 +423,8 @@ def stream_tensors(writer, tensors: list[OutTensor], threads: int = 2, chunk_byt
     with _torch_threads(1):
         if threads <= 0:
             for t, a, b in tasks:
-                put(t, a, b, work(t, a, b))
+                work(t, a, b)
+                put(t, a, b)
         else:
             pending: deque[tuple[OutTensor, int, int, Future]] = deque()
             with ThreadPoolExecutor(threads, thread_name_prefix="mupscale") as executor:
@@ -419,10 +433,12 @@ def stream_tensors(writer, tensors: list[OutTensor], threads: int = 2, chunk_byt
                         pending.append((t, a, b, executor.submit(work, t, a, b)))
                         while len(pending) > threads:
                             t0, a0, b0, f0 = pending.popleft()
-                            put(t0, a0, b0, f0.result())
+                            f0.result()
+                            put(t0, a0, b0)
                     while pending:
                         t0, a0, b0, f0 = pending.popleft()
-                        put(t0, a0, b0, f0.result())
+                        f0.result()
+                        put(t0, a0, b0)
                 except BaseException:
                     for *_, f in pending:
                         f.cancel()
@@ -515,7 +531,7 @@ def write_streamed(target: Target, model: list[OutTensor], optim: list[OutTensor
     if target.kind == "safetensors":
         infos = [t.info for t in model + optim]
         with StreamWriter(target.path, infos, {**meta, **digests_of(infos, {})}, writeback=True,
-                          replace=replace) as w:
+                          direct=True, replace=replace) as w:
             digests = stream_tensors(w, model + optim, threads, chunk_bytes, on_bytes, poll)
             w.update_metadata({**final_meta(), **digests_of(infos, digests)})
             if before_commit is not None:
@@ -531,11 +547,11 @@ def write_streamed(target: Target, model: list[OutTensor], optim: list[OutTensor
         try:
             writers.append(ShardedWriter(tmp, [t.info for t in model], model_meta, target.shard_size,
                                          target.prefix, shard_metadata=lambda infos: digests_of(infos, {}),
-                                         writeback=True))
+                                         writeback=True, direct=True))
             if optim:
                 writers.append(ShardedWriter(tmp, [t.info for t in optim], meta, target.shard_size,
                                              optimizer_prefix(target.prefix),
-                                             shard_metadata=lambda infos: digests_of(infos, {}), writeback=True))
+                                             shard_metadata=lambda infos: digests_of(infos, {}), writeback=True, direct=True))
             digests = stream_tensors(_Both(writers), model + optim, threads, chunk_bytes, on_bytes, poll)
             fm = final_meta()
             for w in writers:
