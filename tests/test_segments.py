@@ -98,16 +98,18 @@ def test_bad_segments_are_one_line_errors(axes, why):
         make_plan(parse_spec(text, "bad.yaml"), {"w": ((20, 3), torch.float64)}, {"heads": 2})
 
 
+@pytest.mark.parametrize("kp", [-0.5, -0.25])
 @pytest.mark.parametrize("power", [0, 1, 2])
-def test_irrational_k_power_factors_stream_bit_for_bit(power):
-    """k_power -0.5 (Gemma's sqrt(hidden_size)): g = sqrt(k) as an exact fraction of a float; g² for exp_avg_sq
-    has a numerator beyond torch's integers (was an internal error). Applied as one float multiplication, the
-    same in the whole-tensor and the streamed paths."""
-    spec = parse_spec("name: kp\nreadout: sum\ntensors:\n  e: {axes: [null, d], fan_in: 0, k_power: -0.5}\n", "kp.yaml")
+def test_irrational_k_power_factors_stream_bit_for_bit(power, kp):
+    """k_power -0.5 (Gemma's sqrt(hidden_size)): g = sqrt(k) as an exact fraction of a float. With -0.25, g²
+    for exp_avg_sq (k^-1.5, no exact form) has a numerator beyond torch's integers (was an internal error).
+    Applied as one float multiplication, the same in the whole-tensor and the streamed paths."""
+    spec = parse_spec(f"name: kp\nreadout: sum\ntensors:\n  e: {{axes: [null, d], fan_in: 0, k_power: {kp}}}\n",
+                      "kp.yaml")
     t = torch.randn(6, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     p = make_plan(spec, {"e": ((6, 5), torch.float64)}, {"d": 2}).tensors["e"]
-    whole = widen(t, p, power)  # s = g = k^-1/2 (an embedding: s 1, g 1/k, then × k^p and ÷ k^p)
-    torch.testing.assert_close(whole, t.repeat_interleave(2, 1) * 2 ** (-0.5 if power == 0 else -power / 2),
+    whole = widen(t, p, power)  # an embedding: s 1, g 1/k, then weights × k^p and gradients × k^-p
+    torch.testing.assert_close(whole, t.repeat_interleave(2, 1) * 2 ** (kp if power == 0 else power * (-1 - kp)),
                                rtol=4e-16, atol=0)
     for a in range(0, whole.numel(), 3):
         got = widen_range(lambda x, y: t[x:y], p, a, min(whole.numel(), a + 17), power=power)
