@@ -114,3 +114,12 @@ def test_scheduler_follows_the_widened_groups(ckpt, tmp_path):
     assert sched["_last_lr"] == [g["lr"] for g in osd["param_groups"]]
     assert sched["base_lrs"] == [g["initial_lr"] for g in osd["param_groups"]]
     assert len(sched["_last_lr"]) > len(base["_last_lr"])  # the groups were split for per-tensor factors
+
+
+def test_save_torch_names_the_file_when_it_cannot_be_opened(tmp_path):
+    """An OSError opening the file (here: its directory is gone) is one MupscaleError naming what was being
+    written (optimizer.pt), not the temporary path."""
+    from mupscale_cli.errors import MupscaleError
+    from mupscale_cli.formats.write import save_torch
+    with pytest.raises(MupscaleError, match=r"^optimizer\.pt: "):
+        save_torch({"a": 1}, tmp_path / "gone" / ".tmp-optimizer.pt", "optimizer.pt")
