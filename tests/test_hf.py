@@ -63,6 +63,11 @@ def test_tied_standard_parametrization_refused_without_untie(tmp_path):
     wide = load(tmp_path / "wide")
     assert rel(logits(base), logits(wide)) < 1e-5
     assert not torch.equal(wide.lm_head.weight, wide.model.embed_tokens.weight)
+    # verify: the untied readout trains apart from the embedding, the tied BASE does not: one line, exit 2
+    v = subprocess.run([sys.executable, "-m", "mupscale_cli", "verify", str(tmp_path / "base"), str(tmp_path / "wide"), "--optimizer", "adamw",
+                        "--lr", "1e-3", "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert v.returncode == 2 and v.stdout == "", v.stderr
+    assert len(v.stderr.strip().splitlines()) == 1 and "widened with --untie" in v.stderr, v.stderr
 
 
 def test_sharded_in_sharded_out(tmp_path):

@@ -61,6 +61,13 @@ def _prepare(o: VerifyOptions, prov: dict) -> tuple[Prepared, list[str]]:
         spec = prov["spec"]
         if prov.get("spec_sha256") and names[spec].sha256 != prov["spec_sha256"]:
             notes.append(f"bundled spec {spec} differs from the one WIDE was widened with (sha256)")
+    if prov.get("untie"):
+        u = prov["untie"] if isinstance(prov["untie"], dict) else {}
+        raise MupscaleError(f"WIDE was widened with --untie: its readout {u.get('readout', '')!r} is a new tensor, "
+                            f"{u.get('from', 'the embedding')} / k, "
+                            f"while BASE trains them as one tied tensor, so the two follow "
+                            f"different trajectories by design and verify has nothing exact to check (docs/stacks.md);"
+                            f" widen without --untie where the spec allows it, or check your own training run")
     sizes = o.sizes or {n: v for n, v in (prov.get("sizes") or {}).items() if isinstance(v, int)}
     kind = o.optimizer if o.optimizer in KINDS else None  # not a builder (module:fn)
     prep = prepare(WidenOptions(checkpoint=o.base, k=k, spec=spec, optimizer=kind, opt_layout=o.opt_layout,
