@@ -301,16 +301,18 @@ def _one_line(p: subprocess.CompletedProcess, match: str, code: int = 2) -> None
     assert p.returncode == code and len(lines) == 1 and match in lines[0], (p.args, p.stderr)
 
 
-def test_dcp_output_creates_missing_parents_and_removes_them_on_failure(inputs, tmp_path) -> None:
+@pytest.mark.parametrize("form", ["dcp", "safetensors"])
+def test_dcp_output_creates_missing_parents_and_removes_them_on_failure(inputs, tmp_path, form) -> None:
     """README: '-o into a directory that does not exist creates it (and removes it if the write fails)', DCP too
-    (it said 'directory ... does not exist')."""
-    out = tmp_path / "runs" / "wide" / "dcp"
-    p = _widen(inputs["dcp"], "-o", out, "--spec", "mup-mlp")
-    assert p.returncode == 0 and (out / ".metadata").is_file(), p.stderr
+    (it said 'directory ... does not exist'), and a single file."""
+    src, name, more = (inputs["dcp"], "dcp", ["--spec", "mup-mlp"]) if form == "dcp" else (EXAMPLE, "w.safetensors", [])
+    out = tmp_path / "runs" / "wide" / name
+    p = _widen(src, "-o", out, *more)
+    assert p.returncode == 0 and (out / ".metadata" if form == "dcp" else out).is_file(), p.stderr
     assert f"created directory {tmp_path / 'runs'}" in p.stderr
     # a write that fails (over `ulimit -f`) leaves no directory behind
-    out2 = tmp_path / "again" / "wide" / "dcp"
-    p = _widen(inputs["dcp"], "-o", out2, "--spec", "mup-mlp", limit=4096)
+    out2 = tmp_path / "again" / "wide" / name
+    p = _widen(src, "-o", out2, *more, limit=4096)
     _one_line(p, "-o " + str(out2))
     assert not (tmp_path / "again").exists(), list((tmp_path / "again").rglob("*"))
 

@@ -47,7 +47,7 @@ from mupscale_cli.formats.checkpoint import (OPTIM_NS, Checkpoint, LazyTensors, 
                                              source_sha256, strip_prefix, tensor_meta)
 from mupscale_cli.formats.output import (MAX_BYTES, OUT_SUFFIXES, _check_sharded_output, _input_files,  # noqa: F401
                                          _only_sharded_output, check_disk, check_output, check_size, clean_temps,
-                                         missing_dirs, output_bytes)
+                                         missing_dirs, new_parents, output_bytes)
 from mupscale_cli.formats.target import TMP_MARKER, InputWatch, claim, env_error, sigbus_names
 from mupscale_cli.formats.write import (Background, OutTensor, Target, save_torch, sharded_files, write_pt,
                                          write_streamed)
@@ -112,22 +112,12 @@ def run_widen(opts: WidenOptions, progress: Callable[[str, int], None] = lambda 
         return {"rank": rank, "output": None, "notes": []}
     target = check_output(opts)
     made = missing_dirs(target.path if target.kind == "sharded" else target.path.parent, f"-o {target.path}")
-    try:
-        if made:  # -o into new directories (a run layout: out-wide/ckpt.pt); removed again if the write fails
-            made[-1].mkdir(parents=True)
+    # -o into new directories (a run layout: out-wide/ckpt.pt): created, and removed again if the write fails
+    with new_parents(made, f"-o {target.shown}") as notes:
         with claim(target.path):  # one writer per output
             res = _run_widen(opts, target, progress, t_start)
-        if made:
-            res["notes"].append(f"created directory {made[0]}")
-        return res
-    except OSError as e:
-        if made:
-            shutil.rmtree(made[0], ignore_errors=True)
-        raise env_error(e, f"-o {target.shown}") or e from None
-    except BaseException:
-        if made:
-            shutil.rmtree(made[0], ignore_errors=True)
-        raise
+    res["notes"] += notes
+    return res
 
 
 def _run_widen(opts: WidenOptions, target: Target, progress, t_start: float) -> dict:

@@ -27,12 +27,12 @@ from mupscale_cli.commands.prepare import prepare, with_hparams
 from mupscale_cli.commands.produce import model_out, optimizer_out, provenance, summary
 from mupscale_cli.core.checks import _nonfinite_notes
 from mupscale_cli.core.job import WidenOptions
-from mupscale_cli.formats.output import OUT_SUFFIXES, check_disk, clean_temps, missing_dirs
+from mupscale_cli.formats.output import OUT_SUFFIXES, check_disk, clean_temps, missing_dirs, new_parents
 from mupscale_cli.core.plan import same_values
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats.checkpoint import OPTIM_NS, strip_prefix
 from mupscale_cli.formats.dcp import PROVENANCE_KEY, DcpLayout, is_dcp, placeholder, row_blocks, save_lazy, set_path
-from mupscale_cli.formats.target import (InputWatch, check_not_over_input, claim, commit_path, env_error, fsync_dir,
+from mupscale_cli.formats.target import (InputWatch, check_not_over_input, claim, commit_path, fsync_dir,
                                          temp_name, track, untrack)
 
 SCHED_LISTS = ("base_lrs", "_last_lr")
@@ -88,22 +88,13 @@ def run_widen_dcp(opts: WidenOptions, progress=lambda n, b: None) -> dict:
     # -o in directories that do not exist yet: rank 0 creates them (the other ranks write there only after
     # rank 0 broadcast the temporary's name) and removes them again if the write fails, as for every output
     made = missing_dirs(out.parent, f"-o {out}") if rank == 0 else []
-    try:
-        if made:
-            made[-1].mkdir(parents=True)
+    with new_parents(made, f"-o {out}") as notes:
         if rank != 0:
             return _run(opts, progress, out, rank, world, distributed)
         with claim(out):  # one writer per output (rank 0 holds it for all ranks)
             res = _run(opts, progress, out, rank, world, distributed)
-        if made:
-            res["notes"].append(f"created directory {made[0]}")
-        return res
-    except BaseException as e:
-        if made:
-            shutil.rmtree(made[0], ignore_errors=True)
-        if isinstance(e, OSError):
-            raise env_error(e, f"-o {out}") or e from None
-        raise
+    res["notes"] += notes
+    return res
 
 
 def _run(opts: WidenOptions, progress, out: Path, rank: int, world: int, distributed: bool) -> dict:

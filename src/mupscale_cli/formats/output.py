@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from mupscale_cli.bounded import loads_json
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats.checkpoint import LazyTensors, is_sharded, sharded_index, tensor_meta
 from mupscale_cli.formats.safetensors import fmt_bytes, parse_size
-from mupscale_cli.formats.target import TMP_MARKER, check_not_over_input
+from mupscale_cli.formats.target import TMP_MARKER, check_not_over_input, env_error
 from mupscale_cli.formats.write import SHARD_NAME, Target, clean_stale_temps, sharded_files
 
 
@@ -115,6 +116,26 @@ def missing_dirs(d: Path, what: str) -> list[Path]:
     if not d.is_dir():
         raise MupscaleError(f"{what}: {d} is not a directory")
     return missing[::-1]
+
+
+@contextmanager
+def new_parents(made: list[Path], shown: str) -> Iterator[list[str]]:
+    """The block that writes an output whose missing directories `made` (missing_dirs) it creates first:
+    removed again if the block fails, however (error, signal); an OSError is the one-line environment error
+    naming `shown`. Yields the notes to add on success ("created directory ...")."""
+    notes: list[str] = []
+    try:
+        if made:
+            made[-1].mkdir(parents=True)
+        yield notes
+        if made:
+            notes.append(f"created directory {made[0]}")
+    except BaseException as e:
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)
+        if isinstance(e, OSError):
+            raise env_error(e, shown) or e from None
+        raise
 
 
 def _input_files(path: Path) -> list[Path]:
