@@ -386,10 +386,16 @@ def test_at_most_threads_plus_one_ranges_in_flight(tmp, threads):
     lock, state = threading.Lock(), {"now": 0, "most": 0}
     n, chunk = 64 * 1024, 4096  # 64 ranges of 1024 float32 values
 
+    second = threading.Event()
+
     def make(a: int, b: int, alloc=None) -> torch.Tensor:
         with lock:
             state["now"] += 1
             state["most"] = max(state["most"], state["now"])
+        if a > 0:
+            second.set()
+        elif threads > 1:  # the first range waits for a second one to start: ranges are made side by side
+            second.wait(30)  # (deterministic: a worker that is merely late only delays this)
         return torch.arange(a, b, dtype=torch.float32)
 
     def written(name: str, nbytes: int) -> None:
@@ -401,7 +407,9 @@ def test_at_most_threads_plus_one_ranges_in_flight(tmp, threads):
     write_streamed(Target("safetensors", out), [OutTensor("x", (n,), torch.float32, make)], [], None, None, {}, {},
                    threads=threads, chunk_bytes=chunk, on_bytes=written)
     assert torch.equal(load_file(out)["x"], torch.arange(n, dtype=torch.float32))
-    assert state["now"] == 0 and 2 <= state["most"] <= threads + 1, state
+    # at most threads + 1 in flight; with several workers, at least 2 (with one, whether the worker starts the
+    # next range before this thread counts the last one written is a race: not asserted)
+    assert state["now"] == 0 and min(threads, 2) <= state["most"] <= threads + 1, state
 
 
 def test_a_failed_write_in_a_worker_is_raised_and_stops_every_thread(tmp, monkeypatch):
