@@ -85,6 +85,21 @@ def _step(model, opt, x) -> None:
     opt.step()
 
 
+def adamw(model, trainer: bool = False) -> torch.optim.AdamW:
+    """AdamW over two groups, decay / no decay. trainer: as the Trainer builds them (its decay names, no names
+    stored: mupscale takes them from the model); else named groups by dimension (param_names stored)."""
+    named = list(model.named_parameters())
+    if trainer:
+        from transformers import Trainer
+        decay = set(Trainer.get_decay_parameter_names(None, model))
+        groups = [{"params": [p for n, p in named if n in decay], "weight_decay": 0.1},
+                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [(n, p) for n, p in named if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [(n, p) for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=3e-3, eps=1e-6, betas=(0.9, 0.95))
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / a.norm())
 
@@ -95,16 +110,7 @@ def lockstep(tmp: Path, model_type: str, cfg: dict, pre: int = 3, steps: int = 2
     both `steps` more steps on the same batches. Returns the figures: static and worst lockstep relative
     logit gap, config.json before and after."""
     base = build(model_type, cfg).train()
-    named = list(base.named_parameters())
-    if trainer:  # as the Trainer builds it: decay / no decay, no names stored (mupscale takes them from the model)
-        from transformers import Trainer
-        decay = set(Trainer.get_decay_parameter_names(None, base))
-        groups = [{"params": [p for n, p in named if n in decay], "weight_decay": 0.1},
-                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
-    else:
-        groups = [{"params": [(n, p) for n, p in named if p.dim() >= 2], "weight_decay": 0.1},
-                  {"params": [(n, p) for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=3e-3, eps=1e-6, betas=(0.9, 0.95))
+    opt = adamw(base, trainer)
     batches = _batches(pre + steps + 1)
     probe = batches[-1]
     for x in batches[:pre]:

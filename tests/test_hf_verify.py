@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_lockstep import build
+from hf_lockstep import adamw, build
 from test_hf_bundled import BUNDLED
 from test_hf_families import FAMILIES
 
@@ -48,16 +48,7 @@ for name, argv in json.loads(sys.argv[1]):
 def _base(path: Path, case: str) -> None:
     model_type = case.partition("-")[0]
     model = build(model_type, CASES[case]).train()
-    named = list(model.named_parameters())
-    if case in TRAINER:
-        from transformers import Trainer
-        decay = set(Trainer.get_decay_parameter_names(None, model))
-        groups = [{"params": [p for n, p in named if n in decay], "weight_decay": 0.1},
-                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
-    else:
-        groups = [{"params": [(n, p) for n, p in named if p.dim() >= 2], "weight_decay": 0.1},
-                  {"params": [(n, p) for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=3e-3, eps=1e-6, betas=(0.9, 0.95))
+    opt = adamw(model, case in TRAINER)
     g = torch.Generator().manual_seed(1)
     for _ in range(2):
         x = torch.randint(0, 64, (4, 12), generator=g)
