@@ -1,12 +1,17 @@
-"""Writing around the page cache (O_DIRECT): the kernel's copy of every byte written into the page cache was
-the largest CPU cost of a widening (a third of all CPU time at k = 2, more than the widening itself); with
-O_DIRECT the disk reads our buffers. Only whole aligned blocks go that way, the ragged ends through the
-page cache, so every offset and length works; a file system without O_DIRECT (tmpfs on older kernels,
-other systems) gets plain writes, as does MUPSCALE_NO_DIRECT=1. The fsync before each commit stays: it
-still flushes the file's metadata, the ragged ends and the device's cache.
+"""Writing around the page cache (O_DIRECT), from one writer thread per file.
 
-`open_direct` and `bounce` serve the safetensors writer (formats/safetensors.py); `DirectStream` is a file
-written front to back for DCP's writer (torch.save's stream: formats/dcp.py `save_lazy`)."""
+The kernel's copy of every byte written into the page cache was the largest CPU cost of a widening (a third
+of all CPU time at k = 2, more than the widening itself); with O_DIRECT the disk reads our buffers. Direct
+writes need aligned offsets, lengths and memory, so the bytes gather in aligned buffers first and each
+whole buffer is written by one writer thread while the callers make the next bytes: the disk never waits
+for the CPU, nor the CPU for the disk, and there are no small writes. Only a file's last, partial block goes
+through the page cache. A file system without O_DIRECT (tmpfs on older kernels, other systems), or one that
+refuses a direct write with EINVAL, gets the same buffers as plain writes, as does MUPSCALE_NO_DIRECT=1.
+The fsync before each commit stays: it flushes the file's metadata, its tail and the device's cache.
+
+`Windows` is a file of known size written at known positions in any order (the safetensors writer,
+formats/safetensors.py); `DirectStream` is a file written front to back (DCP's data files, torch.save's
+stream: formats/dcp.py `save_lazy`)."""
 from __future__ import annotations
 
 import errno
@@ -20,7 +25,6 @@ from pathlib import Path
 import torch
 
 ALIGN = 4096  # offsets, lengths and memory of O_DIRECT writes: a multiple of every usual block size
-_bounces = threading.local()
 
 
 def open_direct(path: Path) -> int | None:
@@ -41,19 +45,196 @@ def aligned(nbytes: int) -> torch.Tensor:
     return buf[skip:skip + nbytes]
 
 
-def bounce(nbytes: int) -> torch.Tensor:
-    """This thread's aligned buffer of `nbytes` (reused; grown when needed) for a direct write."""
-    buf = getattr(_bounces, "buf", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = _bounces.buf = aligned(nbytes)
-    return buf[:nbytes]
-
-
 def pwrite_all(fd: int, data: bytes | memoryview, position: int) -> None:
     view = memoryview(data).cast("B")
     while view:
         written = os.pwrite(fd, view, position)
         view, position = view[written:], position + written
+
+
+WINDOW = 4 << 20  # bytes of a window: large enough for the disk's full speed, small enough for flat memory
+
+
+class Windows:
+    """A file of `file_size` bytes written at known positions, in any order and from any thread, through
+    aligned in-memory windows: window i holds the file's bytes [i * size, (i + 1) * size).
+
+    `put` copies bytes into the windows they fall in; a window whose every byte has arrived goes to one writer
+    thread, which writes it whole, at an aligned offset from aligned memory (O_DIRECT through `dfd` where the
+    file system takes it, else through `fd` and the page cache; the file's last, partial window's ragged tail
+    always through `fd`), window after window, while the callers make the next ranges. No block is written
+    both ways, none twice, and there are no small writes. At most `depth` whole windows wait for the writer
+    (then `put` waits: memory stays bounded). `read` sees bytes still in memory. `finish()` waits until every
+    window is written and raises the writer's error, if any (as the next `put` does); `abort()` stops the writer
+    without raising. Each byte of the file must be put exactly once (the caller checks that)."""
+
+    def __init__(self, fd: int, dfd: int | None, file_size: int, size: int = WINDOW, depth: int = 3,
+                 after_write=None):
+        if size <= 0 or size % ALIGN:
+            raise ValueError(f"window size {size} is not a positive multiple of {ALIGN}")
+        self._fd, self._dfd = fd, dfd
+        self._file_size, self._size, self._depth = file_size, size, depth
+        self._after_write = after_write  # called (fd, offset, length) after a window goes through the page cache
+        self._open: dict[int, list] = {}  # window -> [buffer, bytes arrived]: filling, waiting or being written
+        self._queue: deque[int] = deque()  # whole windows waiting for the writer
+        self._writing: int | None = None
+        self._spare: list[torch.Tensor] = []
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="mupscale-direct", daemon=True)
+        self._thread.start()
+
+    def put(self, position: int, data: torch.Tensor) -> None:
+        """Copy the bytes of `data` (1-d uint8) to file offset `position`."""
+        n, i = data.numel(), 0
+        if position < 0 or position + n > self._file_size:
+            raise ValueError(f"bytes [{position}, {position + n}) outside the file's {self._file_size}")
+        while i < n:
+            w, off = divmod(position + i, self._size)
+            k = min(n - i, self._size - off)
+            with self._cond:
+                self._check()
+                win = self._open.get(w)
+                if win is None:
+                    win = self._open[w] = [self._spare.pop() if self._spare else aligned(self._size), 0]
+            win[0][off:off + k].copy_(data[i:i + k])  # outside the lock: other ranges of the window side by side
+            with self._cond:
+                win[1] += k
+                if win[1] == self._expected(w):
+                    self._queue.append(w)
+                    self._cond.notify_all()
+                    self._cond.wait_for(lambda: len(self._queue) <= self._depth or self._error is not None
+                                        or self._stopping)
+                    self._check()
+            i += k
+
+    def read(self, position: int, out: torch.Tensor, fd: int) -> None:
+        """Fill `out` (1-d uint8) with the file's bytes from `position`: from memory where their window is
+        not on disk yet, else from the file through `fd` (opened for reading; the bytes must have been put)."""
+        n, i = out.numel(), 0
+        while i < n:
+            w, off = divmod(position + i, self._size)
+            k = min(n - i, self._size - off)
+            with self._cond:
+                win = self._open.get(w)
+                if win is not None:  # copied under the lock: the window is not recycled meanwhile
+                    out[i:i + k].copy_(win[0][off:off + k])
+            if win is None:
+                _pread_all(fd, memoryview(out[i:i + k].numpy()), position + i)
+            i += k
+
+    def drain(self) -> None:
+        """Wait until every whole window is written; raise the writer's error, if any."""
+        with self._cond:
+            self._cond.wait_for(lambda: (not self._queue and self._writing is None) or self._error is not None)
+            self._check()
+
+    def rewrite(self, position: int, data: bytes) -> None:
+        """Replace bytes already put (a header rewritten in place): in memory where their window is still
+        being filled, else through the page cache."""
+        with self._cond:
+            self._cond.wait_for(lambda: (not self._queue and self._writing is None) or self._error is not None)
+            self._check()
+            i = 0
+            while i < len(data):
+                w, off = divmod(position + i, self._size)
+                k = min(len(data) - i, self._size - off)
+                win = self._open.get(w)
+                if win is not None:
+                    win[0][off:off + k].copy_(torch.frombuffer(bytearray(data[i:i + k]), dtype=torch.uint8))
+                else:
+                    pwrite_all(self._fd, data[i:i + k], position + i)
+                i += k
+
+    def finish(self) -> None:
+        """Write everything (every byte must have been put), stop the writer; raise its error, if any."""
+        try:
+            self.drain()
+            with self._cond:
+                left = sorted(self._open)
+            if left:
+                raise RuntimeError(f"internal: bytes of window {left[0]} never written")
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop the writer thread (after the write it is in, if any) and drop the windows; raises nothing."""
+        with self._cond:
+            self._stopping = True
+            self._queue.clear()
+            self._cond.notify_all()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        with self._cond:
+            self._open.clear()
+            self._spare.clear()
+
+    def _expected(self, w: int) -> int:
+        return min(self._size, self._file_size - w * self._size)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._stopping:
+            raise RuntimeError("internal: write after the file was finished or aborted")
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._stopping)
+                if self._stopping:
+                    return
+                w = self._writing = self._queue.popleft()
+                buf = self._open[w][0]
+                self._cond.notify_all()  # a put waiting for room in the queue
+            try:
+                self._write(buf, w * self._size, self._expected(w))
+            except BaseException as e:  # raised to the callers by their next put, drain or finish
+                with self._cond:
+                    self._error, self._writing = e, None
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                del self._open[w]
+                self._spare.append(buf)
+                self._writing = None
+                self._cond.notify_all()
+
+    def _write(self, buf: torch.Tensor, offset: int, n: int) -> None:
+        view = memoryview(buf.numpy())
+        body = n // ALIGN * ALIGN
+        dfd = self._dfd
+        if dfd is not None and body:
+            try:
+                pwrite_all(dfd, view[:body], offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._dfd = None  # no direct writes of this alignment here: the page cache from now on
+                os.close(dfd)
+                body = 0
+        else:
+            body = 0
+        if body < n:
+            pwrite_all(self._fd, view[body:n], offset + body)
+            if self._after_write is not None:
+                self._after_write(self._fd, offset + body, n - body)
+
+    def close_direct(self) -> None:
+        """Close the O_DIRECT descriptor (after finish or abort)."""
+        if self._dfd is not None:
+            os.close(self._dfd)
+            self._dfd = None
+
+
+def _pread_all(fd: int, view: memoryview, position: int) -> None:
+    view = view.cast("B")
+    while view:
+        n = os.preadv(fd, [view], position)
+        if n <= 0:
+            raise OSError(errno.EIO, "file ended while reading back what was written")
+        view, position = view[n:], position + n
 
 
 class DirectStream(io.RawIOBase):

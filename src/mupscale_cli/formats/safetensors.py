@@ -10,7 +10,6 @@ validation, which must agree byte for byte.
 from __future__ import annotations
 
 import bisect
-import errno
 import hashlib
 import json
 import math
@@ -30,8 +29,7 @@ import torch
 from safetensors import safe_open
 
 from mupscale_cli.formats import digest
-from mupscale_cli.formats.direct import ALIGN, open_direct
-from mupscale_cli.formats.direct import bounce as direct_bounce
+from mupscale_cli.formats.direct import Windows, open_direct
 from mupscale_cli.bounded import loads_json
 from mupscale_cli.formats.target import TMP_MARKER, check_inside, commit_path, fsync_dir, temp_name, track, untrack  # noqa: F401
 from mupscale_cli.errors import MupscaleError, check_cancelled
@@ -187,6 +185,8 @@ class StreamWriter:
 
     The header is fixed by `infos` (offsets in that order). Data goes to `temp_path` next to the
     destination; `commit()` checks every tensor is complete, fsyncs and renames onto `path`.
+    With `direct=True` every byte goes through `formats.direct.Windows` (aligned buffers written whole by one
+    writer thread, O_DIRECT where the file system takes it); otherwise through positional page cache writes.
     As a context manager: commit on clean exit, abort on exception.
     `update_metadata()` rewrites the header in place before commit (e.g. digests computed while
     writing): the new header must fit in the old one's length, so reserve room with
@@ -215,13 +215,17 @@ class StreamWriter:
         self._read_fd: int | None = None
         self.temp_path = _temp_path(self.path)
         self._fd: int | None = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        self._dfd: int | None = None  # the same file opened O_DIRECT (direct=True), while direct writes work
         track(self.temp_path)
+        self._windows: Windows | None = None  # direct=True: every byte through aligned windows (formats/direct.py)
         try:
-            os.ftruncate(self._fd, max((end for _, end in self._ranges.values()), default=len(header)))
-            self._pwrite(self._fd, header, 0)
+            size = max((end for _, end in self._ranges.values()), default=len(header))
+            os.ftruncate(self._fd, size)
             if direct:
-                self._dfd = open_direct(self.temp_path)
+                self._windows = Windows(self._fd, open_direct(self.temp_path), size,
+                                        after_write=_start_writeback if self._writeback else None)
+                self._windows.put(0, torch.frombuffer(bytearray(header), dtype=torch.uint8))
+            else:
+                self._pwrite(self._fd, header, 0)
         except BaseException:
             self.abort()
             raise
@@ -252,8 +256,12 @@ class StreamWriter:
             fd = self._read_fd
             self._active += 1
         try:
-            return _pread_tensor(fd, self._ranges[name][0] + flat_element_offset * info.dtype.itemsize, count,
-                                 info.dtype, self.path, alloc)
+            position = self._ranges[name][0] + flat_element_offset * info.dtype.itemsize
+            if self._windows is None:
+                return _pread_tensor(fd, position, count, info.dtype, self.path, alloc)
+            out = alloc((count,), info.dtype) if alloc is not None else torch.empty(count, dtype=info.dtype)
+            self._windows.read(position, out.view(torch.uint8), fd)
+            return out
         finally:
             with self._lock:
                 self._active -= 1
@@ -273,7 +281,10 @@ class StreamWriter:
                 raise MupscaleError(f"{self.path}: metadata update after commit or abort")
             self._active += 1
         try:
-            self._pwrite(fd, struct.pack("<Q", len(body)) + body, 0)
+            if self._windows is not None:
+                self._windows.rewrite(0, struct.pack("<Q", len(body)) + body)
+            else:
+                self._pwrite(fd, struct.pack("<Q", len(body)) + body, 0)
             self._metadata = merged
         finally:
             with self._lock:
@@ -284,6 +295,8 @@ class StreamWriter:
         """Check completeness, fsync, rename onto the destination and fsync the directory; abort on failure."""
         try:
             self._check_complete()
+            if self._windows is not None:
+                self._windows.finish()
             fd = self._take_fd()
             if fd is None:
                 raise MupscaleError(f"{self.path}: commit after commit or abort")
@@ -329,7 +342,7 @@ class StreamWriter:
             )
         data = _tensor_bytes(tensor)
         with self._lock:
-            fd, dfd = self._fd, self._dfd
+            fd = self._fd
             if fd is None:
                 raise MupscaleError(f"{self.path}: write to tensor {info.name!r} after commit or abort")
             if not self._coverage.setdefault(info.name, _Coverage()).add(offset, end):
@@ -337,47 +350,17 @@ class StreamWriter:
             self._active += 1
         try:
             position = self._ranges[info.name][0] + offset * info.dtype.itemsize
-            if dfd is not None and len(data) >= DIRECT_MIN_BYTES and self._put_direct(fd, dfd, data, position):
+            if self._windows is not None:
+                self._windows.put(position, torch.frombuffer(data, dtype=torch.uint8) if len(data) else
+                                  torch.empty(0, dtype=torch.uint8))
                 return
             self._pwrite(fd, data, position)
             if self._writeback and len(data) >= WRITEBACK_MIN_BYTES:
-                _sync_file_range(fd, position, len(data), 2)  # SYNC_FILE_RANGE_WRITE: start writing, no wait
+                _start_writeback(fd, position, len(data))
         finally:
             with self._lock:
                 self._active -= 1
                 self._lock.notify_all()
-
-    def _put_direct(self, fd: int, dfd: int, data: memoryview, position: int) -> bool:
-        """Write `data` at `position`: its whole aligned blocks through the O_DIRECT descriptor (from an aligned
-        copy unless `data` is aligned alike), the ragged ends through the page cache (no block is written
-        both ways). False, having written nothing, if this file refuses direct writes (then none are tried
-        again)."""
-        n = len(data)
-        lo = -position % DIRECT_ALIGN
-        hi = lo + (n - lo) // DIRECT_ALIGN * DIRECT_ALIGN
-        if hi <= lo:
-            return False
-        body = data[lo:hi]
-        src = torch.frombuffer(data, dtype=torch.uint8)
-        if src[lo:hi].data_ptr() % DIRECT_ALIGN:
-            bounce = direct_bounce(hi - lo)
-            bounce.copy_(src[lo:hi])
-            body = memoryview(bounce.numpy())
-        try:
-            self._pwrite(dfd, body, position + lo)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            with self._lock:  # this file system takes no direct writes of this alignment: page cache from now on
-                if self._dfd == dfd:
-                    self._dfd = None
-                    os.close(dfd)
-            return False
-        if lo:
-            self._pwrite(fd, data[:lo], position)
-        if hi < n:
-            self._pwrite(fd, data[hi:], position + hi)
-        return True
 
     @staticmethod
     def _pwrite(fd: int, data: bytes | memoryview, position: int) -> None:
@@ -400,9 +383,9 @@ class StreamWriter:
         with self._lock:
             fd, self._fd = self._fd, None
             self._lock.wait_for(lambda: self._active == 0)
-            if self._dfd is not None:
-                os.close(self._dfd)
-                self._dfd = None
+            if self._windows is not None:
+                self._windows.abort()  # after finish(): nothing left to stop
+                self._windows.close_direct()
             if self._read_fd is not None:
                 os.close(self._read_fd)
                 self._read_fd = None
@@ -410,8 +393,6 @@ class StreamWriter:
 
 
 WRITEBACK_MIN_BYTES = 1 << 20
-DIRECT_MIN_BYTES = 1 << 20  # smaller ranges go through the page cache
-DIRECT_ALIGN = ALIGN
 
 
 def _load_sync_file_range():
@@ -433,6 +414,10 @@ def _load_sync_file_range():
 
 
 _sync_file_range = _load_sync_file_range()
+
+
+def _start_writeback(fd: int, position: int, length: int) -> None:
+    _sync_file_range(fd, position, length, 2)  # SYNC_FILE_RANGE_WRITE: start writing, no wait
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
