@@ -395,10 +395,6 @@ MUTATIONS = [
              "digests check", "src/mupscale_cli/commands/inspect.py",
              "    optim = {} if ckpt.hf is not None else optimizer_refs(ckpt.optimizer)",
              "    optim = optimizer_refs(ckpt.optimizer)", ["tests/test_hf_verify.py", "-k", "inspect"]),
-    Mutation("windows read only from disk", "a tied alias read back before its window is on disk gets the bytes "
-             "written, not the file's zeros", "src/mupscale_cli/formats/direct.py",
-             "                if win is not None:  # copied under the lock", "                if False:  # copied under the lock",
-             ["tests/test_direct.py", "-k", "read_sees"]),
     Mutation("windows without backpressure", "at most depth whole windows wait for the disk (bounded memory)",
              "src/mupscale_cli/formats/direct.py",
              "                    self._cond.wait_for(lambda: len(self._queue) <= self._depth or",

@@ -130,28 +130,6 @@ def test_windows_put_in_any_order_from_threads_give_the_file(tmp_path: Path, no_
     assert not [t for t in threading.enumerate() if t.name.startswith("mupscale-direct")]
 
 
-def test_windows_read_sees_bytes_still_in_memory(tmp_path: Path) -> None:
-    """A read of bytes whose window is not whole yet (so not on disk) comes from memory; after they are written,
-    from the file. Reading through the file alone would give the zeros of the truncated file."""
-    size = 100_000
-    path = tmp_path / "f.bin"
-    w, fd = _windows(path, size, False, size=16 << 10)
-    first = bytes(range(256)) * 100  # 25 600 bytes: one whole window and part of the next
-    w.put(0, _as_tensor(first))
-    w.drain()
-    rfd = os.open(path, os.O_RDONLY)
-    out = torch.zeros(len(first), dtype=torch.uint8)
-    w.read(0, out, rfd)
-    assert out.numpy().tobytes() == first
-    assert os.pread(rfd, len(first), 0)[16 << 10:] == bytes(len(first) - (16 << 10))  # the tail is not on disk
-    w.put(len(first), _as_tensor(b"\x07" * (size - len(first))))
-    w.finish()
-    w.read(0, out, rfd)
-    assert out.numpy().tobytes() == first
-    os.close(rfd)
-    os.close(fd)
-
-
 def test_windows_rewrite_in_memory_and_on_disk(tmp_path: Path) -> None:
     """A header rewritten in place: into memory while its window is being filled, through the file once written."""
     path = tmp_path / "f.bin"

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import make_base, mupscale
@@ -440,3 +442,29 @@ def test_a_failed_write_in_a_worker_is_raised_and_stops_every_thread(tmp, monkey
     assert calls["threads"] and all(t.startswith("mupscale") for t in calls["threads"]), calls
     assert not out.exists() and [p.name for p in tmp.iterdir() if ".mupscale-" in p.name] == []
     assert not [t.name for t in threading.enumerate() if t.name.startswith("mupscale")]
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_tied_aliases_are_written_from_their_tensors_ranges(tmp, threads):
+    """A tied alias (stored before its tensor in the file, and an alias of an alias) holds its tensor's bytes and
+    checksum; its ranges are made once (counted), neither made again nor read back."""
+    from mupscale_cli.formats.write import OutTensor, Target, write_streamed
+    made = []
+    n = 300_001
+
+    def make(a: int, b: int, alloc=None) -> torch.Tensor:
+        made.append((a, b))
+        return torch.arange(a, b, dtype=torch.float32).mul_(0.5)
+
+    out = tmp / "o.safetensors"
+    tensors = [OutTensor("head", (n,), torch.float32, copy_of="wte"), OutTensor("wte", (n,), torch.float32, make),
+               OutTensor("head2", (n,), torch.float32, copy_of="head")]
+    write_streamed(Target("safetensors", out), tensors, [], None, None, {}, {}, threads=threads, chunk_bytes=1 << 16)
+    sd = load_file(out)
+    expected = torch.arange(n, dtype=torch.float32).mul_(0.5)
+    assert all(torch.equal(sd[k], expected) for k in ("wte", "head", "head2"))
+    assert sorted(made) == [(a, min(n, a + (1 << 14))) for a in range(0, n, 1 << 14)]
+    with safe_open(out, "pt") as f:
+        meta = f.metadata()
+    sums = json.loads(meta["mupscale.xxh3_128"])
+    assert sums["head"] == sums["head2"] == sums["wte"] == xxhash.xxh3_128(expected.numpy().tobytes()).hexdigest()

@@ -64,7 +64,7 @@ class Windows:
     file system takes it, else through `fd` and the page cache; the file's last, partial window's ragged tail
     always through `fd`), window after window, while the callers make the next ranges. No block is written
     both ways, none twice, and there are no small writes. At most `depth` whole windows wait for the writer
-    (then `put` waits: memory stays bounded). `read` sees bytes still in memory. `finish()` waits until every
+    (then `put` waits: memory stays bounded). `finish()` waits until every
     window is written and raises the writer's error, if any (as the next `put` does); `abort()` stops the writer
     without raising. Each byte of the file must be put exactly once (the caller checks that)."""
 
@@ -107,21 +107,6 @@ class Windows:
                     self._cond.wait_for(lambda: len(self._queue) <= self._depth or self._error is not None
                                         or self._stopping)
                     self._check()
-            i += k
-
-    def read(self, position: int, out: torch.Tensor, fd: int) -> None:
-        """Fill `out` (1-d uint8) with the file's bytes from `position`: from memory where their window is
-        not on disk yet, else from the file through `fd` (opened for reading; the bytes must have been put)."""
-        n, i = out.numel(), 0
-        while i < n:
-            w, off = divmod(position + i, self._size)
-            k = min(n - i, self._size - off)
-            with self._cond:
-                win = self._open.get(w)
-                if win is not None:  # copied under the lock: the window is not recycled meanwhile
-                    out[i:i + k].copy_(win[0][off:off + k])
-            if win is None:
-                _pread_all(fd, memoryview(out[i:i + k].numpy()), position + i)
             i += k
 
     def drain(self) -> None:
@@ -226,15 +211,6 @@ class Windows:
         if self._dfd is not None:
             os.close(self._dfd)
             self._dfd = None
-
-
-def _pread_all(fd: int, view: memoryview, position: int) -> None:
-    view = view.cast("B")
-    while view:
-        n = os.preadv(fd, [view], position)
-        if n <= 0:
-            raise OSError(errno.EIO, "file ended while reading back what was written")
-        view, position = view[n:], position + n
 
 
 class DirectStream(io.RawIOBase):

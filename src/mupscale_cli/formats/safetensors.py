@@ -212,7 +212,6 @@ class StreamWriter:
         self._coverage: dict[str, _Coverage] = {}
         self._lock = threading.Condition()
         self._active = 0
-        self._read_fd: int | None = None
         self.temp_path = _temp_path(self.path)
         self._fd: int | None = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         track(self.temp_path)
@@ -240,32 +239,6 @@ class StreamWriter:
     def write_chunk(self, name: str, flat_element_offset: int, tensor_chunk: torch.Tensor) -> None:
         """Write `tensor_chunk` (flattened, C order) at element `flat_element_offset` of tensor `name`."""
         self._put(self._info(name), flat_element_offset, tensor_chunk)
-
-    def read_chunk(self, name: str, flat_element_offset: int, count: int, alloc=None) -> torch.Tensor:
-        """Read back `count` elements of tensor `name` from `flat_element_offset` (already written; before
-        commit), e.g. to copy a tied alias without producing it twice."""
-        info = self._info(name)
-        if flat_element_offset < 0 or flat_element_offset + count > info.numel:
-            raise MupscaleError(f"{self.path}: read [{flat_element_offset}, {flat_element_offset + count}) of "
-                                f"tensor {name!r} is outside its {info.numel} elements")
-        with self._lock:
-            if self._fd is None:
-                raise MupscaleError(f"{self.path}: read of tensor {name!r} after commit or abort")
-            if self._read_fd is None:
-                self._read_fd = os.open(self.temp_path, os.O_RDONLY)
-            fd = self._read_fd
-            self._active += 1
-        try:
-            position = self._ranges[name][0] + flat_element_offset * info.dtype.itemsize
-            if self._windows is None:
-                return _pread_tensor(fd, position, count, info.dtype, self.path, alloc)
-            out = alloc((count,), info.dtype) if alloc is not None else torch.empty(count, dtype=info.dtype)
-            self._windows.read(position, out.view(torch.uint8), fd)
-            return out
-        finally:
-            with self._lock:
-                self._active -= 1
-                self._lock.notify_all()
 
     def update_metadata(self, metadata: dict[str, str]) -> None:
         """Merge `metadata` into the header's `__metadata__` and rewrite the header in place (before commit)."""
@@ -386,9 +359,6 @@ class StreamWriter:
             if self._windows is not None:
                 self._windows.abort()  # after finish(): nothing left to stop
                 self._windows.close_direct()
-            if self._read_fd is not None:
-                os.close(self._read_fd)
-                self._read_fd = None
         return fd
 
 
@@ -500,10 +470,6 @@ class ShardedWriter:
     def write_chunk(self, name: str, flat_element_offset: int, tensor_chunk: torch.Tensor) -> None:
         """Write a flat chunk of a tensor into its shard."""
         self._shard(name).write_chunk(name, flat_element_offset, tensor_chunk)
-
-    def read_chunk(self, name: str, flat_element_offset: int, count: int, alloc=None) -> torch.Tensor:
-        """Read back written elements of a tensor from its shard (see StreamWriter.read_chunk)."""
-        return self._shard(name).read_chunk(name, flat_element_offset, count, alloc)
 
     @property
     def files(self) -> list[Path]:

@@ -169,8 +169,8 @@ def optimizer_meta(kind: str, osd: dict) -> dict:
 @dataclass
 class OutTensor:
     """One tensor of the output: `make(start, stop)` gives its flat elements [start, stop) as a 1-d tensor
-    of `dtype`; or `copy_of` names an earlier tensor of the same output whose bytes it repeats (a tied
-    alias: copied back from the file, never made twice)."""
+    of `dtype`; or `copy_of` names another tensor of the same output whose bytes it repeats (a tied alias:
+    each range made for that tensor is written at both places, never made twice)."""
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -233,7 +233,7 @@ def chunk_elements(t: OutTensor, chunk_bytes: int) -> int:
 
 
 def _tasks(tensors: list[OutTensor], chunk_bytes: int) -> Iterator[tuple[OutTensor, int, int]]:
-    for t in [x for x in tensors if x.copy_of is None] + [x for x in tensors if x.copy_of is not None]:
+    for t in tensors:
         n = t.numel
         if n == 0:
             yield t, 0, 0
@@ -355,26 +355,29 @@ def stream_tensors(writer, tensors: list[OutTensor], threads: int = 2, chunk_byt
     """Make, hash and write every tensor range by range; returns the checksum of each tensor's bytes.
 
     `threads` worker threads (0: this thread alone) each make a range, feed it to its tensor's hash in
-    order and write it at its place in the file (positional writes: the ranges of the workers go to the
-    disk side by side, and a range is written from the thread that made it, while its bytes are still in
-    that core's cache). This thread hands out the ranges in file order, at most `threads` + 1 at a time,
-    reports progress and polls (`poll()` may raise to stop early; an error in a worker, an OSError of a
-    write included, is raised here as it is). Tied aliases (`copy_of`) come last, read back from the file
-    once their canonical tensor is written. The same bytes whatever `threads` or `chunk_bytes`."""
+    order and write it at its place in the file, and at the same place of each tied alias (`copy_of`: the
+    same bytes, never made twice nor read back). This thread hands out the ranges in file order, at most
+    `threads` + 1 at a time, reports progress and polls (`poll()` may raise to stop early; an error in a
+    worker, an OSError of a write included, is raised here as it is). The same bytes whatever `threads` or
+    `chunk_bytes`."""
+    names = {t.name: t for t in tensors}
+
+    def root(t: OutTensor) -> str:
+        seen = set()
+        while t.copy_of is not None:
+            if t.copy_of not in names or t.name in seen:
+                raise MupscaleError(f"internal: tensor {t.name!r} copies {t.copy_of!r}, which is not made")
+            seen.add(t.name)
+            t = names[t.copy_of]
+        return t.name
+    aliases: dict[str, list[str]] = {t.name: [] for t in tensors if t.copy_of is None}
+    for t in tensors:
+        if t.copy_of is not None:
+            aliases[root(t)].append(t.name)
     digests: dict[str, str] = {}
-    chains = {t.name: _Chain() for t in tensors if t.copy_of is None}
-    written = {t.name: 0 for t in tensors}
-    progress = threading.Condition()
+    chains = {name: _Chain() for name in aliases}
 
     def made(t: OutTensor, a: int, b: int) -> tuple[torch.Tensor, list]:
-        if t.copy_of is not None:  # a tied alias: the bytes of its canonical tensor, once those are written
-            with progress:
-                progress.wait_for(lambda: written[t.copy_of] == chains[t.copy_of].size or chains[t.copy_of].failed)
-            if chains[t.copy_of].failed:
-                raise MupscaleError("internal: the tensor to copy was not written")
-            pool.begin()
-            data = writer.read_chunk(t.copy_of, a, b - a, pool.alloc)
-            return data, pool.end()
         chain = chains[t.name]
         pool.begin()
         try:
@@ -396,29 +399,22 @@ def stream_tensors(writer, tensors: list[OutTensor], threads: int = 2, chunk_byt
     def work(t: OutTensor, a: int, b: int) -> None:
         data, held = made(t, a, b)
         try:
-            writer.write_chunk(t.name, a, data)
-        except BaseException:
-            if t.copy_of is None:
-                chains[t.name].fail()  # an alias of this tensor stops waiting for it
-            with progress:
-                progress.notify_all()
-            raise
+            for name in (t.name, *aliases[t.name]):
+                writer.write_chunk(name, a, data)
         finally:
             del data
             pool.release(held)
-        with progress:
-            written[t.name] += b - a
-            progress.notify_all()
 
     def put(t: OutTensor, a: int, b: int) -> None:
-        on_bytes(t.name, (b - a) * t.dtype.itemsize)
+        for name in (t.name, *aliases[t.name]):
+            on_bytes(name, (b - a) * t.dtype.itemsize)
         if poll is not None:
             poll()
 
     for t in tensors:
         if t.copy_of is None:
             chains[t.name].size = t.numel
-    tasks = list(_tasks(tensors, chunk_bytes))  # made tensors first, then tied aliases
+    tasks = list(_tasks([t for t in tensors if t.copy_of is None], chunk_bytes))
     pool = BufferPool(keep=4 * (max(threads, 1) + 1))
     with _torch_threads(1):
         if threads <= 0:
@@ -444,12 +440,10 @@ def stream_tensors(writer, tensors: list[OutTensor], threads: int = 2, chunk_byt
                         f.cancel()
                     for c in chains.values():
                         c.fail()
-                    with progress:
-                        progress.notify_all()
                     raise
-    for t in tensors:
-        if t.copy_of is not None:
-            digests[t.name] = digests[t.copy_of]
+    for name, copies in aliases.items():
+        for alias in copies:
+            digests[alias] = digests[name]
     return digests
 
 
@@ -567,7 +561,7 @@ def write_streamed(target: Target, model: list[OutTensor], optim: list[OutTensor
 
 
 class _Both:
-    """Model and optimizer shard writers behind one write_chunk/read_chunk interface."""
+    """Model and optimizer shard writers behind one write_chunk interface."""
 
     def __init__(self, writers: list[ShardedWriter]):
         self._of: dict[str, ShardedWriter] = {}
@@ -577,9 +571,6 @@ class _Both:
 
     def write_chunk(self, name: str, offset: int, data: torch.Tensor) -> None:
         self._of[name].write_chunk(name, offset, data)
-
-    def read_chunk(self, name: str, offset: int, count: int, alloc=None) -> torch.Tensor:
-        return self._of[name].read_chunk(name, offset, count, alloc)
 
 
 def sharded_files(target: Target) -> set[str]:
