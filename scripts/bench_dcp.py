@@ -3,7 +3,8 @@
 Makes a synthetic μP MLP (bundled `mup-mlp` names; float32; --width, --depth) with AdamW state (exp_avg,
 exp_avg_sq, step), saved with dcp.save in the plain layout {"model", "optim"}, then measures, each in its
 own child process, in --repeat rounds (fastest kept):
-  (a) dd        writing as many bytes as the widened checkpoint, with fsync (conv=fsync);
+  (a) dd        writing as many bytes as the widened checkpoint, with fsync (conv=fsync), and the same with
+                oflag=direct (the disk itself, around the page cache);
   (b) 1 rank    `mupscale widen IN -o OUT --k K --spec mup-mlp --json`;
   (c) 2 ranks   the same under `torchrun --standalone --nproc-per-node 2 -m mupscale_cli`.
 A wrapper reports the child's wall time and the largest peak RSS of any process below it (getrusage of its
@@ -109,28 +110,31 @@ def main() -> None:
                     r["inproc"] = None
                 if name not in best or r["seconds"] < best[name]["seconds"]:
                     best[name] = r
-            subprocess.run(["sync"])
             count = -(-out_bytes // (4 << 20))
-            log(f"round {rnd + 1}: dd {count * 4} MiB ...")
-            r = child(["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", "bs=4M", f"count={count}", "conv=fsync",
-                       "status=none"])
-            (work / "dd.bin").unlink()
-            r["inproc"] = None
-            if "dd" not in best or r["seconds"] < best["dd"]["seconds"]:
-                best["dd"] = r
+            for dd, flags in (("dd", []), ("dd oflag=direct", ["oflag=direct"])):  # the page cache; the disk
+                subprocess.run(["sync"])
+                log(f"round {rnd + 1}: {dd} {count * 4} MiB ...")
+                r = child(["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", "bs=4M", f"count={count}", *flags,
+                           "conv=fsync", "status=none"])
+                (work / "dd.bin").unlink()
+                r["inproc"] = None
+                if dd not in best or r["seconds"] < best[dd]["seconds"]:
+                    best[dd] = r
         dd_rate = out_bytes / best["dd"]["seconds"]
+        disk_rate = out_bytes / best["dd oflag=direct"]["seconds"]
         import time
         print(f"{time.strftime('%Y-%m-%d')}: input {in_bytes / 2**20:.0f} MiB (model + AdamW state), output "
               f"{out_bytes / 2**20:.0f} MiB, k = {a.k}, σ̄ = {a.sigma:g}, best of {a.repeat}, {os.cpu_count()} CPUs, dd "
-              f"{dd_rate / 1e9:.2f} GB/s in this run\n")
-        print("| case | seconds | output MB/s | ratio to dd | in-process s (rank 0) | peak RSS MiB (largest process) |")
-        print("|---|---|---|---|---|---|")
-        for name in ["dd", *cases]:
+              f"{dd_rate / 1e9:.2f} GB/s and dd oflag=direct {disk_rate / 1e9:.2f} GB/s in this run\n")
+        print("| case | seconds | output MB/s | ratio to dd | ratio to dd oflag=direct | in-process s (rank 0) | "
+              "peak RSS MiB (largest process) |")
+        print("|---|---|---|---|---|---|---|")
+        for name in ["dd", "dd oflag=direct", *cases]:
             r = best[name]
             rate = out_bytes / r["seconds"]
             ip = f"{r['inproc']:.2f}" if r["inproc"] is not None else "-"
-            print(f"| {name} | {r['seconds']:.2f} | {rate / 1e6:.0f} | {rate / dd_rate:.2f} | {ip} | "
-                  f"{r['maxrss'] / 2**20:.0f} |")
+            print(f"| {name} | {r['seconds']:.2f} | {rate / 1e6:.0f} | {rate / dd_rate:.2f} | {rate / disk_rate:.2f} | "
+                  f"{ip} | {r['maxrss'] / 2**20:.0f} |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

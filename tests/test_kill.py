@@ -294,13 +294,12 @@ def test_disk_full_mid_write_is_one_line_exit_2(big: Path, small_fs: Path, suffi
     out = small_fs / f"wide{suffix}"
     p = subprocess.Popen(widen_argv(big, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(p, lambda: temps(small_fs), "the temporary")
-    with open(small_fs / "filler", "wb") as f:
-        try:
+    try:  # fill the rest of the disk (unbuffered: nothing left to flush at close; the disk may be full already)
+        with open(small_fs / "filler", "wb", buffering=0) as f:
             while True:
                 f.write(b"\0" * (1 << 20))
-                f.flush()
-        except OSError:
-            pass
+    except OSError:
+        pass
     _, stderr = p.communicate(timeout=120)
     assert p.returncode == 2, stderr
     line = one_line(stderr)

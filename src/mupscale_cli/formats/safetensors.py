@@ -33,6 +33,7 @@ from mupscale_cli.formats.direct import Windows, open_direct
 from mupscale_cli.bounded import loads_json
 from mupscale_cli.formats.target import TMP_MARKER, check_inside, commit_path, fsync_dir, temp_name, track, untrack  # noqa: F401
 from mupscale_cli.errors import MupscaleError, check_cancelled
+from mupscale_cli.libc import libc as c_library
 
 MAX_HEADER_BYTES = 100_000_000
 """The safetensors limit on the JSON header."""
@@ -373,8 +374,7 @@ def _load_sync_file_range():
         return None
     try:
         import ctypes
-        import ctypes.util
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = c_library()
         f = libc.sync_file_range
         f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
         f.restype = ctypes.c_int

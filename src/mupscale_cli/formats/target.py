@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import secrets
@@ -30,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mupscale_cli.errors import MupscaleError, one_line
+from mupscale_cli.libc import libc as c_library
 
 TMP_MARKER = ".mupscale-tmp-"
 """Part of every temporary name: `.<dest name>.mupscale-tmp-<pid>-<random>` (files and directories)."""
@@ -71,7 +71,7 @@ def _load_renameat2():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = c_library()
         f = libc.renameat2
         f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
         f.restype = ctypes.c_int
@@ -426,7 +426,7 @@ def install_sigbus_handler() -> bool:
     if not sys.platform.startswith("linux") or not hasattr(signal, "SIGBUS"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = c_library()
         kind = ctypes.CFUNCTYPE(None, ctypes.c_int)
         handler = kind(_on_sigbus)
         libc.signal.restype = ctypes.c_void_p

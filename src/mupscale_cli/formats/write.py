@@ -36,6 +36,7 @@ from mupscale_cli.formats.safetensors import (INDEX_SUFFIX, ShardedWriter, Strea
 from mupscale_cli.formats.target import (OLD_MARKER, TMP_MARKER, atomic_dir, commit_path, env_error, temp_name,
                                          track, untrack)
 from mupscale_cli.errors import Cancelled, MupscaleError, register_thread, unregister_thread
+from mupscale_cli.libc import libc as c_library
 
 from mupscale_cli.core.job import DEFAULT_CHUNK_BYTES  # noqa: E402,F401
 SHARD_NAME = re.compile(r"^(?P<prefix>.+)-\d{5}-of-\d{5}\.safetensors$")
@@ -251,9 +252,7 @@ def limit_heap_growth(threshold: int = 1 << 20) -> None:
     widening with noise). Costs the kernel's zeroing of fresh pages (about 0.15 s per GB written).
     Process-wide: the CLI calls it, the library does not."""
     try:
-        import ctypes
-        import ctypes.util
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = c_library()
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (fixing it also stops the dynamic adjustment)
     except (OSError, AttributeError, TypeError):
         pass
