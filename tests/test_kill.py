@@ -43,18 +43,28 @@ def temps(directory: Path) -> list[Path]:
 
 
 def start_and_signal(ckpt: Path, out: Path, sig: signal.Signals) -> subprocess.CompletedProcess:
-    """Start a widening, wait until its temporary file exists and holds data, then send `sig`."""
+    """Start a widening, wait until its temporary file holds data on disk (its first blocks written: the file
+    is sized in advance, so its allocated blocks tell), stop it there (SIGSTOP, so it cannot finish meanwhile
+    however fast the disk), send `sig` and let it go on (SIGCONT) to handle it."""
     argv = [*MUPSCALE, "widen", str(ckpt), "--k", str(K), "--spec", "mup-mlp", "-o", str(out)]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def written() -> bool:
+        try:
+            return any(t.stat().st_blocks > 0 for t in temps(out.parent))
+        except FileNotFoundError:
+            return False
     try:
         deadline = time.monotonic() + 120
-        while not temps(out.parent):
+        while not written():
             assert p.poll() is None, f"exited {p.returncode} before writing: {p.stderr.read()}"
-            assert time.monotonic() < deadline, "no temporary file appeared"
-            time.sleep(0.005)
-        time.sleep(0.3)  # some tensors written
+            assert time.monotonic() < deadline, "no data written to a temporary file"
+            time.sleep(0.001)
+        p.send_signal(signal.SIGSTOP)
         assert p.poll() is None and not out.exists(), "the widening finished before the signal; make it larger"
         p.send_signal(sig)
+        if sig != signal.SIGKILL:
+            p.send_signal(signal.SIGCONT)
         stdout, stderr = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
