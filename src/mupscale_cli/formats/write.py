@@ -3,8 +3,10 @@
 
 Streaming: every output tensor is an `OutTensor` whose bytes a function makes for any flat element
 range. `stream_tensors` cuts large tensors into ranges of about `chunk_bytes`; a small thread pool makes
-each range, hashes it and writes it at its place in the file (positional writes, side by side); at most
-threads + 1 ranges are in flight, so memory stays bounded whatever the size of the model, of a tensor, or of k.
+each range, hashes it and hands it to the writer at its place in the file (and at its tied aliases'); the
+safetensors writer gathers the bytes in aligned windows that one thread writes to the disk in turn
+(formats/direct.py). At most threads + 1 ranges are in flight and a few windows wait for the disk, so memory
+stays bounded whatever the size of the model, of a tensor, or of k.
 
 Over 500 lines: the streamed writer (worker threads, back-pressure, the scan beside it) and its three targets
 (.safetensors, shards, .pt) share one cancellation and commit path.
