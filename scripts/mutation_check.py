@@ -395,6 +395,11 @@ MUTATIONS = [
              "digests check", "src/mupscale_cli/commands/inspect.py",
              "    optim = {} if ckpt.hf is not None else optimizer_refs(ckpt.optimizer)",
              "    optim = optimizer_refs(ckpt.optimizer)", ["tests/test_hf_verify.py", "-k", "inspect"]),
+    Mutation("tied aliases left out", "a tied alias holds its tensor's bytes, written from the same ranges",
+             "src/mupscale_cli/formats/write.py", "            for name in (t.name, *aliases[t.name]):\n"
+             "                writer.write_chunk(name, a, data)",
+             "            for name in (t.name,):\n                writer.write_chunk(name, a, data)",
+             ["tests/test_streaming.py", "-k", "tied"]),
     Mutation("windows without backpressure", "at most depth whole windows wait for the disk (bounded memory)",
              "src/mupscale_cli/formats/direct.py",
              "                    self._cond.wait_for(lambda: len(self._queue) <= self._depth or",
