@@ -38,7 +38,8 @@ def test_stream_writes_the_bytes_it_was_given(tmp_path: Path, monkeypatch, no_di
     assert not [t for t in threading.enumerate() if t.name.startswith("mupscale-direct")]
 
 
-def test_stream_raises_the_writer_threads_error_and_stops_it(tmp_path: Path, monkeypatch) -> None:
+def _disk_full_in_writer_thread(monkeypatch) -> None:
+    """Every write of the writer thread (not the caller's own) fails with ENOSPC."""
     real = direct.pwrite_all
 
     def failing(fd, data, position):
@@ -46,6 +47,10 @@ def test_stream_raises_the_writer_threads_error_and_stops_it(tmp_path: Path, mon
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data, position)
     monkeypatch.setattr(direct, "pwrite_all", failing)
+
+
+def test_stream_raises_the_writer_threads_error_and_stops_it(tmp_path: Path, monkeypatch) -> None:
+    _disk_full_in_writer_thread(monkeypatch)
     s = DirectStream(tmp_path / "f.bin", size=16 << 10, depth=2)
     if s._pool is None:
         pytest.skip("no O_DIRECT here: no writer thread")
@@ -145,13 +150,7 @@ def test_windows_rewrite_in_memory_and_on_disk(tmp_path: Path) -> None:
 
 
 def test_windows_writer_error_reaches_the_callers_and_stops_the_thread(tmp_path: Path, monkeypatch) -> None:
-    real = direct.pwrite_all
-
-    def failing(fd, data, position):
-        if threading.current_thread().name.startswith("mupscale-direct"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, position)
-    monkeypatch.setattr(direct, "pwrite_all", failing)
+    _disk_full_in_writer_thread(monkeypatch)
     w, fd = _windows(tmp_path / "f.bin", 200_000, False, size=16 << 10, depth=1)
     with pytest.raises(OSError) as e:
         for pos, b in sorted(_layout(1, 200_000)):
