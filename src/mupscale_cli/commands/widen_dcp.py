@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -194,8 +195,14 @@ def _run(opts: WidenOptions, progress, out: Path, rank: int, world: int, distrib
 
     def seen(key: str, t: torch.Tensor) -> None:
         progress(key, t.numel() * t.element_size())
-        if key in labels and t.is_floating_point() and not bool(torch.isfinite(t.sum())):
-            counts[labels[key]] = counts.get(labels[key], 0) + int((~torch.isfinite(t)).sum())
+
+    lock = threading.Lock()
+
+    def check(key: str, piece: torch.Tensor) -> None:  # in the threads that make the pieces
+        if key in labels and piece.is_floating_point() and not bool(torch.isfinite(piece.sum())):
+            n = int((~torch.isfinite(piece)).sum())
+            with lock:
+                counts[labels[key]] = counts.get(labels[key], 0) + n
 
     tmp = _tmp_name(out, distributed)
     if rank == 0:
@@ -203,7 +210,7 @@ def _run(opts: WidenOptions, progress, out: Path, rank: int, world: int, distrib
     try:
         short = save_lazy(tree, mine, lambda key, r0, r1, alloc=None: rows[key][2](r0, r1, alloc), tmp, distributed,
                           rank, seen,
-                          threads=_threads(opts.threads), piece_bytes=max(1, opts.chunk_bytes))
+                          threads=_threads(opts.threads), piece_bytes=max(1, opts.chunk_bytes), on_piece=check)
         if distributed:  # every rank learns every rank's counts, and whether its files hold what it made
             import torch.distributed as td
             every: list = [None] * world

@@ -1,10 +1,13 @@
 """PyTorch distributed checkpoints (torch.distributed.checkpoint, "DCP"): a directory of `.distcp` files and
 a `.metadata` file, as FSDP2 jobs (torchtitan and others) save them.
 
-Reading goes through DCP's own machinery, tensor by tensor: `FileSystemReader.read_data` with a load plan
-from `create_read_items_for_chunk_list` for just the rows wanted, so only the saved chunks that overlap them
-are read. Two things differ from `dcp.load`, both for untrusted inputs: `.metadata` is unpickled with an
-allow-list (DCP's own reader calls `pickle.load`, which can run code), and non-tensor entries are read with
+Reading plans with DCP's own machinery, tensor by tensor: a load plan from `create_read_items_for_chunk_list`
+for just the rows wanted, so only the saved chunks that overlap them are read. Where a chunk's torch.save
+record holds its bytes plainly (uncompressed, C-contiguous, this machine's byte order: found once per chunk
+from the record's zip directory and a load onto the meta device), the rows are read from the file with one
+pread; anything else goes through `FileSystemReader.read_data`, which loads the whole stored chunk. Two things
+differ from `dcp.load`, both for untrusted inputs: `.metadata` is unpickled with an allow-list (DCP's own
+reader calls `pickle.load`, which can run code), and non-tensor entries are read with
 `torch.load(weights_only=True)`. Before any output is made, the metadata is checked: every chunk inside its
 tensor, chunks tiling each tensor exactly, every stored item inside an existing file.
 
@@ -15,30 +18,38 @@ per tensor (`state.<fqn>.<key>`, `param_groups.<fqn>.<hp>`, from
 `StateDictOptions(flatten_optimizer_state_dict=True)`, torchtitan's OptimizersContainer). Every other entry
 (lr_scheduler, dataloader, train_state, ...) is carried over.
 
-Writing (`save_lazy`) is `dcp.save` with a planner that makes each tensor when the writer asks for it, so
-memory holds one tensor at a time; under torch.distributed each rank saves its share and DCP's coordinator
-writes the one `.metadata` (the collective commit).
+Writing (`save_lazy`) is `dcp.save` with a planner that makes each row block when the writer asks for it
+(and the next one meanwhile), and a FileSystemWriter whose data file is written here: the same file, each
+tensor torch.save's record (formats/torchsave.py) around bytes whose CRC-32 the threads that made them
+computed. Under torch.distributed each rank saves its share and DCP's coordinator writes the one `.metadata`
+(the collective commit).
 
-Over 500 lines: reading DCP safely (the exact unpickling allow-list, the tiling and storage checks) and
-writing it lazily share DCP's own types and planners; split, each half would import the other's.
+Over 500 lines: reading DCP safely (the exact unpickling allow-list, the tiling and storage checks, the
+records read from the file) and writing it lazily share DCP's own types and planners; split, each half
+would import the other's.
 """
 from __future__ import annotations
 
+import ctypes
 import io
+import itertools
 import math
+import os
 import pickle
+import sys
 import threading
 import warnings
+import zlib
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from mupscale_cli.errors import MupscaleError
-from mupscale_cli.formats.direct import DirectStream
+from mupscale_cli.formats.direct import DirectStream, pread_all
 from mupscale_cli.formats.target import check_inside
+from mupscale_cli.formats.torchsave import crc32_combine, parts
 from mupscale_cli.formats.safetensors import TensorInfo
 
 METADATA = ".metadata"
@@ -385,6 +396,33 @@ def _planner(dest: torch.Tensor | None = None, out: dict | None = None, chunks: 
     return Into()
 
 
+class _Slice(io.RawIOBase):
+    """Bytes [offset, offset + length) of an open file, as a file of their own (read, seek, tell)."""
+
+    def __init__(self, f, offset: int, length: int):
+        super().__init__()
+        self._fd, self._offset, self._length, self._pos = f.fileno(), offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, off: int, whence: int = 0) -> int:
+        self._pos = max(0, off if whence == 0 else self._pos + off if whence == 1 else self._length + off)
+        return self._pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self._length - self._pos))
+        got = os.preadv(self._fd, [memoryview(b)[:n]], self._offset + self._pos) if n else 0
+        self._pos += got
+        return got
+
+
 class DcpReader:
     """The tensors and entries of one DCP checkpoint, read on demand (the reader interface of LazyTensors:
     info, read, read_rows, location)."""
@@ -398,6 +436,7 @@ class DcpReader:
         self._fs.storage_data = self.md.storage_data
         self.paths = check_paths(self.root, self.md)
         self._chunks: dict[str, dict] = {}
+        self._places: dict = {}  # storage index -> (file, byte of element 0, sizes) or None (DCP reads it)
 
     def tensors(self) -> list[str]:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -435,9 +474,75 @@ class DcpReader:
         if chunks is None:
             chunks = self._chunks[key] = {tuple(c.offsets): tuple(c.sizes) for c in self.md.state_dict_metadata[
                 key].chunks}
-        self._read(LoadPlan(items), _planner(dest=dest, chunks=chunks, where=f"{self.root / METADATA}: tensor "
-                                                                            f"{key!r}"), key)
+        items = [it for it in items if not self._pread(it, dest, chunks)]
+        if items:
+            self._read(LoadPlan(items), _planner(dest=dest, chunks=chunks, where=f"{self.root / METADATA}: "
+                                                                                f"tensor {key!r}"), key)
         return dest
+
+    def _place(self, index, sizes: tuple[int, ...] | None, dtype: torch.dtype):
+        """Where the bytes of the stored chunk `index` lie: (its file, the byte of its element 0, its sizes),
+        when its torch.save record holds exactly the chunk the metadata names (dtype, shape), C-contiguous,
+        in this machine's byte order, stored uncompressed in a data record of exactly its storage's size
+        (torch's zip reader refuses a directory whose records run past the item); else None (DCP's reader
+        reads it, and names what is wrong). Found from the record's zip directory and a load onto the meta
+        device (no data read); cached per chunk."""
+        if index in self._places:
+            return self._places[index]
+        import zipfile
+
+        from mupscale_cli.formats.torchsave import data_start
+        info, place = self.md.storage_data[index], None
+        path = self.root / info.relative_path
+        try:
+            with open(path, "rb") as f:
+                zf = zipfile.ZipFile(_Slice(f, info.offset, info.length))
+                records = {i.filename.split("/", 1)[-1]: i for i in zf.infolist()}
+                data = [i for n, i in records.items() if n.startswith("data/")]
+                order = zf.read(records["byteorder"]).decode() if "byteorder" in records else None
+                rec = data[0] if len(data) == 1 and data[0].compress_type == zipfile.ZIP_STORED else None
+                at = data_start(lambda o, n: os.pread(f.fileno(), n, info.offset + o), rec) if rec else None
+                # torch.load onto the meta device byteswaps a record of the other byte order: a crash (torch
+                # 2.13), so only a record in this machine's order is loaded so
+                t = (torch.load(_Slice(f, info.offset, info.length), map_location="meta", weights_only=True)
+                     if rec is not None and order == sys.byteorder else None)
+            st = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if (st is not None and t.dtype == dtype
+                    and sizes is not None and tuple(t.shape) == sizes and t.is_contiguous()
+                    and getattr(st, "_checkpoint_offset", None) == at and st.nbytes() == rec.file_size
+                    and (t.storage_offset() + t.numel()) * t.element_size() <= st.nbytes()):
+                place = (path, info.offset + at + t.storage_offset() * t.element_size(), sizes)
+        except Exception:  # noqa: BLE001 - DCP's own reader reads this record, and names what is wrong with it
+            place = None
+        self._places[index] = place
+        return place
+
+    def _pread(self, item, dest: torch.Tensor, chunks: dict) -> bool:
+        """Read one ReadItem's elements straight from its file into `dest` when they are one contiguous
+        region of `dest` in a record whose bytes lie plainly in the file (`_place`): `dest` is whole rows of
+        the tensor, so a contiguous region of it is whole rows of the stored chunk too, or part of one row.
+        False: DCP's reader must read it (torch.load of the whole stored chunk: the same values, more bytes
+        read)."""
+        from torch.distributed._shard._utils import narrow_tensor_by_index
+        off = tuple(item.storage_index.offset) if item.storage_index.offset is not None else ()
+        place = self._place(item.storage_index, chunks.get(off), dest.dtype)
+        if place is None:
+            return False
+        path, start, sizes = place
+        region = narrow_tensor_by_index(dest, item.dest_offsets, item.lengths) if sizes else dest
+        if not region.is_contiguous():
+            return False  # columns of the tensor (a column-sharded chunk): DCP's reader
+        first = sum(o * math.prod(sizes[i + 1:]) for i, o in enumerate(item.storage_offsets)) if sizes else 0
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            whole = pread_all(fd, memoryview(region.reshape(-1).view(torch.uint8).numpy()),
+                              start + first * dest.element_size())
+        finally:
+            os.close(fd)
+        if not whole:
+            raise MupscaleError(f"{path}: file ended while reading {item.storage_index.fqn!r} (truncated or changed "
+                                f"since it was opened)")
+        return True
 
     def read(self, key: str, start: int = 0, count: int | None = None, alloc=None) -> torch.Tensor:
         shape = self.info(key).shape
@@ -667,53 +772,107 @@ def row_blocks(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> list[tu
     return [(r0, min(shape[0], r0 + step)) for r0 in range(0, max(shape[0], 1), step)] if shape[0] else [(0, 0)]
 
 
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of contiguous tensor `t` (held by the caller), not through numpy: a tensor exported to numpy
+    can no longer be resized, and the writer frees each block by resizing its storage to 0."""
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B") if n else memoryview(b"")
+
+
+def _resolved_in_order(items, planner):
+    """(item, its data) in FileSystemWriter's order for one file: byte items, then tensors, each as planned;
+    each resolved when the previous one is written."""
+    from torch.distributed.checkpoint.planner import WriteItemType
+    for item in [i for i in items if i.type == WriteItemType.BYTE_IO] + [
+            i for i in items if i.type != WriteItemType.BYTE_IO]:
+        yield item, planner.resolve_data(item)
+
+
+def _write_tensor(stream, t: torch.Tensor, crc: tuple[int, bytes] | None) -> None:
+    """torch.save(t, stream): torch.save's record around t's bytes, given their CRC-32 (formats.torchsave),
+    else torch.save itself."""
+    got = parts(t, *crc) if crc is not None else None
+    if got is None:
+        torch.save(t, stream)
+        return
+    head, tail = got
+    stream.write(head)
+    stream.write(_bytes_of(t))
+    stream.write(tail)
+
+
 def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable[..., torch.Tensor],
               out_dir: Path, distributed: bool, rank: int = 0,
               on_tensor: Callable[[str, torch.Tensor], None] = lambda k, t: None, threads: int = 1,
-              piece_bytes: int = 8 << 20) -> str | None:
+              piece_bytes: int = 8 << 20,
+              on_piece: Callable[[str, torch.Tensor], None] = lambda k, t: None) -> str | None:
     """dcp.save of `tree` into `out_dir`. Its tensors are meta placeholders: this rank writes the row blocks
     `mine[key]` of each (one DCP chunk per block; a key absent from `mine` is written by another rank), each
-    made by `make(key, r0, r1)` when the writer reaches it (one block in memory at a time) and shown to
-    `on_tensor(key, block)`. Non-tensor entries are written by rank 0. distributed=True: a collective save
-    over the default process group; DCP's coordinator (rank 0) writes `.metadata` once every rank has
-    written, listing every rank's chunks.
+    made by `make(key, r0, r1)` when the writer reaches it, shown to `on_tensor(key, block)` (this thread)
+    and each piece of it to `on_piece(key, piece)` (the thread that made it). Non-tensor entries are written
+    by rank 0. distributed=True: a collective save over the default process group; DCP's coordinator (rank
+    0) writes `.metadata` once every rank has written, listing every rank's chunks.
 
-    Each block's memory is released when the writer asks for the next one, which holds only while DCP writes
-    an item before it resolves the next: its serial loader, chosen by `per_thread_copy_ahead=0` (on a
-    machine with CUDA, the default copy-ahead loader resolves items ahead of writing them). A block is made
-    into its own storage (the exact size DCP writes without a copy) in pieces of about `piece_bytes`, by
-    `threads` threads side by side (`make(key, r0, r1, alloc)` of any row range gives the same bytes; its
-    large buffers come from `alloc`, reused by each thread piece after piece). Returns None, or why
-    this rank's files hold fewer bytes than it made (then the output must not be committed)."""
+    Memory holds two blocks: the one being written and the next, made meanwhile by `threads` threads in
+    pieces of about `piece_bytes` (`make(key, r0, r1, alloc)` of any row range gives the same bytes; its
+    large buffers come from `alloc`, reused by each thread piece after piece), each block in one of two
+    memory slots reused block after block; a writer asking for a block before writing the previous one is
+    refused. Returns None, or why this rank's files hold fewer bytes than it made (then the output must not
+    be committed)."""
     import dataclasses
     from concurrent.futures import ThreadPoolExecutor
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint.filesystem import FileSystem
 
-    class _DirectFileSystem(FileSystem):
-        """DCP's file system, its `.distcp` data files written as formats.direct.DirectStream."""
+    class Writer(FileSystemWriter):
+        """DCP's FileSystemWriter with one file per rank (thread_count=1), its data file written here: the same
+        name, items, order and bytes as FileSystemWriter.write_data (byte items, then tensors, each a
+        torch.save record), as a formats.direct.DirectStream, each tensor's record made by
+        formats.torchsave.parts around bytes whose CRC-32 the pool computed (torch.save where `parts` says
+        no). Each item is resolved just before it is written: a block is freed when the next is asked for."""
 
-        @contextmanager
-        def create_stream(self, path, mode: str):
-            if mode != "wb" or not str(path).endswith(".distcp"):
-                with super().create_stream(path, mode) as stream:
-                    yield stream
-                return
-            stream = DirectStream(Path(path))
+        def write_data(self, plan, planner):
+            from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo
+            from torch.distributed.checkpoint.storage import WriteResult
+            name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+            results = []
+            stream = DirectStream(Path(self.fs.concat_path(self.path, name)))
             try:
-                yield stream
+                for item, data in _resolved_in_order(plan.items, planner):
+                    offset = stream.tell()
+                    if item.type == WriteItemType.BYTE_IO:
+                        stream.write(data.getbuffer())
+                    else:
+                        _write_tensor(stream, data, planner.crc_of(data))
+                        planner.written(data)
+                    length = stream.tell() - offset
+                    results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                               storage_data=_StorageInfo(name, offset, length)))
+                if self.sync_files:
+                    os.fsync(stream.fileno())
             except BaseException:
                 stream.abort()
                 raise
             stream.close()
+            fut: torch.futures.Future = torch.futures.Future()
+            fut.set_result(results)
+            return fut
+
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
     from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
     class Lazy(DefaultSavePlanner):
+        """Each block is made when the writer asks for it, and the one it will ask for next (the plan's
+        order) is made meanwhile by the pool, while the main thread writes this one and the disk works. A
+        writer that asks in another order gets each block made on demand: the same bytes, no overlap."""
         _last = None
+        _written = None
+        _slot = 1
+        _ahead = None
+        _following: dict | None = None
+        _crc: tuple = (None, None)
 
         def create_local_plan(self):
             plan = super().create_local_plan()
@@ -731,34 +890,86 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
                                            tensor_data=TensorWriteData(ChunkStorageMetadata(off, sizes),
                                                                        it.tensor_data.properties, size)))
             self.plan = dataclasses.replace(plan, items=items)
+            tensors = [it for it in items if it.type != WriteItemType.BYTE_IO]
+            self._following = {_ident(it): nxt for it, nxt in itertools.pairwise(tensors)}
             return self.plan
 
         def resolve_data(self, write_item):
             if write_item.type == WriteItemType.BYTE_IO:
                 return super().resolve_data(write_item)
-            key, chunk = write_item.index.fqn, write_item.tensor_data.chunk
-            r0 = chunk.offsets[0] if len(chunk.offsets) else 0
-            r1 = r0 + chunk.sizes[0] if len(chunk.sizes) else 1
-            if self._last is not None:  # written by now (the serial loader resolves the next item after
-                self._last.untyped_storage().resize_(0)  # writing one): free it, though DCP's writer
-            # keeps a reference to every tensor until its file is done
-            t = torch.empty(tuple(chunk.sizes), dtype=write_item.tensor_data.properties.dtype)  # our own
-            if len(chunk.sizes) == 0:  # storage (`make` may return the input's), filled piece by piece
-                fill(t, key, r0, r1, 0, 1)
-            else:
-                row = max(1, math.prod(chunk.sizes[1:])) * t.element_size()
-                step = max(1, piece_bytes // row)
-                pieces = [(a, min(r1, a + step)) for a in range(r0, r1, step)]
-                if pool is None or len(pieces) < 2:
-                    for a, b in pieces:
-                        fill(t, key, r0, r1, a, b)
-                else:
-                    for f in [pool.submit(fill, t, key, r0, r1, a, b) for a, b in pieces]:
-                        f.result()
-            on_tensor(key, t)
+            if self._last is not None and self._written is not self._last:  # its slot is about to be reused
+                raise MupscaleError("internal: the DCP writer asked for a block before writing the previous "
+                                    "one")
+            ahead, self._ahead = self._ahead, None
+            if ahead is None or ahead[0] != _ident(write_item):
+                if ahead is not None:  # not the item the writer asks for: made for nothing
+                    _wait(ahead[2])
+                ahead = _start(write_item, ahead[4] if ahead is not None else 1 - self._slot if pool else 0)
+            _, t, futures, crcs, self._slot = ahead
+            _wait(futures)
+            following = (self._following or {}).get(_ident(write_item))
+            if following is not None and pool is not None:  # the pool makes it while this one is written,
+                self._ahead = _start(following, 1 - self._slot)  # in the other slot
+            crc, n = crcs[0]
+            for c, m in crcs[1:]:
+                crc, n = crc32_combine(crc, c, m), n + m
+            raw = _bytes_of(t)
+            self._crc = (t, (crc, bytes(raw[:8])) if n == len(raw) else None)
+            on_tensor(write_item.index.fqn, t)
             self._last = t
             nbytes[0] += t.numel() * t.element_size()
             return t
+
+        def crc_of(self, t: torch.Tensor) -> tuple[int, bytes] | None:
+            """(CRC-32 of the bytes of block `t`, its first 8 bytes), made by the pool with it."""
+            return self._crc[1] if self._crc[0] is t else None
+
+        def written(self, t: torch.Tensor) -> None:
+            """The writer has written block `t` (its slot may take another block)."""
+            self._written = t
+
+    def _ident(write_item) -> tuple:
+        return write_item.index.fqn, tuple(write_item.tensor_data.chunk.offsets)
+
+    slots: list = [None, None]
+
+    def _block(shape: tuple[int, ...], dtype: torch.dtype, slot: int) -> torch.Tensor:
+        """A tensor whose storage is exactly its bytes (what torch.save writes), in memory slot `slot`: two
+        buffers, one for the block being written and one for the block being made, reused block after block
+        (fresh pages cost the kernel's faults and zeroing every time), each grown to the largest block."""
+        n = math.prod(shape) * dtype.itemsize
+        if n == 0:
+            return torch.empty(shape, dtype=dtype)
+        if slots[slot] is None or slots[slot].numel() < n:
+            slots[slot] = None
+            slots[slot] = torch.empty(n, dtype=torch.uint8)
+        mem = (ctypes.c_char * n).from_address(slots[slot].data_ptr())
+        return torch.frombuffer(mem, dtype=torch.uint8).view(dtype).view(shape)
+
+    def _start(write_item, slot: int) -> tuple:
+        """The block of `write_item` (`make` may return the input's memory: copied into the block), in memory
+        slot `slot`, its pieces made by the pool (futures) or here (no pool), each piece's (CRC-32, bytes)."""
+        key, chunk = write_item.index.fqn, write_item.tensor_data.chunk
+        r0 = chunk.offsets[0] if len(chunk.offsets) else 0
+        r1 = r0 + chunk.sizes[0] if len(chunk.sizes) else 1
+        t = _block(tuple(chunk.sizes), write_item.tensor_data.properties.dtype, slot)
+        if len(chunk.sizes) == 0:
+            pieces = [(0, 1)]
+        else:
+            row = max(1, math.prod(chunk.sizes[1:])) * t.element_size()
+            step = max(1, piece_bytes // row)
+            pieces = [(a, min(r1, a + step)) for a in range(r0, r1, step)]
+        crcs: list = [(0, 0)] * max(1, len(pieces))
+        if pool is None:
+            for i, (a, b) in enumerate(pieces):
+                fill(t, key, r0, r1, a, b, crcs, i)
+            return _ident(write_item), t, [], crcs, slot
+        return _ident(write_item), t, [pool.submit(fill, t, key, r0, r1, a, b, crcs, i)
+                                       for i, (a, b) in enumerate(pieces)], crcs, slot
+
+    def _wait(futures) -> None:
+        for f in futures:
+            f.result()
 
     local = threading.local()
 
@@ -774,15 +985,20 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
         used.append(buf)
         return buf[:n].view(dtype).view(shape)
 
-    def fill(t: torch.Tensor, key: str, r0: int, r1: int, a: int, b: int) -> None:
+    def fill(t: torch.Tensor, key: str, r0: int, r1: int, a: int, b: int, crcs: list, i: int) -> None:
+        """Rows [a, b) of block `t` (rows [r0, r1) of `key`) made and copied in; crcs[i] = (their CRC-32,
+        their bytes), computed here while they are in this core's cache; shown to `on_piece`."""
         try:
             made = make(key, a, b, alloc)
-            if made.dtype != t.dtype or made.numel() != (t.numel() if t.dim() == 0 else t[a - r0:b - r0].numel()):
+            piece = t if t.dim() == 0 else t[a - r0:b - r0]
+            if made.dtype != t.dtype or made.numel() != piece.numel():
                 raise MupscaleError(f"internal: rows [{a}, {b}) of {key!r} came out as {made.dtype}, "
                                     f"{made.numel()}")
-            (t if t.dim() == 0 else t[a - r0:b - r0]).copy_(made.reshape(t.shape if t.dim() == 0 else
-                                                                         (b - a, *t.shape[1:])))
+            piece.copy_(made.reshape(piece.shape))
             del made
+            raw = _bytes_of(piece)
+            crcs[i] = (zlib.crc32(raw), len(raw))
+            on_piece(key, piece)
         finally:
             free, used = local.__dict__.setdefault("free", []), local.__dict__.setdefault("used", [])
             free.extend(used)
@@ -791,18 +1007,17 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
                 free.sort(key=lambda x: x.numel())
                 del free[:len(free) - 6]
 
+    # "torch.distributed is disabled ... single process": a filter for the whole process, as catch_warnings
+    # is not thread-safe (another thread's leaving it restores the filters this save relies on)
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
     nbytes = [0]
-    writer = FileSystemWriter(out_dir, thread_count=1, sync_files=True, per_thread_copy_ahead=0)
-    if type(getattr(writer, "fs", None)) is FileSystem:
-        writer.fs = _DirectFileSystem()  # the data files: written around the page cache, the same bytes
+    writer = Writer(out_dir, thread_count=1, sync_files=True)
     pool = ThreadPoolExecutor(threads, thread_name_prefix="mupscale-dcp") if threads > 1 else None
     saved = torch.get_num_threads()
     try:
         if pool is not None:
             torch.set_num_threads(1)  # our threads do the parallel work
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "torch.distributed is disabled ... single process"
-            dcp.save(tree, storage_writer=writer, planner=Lazy(), no_dist=not distributed)
+        dcp.save(tree, storage_writer=writer, planner=Lazy(), no_dist=not distributed)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -52,6 +52,17 @@ def pwrite_all(fd: int, data: bytes | memoryview, position: int) -> None:
         view, position = view[written:], position + written
 
 
+def pread_all(fd: int, data: memoryview, position: int) -> bool:
+    """Fill `data` with the file's bytes from `position`; False if the file ends first."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.preadv(fd, [view], position)
+        if n <= 0:
+            return False
+        view, position = view[n:], position + n
+    return True
+
+
 WINDOW = 4 << 20  # bytes of a window: large enough for the disk's full speed, small enough for flat memory
 
 

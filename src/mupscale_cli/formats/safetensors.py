@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 
 from mupscale_cli.formats import digest
-from mupscale_cli.formats.direct import Windows, open_direct
+from mupscale_cli.formats.direct import Windows, open_direct, pread_all
 from mupscale_cli.bounded import loads_json
 from mupscale_cli.formats.target import TMP_MARKER, check_inside, commit_path, fsync_dir, temp_name, track, untrack  # noqa: F401
 from mupscale_cli.errors import MupscaleError, check_cancelled
@@ -147,13 +147,9 @@ def _pread_tensor(fd: int, position: int, count: int, dtype: torch.dtype, where:
     out = alloc((count,), dtype) if alloc is not None else torch.empty(count, dtype=dtype)
     if count == 0:
         return out
-    view = memoryview(out.view(torch.uint8).numpy()).cast("B")
-    while view:
-        n = os.preadv(fd, [view], position)
-        if n <= 0:
-            raise MupscaleError(f"{where}: file ended while reading tensor data (truncated or changed since "
-                                f"it was opened)")
-        view, position = view[n:], position + n
+    if not pread_all(fd, memoryview(out.view(torch.uint8).numpy()), position):
+        raise MupscaleError(f"{where}: file ended while reading tensor data (truncated or changed since "
+                            f"it was opened)")
     return out
 
 
@@ -693,13 +689,9 @@ class LazySafetensors:
                 check_cancelled()
                 n = min(step, info.nbytes - a)
                 view = memoryview(buf[:n].numpy()).cast("B")
-                done, position = 0, self._offsets[name] + a
-                while done < n:
-                    got = os.preadv(fd, [view[done:]], position + done)
-                    if got <= 0:
-                        raise MupscaleError(f"{self.path}: file ended while reading tensor data (truncated or "
-                                            f"changed since it was opened)")
-                    done += got
+                if not pread_all(fd, view, self._offsets[name] + a):
+                    raise MupscaleError(f"{self.path}: file ended while reading tensor data (truncated or "
+                                        f"changed since it was opened)")
                 if hashing:
                     h.update(view)
                 if on_piece is not None:
