@@ -989,12 +989,21 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
         """Rows [a, b) of block `t` (rows [r0, r1) of `key`) made and copied in; crcs[i] = (their CRC-32,
         their bytes), computed here while they are in this core's cache; shown to `on_piece`."""
         try:
-            made = make(key, a, b, alloc)
             piece = t if t.dim() == 0 else t[a - r0:b - r0]
+            spare = [piece]
+
+            def into(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+                """`alloc`, but the first buffer of the piece's size and dtype is the piece itself: where the
+                widening writes its result there (the usual case), there is no copy to make."""
+                if spare and dtype == piece.dtype and math.prod(shape) == piece.numel():
+                    return spare.pop().view(shape)
+                return alloc(shape, dtype)
+            made = make(key, a, b, into)
             if made.dtype != t.dtype or made.numel() != piece.numel():
                 raise MupscaleError(f"internal: rows [{a}, {b}) of {key!r} came out as {made.dtype}, "
                                     f"{made.numel()}")
-            piece.copy_(made.reshape(piece.shape))
+            if not (made.data_ptr() == piece.data_ptr() and made.is_contiguous()):
+                piece.copy_(made.reshape(piece.shape))
             del made
             raw = _bytes_of(piece)
             crcs[i] = (zlib.crc32(raw), len(raw))
