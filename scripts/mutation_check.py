@@ -420,8 +420,8 @@ MUTATIONS = [
         ("falcon", "ffn_hidden_size", "falcon"), ("falcon-mha", "ffn_hidden_size", "falcon"),
         ("gpt-neox", "intermediate_size", "gpt_neox"), ("gpt-bigcode", "n_inner", "gpt_bigcode"),
         ("opt", "ffn_dim", "opt"), ("opt-proj", "ffn_dim", "opt"))],
-    Mutation("DCP block slot reused before written", "a block is never overwritten before it is written (two "
-             "memory slots)", "src/mupscale_cli/formats/dcp.py",
+    Mutation("DCP block slot reused before written", "a block is never overwritten before it is written (one "
+             "memory slot)", "src/mupscale_cli/formats/dcp.py",
              "if self._last is not None and self._written is not self._last:", "if False:",
              ["tests/test_dcp_records.py", "-k", "asking_ahead"]),
     Mutation("DCP short files committed", "files holding fewer bytes than made are not committed",
@@ -432,7 +432,7 @@ MUTATIONS = [
              '_folded(a, infos[:-1], d.filename, b"\\0" * 8)) != old_id:', '_folded(a, infos[:-1], d.filename, b"\\0" * 8)) != old_id and False:',
              ["tests/test_dcp_records.py", "-k", "no_where or another_id_rule"]),
     Mutation("record CRC left zero", "DCP records are torch.save's bytes (the data's CRC-32)",
-             "src/mupscale_cli/formats/torchsave.py", '        a.put(start + nbytes + 4, struct.pack("<I", crc))\n', "",
+             "src/mupscale_cli/formats/torchsave.py", '        a.put(len(a.head) + self.nbytes + 4, struct.pack("<I", crc))\n', "",
              ["tests/test_dcp_records.py", "-k", "torch_saves_bytes"]),
     Mutation("piece CRCs not joined", "a block's CRC-32 joins its pieces' in order",
              "src/mupscale_cli/formats/dcp.py", "crc, n = crc32_combine(crc, c, m), n + m", "crc, n = c, n + m",

@@ -137,8 +137,8 @@ def test_a_torch_with_another_id_rule_gets_torch_saves_own_records(tmp_path, mon
 
 
 def test_a_writer_asking_ahead_is_refused(tmp_path, monkeypatch):
-    """Two memory slots hold the block being written and the one being made: a writer that asked for a block
-    before writing the previous one would have it overwritten. Refused, and nothing at the output."""
+    """One memory slot holds the block being made and written: a writer that asked for a block before writing
+    the previous one would have it overwritten. Refused, and nothing at the output."""
     from mupscale_cli.errors import MupscaleError
     src = _small_dcp(tmp_path / "base", width=64)
 
@@ -163,8 +163,8 @@ def test_a_writer_losing_bytes_is_caught_before_the_commit(tmp_path, monkeypatch
 
 
 def test_a_writer_asking_in_another_order_gets_the_same_tensors(tmp_path, monkeypatch):
-    """The block made ahead is the plan's next; a writer asking in another order gets each block made on
-    demand (the one made ahead is dropped): the same tensors."""
+    """Blocks are made when the writer asks for them: a writer asking in another order gets the same
+    tensors."""
     src = _small_dcp(tmp_path / "base", width=64)
     _widen(src, tmp_path / "ref", chunk_bytes=512)
     from torch.distributed.checkpoint.planner import WriteItemType

@@ -18,10 +18,9 @@ per tensor (`state.<fqn>.<key>`, `param_groups.<fqn>.<hp>`, from
 `StateDictOptions(flatten_optimizer_state_dict=True)`, torchtitan's OptimizersContainer). Every other entry
 (lr_scheduler, dataloader, train_state, ...) is carried over.
 
-Writing (`save_lazy`) is `dcp.save` with a planner that makes each row block when the writer asks for it
-(and the next one meanwhile), and a FileSystemWriter whose data file is written here: the same file, each
-tensor torch.save's record (formats/torchsave.py) around bytes whose CRC-32 the threads that made them
-computed. Under torch.distributed each rank saves its share and DCP's coordinator writes the one `.metadata`
+Writing (`save_lazy`) is `dcp.save` with a planner that makes each row block when the writer asks for it,
+and a FileSystemWriter whose data file is written here: the same file, each tensor torch.save's record
+(formats/torchsave.py) written piece by piece as the threads make them, its CRC-32 theirs. Under torch.distributed each rank saves its share and DCP's coordinator writes the one `.metadata`
 (the collective commit).
 
 Over 500 lines: reading DCP safely (the exact unpickling allow-list, the tiling and storage checks, the
@@ -32,7 +31,6 @@ from __future__ import annotations
 
 import ctypes
 import io
-import itertools
 import math
 import os
 import pickle
@@ -49,7 +47,7 @@ import torch
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats.direct import DirectStream, pread_all
 from mupscale_cli.formats.target import check_inside
-from mupscale_cli.formats.torchsave import crc32_combine, parts
+from mupscale_cli.formats.torchsave import crc32_combine, record
 from mupscale_cli.formats.safetensors import TensorInfo
 
 METADATA = ".metadata"
@@ -788,17 +786,31 @@ def _resolved_in_order(items, planner):
         yield item, planner.resolve_data(item)
 
 
-def _write_tensor(stream, t: torch.Tensor, crc: tuple[int, bytes] | None) -> None:
-    """torch.save(t, stream): torch.save's record around t's bytes, given their CRC-32 (formats.torchsave),
-    else torch.save itself."""
-    got = parts(t, *crc) if crc is not None else None
-    if got is None:
+def _write_tensor(stream, t: torch.Tensor, made: tuple | None) -> None:
+    """torch.save(t, stream), written piece by piece as the threads make them: torch.save's record
+    (formats.torchsave) around the pieces' bytes, its tail from their CRC-32s joined; `made` is ([(future or
+    None, piece)], [(crc, nbytes)]) in row order. torch.save itself where the record says no (once every
+    piece is made)."""
+    rec = record(t) if made is not None else None
+    if rec is None:
+        for f, _ in made[0] if made is not None else ():
+            if f is not None:
+                f.result()
         torch.save(t, stream)
         return
-    head, tail = got
-    stream.write(head)
-    stream.write(_bytes_of(t))
-    stream.write(tail)
+    pieces, crcs = made
+    stream.write(rec.head)
+    for f, piece in pieces:
+        if f is not None:
+            f.result()
+        stream.write(_bytes_of(piece))
+    crc, n = crcs[0]
+    for c, m in crcs[1:]:
+        crc, n = crc32_combine(crc, c, m), n + m
+    raw = _bytes_of(t)
+    if n != len(raw):
+        raise MupscaleError(f"internal: the pieces of a block hold {n} bytes of its {len(raw)}")
+    stream.write(rec.tail(crc, bytes(raw[:8])))
 
 
 def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable[..., torch.Tensor],
@@ -813,12 +825,11 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
     by rank 0. distributed=True: a collective save over the default process group; DCP's coordinator (rank
     0) writes `.metadata` once every rank has written, listing every rank's chunks.
 
-    Memory holds two blocks: the one being written and the next, made meanwhile by `threads` threads in
-    pieces of about `piece_bytes` (`make(key, r0, r1, alloc)` of any row range gives the same bytes; its
-    large buffers come from `alloc`, reused by each thread piece after piece), each block in one of two
-    memory slots reused block after block; a writer asking for a block before writing the previous one is
-    refused. Returns None, or why this rank's files hold fewer bytes than it made (then the output must not
-    be committed)."""
+    Memory holds one block, in one buffer reused block after block, made by `threads` threads in pieces of
+    about `piece_bytes` in row order and written piece by piece as they come (`make(key, r0, r1, alloc)` of
+    any row range gives the same bytes; its large buffers come from `alloc`, reused by each thread piece
+    after piece); a writer asking for a block before writing the previous one is refused. Returns None, or
+    why this rank's files hold fewer bytes than it made (then the output must not be committed)."""
     import dataclasses
     from concurrent.futures import ThreadPoolExecutor
 
@@ -828,9 +839,9 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
     class Writer(FileSystemWriter):
         """DCP's FileSystemWriter with one file per rank (thread_count=1), its data file written here: the same
         name, items, order and bytes as FileSystemWriter.write_data (byte items, then tensors, each a
-        torch.save record), as a formats.direct.DirectStream, each tensor's record made by
-        formats.torchsave.parts around bytes whose CRC-32 the pool computed (torch.save where `parts` says
-        no). Each item is resolved just before it is written: a block is freed when the next is asked for."""
+        torch.save record), as a formats.direct.DirectStream, each tensor's record written piece by piece
+        as the threads make them (`_write_tensor`). Each item is resolved once the previous one is
+        written."""
 
         def write_data(self, plan, planner):
             from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo
@@ -844,8 +855,8 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
                     if item.type == WriteItemType.BYTE_IO:
                         stream.write(data.getbuffer())
                     else:
-                        _write_tensor(stream, data, planner.crc_of(data))
-                        planner.written(data)
+                        _write_tensor(stream, data, planner.made(data))
+                        planner.written(item.index.fqn, data)
                     length = stream.tell() - offset
                     results.append(WriteResult(index=item.index, size_in_bytes=length,
                                                storage_data=_StorageInfo(name, offset, length)))
@@ -864,15 +875,12 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
     from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
     class Lazy(DefaultSavePlanner):
-        """Each block is made when the writer asks for it, and the one it will ask for next (the plan's
-        order) is made meanwhile by the pool, while the main thread writes this one and the disk works. A
-        writer that asks in another order gets each block made on demand: the same bytes, no overlap."""
+        """Each block is made when the writer asks for it, its pieces by the pool in row order, and written
+        piece by piece as they come (`_write_tensor`): the threads make later pieces while the main thread
+        writes earlier ones and the disk works. One block in memory, in one slot reused block after block."""
         _last = None
         _written = None
-        _slot = 1
-        _ahead = None
-        _following: dict | None = None
-        _crc: tuple = (None, None)
+        _made: tuple = (None, None)
 
         def create_local_plan(self):
             plan = super().create_local_plan()
@@ -890,8 +898,6 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
                                            tensor_data=TensorWriteData(ChunkStorageMetadata(off, sizes),
                                                                        it.tensor_data.properties, size)))
             self.plan = dataclasses.replace(plan, items=items)
-            tensors = [it for it in items if it.type != WriteItemType.BYTE_IO]
-            self._following = {_ident(it): nxt for it, nxt in itertools.pairwise(tensors)}
             return self.plan
 
         def resolve_data(self, write_item):
@@ -900,76 +906,62 @@ def save_lazy(tree: dict, mine: dict[str, list[tuple[int, int]]], make: Callable
             if self._last is not None and self._written is not self._last:  # its slot is about to be reused
                 raise MupscaleError("internal: the DCP writer asked for a block before writing the previous "
                                     "one")
-            ahead, self._ahead = self._ahead, None
-            if ahead is None or ahead[0] != _ident(write_item):
-                if ahead is not None:  # not the item the writer asks for: made for nothing
-                    _wait(ahead[2])
-                ahead = _start(write_item, ahead[4] if ahead is not None else 1 - self._slot if pool else 0)
-            _, t, futures, crcs, self._slot = ahead
-            _wait(futures)
-            following = (self._following or {}).get(_ident(write_item))
-            if following is not None and pool is not None:  # the pool makes it while this one is written,
-                self._ahead = _start(following, 1 - self._slot)  # in the other slot
-            crc, n = crcs[0]
-            for c, m in crcs[1:]:
-                crc, n = crc32_combine(crc, c, m), n + m
-            raw = _bytes_of(t)
-            self._crc = (t, (crc, bytes(raw[:8])) if n == len(raw) else None)
-            on_tensor(write_item.index.fqn, t)
+            for f, _ in self._made[1][0] if self._made[1] is not None else ():  # made (written, normally):
+                if f is not None:  # none may still be writing into the slot the next block takes
+                    f.result()
+            t, pieces, crcs = _start(write_item)
+            self._made = (t, (pieces, crcs))
             self._last = t
             nbytes[0] += t.numel() * t.element_size()
             return t
 
-        def crc_of(self, t: torch.Tensor) -> tuple[int, bytes] | None:
-            """(CRC-32 of the bytes of block `t`, its first 8 bytes), made by the pool with it."""
-            return self._crc[1] if self._crc[0] is t else None
+        def made(self, t: torch.Tensor) -> tuple | None:
+            """Block `t`'s pieces as (future or None, piece) and their (CRC-32, bytes), in row order."""
+            return self._made[1] if self._made[0] is t else None
 
-        def written(self, t: torch.Tensor) -> None:
-            """The writer has written block `t` (its slot may take another block)."""
+        def written(self, key: str, t: torch.Tensor) -> None:
+            """The writer has written block `t` of `key` (its slot may take another block)."""
             self._written = t
+            on_tensor(key, t)
 
-    def _ident(write_item) -> tuple:
-        return write_item.index.fqn, tuple(write_item.tensor_data.chunk.offsets)
+    slot: list = [None]
 
-    slots: list = [None, None]
-
-    def _block(shape: tuple[int, ...], dtype: torch.dtype, slot: int) -> torch.Tensor:
-        """A tensor whose storage is exactly its bytes (what torch.save writes), in memory slot `slot`: two
-        buffers, one for the block being written and one for the block being made, reused block after block
-        (fresh pages cost the kernel's faults and zeroing every time), each grown to the largest block."""
+    def _block(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor whose storage is exactly its bytes (what torch.save writes), in one buffer reused block
+        after block (fresh pages cost the kernel's faults and zeroing every time), grown to the largest."""
         n = math.prod(shape) * dtype.itemsize
         if n == 0:
             return torch.empty(shape, dtype=dtype)
-        if slots[slot] is None or slots[slot].numel() < n:
-            slots[slot] = None
-            slots[slot] = torch.empty(n, dtype=torch.uint8)
-        mem = (ctypes.c_char * n).from_address(slots[slot].data_ptr())
+        if slot[0] is None or slot[0].numel() < n:
+            slot[0] = None
+            slot[0] = torch.empty(n, dtype=torch.uint8)
+        mem = (ctypes.c_char * n).from_address(slot[0].data_ptr())
         return torch.frombuffer(mem, dtype=torch.uint8).view(dtype).view(shape)
 
-    def _start(write_item, slot: int) -> tuple:
-        """The block of `write_item` (`make` may return the input's memory: copied into the block), in memory
-        slot `slot`, its pieces made by the pool (futures) or here (no pool), each piece's (CRC-32, bytes)."""
+    def _start(write_item) -> tuple:
+        """The block of `write_item` (`make` may return the input's memory: copied into the block), its pieces
+        made by the pool in row order (futures) or here (no pool): (block, [(future or None, piece)], [(CRC-32,
+        bytes) of each piece, filled in as they are made])."""
         key, chunk = write_item.index.fqn, write_item.tensor_data.chunk
         r0 = chunk.offsets[0] if len(chunk.offsets) else 0
         r1 = r0 + chunk.sizes[0] if len(chunk.sizes) else 1
-        t = _block(tuple(chunk.sizes), write_item.tensor_data.properties.dtype, slot)
+        t = _block(tuple(chunk.sizes), write_item.tensor_data.properties.dtype)
         if len(chunk.sizes) == 0:
-            pieces = [(0, 1)]
+            rows = [(0, 1)]
         else:
             row = max(1, math.prod(chunk.sizes[1:])) * t.element_size()
             step = max(1, piece_bytes // row)
-            pieces = [(a, min(r1, a + step)) for a in range(r0, r1, step)]
-        crcs: list = [(0, 0)] * max(1, len(pieces))
-        if pool is None:
-            for i, (a, b) in enumerate(pieces):
+            rows = [(a, min(r1, a + step)) for a in range(r0, r1, step)]
+        crcs: list = [(0, 0)] * max(1, len(rows))
+        pieces = []
+        for i, (a, b) in enumerate(rows):
+            piece = t if t.dim() == 0 else t[a - r0:b - r0]
+            if pool is None:
                 fill(t, key, r0, r1, a, b, crcs, i)
-            return _ident(write_item), t, [], crcs, slot
-        return _ident(write_item), t, [pool.submit(fill, t, key, r0, r1, a, b, crcs, i)
-                                       for i, (a, b) in enumerate(pieces)], crcs, slot
-
-    def _wait(futures) -> None:
-        for f in futures:
-            f.result()
+                pieces.append((None, piece))
+            else:
+                pieces.append((pool.submit(fill, t, key, r0, r1, a, b, crcs, i), piece))
+        return t, pieces, crcs
 
     local = threading.local()
 

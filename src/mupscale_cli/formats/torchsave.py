@@ -204,10 +204,34 @@ def _serialization_id(names_part: bytes, crcs: list[int]) -> bytes:
     return names_part + b"%020d" % h
 
 
-def parts(t: torch.Tensor, crc: int, first8: bytes) -> tuple[bytes, bytes] | None:
-    """(head, tail): torch.save(t) is head + t's bytes + tail, for a contiguous CPU tensor `t` whose storage is
-    exactly its bytes, given the CRC-32 of those bytes and their first 8 bytes. None where this torch writes
-    something this reading of its format does not expect (then call torch.save)."""
+class Record:
+    """torch.save's record of one tensor, but for the data's bytes: `head` goes before them, `tail(crc,
+    first8)` after (it holds the data's CRC-32 and the serialization id derived from it)."""
+
+    def __init__(self, a: _Skipped, infos: list[zipfile.ZipInfo], data: zipfile.ZipInfo, start_dir: int):
+        self._a, self._infos, self._data, self._start_dir = a, infos, data, start_dir
+        self.head = bytes(a.head)
+        self.nbytes = data.file_size
+
+    def tail(self, crc: int, first8: bytes) -> bytes:
+        a, infos, d = self._a, self._infos, self._data
+        idi = infos[-1]
+        at = _data_start(a, idi)
+        cd = _central(a, self._start_dir, len(infos))
+        a.put(len(a.head) + self.nbytes + 4, struct.pack("<I", crc))
+        a.put(cd[d.filename] + 16, struct.pack("<I", crc))
+        new_id = _serialization_id(a.at(at, 20), _folded(a, infos[:-1], d.filename, first8))
+        a.put(at, new_id)
+        id_crc = struct.pack("<I", zlib.crc32(new_id))
+        a.put(at + 40 + 4, id_crc)
+        a.put(cd[idi.filename] + 16, id_crc)
+        return bytes(a.tail)
+
+
+def record(t: torch.Tensor) -> Record | None:
+    """torch.save(t)'s record around t's bytes, for a contiguous CPU tensor `t` whose storage is exactly its
+    bytes. None where this torch writes something this reading of its format does not expect (then call
+    torch.save)."""
     nbytes = t.untyped_storage().nbytes()
     if nbytes == 0 or nbytes != t.numel() * t.element_size() or nbytes >= 0xFFFFFFFF or not t.is_contiguous():
         return None
@@ -232,17 +256,21 @@ def parts(t: torch.Tensor, crc: int, first8: bytes) -> tuple[bytes, bytes] | Non
         # the same rule, else this is not the rule this torch follows
         if _serialization_id(old_id[:20], _folded(a, infos[:-1], d.filename, b"\0" * 8)) != old_id:
             return None
-        start = _data_start(a, d)
-        if start != len(a.head):
+        if _data_start(a, d) != len(a.head):
             return None
-        cd = _central(a, zf.start_dir, len(infos))
-        a.put(start + nbytes + 4, struct.pack("<I", crc))
-        a.put(cd[d.filename] + 16, struct.pack("<I", crc))
-        new_id = _serialization_id(old_id[:20], _folded(a, infos[:-1], d.filename, first8))
-        a.put(at, new_id)
-        id_crc = struct.pack("<I", zlib.crc32(new_id))
-        a.put(at + 40 + 4, id_crc)
-        a.put(cd[idi.filename] + 16, id_crc)
+        _central(a, zf.start_dir, len(infos))  # readable, before any byte is written
+        return Record(a, infos, d, zf.start_dir)
     except (ValueError, KeyError, struct.error, zipfile.BadZipFile, RuntimeError):
         return None
-    return bytes(a.head), bytes(a.tail)
+
+
+def parts(t: torch.Tensor, crc: int, first8: bytes) -> tuple[bytes, bytes] | None:
+    """(head, tail): torch.save(t) is head + t's bytes + tail, given the CRC-32 of those bytes and their first
+    8 bytes (`record`, in one call); None where `record` says no."""
+    r = record(t)
+    if r is None:
+        return None
+    try:
+        return r.head, r.tail(crc, first8)
+    except (ValueError, KeyError, struct.error):
+        return None
