@@ -421,11 +421,11 @@ MUTATIONS = [
         ("gpt-neox", "intermediate_size", "gpt_neox"), ("gpt-bigcode", "n_inner", "gpt_bigcode"),
         ("opt", "ffn_dim", "opt"), ("opt-proj", "ffn_dim", "opt"))],
     Mutation("DCP block slot reused before written", "a block is never overwritten before it is written (one "
-             "memory slot)", "src/mupscale_cli/formats/dcp.py",
+             "memory slot)", "src/mupscale_cli/formats/dcp_save.py",
              "if self._last is not None and self._written is not self._last:", "if False:",
              ["tests/test_dcp_records.py", "-k", "asking_ahead"]),
     Mutation("DCP short files committed", "files holding fewer bytes than made are not committed",
-             "src/mupscale_cli/formats/dcp.py", "    if held < nbytes[0]:", "    if False:",
+             "src/mupscale_cli/formats/dcp_save.py", "    if held < nbytes[0]:", "    if False:",
              ["tests/test_dcp_records.py", "-k", "losing_bytes"]),
     Mutation("torch.save id rule unchecked", "a torch whose serialization id follows another rule gets "
              "torch.save's own records", "src/mupscale_cli/formats/torchsave.py",
@@ -435,7 +435,7 @@ MUTATIONS = [
              "src/mupscale_cli/formats/torchsave.py", '        a.put(len(a.head) + self.nbytes + 4, struct.pack("<I", crc))\n', "",
              ["tests/test_dcp_records.py", "-k", "torch_saves_bytes"]),
     Mutation("piece CRCs not joined", "a block's CRC-32 joins its pieces' in order",
-             "src/mupscale_cli/formats/dcp.py", "crc, n = crc32_combine(crc, c, m), n + m", "crc, n = c, n + m",
+             "src/mupscale_cli/formats/dcp_save.py", "crc, n = crc32_combine(crc, c, m), n + m", "crc, n = c, n + m",
              ["tests/test_dcp_records.py", "-k", "each_item"]),
     Mutation("descriptor quirk ignored", "torch's serialization id, even for data that begins like a descriptor",
              "src/mupscale_cli/formats/torchsave.py", "if info.file_size >= 8 and head[:4] == DESCRIPTOR:",
@@ -456,7 +456,7 @@ MUTATIONS = [
              "src/mupscale_cli/formats/dcp.py", "        if not region.is_contiguous():\n            return False  # columns",
              "        if False:\n            return False  # columns", ["tests/test_dcp_records.py", "-k", "column"]),
     Mutation("DCP piece copy skipped", "a piece the widening made elsewhere is copied into its block",
-             "src/mupscale_cli/formats/dcp.py", "            if not (made.data_ptr() == piece.data_ptr() and made.is_contiguous()):",
+             "src/mupscale_cli/formats/dcp_save.py", "            if not (made.data_ptr() == piece.data_ptr() and made.is_contiguous()):",
              "            if False:", ["tests/test_dcp.py", "-k", "pt_to_dcp or noise_is_the_same"]),
 ]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mupscale_cli.formats import dcp as dcp_format
+from mupscale_cli.formats import dcp_save
 from mupscale_cli.formats import torchsave
 from mupscale_cli.formats.dcp import METADATA, DcpReader
 from test_dcp import _small_dcp, same_tensors
@@ -145,7 +145,7 @@ def test_a_writer_asking_ahead_is_refused(tmp_path, monkeypatch):
     def ahead(items, planner):
         got = [(i, planner.resolve_data(i)) for i in items]
         yield from got
-    monkeypatch.setattr(dcp_format, "_resolved_in_order", ahead)
+    monkeypatch.setattr(dcp_save, "_resolved_in_order", ahead)
     out = tmp_path / "out"
     with pytest.raises(MupscaleError, match="asked for a block before writing the previous one"):
         _widen(src, out, chunk_bytes=512)
@@ -155,7 +155,7 @@ def test_a_writer_asking_ahead_is_refused(tmp_path, monkeypatch):
 def test_a_writer_losing_bytes_is_caught_before_the_commit(tmp_path, monkeypatch):
     from mupscale_cli.errors import MupscaleError
     src = _small_dcp(tmp_path / "base", width=64)
-    monkeypatch.setattr(dcp_format, "_write_tensor", lambda stream, t, crc: torch.save(t.reshape(-1)[:0].clone(), stream))
+    monkeypatch.setattr(dcp_save, "_write_tensor", lambda stream, t, crc: torch.save(t.reshape(-1)[:0].clone(), stream))
     out = tmp_path / "out"
     with pytest.raises(MupscaleError, match="came out short"):
         _widen(src, out, chunk_bytes=512)
@@ -176,7 +176,7 @@ def test_a_writer_asking_in_another_order_gets_the_same_tensors(tmp_path, monkey
         for item in order:
             seen.append(item.index.fqn)
             yield item, planner.resolve_data(item)
-    monkeypatch.setattr(dcp_format, "_resolved_in_order", backwards)
+    monkeypatch.setattr(dcp_save, "_resolved_in_order", backwards)
     _widen(src, tmp_path / "out", chunk_bytes=512)
     assert len(seen) > 10
     same_tensors(tmp_path / "ref", tmp_path / "out")

@@ -32,7 +32,8 @@ from mupscale_cli.formats.output import OUT_SUFFIXES, check_disk, clean_temps, m
 from mupscale_cli.core.plan import same_values
 from mupscale_cli.errors import MupscaleError
 from mupscale_cli.formats.checkpoint import OPTIM_NS, strip_prefix
-from mupscale_cli.formats.dcp import PROVENANCE_KEY, DcpLayout, is_dcp, placeholder, row_blocks, save_lazy, set_path
+from mupscale_cli.formats.dcp import PROVENANCE_KEY, DcpLayout, is_dcp
+from mupscale_cli.formats.dcp_save import placeholder, row_blocks, save_lazy, set_path
 from mupscale_cli.formats.target import (InputWatch, check_not_over_input, claim, commit_path, fsync_dir,
                                          temp_name, track, untrack)
 

@@ -7,11 +7,12 @@ claims the path reads it. Adding a format: one module and one row here.
     shards.py       Hugging Face shards + *.safetensors.index.json     write.write_streamed
     hf.py           Hugging Face model / Trainer checkpoint directory  hf.write (+ hf_trainer.py: optimizer.pt,
                     scheduler.pt of a Trainer checkpoint-N/)
-    dcp.py          torch.distributed.checkpoint directory (.metadata) commands/widen_dcp.py (dcp.save_lazy)
+    dcp.py          torch.distributed.checkpoint directory (.metadata) commands/widen_dcp.py (dcp_save.save_lazy)
 
 Beside the readers: checkpoint.py (the Checkpoint every reader returns, shared helpers), safetensors.py
 (low-level reading and streamed writing), write.py (streaming tensors out), output.py (the -o target
-checked), target.py (how an output appears at once: temporaries, swaps, locks), digest.py.
+checked), target.py (how an output appears at once: temporaries, swaps, locks), digest.py, direct.py
+(writing around the page cache), torchsave.py (torch.save's record around bytes written elsewhere).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ The fsync before each commit stays: it flushes the file's metadata, its tail and
 
 `Windows` is a file of known size written at known positions in any order (the safetensors writer,
 formats/safetensors.py); `DirectStream` is a file written front to back (DCP's data files, torch.save's
-stream: formats/dcp.py `save_lazy`)."""
+stream: formats/dcp_save.py `save_lazy`)."""
 from __future__ import annotations
 
 import errno
