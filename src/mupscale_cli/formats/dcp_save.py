@@ -53,8 +53,7 @@ def row_blocks(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> list[tu
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The bytes of contiguous tensor `t` (held by the caller), not through numpy: a tensor exported to numpy
-    can no longer be resized, and the writer frees each block by resizing its storage to 0."""
+    """The bytes of contiguous tensor `t` (held by the caller), any dtype, as one memoryview."""
     n = t.numel() * t.element_size()
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B") if n else memoryview(b"")
 

@@ -9,7 +9,7 @@ in cache, `crc32_combine` to join them), and the record around the data is torch
 in its data descriptor and the central directory, and the `.data/serialization_id` record, which torch
 derives from the CRCs of the records written (`PyTorchStreamWriter::writeSerializationId`).
 
-`parts` checks its reading of torch's format on the skip_data output itself (the id torch wrote there must
+`record` checks its reading of torch's format on the skip_data output itself (the id torch wrote there must
 be the one the same rule gives for the CRCs found there) and returns None where anything differs from what
 it expects (another torch, a zip64 record, an empty tensor): the caller then calls torch.save."""
 from __future__ import annotations
@@ -52,10 +52,8 @@ def _shift(nbytes: int) -> list[int]:
     if m is not None:
         return m
     op = [0xEDB88320] + [1 << n for n in range(31)]  # one zero bit
-    op = _square(_square(op))  # four zero bits
-    result = None
-    n = nbytes
-    op = _square(op)  # one zero byte
+    op = _square(_square(_square(op)))  # one zero byte
+    result, n = None, nbytes
     while n:
         if n & 1:
             result = op if result is None else [_times(op, v) for v in result]
@@ -87,6 +85,7 @@ class _Skipped(io.RawIOBase):
         self.head, self.tail = bytearray(), bytearray()
         self.gap: int | None = None
         self.pos = 0
+        self.closed_for_writing = False  # then seeks only move the read position
 
     def writable(self) -> bool:
         return True
@@ -117,8 +116,6 @@ class _Skipped(io.RawIOBase):
             self.gap = new - self.pos
         self.pos = new
         return new
-
-    closed_for_writing = False
 
     def __len__(self) -> int:
         return len(self.head) + (self.gap or 0) + len(self.tail)
